@@ -1,0 +1,3 @@
+"""Sandrun: anonymous, ephemeral, sandboxed code execution."""
+
+__version__ = "0.1.0"
