@@ -1,0 +1,220 @@
+"""Per-job cgroups, v1 or v2, whichever the host has (detected once).
+
+Job cgroups live beneath the cgroup the launcher was started in, under a
+directory named after the worker instance, so an outer cap around the worker
+(a test suite's own cgroup, a systemd slice) also caps its jobs, and two
+workers on one host never clean up each other's jobs.
+
+v1 uses the ``memory``, ``pids`` and ``cpuacct`` hierarchies; v2 the unified
+hierarchy with ``memory``, ``pids`` and ``cpu`` enabled.  On v2 the launcher
+moves itself into a ``supervisor`` leaf first, because a cgroup that holds
+processes may not enable controllers for its children.
+
+No Twisted: this module runs in the launcher.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+ROOT = "/sys/fs/cgroup"
+V1_CONTROLLERS = ("memory", "pids", "cpuacct")
+
+
+class CgroupError(Exception):
+    pass
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _own_cgroup(controller: str | None) -> str:
+    """Our cgroup path in the named v1 hierarchy, or the v2 one for ``None``."""
+    for line in _read("/proc/self/cgroup").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller is None and controllers == "":
+            return path
+        if controller is not None and controller in controllers.split(","):
+            return path
+    raise CgroupError(f"not in a {controller or 'v2'} cgroup")
+
+
+def _kill_procs(procs_file: str) -> int:
+    try:
+        pids = [int(p) for p in _read(procs_file).split()]
+    except FileNotFoundError:
+        return 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+def _rmdir(path: str) -> None:
+    """Remove a cgroup directory, waiting briefly for dying tasks to leave."""
+    for _ in range(200):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            time.sleep(0.005)
+    raise CgroupError(f"cgroup {path} still busy")
+
+
+@dataclass
+class JobCgroup:
+    """One job's cgroup: the files the child joins and where stats are read."""
+
+    version: int
+    dirs: dict[str, str]  # controller ("memory", "pids", "cpu") -> directory
+
+    @property
+    def procs_files(self) -> list[str]:
+        return sorted({os.path.join(d, "cgroup.procs") for d in self.dirs.values()})
+
+    def cpu_seconds(self) -> float:
+        if self.version == 1:
+            return int(_read(os.path.join(self.dirs["cpu"], "cpuacct.usage"))) / 1e9
+        for line in _read(os.path.join(self.dirs["cpu"], "cpu.stat")).splitlines():
+            key, value = line.split()
+            if key == "usage_usec":
+                return int(value) / 1e6
+        return 0.0
+
+    def memory_peak(self) -> int:
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        try:
+            return int(_read(os.path.join(self.dirs["memory"], name)))
+        except FileNotFoundError:  # v2 before Linux 5.19
+            return int(_read(os.path.join(self.dirs["memory"], "memory.current")))
+
+    def oom_killed(self) -> bool:
+        name = "memory.oom_control" if self.version == 1 else "memory.events"
+        for line in _read(os.path.join(self.dirs["memory"], name)).splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and int(value) > 0:
+                return True
+        return False
+
+    def kill(self) -> None:
+        if self.version == 2:
+            try:
+                _write(os.path.join(self.dirs["pids"], "cgroup.kill"), "1")
+                return
+            except FileNotFoundError:  # before Linux 5.14
+                pass
+        for procs in self.procs_files:
+            _kill_procs(procs)
+
+    def remove(self) -> None:
+        for _ in range(50):
+            if not any(_kill_procs(p) for p in self.procs_files):
+                break
+            time.sleep(0.002)
+        for d in sorted(set(self.dirs.values())):
+            _rmdir(d)
+
+
+class CgroupManager:
+    """Creates, limits and removes job cgroups for one worker instance."""
+
+    def __init__(self, instance: str, root: str = ROOT) -> None:
+        self.root = root
+        self.version = self._detect()
+        self.instance = instance
+        self.bases = self._prepare_bases()
+
+    def _detect(self) -> int:
+        controllers = os.path.join(self.root, "cgroup.controllers")
+        if os.path.exists(controllers):
+            have = set(_read(controllers).split())
+            missing = {"memory", "pids", "cpu"} - have
+            if missing:
+                raise CgroupError(f"cgroup v2 lacks controllers: {', '.join(sorted(missing))}")
+            return 2
+        missing = [c for c in V1_CONTROLLERS if not os.path.isdir(os.path.join(self.root, c))]
+        if missing:
+            raise CgroupError(f"no cgroup v2 and cgroup v1 lacks: {', '.join(missing)}")
+        return 1
+
+    def _prepare_bases(self) -> dict[str, str]:
+        if self.version == 1:
+            bases = {}
+            for controller, key in (("memory", "memory"), ("pids", "pids"), ("cpuacct", "cpu")):
+                own = _own_cgroup(controller).lstrip("/")
+                base = os.path.join(self.root, controller, own, self.instance)
+                os.makedirs(base, exist_ok=True)
+                bases[key] = base
+            return bases
+        own = os.path.join(self.root, _own_cgroup(None).lstrip("/"))
+        base = os.path.join(own, self.instance)
+        if own != self.root and _read(os.path.join(own, "cgroup.procs")).split():
+            leaf = os.path.join(own, "supervisor")
+            os.makedirs(leaf, exist_ok=True)
+            for pid in _read(os.path.join(own, "cgroup.procs")).split():
+                try:
+                    _write(os.path.join(leaf, "cgroup.procs"), pid)
+                except ProcessLookupError:
+                    pass
+        _write(os.path.join(own, "cgroup.subtree_control"), "+memory +pids +cpu")
+        os.makedirs(base, exist_ok=True)
+        _write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids +cpu")
+        return {"memory": base, "pids": base, "cpu": base}
+
+    def cleanup_stale(self) -> int:
+        """Kill and remove every job cgroup left by an earlier run; returns how many."""
+        removed = 0
+        for base in set(self.bases.values()):
+            for name in os.listdir(base):
+                path = os.path.join(base, name)
+                if os.path.isdir(path) and name.startswith("job-"):
+                    _kill_procs(os.path.join(path, "cgroup.procs"))
+                    _rmdir(path)
+                    removed += 1
+        return removed
+
+    def create(self, name: str, memory_bytes: int, pids_max: int) -> JobCgroup:
+        """Make ``job-<name>`` with its limits set; fails closed on any write."""
+        dirs = {key: os.path.join(base, f"job-{name}") for key, base in self.bases.items()}
+        for d in set(dirs.values()):
+            os.mkdir(d)
+        group = JobCgroup(self.version, dirs)
+        try:
+            mem = dirs["memory"]
+            if self.version == 1:
+                _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
+                memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
+                if os.path.exists(memsw):
+                    _write(memsw, str(memory_bytes))
+                else:
+                    _write(os.path.join(mem, "memory.swappiness"), "0")
+            else:
+                _write(os.path.join(mem, "memory.max"), str(memory_bytes))
+                swap = os.path.join(mem, "memory.swap.max")
+                if os.path.exists(swap):
+                    _write(swap, "0")
+            _write(os.path.join(dirs["pids"], "pids.max"), str(pids_max))
+        except BaseException:
+            group.remove()
+            raise
+        return group

@@ -1,0 +1,137 @@
+"""The job's filesystem: a fresh tmpfs root, pivoted into.
+
+Layout inside the sandbox::
+
+    /usr            host /usr, read-only, nosuid, nodev
+    /bin /lib ...   symlinks into /usr, as on a merged-/usr host
+    /etc            a small prepared copy (see ``prepare_etc``), read-only
+    /job            the job directory, read-write, nosuid, nodev (the cwd)
+    /tmp            tmpfs, size-capped, per job
+    /dev            null zero full random urandom, fd links; /dev/shm tmpfs, size-capped
+    /proc           a fresh proc of the job's PID namespace
+    (no /sys, /run, /root, /home, /var)
+
+``build_root`` runs in the child after it unshared its mount namespace, so
+nothing it mounts is visible to the host and all of it vanishes with the job.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+from sandrun.sandbox import namespaces as ns
+from sandrun.sandbox.policy import JOB_DIR, LaunchRequest
+
+RO = ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV
+TOP_LINKS = ("bin", "lib", "lib32", "lib64", "libx32", "sbin")
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+           ("urandom", 1, 9))
+# Host files and directories interpreters need from /etc; copied once at start.
+ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "nsswitch.conf", "localtime",
+               "mime.types", "alternatives", "R", "php", "ssl/certs", "ssl/openssl.cnf",
+               "ca-certificates.conf", "host.conf", "gai.conf", "protocols", "services",
+               "timezone", "npmrc", "gemrc", "perl", "python3", "python3.11")
+
+
+def prepare_etc(dest: str, slot_uids: range, gid_of: dict[int, int]) -> None:
+    """Build the sandbox's /etc at ``dest``: a few host files and our own passwd."""
+    if os.path.isdir(dest):
+        shutil.rmtree(dest)
+    os.makedirs(dest, mode=0o755)
+    for entry in ETC_ENTRIES:
+        src = os.path.join("/etc", entry)
+        dst = os.path.join(dest, entry)
+        if not os.path.lexists(src):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True)
+        else:
+            shutil.copy2(src, dst, follow_symlinks=False)
+    users = ["root:x:0:0:root:/nonexistent:/usr/sbin/nologin",
+             "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin"]
+    groups = ["root:x:0:", "nogroup:x:65534:"]
+    for uid in slot_uids:
+        users.append(f"job{uid}:x:{uid}:{gid_of[uid]}:sandrun job:{JOB_DIR}:/bin/sh")
+        groups.append(f"job{uid}:x:{gid_of[uid]}:")
+    files = {"passwd": users, "group": groups, "hostname": ["sandrun"],
+             "hosts": ["127.0.0.1 localhost sandrun", "::1 localhost ip6-localhost"],
+             "resolv.conf": ["# no network inside the sandbox"]}
+    for name, lines in files.items():
+        with open(os.path.join(dest, name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def prepare_templates(root_template: str, dev_template: str) -> None:
+    """Build, once, the skeletons every job's root and /dev are bound from.
+
+    A job then pays for one bind mount each instead of a dozen mkdir, mknod
+    and symlink calls.  The directories are only mount points: everything a
+    job can write is a fresh tmpfs or its own job directory.
+    """
+    for path in (root_template, dev_template):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.makedirs(path, mode=0o755)
+    for name in ("usr", "etc", "job", "tmp", "dev", "proc", ".old", "opt", "opt/env",
+                 "opt/deps"):
+        os.mkdir(os.path.join(root_template, name), 0o755)
+    for name in TOP_LINKS:
+        host = os.path.join("/", name)
+        if os.path.islink(host):
+            os.symlink(os.readlink(host), os.path.join(root_template, name))
+        elif os.path.isdir(host):
+            os.mkdir(os.path.join(root_template, name), 0o755)
+    for name, major, minor in DEVICES:
+        path = os.path.join(dev_template, name)
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(path, 0o666)  # mknod honours the umask
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, os.path.join(dev_template, name))
+    os.mkdir(os.path.join(dev_template, "shm"), 0o1777)
+    os.chmod(os.path.join(dev_template, "shm"), 0o1777)
+
+
+def _bind(src: str, dst: str, flags: int) -> None:
+    ns.mount(src, dst, None, ns.MS_BIND)
+    # A bind mount ignores flags until it is remounted.
+    ns.mount(None, dst, None, ns.MS_REMOUNT | ns.MS_BIND | flags)
+
+
+def _tmpfs(dst: str, size: int, flags: int) -> None:
+    ns.mount("tmpfs", dst, "tmpfs", flags, f"size={size},mode=1777")
+
+
+def build_root(root: str, templates: str, request: LaunchRequest) -> None:
+    """Mount the job's root at ``root`` and pivot into it; cwd ends at /job.
+
+    ``templates`` holds ``rootfs``, ``dev`` and ``etc`` as made by
+    ``prepare_templates`` and ``prepare_etc``.
+    """
+    policy = request.policy
+    ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE)
+    ns.mount(os.path.join(templates, "rootfs"), root, None, ns.MS_BIND)
+    _bind("/usr", os.path.join(root, "usr"), RO)
+    for name in TOP_LINKS:  # real directories on a host without merged /usr
+        host = os.path.join("/", name)
+        if os.path.isdir(host) and not os.path.islink(host):
+            _bind(host, os.path.join(root, name), RO)
+    _bind(os.path.join(templates, "etc"), os.path.join(root, "etc"), RO)
+    _bind(request.job_dir, os.path.join(root, "job"), ns.MS_NOSUID | ns.MS_NODEV)
+    _tmpfs(os.path.join(root, "tmp"), policy.tmp_bytes, ns.MS_NOSUID | ns.MS_NODEV)
+    dev = os.path.join(root, "dev")
+    _bind(os.path.join(templates, "dev"), dev, ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NOEXEC)
+    _tmpfs(os.path.join(dev, "shm"), policy.shm_bytes, ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
+    ns.mount("proc", os.path.join(root, "proc"), "proc",
+             ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
+    for host, inside in request.ro_binds:
+        _bind(host, os.path.join(root, inside.lstrip("/")), RO)
+
+    ns.pivot_root(root, os.path.join(root, ".old"))
+    os.chdir("/")
+    ns.umount("/.old", ns.MNT_DETACH)
+    ns.mount(None, "/", None, ns.MS_REMOUNT | ns.MS_BIND | RO)
+    os.chdir(JOB_DIR)

@@ -1,0 +1,57 @@
+"""What a job may use: one frozen policy, and the request the launcher receives."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MiB = 1024 * 1024
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+JOB_DIR = "/job"  # where the job directory appears inside the sandbox; the working directory
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """Every limit the launcher and supervisor apply to one job."""
+
+    memory_bytes: int = 512 * MiB  # cgroup memory limit, bytes; swap off; tmpfs pages count
+    pids_max: int = 128  # cgroup pids.max: processes and threads
+    timeout_seconds: float = 300.0  # wall clock, then every process of the job is killed
+    cpu_seconds: float | None = None  # total CPU time of the job's cgroup; None = no cap
+    output_cap_bytes: int = 10 * MiB  # captured per stream (stdout, stderr), then output_limit
+    tmp_bytes: int = 64 * MiB  # tmpfs size of /tmp
+    shm_bytes: int = 64 * MiB  # tmpfs size of /dev/shm
+    open_files: int = 1024  # RLIMIT_NOFILE, soft and hard
+    file_size_bytes: int = 512 * 1000 * 1000  # RLIMIT_FSIZE, largest file the job may write
+    stack_bytes: int = 8 * MiB  # RLIMIT_STACK, soft and hard
+    hostname: str = "sandrun"  # UTS namespace host name
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """One job for the launcher: what to run, as whom, where, under which policy."""
+
+    argv: tuple[str, ...]  # argv[0] is looked up on the sandbox PATH, or relative to /job
+    env: tuple[tuple[str, str], ...]  # the manifest's variables; the sandbox adds its own
+    job_dir: str  # host path, bound read-write at /job
+    uid: int  # unprivileged uid of the job's slot
+    gid: int  # its gid
+    policy: SandboxPolicy = field(default_factory=SandboxPolicy)
+    # (host path, sandbox path) read-only extras; targets must be /opt/env or /opt/deps
+    ro_binds: tuple[tuple[str, str], ...] = ()
+
+    def environment(self) -> dict[str, str]:
+        env = dict(self.env)
+        env.update(PATH=SANDBOX_PATH, HOME=JOB_DIR, LANG="C.UTF-8", LC_ALL="C.UTF-8",
+                   TMPDIR="/tmp", TERM="dumb")
+        return env
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> LaunchRequest:
+        return cls(argv=tuple(data["argv"]), env=tuple(tuple(kv) for kv in data["env"]),
+                   job_dir=data["job_dir"], uid=data["uid"], gid=data["gid"],
+                   policy=SandboxPolicy(**data["policy"]),
+                   ro_binds=tuple(tuple(b) for b in data["ro_binds"]))

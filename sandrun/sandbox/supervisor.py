@@ -1,0 +1,381 @@
+"""The Twisted side of the sandbox: start the launcher, run jobs, enforce limits.
+
+``Sandbox.run`` hands a job to the launcher with its pipes, streams output to
+a callback chunk by chunk as it arrives, and enforces the wall timeout, the
+CPU cap and the output cap by asking the launcher to SIGKILL the job's PID
+namespace.  Every way a job can end is turned into one ``Reason`` by
+``classify``; no free text decides anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sandrun.sandbox import seccomp
+from sandrun.sandbox.cgroups import JobCgroup
+from sandrun.sandbox.network import NetnsPool
+from sandrun.sandbox.policy import LaunchRequest, SandboxPolicy
+from sandrun.wire import Reason
+
+log = Logger()
+READ_CHUNK = 65536
+CPU_POLL_SECONDS = 0.1
+KILL_RETRY_SECONDS = 1.0
+
+OutputCallback = Callable[[str, bytes], None]
+
+
+class SandboxUnavailable(Exception):
+    """The launcher could not start or has died: no job can run (fail closed)."""
+
+
+@dataclass
+class SandboxResult:
+    reason: Reason
+    exit_code: int | None = None
+    signal: int | None = None
+    cpu_seconds: float = 0.0
+    memory_peak_bytes: int = 0
+    wall_time_ms: float = 0.0
+    message: str | None = None  # set for sandbox_error: which layer failed
+    truncated: dict[str, bool] = field(default_factory=lambda: {"stdout": False,
+                                                                "stderr": False})
+
+
+def classify(wait_status: int, kill_reason: Reason | None, oom_killed: bool) -> tuple[
+        Reason, int | None, int | None]:
+    """(reason, exit_code, signal) from how the job's PID 1 ended."""
+    exit_code = os.waitstatus_to_exitcode(wait_status)
+    code, sig = (exit_code, None) if exit_code >= 0 else (None, -exit_code)
+    if kill_reason is not None:
+        return kill_reason, code, sig
+    if oom_killed:
+        return Reason.MEMORY_LIMIT, code, sig
+    if sig == signal.SIGXFSZ:
+        return Reason.DISK_LIMIT, code, sig
+    if sig is not None:
+        return Reason.SIGNALED, code, sig
+    return (Reason.COMPLETED if code == 0 else Reason.EXIT_NONZERO), code, sig
+
+
+@implementer(IReadDescriptor)
+class _Reader:
+    """Reads a non-blocking descriptor from the reactor and calls back per chunk."""
+
+    def __init__(self, reactor: IReactorFDSet, fd: int, on_data: Callable[[bytes], None],
+                 on_eof: Callable[[], None]) -> None:
+        self.reactor, self.fd, self.on_data, self.on_eof = reactor, fd, on_data, on_eof
+        os.set_blocking(fd, False)
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "sandbox-pipe"
+
+    def doRead(self) -> None:
+        for _ in range(16):  # bounded, so one chatty job cannot starve the reactor
+            if self.fd < 0:  # a callback closed us
+                return None
+            try:
+                data = os.read(self.fd, READ_CHUNK)
+            except BlockingIOError:
+                return None
+            if not data:
+                self.close()
+                return None
+            self.on_data(data)
+        return None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.reactor.removeReader(self)
+            os.close(self.fd)
+            self.fd = -1
+            self.on_eof()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.close()
+
+
+class _RunningJob:
+    def __init__(self, job_id: str, policy: SandboxPolicy, on_output: OutputCallback) -> None:
+        self.job_id = job_id
+        self.policy = policy
+        self.on_output = on_output
+        self.done: defer.Deferred[SandboxResult] = defer.Deferred()
+        self.kill_reason: Reason | None = None
+        self.cgroup: JobCgroup | None = None
+        self.exit_event: dict[str, Any] | None = None
+        self.open_streams = 2
+        self.sizes = {"stdout": 0, "stderr": 0}
+        self.truncated = {"stdout": False, "stderr": False}
+        self.timers: list[Any] = []
+
+
+class Sandbox:
+    """Runs jobs through one launcher process; one instance per worker."""
+
+    def __init__(self, reactor: Any, state_dir: str, instance: str, slots: int,
+                 uid_base: int = 60000) -> None:
+        self.reactor = reactor
+        self.state_dir = state_dir
+        self.instance = instance
+        self.uid_base = uid_base
+        self.free_slots = list(range(slots))
+        self.jobs: dict[str, _RunningJob] = {}
+        self.cgroup_version: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._ready: defer.Deferred[None] | None = None
+        self._reader: _Reader | None = None
+        self._netns: NetnsPool | None = None
+
+    # -- launcher process -------------------------------------------------
+
+    def start(self) -> defer.Deferred[None]:
+        """Start the launcher; fires when it reports ready, fails if it cannot start."""
+        os.makedirs(self.state_dir, exist_ok=True)
+        bpf = os.path.join(self.state_dir, "seccomp.bpf")
+        with open(bpf, "wb") as f:
+            f.write(seccomp.join_programs(seccomp.build_filters()))
+        self._netns = NetnsPool()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(seccomp.__file__)))
+        bootstrap = (f"import sys; sys.path.insert(0, {os.path.dirname(package_root)!r}); "
+                     "from sandrun.sandbox.launcher import main; main()")
+        # -I -S: no site-packages, no environment: a small process forks faster.
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", bootstrap, "--fd", str(theirs.fileno()),
+             "--state-dir", self.state_dir, "--instance", self.instance,
+             "--slots", str(len(self.free_slots)), "--uid-base", str(self.uid_base),
+             "--seccomp", bpf],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._sock = ours
+        self._ready = defer.Deferred()
+        # One read of a SOCK_SEQPACKET descriptor is one whole message.  The reader
+        # owns the descriptor; the socket object only sends.
+        self._reader = _Reader(self.reactor, ours.fileno(),
+                               lambda data: self._on_event(json.loads(data)),
+                               self._launcher_lost)
+        return self._ready
+
+    def _launcher_lost(self) -> None:
+        if self._sock is not None:
+            self._sock.detach()
+            self._sock = None
+        error = SandboxUnavailable("the sandbox launcher exited")
+        if self._ready is not None and not self._ready.called:
+            self._ready.errback(error)
+        for job in list(self.jobs.values()):
+            self._finish(job, SandboxResult(Reason.SANDBOX_ERROR, message=str(error)))
+
+    def stop(self) -> None:
+        """Kill every job and the launcher (which kills what it still runs)."""
+        for job_id in list(self.jobs):
+            self.kill(job_id, Reason.SHUTDOWN)
+        if self._sock is not None:
+            self._sock.detach()
+            self._sock = None
+        if self._reader is not None:
+            self._reader.close()  # the launcher sees EOF, kills its jobs and exits
+            self._reader = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._netns is not None:
+            self._netns.close()
+
+    # -- jobs --------------------------------------------------------------
+
+    def run(self, job_id: str, argv: tuple[str, ...], env: tuple[tuple[str, str], ...],
+            job_dir: str, policy: SandboxPolicy, on_output: OutputCallback,
+            stdin: bytes = b"", ro_binds: tuple[tuple[str, str], ...] = ()
+            ) -> defer.Deferred[SandboxResult]:
+        """Run one job; the Deferred fires with its result and never fails."""
+        if self._sock is None or not self.free_slots:
+            raise SandboxUnavailable("no launcher" if self._sock is None else "no free slot")
+        slot = self.free_slots.pop()
+        uid = gid = self.uid_base + slot
+        job = _RunningJob(job_id, policy, on_output)
+        self.jobs[job_id] = job
+
+        def release(result: SandboxResult) -> SandboxResult:
+            self.free_slots.append(slot)
+            return result
+
+        job.done.addBoth(release)
+        try:
+            _chown_tree(job_dir, uid, gid)
+            request = LaunchRequest(argv=argv, env=env, job_dir=job_dir, uid=uid, gid=gid,
+                                    policy=policy, ro_binds=ro_binds)
+            assert self._netns is not None
+            netns = self._netns.take()
+            stdin_fd = _stdin_fd(stdin)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            try:
+                message = {"op": "spawn", "id": job_id, "request": request.to_wire()}
+                socket.send_fds(self._sock, [json.dumps(message).encode()],
+                                [stdin_fd, out_w, err_w, netns])
+            finally:
+                for fd in (stdin_fd, out_w, err_w, netns):
+                    os.close(fd)
+        except OSError as e:
+            self._finish(job, SandboxResult(Reason.SANDBOX_ERROR, message=f"spawn: {e}"))
+            return job.done
+        for name, fd in (("stdout", out_r), ("stderr", err_r)):
+            _Reader(self.reactor, fd, lambda data, n=name: self._on_output(job, n, data),
+                    lambda: self._on_stream_closed(job))
+        return job.done
+
+    def kill(self, job_id: str, reason: Reason) -> None:
+        """Kill a running job (its whole PID namespace); the result carries ``reason``."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        if job.kill_reason is None:
+            job.kill_reason = reason
+        self._send_kill(job)
+        job.timers.append(self.reactor.callLater(KILL_RETRY_SECONDS, self._send_kill, job))
+
+    def cpu_seconds(self, job_id: str) -> float | None:
+        """The CPU time a running job has used so far, from its cgroup."""
+        job = self.jobs.get(job_id)
+        if job is None or job.cgroup is None:
+            return None
+        try:
+            return job.cgroup.cpu_seconds()
+        except OSError:
+            return None
+
+    def _send_kill(self, job: _RunningJob) -> None:
+        if self._sock is not None and job.job_id in self.jobs:
+            try:
+                self._sock.send(json.dumps({"op": "kill", "id": job.job_id}).encode())
+            except OSError as e:
+                if e.errno != errno.EPIPE:
+                    raise
+
+    def _on_output(self, job: _RunningJob, stream: str, data: bytes) -> None:
+        room = job.policy.output_cap_bytes - job.sizes[stream]
+        if room <= 0:
+            return
+        if len(data) > room:
+            data = data[:room]
+            job.truncated[stream] = True
+            self.kill(job.job_id, Reason.OUTPUT_LIMIT)
+        job.sizes[stream] += len(data)
+        job.on_output(stream, data)
+
+    def _on_stream_closed(self, job: _RunningJob) -> None:
+        job.open_streams -= 1
+        self._maybe_done(job)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "ready":
+            self.cgroup_version = event["cgroup_version"]
+            log.info("sandbox launcher ready: cgroup v{version}, {stale} stale cgroups removed",
+                     version=event["cgroup_version"], stale=event["stale_cgroups"])
+            assert self._ready is not None
+            self._ready.callback(None)
+            return
+        if kind == "fatal":
+            assert self._ready is not None
+            self._ready.errback(SandboxUnavailable(event["message"]))
+            return
+        job = self.jobs.get(event["id"])
+        if job is None:
+            return
+        if kind == "started":
+            job.cgroup = JobCgroup(event["cgroup"]["version"], event["cgroup"]["dirs"])
+            job.timers.append(self.reactor.callLater(job.policy.timeout_seconds, self.kill,
+                                                     job.job_id, Reason.TIMEOUT))
+            if job.policy.cpu_seconds is not None:
+                poll = task.LoopingCall(self._check_cpu, job)
+                poll.clock = self.reactor
+                poll.start(CPU_POLL_SECONDS, now=False)
+                job.timers.append(poll)
+        elif kind == "setup_failed":
+            log.warn("sandbox setup failed for job {job_id}: {message}", job_id=job.job_id,
+                     message=event["message"])
+            job.exit_event = {"setup_failed": event["message"]}
+            self._maybe_done(job)
+        elif kind == "exited":
+            job.exit_event = event
+            self._maybe_done(job)
+
+    def _check_cpu(self, job: _RunningJob) -> None:
+        used = self.cpu_seconds(job.job_id)
+        if used is not None and job.policy.cpu_seconds is not None \
+                and used >= job.policy.cpu_seconds:
+            self.kill(job.job_id, Reason.CPU_LIMIT)
+
+    def _maybe_done(self, job: _RunningJob) -> None:
+        event = job.exit_event
+        if event is None or job.open_streams > 0:
+            return
+        if "setup_failed" in event:
+            result = SandboxResult(Reason.SANDBOX_ERROR, message=event["setup_failed"])
+        else:
+            reason, code, sig = classify(event["wait_status"], job.kill_reason,
+                                         event.get("oom_killed", False))
+            if job.kill_reason == Reason.CPU_LIMIT or (
+                    job.policy.cpu_seconds is not None
+                    and event.get("cpu_seconds", 0) >= job.policy.cpu_seconds
+                    and reason in (Reason.SIGNALED, Reason.TIMEOUT)):
+                reason = Reason.CPU_LIMIT
+            result = SandboxResult(reason, code, sig, event.get("cpu_seconds", 0.0),
+                                   event.get("memory_peak_bytes", 0), event["wall_time_ms"],
+                                   event.get("cleanup_error"))
+        result.truncated = dict(job.truncated)
+        self._finish(job, result)
+
+    def _finish(self, job: _RunningJob, result: SandboxResult) -> None:
+        self.jobs.pop(job.job_id, None)
+        for timer in job.timers:
+            if isinstance(timer, task.LoopingCall):
+                if timer.running:
+                    timer.stop()
+            elif timer.active():
+                timer.cancel()
+        if not job.done.called:
+            job.done.callback(result)
+
+
+def _stdin_fd(data: bytes) -> int:
+    if not data:
+        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _chown_tree(path: str, uid: int, gid: int) -> None:
+    """Give the job its directory; runs before the job starts, never after."""
+    os.chown(path, uid, gid, follow_symlinks=False)
+    for top, dirs, files, top_fd in os.fwalk(path, follow_symlinks=False):
+        for name in dirs + files:
+            os.chown(name, uid, gid, dir_fd=top_fd, follow_symlinks=False)
