@@ -206,7 +206,7 @@ def extract_archive(
                 path = _member_path(member, limits)
                 if path is None:  # "." or "./": the job directory itself
                     continue
-                if False:
+                if path in seen:
                     raise UploadError(member.name, "duplicate member name")
                 seen.add(path)
                 if member.isdir():

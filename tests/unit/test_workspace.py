@@ -419,6 +419,14 @@ def test_a_path_stored_twice_in_one_job_is_refused(dest: Path) -> None:
     assert (dest / "main.py").read_bytes() == b"1"
 
 
+def test_a_file_already_in_the_directory_is_never_overwritten(dest: Path) -> None:
+    (dest / "main.py").write_text("original")
+    with pytest.raises(UploadError) as info:
+        extract(make_tar([member("main.py", b"replaced")]), dest)
+    assert info.value.member == "main.py"
+    assert (dest / "main.py").read_text() == "original"
+
+
 def test_a_file_where_a_directory_must_go_is_refused(dest: Path) -> None:
     error = refused(make_tar([member("a", b"file"), member("a/b", b"x")]), dest)
     assert error.member == "a/b"
