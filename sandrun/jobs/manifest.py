@@ -31,6 +31,9 @@ __all__ = [
     "RESERVED_ENV",
     "GpuRequest",
     "Manifest",
+    "MAX_ARG_BYTES",
+    "MAX_ARGV_ENV_BYTES",
+    "MAX_OUTPUT_PATTERNS",
     "ManifestError",
     "parse_manifest",
     "parse_manifest_json",
@@ -70,6 +73,12 @@ REQUIREMENTS_FILES = frozenset({"requirements.txt", "package.json", "Gemfile"})
 RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TERM"})
 
 MIN_MEMORY_MB = 16  # below this no interpreter starts
+# Caps that turn an exec-time E2BIG (a confusing sandbox_error) into a 400 naming the field:
+# Linux refuses any one argv/env string of 128 KiB or more (MAX_ARG_STRLEN), and all of them
+# together beyond a quarter of the stack rlimit; the sandbox's own variables need room too.
+MAX_ARG_BYTES = 128 * 1024 - 1  # one argument, or one NAME=value, in UTF-8 bytes
+MAX_ARGV_ENV_BYTES = 256 * 1024  # all arguments and env strings together, in UTF-8 bytes
+MAX_OUTPUT_PATTERNS = 256  # every listed output is matched against every pattern
 
 _FIELDS = frozenset(
     {
@@ -282,19 +291,23 @@ def parse_manifest(
     else:
         raise ManifestError("entrypoint", "required")
 
+    if entrypoint.startswith("-"):
+        # An interpreter would take it for an option: python3 -c ...
+        raise ManifestError("entrypoint", "must not start with '-'")
     interpreter = _interpreter(raw.get("interpreter"), entrypoint)
     args = tuple(
         _text(v, f"args[{i}]", nul_ok=False)
         for i, v in enumerate(_list(raw.get("args", []), "args"))
     )
     env = _env(raw.get("env", {}))
+    _check_exec_sizes(args, env)
     stdin = _text(raw.get("stdin", ""), "stdin", nul_ok=True)
     if len(stdin.encode("utf-8")) > limits.max_stdin_bytes:
         raise ManifestError("stdin", f"longer than {limits.max_stdin_bytes} bytes")
-    outputs = tuple(
-        _glob(v, f"outputs[{i}]", limits)
-        for i, v in enumerate(_list(raw.get("outputs", []), "outputs"))
-    )
+    patterns = _list(raw.get("outputs", []), "outputs")
+    if len(patterns) > MAX_OUTPUT_PATTERNS:
+        raise ManifestError("outputs", f"more than {MAX_OUTPUT_PATTERNS} patterns")
+    outputs = tuple(_glob(v, f"outputs[{i}]", limits) for i, v in enumerate(patterns))
 
     requirements = raw.get("requirements")
     if requirements is not None:
@@ -416,6 +429,24 @@ def _env(value: object) -> tuple[tuple[str, str], ...]:
             raise ManifestError(field, "set by the sandbox; cannot be overridden")
         pairs.append((name, _text(text, field, nul_ok=False)))
     return tuple(sorted(pairs))
+
+
+def _check_exec_sizes(args: tuple[str, ...], env: tuple[tuple[str, str], ...]) -> None:
+    total = 0
+    for i, arg in enumerate(args):
+        size = len(arg.encode("utf-8")) + 1  # + the NUL that ends it
+        if size > MAX_ARG_BYTES:
+            raise ManifestError(f"args[{i}]", f"longer than {MAX_ARG_BYTES - 1} bytes")
+        total += size
+        if total > MAX_ARGV_ENV_BYTES:
+            raise ManifestError("args", f"more than {MAX_ARGV_ENV_BYTES} bytes in all")
+    for name, value in env:
+        size = len(name.encode("utf-8")) + 1 + len(value.encode("utf-8")) + 1
+        if size > MAX_ARG_BYTES:
+            raise ManifestError(f"env.{name}", f"longer than {MAX_ARG_BYTES - 1} bytes")
+        total += size
+        if total > MAX_ARGV_ENV_BYTES:
+            raise ManifestError("env", f"args and env more than {MAX_ARGV_ENV_BYTES} bytes")
 
 
 def _glob(value: object, field: str, limits: Limits) -> str:

@@ -9,6 +9,9 @@ import pytest
 
 from sandrun.config import Limits
 from sandrun.jobs.manifest import (
+    MAX_ARG_BYTES,
+    MAX_ARGV_ENV_BYTES,
+    MAX_OUTPUT_PATTERNS,
     GpuRequest,
     Manifest,
     ManifestError,
@@ -194,6 +197,11 @@ def test_a_path_component_over_the_name_limit_is_refused() -> None:
     assert refused({"entrypoint": "abcdefghi/x.py"}, limits).field == "entrypoint"
 
 
+def test_an_entrypoint_an_interpreter_would_read_as_an_option_is_refused() -> None:
+    assert refused({"entrypoint": "-c"}).field == "entrypoint"
+    assert parse_manifest({"entrypoint": "a/-c.py"}, LIMITS).entrypoint == "a/-c.py"
+
+
 def test_an_entrypoint_that_is_not_a_string_is_refused() -> None:
     for value in (1, None, ["main.py"], {"path": "main.py"}):
         assert refused({"entrypoint": value}).field == "entrypoint"
@@ -289,6 +297,21 @@ def test_an_argument_with_nul_is_refused() -> None:
     assert refused_field(args=["a", "b\x00c"]).field == "args[1]"
 
 
+def test_an_argument_the_kernel_would_refuse_to_exec_is_refused() -> None:
+    assert parse(args=["a" * (MAX_ARG_BYTES - 1)]).args[0] == "a" * (MAX_ARG_BYTES - 1)
+    assert refused_field(args=["ok", "a" * MAX_ARG_BYTES]).field == "args[1]"
+    assert refused_field(env={"BIG": "v" * MAX_ARG_BYTES}).field == "env.BIG"
+
+
+def test_args_and_env_together_over_the_exec_budget_are_refused() -> None:
+    piece = "a" * (MAX_ARG_BYTES // 2)
+    count = MAX_ARGV_ENV_BYTES // len(piece) + 1
+    assert refused_field(args=[piece] * count).field == "args"
+    half = [piece] * (count // 2)
+    env = {f"E{i}": piece for i in range(count - len(half))}
+    assert refused_field(args=half, env=env).field == "env"
+
+
 def test_env_names_and_values_are_kept() -> None:
     assert parse(env={"_X1": "", "name": "a=b"}).env == (("_X1", ""), ("name", "a=b"))
 
@@ -342,6 +365,11 @@ def test_output_patterns_are_kept_in_order() -> None:
 @pytest.mark.parametrize("pattern", ["", "/", "/etc/*", "../*", "a/../b", "a\x00", "a//b", "./x"])
 def test_an_unsafe_output_pattern_is_refused_by_index(pattern: str) -> None:
     assert refused_field(outputs=["ok.txt", pattern]).field == "outputs[1]"
+
+
+def test_too_many_output_patterns_are_refused() -> None:
+    assert len(parse(outputs=["*"] * MAX_OUTPUT_PATTERNS).outputs) == MAX_OUTPUT_PATTERNS
+    assert refused_field(outputs=["*"] * (MAX_OUTPUT_PATTERNS + 1)).field == "outputs"
 
 
 def test_outputs_must_be_a_list_of_strings() -> None:

@@ -14,6 +14,7 @@ import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -124,18 +125,18 @@ def zero_member(name: str, size: int) -> tuple[tarfile.TarInfo, Iterator[bytes]]
 
 
 def extract(
-    archive: io.IOBase | io.BytesIO,
-    dest: Path,
+    archive: BinaryIO | io.BufferedReader,
+    dest: Path | int,
     limits: Limits = LIMITS,
     inputs: InputFiles | None = None,
 ) -> list[InputFile]:
-    return extract_archive(
-        archive, dest, limits, inputs or InputFiles(limits), archive_name="up.tgz"  # type: ignore[arg-type]
-    )
+    if inputs is None:
+        inputs = InputFiles(limits)
+    return extract_archive(archive, dest, limits, inputs, archive_name="up.tgz")
 
 
 def refused(
-    archive: io.IOBase | io.BytesIO, dest: Path, limits: Limits = LIMITS
+    archive: BinaryIO | io.BufferedReader, dest: Path, limits: Limits = LIMITS
 ) -> UploadError:
     with pytest.raises(UploadError) as info:
         extract(archive, dest, limits)
@@ -238,7 +239,7 @@ def test_an_owner_is_given_to_every_file_and_created_directory(dest: Path) -> No
 def test_an_open_directory_descriptor_works_as_destination_and_stays_open(dest: Path) -> None:
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        extract(make_tar([member("a/x.txt", b"1")]), fd)  # type: ignore[arg-type]
+        extract(make_tar([member("a/x.txt", b"1")]), fd)
         os.fstat(fd)  # still open
     finally:
         os.close(fd)
@@ -710,7 +711,9 @@ def test_list_outputs_reports_regular_files_sorted_with_hashes_and_types(job: Pa
     outputs = list_outputs(job, ())
     assert outputs == [
         OutputFile("out/plot.png", 4, hashlib.sha256(b"\x89PNG").hexdigest(), "image/png"),
-        OutputFile("out/sub/notes", 1, hashlib.sha256(b"n").hexdigest(), "application/octet-stream"),
+        OutputFile(
+            "out/sub/notes", 1, hashlib.sha256(b"n").hexdigest(), "application/octet-stream"
+        ),
         OutputFile("result.csv", 4, hashlib.sha256(b"a,b\n").hexdigest(), "text/csv"),
     ]
     assert all(o.type == "file" for o in outputs)
