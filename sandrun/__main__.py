@@ -1,0 +1,3 @@
+from sandrun.cli import main
+
+main()

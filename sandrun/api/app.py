@@ -1,0 +1,329 @@
+"""The worker's HTTP API (``shared/spec/api.md``): thin Klein handlers.
+
+Each handler parses, calls the job manager, and serialises; every error is an
+``APIError`` turned into JSON in one place (``errors.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+from typing import Any, Callable
+
+from klein import Klein
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+import sandrun
+from sandrun import identity as ident
+from sandrun.api import uploads
+from sandrun.api.errors import APIError, cors, to_api_error, write_error, write_json
+from sandrun.config import WorkerConfig
+from sandrun.jobs import storage as store
+from sandrun.jobs.manager import JobManager, new_job_id
+from sandrun.jobs.model import Job, iso
+from sandrun.jobs.ratelimit import client_key, trusted_client_address
+from sandrun.jobs.workspace import OutputNotFound, open_output
+from sandrun.wire import JobStatus
+
+log = Logger()
+DESCRIPTION = "Anonymous, ephemeral, sandboxed code execution"
+PRIVACY = ("No accounts and no logs of job content; job data lives in RAM only and is deleted "
+           "after download, 5 minutes after a failure, or 1 hour after it finishes.")
+
+
+def _api(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a handler and turn any error into the contract's JSON error."""
+
+    def wrapped(self: WorkerAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+        def fail(failure: Any) -> bytes:
+            error = to_api_error(failure.value)
+            if error.status == 500:
+                log.failure("unhandled error in {path}", failure, path=request.path)
+            return write_error(request, error)
+
+        d = defer.maybeDeferred(handler, self, request, *args, **kwargs)
+        return d.addErrback(fail)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+class WorkerAPI:
+    app = Klein()
+
+    def __init__(self, manager: JobManager, config: WorkerConfig,
+                 identity: ident.WorkerIdentity | None = None,
+                 environments: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.manager = manager
+        self.config = config
+        self.identity = identity
+        self.environments = environments or default_environments
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- helpers -------------------------------------------------------------
+
+    def client(self, request: IRequest) -> str:
+        peer = request.getClientAddress()
+        host = getattr(peer, "host", "unix")
+        forwarded = request.getHeader(b"x-forwarded-for")
+        address = trusted_client_address(
+            host, forwarded.decode("latin-1") if forwarded else None,
+            self.config.trusted_proxies)
+        return client_key(address)
+
+    def job(self, job_id: str) -> Job:
+        job = self.manager.get(job_id)
+        if job is None:
+            raise APIError(404, "Job not found", "no job with that id (it may have expired)")
+        return job
+
+    # -- service ---------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    @_api
+    def root(self, request: IRequest) -> bytes:
+        return write_json(request, {
+            "service": "sandrun", "version": sandrun.__version__, "status": "running",
+            "description": DESCRIPTION, "privacy": PRIVACY,
+            "limits": self.config.limits.as_json(), "worker_id": self.manager.worker_id})
+
+    @app.route("/health", methods=["GET"])
+    @_api
+    def health(self, request: IRequest) -> bytes:
+        stats = self.manager.stats()
+        load = {"active_jobs": stats["active_jobs"], "queued_jobs": stats["queue_length"],
+                "capacity": stats["capacity"]}
+        body: dict[str, Any] = {"status": "healthy", "worker_id": self.manager.worker_id,
+                                "version": sandrun.__version__, "load": load}
+        nonce = request.args.get(b"nonce")
+        if nonce and self.identity is not None:
+            body.update(ident.health_response(self.identity, nonce[0].decode("utf-8", "replace"),
+                                              load, self.manager.reactor.seconds()))
+        return write_json(request, body)
+
+    @app.route("/stats", methods=["GET"])
+    @_api
+    def stats(self, request: IRequest) -> bytes:
+        quota = self.manager.limiter.quota(self.client(request), self.manager.reactor.seconds())
+        return write_json(request, {"your_quota": quota, "system": self.manager.stats()})
+
+    @app.route("/environments", methods=["GET"])
+    @_api
+    def environments_list(self, request: IRequest) -> bytes:
+        return write_json(request, self.environments())
+
+    # -- jobs ------------------------------------------------------------------
+
+    @app.route("/submit", methods=["POST"])
+    @_api
+    def submit(self, request: IRequest) -> Any:
+        client = self.client(request)
+        self.manager.admit(client)
+        job_id = new_job_id()
+        base = self.manager.create_workspace(job_id)
+        content_type = getattr(request, "original_content_type", None) or \
+            request.getHeader(b"content-type")
+        content_type = content_type.encode() if isinstance(content_type, str) else content_type
+
+        def parse() -> uploads.Submission:
+            return uploads.parse_submission(content_type, request.content,
+                                            store.work_dir(base), store.staging_dir(base),
+                                            self.config.limits)
+
+        def queued(submission: uploads.Submission) -> bytes:
+            files = [(f.path, f.sha256) for f in submission.inputs.files]
+            job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
+                      job_hash=ident.job_hash(submission.manifest.as_json(), files),
+                      submitted_at=self.manager.reactor.seconds())
+            position = self.manager.submit(job)
+            return write_json(request, {"job_id": job_id, "status": job.status.value,
+                                        "position": position})
+
+        def failed(failure: Any) -> Any:
+            self.manager.discard_workspace(job_id)
+            if failure.check(uploads._Unsupported):
+                raise APIError(415, "Unsupported content type",
+                               f"{failure.value.kind}: use multipart/form-data or "
+                               "application/json")
+            return failure
+
+        # Extraction and hashing touch up to hundreds of MB: off the reactor thread.
+        d = threads.deferToThread(parse)
+        d.addCallbacks(queued, failed)
+        return d
+
+    @app.route("/status/<string:job_id>", methods=["GET"])
+    @_api
+    def status(self, request: IRequest, job_id: str) -> bytes:
+        return write_json(request, self.status_document(self.job(job_id)))
+
+    def status_document(self, job: Job) -> dict[str, Any]:
+        return {
+            "job_id": job.id, "status": job.status.value,
+            "queue_position": self.manager.position(job),
+            "submitted_at": iso(job.submitted_at), "started_at": iso(job.started_at),
+            "finished_at": iso(job.finished_at),
+            "execution_metadata": job.execution_metadata(),
+            "job_hash": job.job_hash,
+            "output_files": {o.path: {"size_bytes": o.size_bytes, "sha256": o.sha256,
+                                      "type": o.type} for o in job.outputs},
+            "worker_metadata": {"worker_id": self.manager.worker_id,
+                                "signature": job.signature, "signed": job.signed}}
+
+    @app.route("/logs/<string:job_id>", methods=["GET"])
+    @_api
+    def logs(self, request: IRequest, job_id: str) -> bytes:
+        job = self.job(job_id)
+        accept = (request.getHeader(b"accept") or "")
+        fmt = request.args.get(b"format", [b""])[0]
+        if fmt == b"text" or (fmt != b"json" and "text/plain" in str(accept)):
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            cors(request)
+            return job.log.text().encode()
+        return write_json(request, {"job_id": job.id, "stdout": job.log.text("stdout"),
+                                    "stderr": job.log.text("stderr"),
+                                    "truncated": job.truncated})
+
+    @app.route("/outputs/<string:job_id>", methods=["GET"])
+    @_api
+    def outputs(self, request: IRequest, job_id: str) -> bytes:
+        job = self.job(job_id)
+        files = [{"path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256,
+                  "mime_type": o.mime_type, "download_url": f"/download/{job.id}/{o.path}"}
+                 for o in job.outputs]
+        return write_json(request, {"job_id": job.id, "status": job.status.value,
+                                    "total_files": len(files), "files": files})
+
+    @app.route("/download/<string:job_id>/<path:path>", methods=["GET"])
+    @_api
+    def download_one(self, request: IRequest, job_id: str, path: str) -> Any:
+        job = self.finished_job(job_id)
+        if path not in {o.path for o in job.outputs}:
+            raise OutputNotFound(path)
+        f, size = open_output(store.work_dir(job.base_dir), path, job.manifest.outputs)
+        output = next(o for o in job.outputs if o.path == path)
+        request.setHeader(b"Content-Type", output.mime_type.encode())
+        request.setHeader(b"Content-Length", str(size).encode())
+        request.setHeader(b"Content-Disposition",
+                          f'attachment; filename="{os.path.basename(path)}"'.encode())
+        cors(request)
+        return _send_file(f, request)
+
+    @app.route("/download/<string:job_id>", methods=["GET"])
+    @_api
+    def download_all(self, request: IRequest, job_id: str) -> Any:
+        job = self.finished_job(job_id)
+        d = threads.deferToThread(pack_outputs, job)
+
+        def send(f: Any) -> Any:
+            request.setHeader(b"Content-Type", b"application/gzip")
+            request.setHeader(b"Content-Disposition",
+                              f'attachment; filename="{job.id}-outputs.tar.gz"'.encode())
+            request.setHeader(b"Content-Length", str(os.fstat(f.fileno()).st_size).encode())
+            cors(request)
+
+            def sent(_: Any) -> None:
+                # Klein finishes the request next; the data goes once all of it is out.
+                self.manager.delete(job.id)
+
+            return _send_file(f, request).addCallback(sent)
+
+        return d.addCallback(send)
+
+    def finished_job(self, job_id: str) -> Job:
+        job = self.job(job_id)
+        if not job.finished:
+            raise APIError(409, "Job not finished", f"the job is {job.status.value}")
+        return job
+
+    @app.route("/jobs/<string:job_id>", methods=["DELETE"])
+    @_api
+    def delete(self, request: IRequest, job_id: str) -> bytes:
+        job = self.job(job_id)
+        was = job.status
+        self.manager.cancel(job_id)
+        return write_json(request, {"job_id": job_id, "deleted": True,
+                                    "cancelled": was in (JobStatus.QUEUED, JobStatus.RUNNING)})
+
+    # -- live output (the WebSocket itself is in stream.py) ------------------------
+
+    @app.route("/logs/<string:job_id>/stream", methods=["GET"])
+    def stream(self, request: IRequest, job_id: str) -> Any:
+        from sandrun.api import stream
+
+        return stream.stream_resource(self.manager, job_id, request)
+
+    @app.route("/stream/<string:job_id>", methods=["GET"])
+    def stream_alias(self, request: IRequest, job_id: str) -> Any:
+        return self.stream(request, job_id)
+
+    # -- CORS and errors -----------------------------------------------------------
+
+    @app.route("/", branch=True, methods=["OPTIONS"])
+    def preflight(self, request: IRequest) -> bytes:
+        cors(request)
+        request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS")
+        request.setHeader(b"Access-Control-Allow-Headers", b"Content-Type, Accept")
+        request.setHeader(b"Access-Control-Max-Age", b"86400")
+        request.setResponseCode(204)
+        return b""
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Any) -> bytes:
+        return write_error(request, APIError(404, "Not found", "no such endpoint"))
+
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(self, request: IRequest, failure: Any) -> bytes:
+        if set(failure.value.valid_methods or ()) <= {"OPTIONS"}:
+            # Only the catch-all preflight route matched: the path does not exist.
+            return write_error(request, APIError(404, "Not found", "no such endpoint"))
+        return write_error(request, APIError(405, "Method not allowed",
+                                             "see the API documentation"))
+
+
+def _send_file(f: Any, request: IRequest) -> defer.Deferred[None]:
+    """Stream a file with back-pressure; fires once every byte was written.
+
+    Fails (and the caller's follow-up is skipped) when the client went away.
+    """
+    d = FileSender().beginFileTransfer(f, request)
+
+    def close(result: Any) -> Any:
+        f.close()
+        return result
+
+    d.addBoth(close)
+    d.addCallback(lambda _: None)
+    return d
+
+
+def pack_outputs(job: Job) -> Any:
+    """Every listed output in one .tar.gz on the job's tmpfs (an unlinked file)."""
+    work = store.work_dir(job.base_dir)
+    out = tempfile.TemporaryFile(dir=store.staging_dir(job.base_dir))
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for output in job.outputs:
+            try:
+                f, size = open_output(work, output.path, job.manifest.outputs)
+            except OutputNotFound:
+                continue
+            with f:
+                info = tarfile.TarInfo(output.path)
+                info.size, info.mode = size, 0o644
+                tar.addfile(info, f)
+    out.seek(0)
+    return out
+
+
+def default_environments() -> dict[str, Any]:
+    return {"templates": ["default"],
+            "environments": [{"name": "default", "description": "the host's interpreters",
+                              "packages": [], "ready": True}]}

@@ -1,0 +1,120 @@
+"""``sandrun``: the worker daemon and its admin commands.
+
+The only module that touches ``sys.argv`` and the global reactor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any
+
+import sandrun
+from sandrun.config import Limits, QuotaConfig, WorkerConfig
+
+
+def _listen_description(value: str) -> str:
+    """Accept ``HOST:PORT`` or a Twisted endpoint string (``tcp:8443:interface=...``)."""
+    if value.startswith(("tcp:", "tcp6:", "ssl:", "unix:")):
+        return value
+    host, _, port = value.rpartition(":")
+    if not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: use HOST:PORT or an endpoint string")
+    host = host.strip("[]") or "127.0.0.1"
+    return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sandrun", description=sandrun.__doc__)
+    parser.add_argument("--version", action="version", version=f"sandrun {sandrun.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run a worker")
+    d, q = Limits(), QuotaConfig()
+    serve.add_argument("--listen", type=_listen_description, default="127.0.0.1:8443",
+                       help="HOST:PORT or endpoint string (default 127.0.0.1:8443)")
+    serve.add_argument("--max-concurrent", type=int, default=os.cpu_count() or 1,
+                       help="jobs running at once (default: number of cores)")
+    serve.add_argument("--queue-size", type=int, default=100, help="jobs waiting (default 100)")
+    serve.add_argument("--state-dir", default="/run/sandrun",
+                       help="where the worker mounts its tmpfs (default /run/sandrun)")
+    serve.add_argument("--worker-key", help="Ed25519 PKCS#8 PEM private key (sandrun keygen)")
+    serve.add_argument("--trusted-proxy", action="append", default=[],
+                       help="address or CIDR whose X-Forwarded-For is believed (repeatable)")
+    serve.add_argument("--max-upload-mb", type=int, default=d.max_upload_bytes // 10**6)
+    serve.add_argument("--max-timeout", type=int, default=d.max_timeout)
+    serve.add_argument("--max-memory-mb", type=int, default=d.max_memory_mb)
+    serve.add_argument("--output-cap-mb", type=float, default=d.output_cap_bytes / 2**20)
+    serve.add_argument("--max-pids", type=int, default=d.max_pids)
+    serve.add_argument("--cpu-quota", type=float, default=q.cpu_seconds_per_minute,
+                       help="CPU-seconds per client IP per rolling minute")
+    serve.add_argument("--max-active-per-ip", type=int, default=q.max_active_jobs)
+    serve.add_argument("--jobs-per-hour", type=int, default=q.jobs_per_hour)
+
+    keygen = commands.add_parser("keygen", help="create a worker identity key")
+    keygen.add_argument("--out", help="where to write the key (default ./sandrun-worker.pem)")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    verify = commands.add_parser("verify", help="verify a signed /status document")
+    verify.add_argument("status", help="file with the /status JSON, or - for stdin")
+    verify.add_argument("--worker-id", required=True, help="the worker's base64 public key")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> WorkerConfig:
+    limits = Limits(max_upload_bytes=args.max_upload_mb * 10**6, max_timeout=args.max_timeout,
+                    max_memory_mb=args.max_memory_mb,
+                    output_cap_bytes=int(args.output_cap_mb * 2**20), max_pids=args.max_pids)
+    quotas = QuotaConfig(cpu_seconds_per_minute=args.cpu_quota,
+                         max_active_jobs=args.max_active_per_ip,
+                         jobs_per_hour=args.jobs_per_hour)
+    return WorkerConfig(listen=args.listen, max_concurrent=args.max_concurrent,
+                        queue_size=args.queue_size, limits=limits, quotas=quotas,
+                        state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
+                        trusted_proxies=tuple(args.trusted_proxy))
+
+
+def serve(config: WorkerConfig) -> None:
+    from twisted.internet import defer, task
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from sandrun.service import WorkerService
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+
+    @defer.inlineCallbacks
+    def run(reactor: Any) -> Any:
+        worker = WorkerService(reactor, config)
+        yield worker.startService()
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def on_signal(signum: int, frame: Any) -> None:
+            reactor.callFromThread(lambda: done.called or done.callback(None))
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        yield done
+        yield worker.stopService()
+
+    task.react(lambda reactor: run(reactor))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        if os.geteuid() != 0:
+            sys.exit("sandrun serve must run as root: it creates namespaces, cgroups and mounts")
+        try:
+            serve(config_from(args))
+        except Exception as e:  # a clear message for start-up errors (bad key, no cgroups)
+            sys.exit(f"sandrun: cannot start: {e}")
+    elif args.command == "keygen":
+        from sandrun.identity import keygen_main
+
+        sys.exit(keygen_main(args.out, args.force))
+    elif args.command == "verify":
+        from sandrun.identity import verify_main
+
+        sys.exit(verify_main(args.status, args.worker_id))

@@ -1,0 +1,257 @@
+"""The job lifecycle: queue, concurrency, quotas, retention, clean-up.
+
+All of it runs on the reactor thread; time comes from the injected clock, so
+retention and quota tests drive it with ``twisted.internet.task.Clock``.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+from typing import Any
+
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+from sandrun import identity as ident
+from sandrun.config import WorkerConfig
+from sandrun.jobs import storage as store
+from sandrun.jobs.model import Job
+from sandrun.jobs.ratelimit import Decision, RateLimiter
+from sandrun.jobs.workspace import list_outputs
+from sandrun.sandbox.policy import SandboxPolicy
+from sandrun.sandbox.supervisor import Sandbox, SandboxResult
+from sandrun.wire import JobStatus, Reason
+
+log = Logger()
+MiB = 1024 * 1024
+FAILED_RETENTION = 5 * 60.0  # seconds a failed job's data is kept
+FINISHED_RETENTION = 60 * 60.0  # seconds any finished job's data is kept
+CPU_CHARGE_INTERVAL = 0.5  # seconds between quota charges of running jobs
+
+
+class QueueFull(Exception):
+    retry_after = 5
+
+
+class RateLimited(Exception):
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.reason)
+        self.decision = decision
+
+
+def new_job_id() -> str:
+    """``job-`` and 144 random bits, URL-safe: an unguessable bearer secret."""
+    return "job-" + secrets.token_urlsafe(18)
+
+
+class JobManager:
+    def __init__(self, reactor: Any, sandbox: Sandbox, storage: store.Storage,
+                 config: WorkerConfig, limiter: RateLimiter,
+                 identity: ident.WorkerIdentity | None = None) -> None:
+        self.reactor = reactor
+        self.sandbox = sandbox
+        self.storage = storage
+        self.config = config
+        self.limiter = limiter
+        self.identity = identity
+        self.jobs: dict[str, Job] = {}
+        self.queue: collections.deque[str] = collections.deque()
+        self.running: set[str] = set()
+        self._timers: dict[str, Any] = {}
+        self._charger = task.LoopingCall(self._charge_cpu)
+        self._charger.clock = reactor
+        self._stopping = False
+
+    @property
+    def worker_id(self) -> str | None:
+        return self.identity.worker_id if self.identity else None
+
+    def start(self) -> None:
+        self._charger.start(CPU_CHARGE_INTERVAL, now=False)
+
+    # -- admission ---------------------------------------------------------
+
+    def admit(self, client: str) -> Decision:
+        """Refuse early (before the upload is processed) when the job could not be taken."""
+        if self._stopping or len(self.queue) >= self.config.queue_size:
+            raise QueueFull()
+        decision = self.limiter.check(client, self.reactor.seconds())
+        if not decision.allowed:
+            raise RateLimited(decision)
+        return decision
+
+    def create_workspace(self, job_id: str) -> str:
+        return self.storage.create(job_id)
+
+    def discard_workspace(self, job_id: str) -> None:
+        self.storage.delete(job_id)
+
+    def submit(self, job: Job) -> int:
+        """Queue a job whose workspace is ready; returns its queue position (1-based)."""
+        try:
+            self.admit(job.client)
+            decision = self.limiter.try_acquire(job.client, job.id, self.reactor.seconds())
+            if not decision.allowed:
+                raise RateLimited(decision)
+        except Exception:
+            self.storage.delete(job.id)
+            raise
+        self.jobs[job.id] = job
+        self.queue.append(job.id)
+        log.info("job {job_id} queued", job_id=job.id)
+        position = len(self.queue)
+        self._pump()
+        return position if job.status == JobStatus.QUEUED else 0
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def position(self, job: Job) -> int:
+        if job.status != JobStatus.QUEUED:
+            return 0
+        try:
+            return self.queue.index(job.id) + 1
+        except ValueError:
+            return 0
+
+    def stats(self) -> dict[str, int]:
+        return {"queue_length": len(self.queue), "active_jobs": len(self.running),
+                "capacity": self.config.max_concurrent}
+
+    # -- running -----------------------------------------------------------
+
+    def _pump(self) -> None:
+        while self.queue and len(self.running) < self.config.max_concurrent \
+                and not self._stopping:
+            self._start(self.jobs[self.queue.popleft()])
+
+    def _policy(self, job: Job) -> SandboxPolicy:
+        limits = self.config.limits
+        return SandboxPolicy(
+            memory_bytes=job.manifest.memory_mb * MiB, pids_max=limits.max_pids,
+            timeout_seconds=float(job.manifest.timeout), cpu_seconds=job.manifest.cpu_seconds,
+            output_cap_bytes=limits.output_cap_bytes, tmp_bytes=limits.tmp_mb * MiB,
+            shm_bytes=limits.shm_mb * MiB, open_files=limits.max_open_files,
+            file_size_bytes=limits.job_dir_mb * MiB)
+
+    def _start(self, job: Job) -> None:
+        job.move_to(JobStatus.RUNNING)
+        job.started_at = self.reactor.seconds()
+        self.running.add(job.id)
+        log.info("job {job_id} started", job_id=job.id)
+        manifest = job.manifest
+        d = self.sandbox.run(job.id, tuple(manifest.argv()), manifest.env,
+                             store.work_dir(job.base_dir), self._policy(job),
+                             job.log.append, stdin=manifest.stdin.encode())
+        d.addCallback(self._ran, job)
+        d.addErrback(lambda f: self._ran(SandboxResult(Reason.SANDBOX_ERROR,
+                                                       message=f.getErrorMessage()), job))
+
+    @defer.inlineCallbacks
+    def _ran(self, result: SandboxResult, job: Job) -> Any:
+        self.running.discard(job.id)
+        reason = result.reason
+        if reason in (Reason.EXIT_NONZERO, Reason.SIGNALED) and not job.deleted \
+                and store.disk_full(job.base_dir):
+            reason = Reason.DISK_LIMIT
+        job.reason = reason
+        job.exit_code, job.signal = result.exit_code, result.signal
+        job.cpu_seconds, job.memory_peak_bytes = result.cpu_seconds, result.memory_peak_bytes
+        job.wall_time_ms, job.message = result.wall_time_ms, result.message
+        job.truncated = result.truncated
+        if not job.deleted:
+            try:
+                job.outputs = yield threads.deferToThread(
+                    list_outputs, store.work_dir(job.base_dir), manifest_outputs(job))
+            except Exception as e:
+                log.warn("listing outputs of job {job_id} failed: {error}", job_id=job.id,
+                         error=str(e))
+        self._end(job, JobStatus.COMPLETED if reason == Reason.COMPLETED else JobStatus.FAILED)
+        self._pump()
+
+    def _end(self, job: Job, status: JobStatus) -> None:
+        """The one place a job becomes finished: sign, release quota, schedule deletion."""
+        job.move_to(status)
+        job.finished_at = self.reactor.seconds()
+        now = job.finished_at
+        self.limiter.release(job.client, job.id, now, cpu_seconds_total=job.cpu_seconds)
+        job.signed, job.signature = ident.sign_result(self.identity,
+                                                      job.signed_result(self.worker_id))
+        log.info("job {job_id} {status}: {reason}", job_id=job.id, status=status.value,
+                 reason=job.reason.value if job.reason else None)
+        keep = FAILED_RETENTION if status == JobStatus.FAILED else FINISHED_RETENTION
+        if job.deleted:
+            self._forget(job.id)
+        else:
+            self._timers[job.id] = self.reactor.callLater(keep, self.delete, job.id)
+        for listener in list(job.end_listeners):
+            listener(job)
+
+    def _charge_cpu(self) -> None:
+        now = self.reactor.seconds()
+        for job_id in list(self.running):
+            used = self.sandbox.cpu_seconds(job_id)
+            if used is not None:
+                self.limiter.charge_cpu(self.jobs[job_id].client, job_id, used, now)
+
+    # -- ending early and deleting --------------------------------------------
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job and delete its data; False if unknown."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        if job.status == JobStatus.QUEUED:
+            self.queue.remove(job_id)
+            job.reason = Reason.CANCELLED
+            job.deleted = True
+            self.storage.delete(job_id)
+            self._end(job, JobStatus.FAILED)
+        elif job.status == JobStatus.RUNNING:
+            job.deleted = True
+            self.sandbox.kill(job_id, Reason.CANCELLED)
+            # The data goes once the sandbox has let go of it (in _end via _forget).
+        else:
+            self.delete(job_id)
+        return True
+
+    def delete(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        if not job.finished:
+            self.cancel(job_id)
+            return
+        self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        timer = self._timers.pop(job_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            job.deleted = True
+        self.storage.delete(job_id)
+        log.info("job {job_id} deleted", job_id=job_id)
+
+    def stop(self) -> None:
+        """Shutdown: stop taking jobs, kill what runs, delete every job's data."""
+        self._stopping = True
+        if self._charger.running:
+            self._charger.stop()
+        for job_id in list(self.queue):
+            self.cancel(job_id)
+        for job_id in list(self.running):
+            self.sandbox.kill(job_id, Reason.SHUTDOWN)
+        for job_id in list(self.jobs):
+            self.limiter.release(self.jobs[job_id].client, job_id, self.reactor.seconds())
+            timer = self._timers.pop(job_id, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            self.storage.delete(job_id)
+        self.jobs.clear()
+
+
+def manifest_outputs(job: Job) -> tuple[str, ...]:
+    return job.manifest.outputs
