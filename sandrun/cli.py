@@ -82,7 +82,7 @@ def serve(config: WorkerConfig) -> None:
 
     from sandrun.service import WorkerService
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])  # type: ignore[list-item]
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
@@ -90,8 +90,12 @@ def serve(config: WorkerConfig) -> None:
         yield worker.startService()
         done: defer.Deferred[None] = defer.Deferred()
 
+        def stop() -> None:
+            if not done.called:
+                done.callback(None)
+
         def on_signal(signum: int, frame: Any) -> None:
-            reactor.callFromThread(lambda: done.called or done.callback(None))
+            reactor.callFromThread(stop)
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -106,10 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         if os.geteuid() != 0:
             sys.exit("sandrun serve must run as root: it creates namespaces, cgroups and mounts")
-        try:
-            serve(config_from(args))
-        except Exception as e:  # a clear message for start-up errors (bad key, no cgroups)
-            sys.exit(f"sandrun: cannot start: {e}")
+        config = config_from(args)
+        if config.worker_key:
+            from sandrun.identity import IdentityError, WorkerIdentity
+
+            try:  # checked before the reactor starts, so a bad key is one clear line
+                WorkerIdentity.load(config.worker_key)
+            except IdentityError as e:
+                sys.exit(f"sandrun: cannot start: worker key: {e}")
+        serve(config)
     elif args.command == "keygen":
         from sandrun.identity import keygen_main
 
