@@ -279,14 +279,16 @@ class Sandbox:
 
     def _on_output(self, job: _RunningJob, stream: str, data: bytes) -> None:
         room = job.policy.output_cap_bytes - job.sizes[stream]
-        if room <= 0:
-            return
         if len(data) > room:
-            data = data[:room]
-            job.truncated[stream] = True
-            self.kill(job.job_id, Reason.OUTPUT_LIMIT)
-        job.sizes[stream] += len(data)
-        job.on_output(stream, data)
+            # Also when room is 0: output that filled the cap exactly at a chunk
+            # boundary is only known to be over it when the next byte arrives.
+            data = data[:max(room, 0)]
+            if not job.truncated[stream]:
+                job.truncated[stream] = True
+                self.kill(job.job_id, Reason.OUTPUT_LIMIT)
+        if data:
+            job.sizes[stream] += len(data)
+            job.on_output(stream, data)
 
     def _on_stream_closed(self, job: _RunningJob) -> None:
         job.open_streams -= 1
