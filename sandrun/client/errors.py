@@ -1,0 +1,180 @@
+"""Exceptions raised by the Sandrun clients, and the one table that maps HTTP errors to them.
+
+Every error the server answers carries its JSON body: ``error`` (short message),
+``details`` (context) and, for some, ``reason`` and ``retry_after``.  The
+exception keeps all of it, so callers can show the server's own words and
+back off for exactly as long as it asked.  Pure stdlib; shared by the
+synchronous and the Twisted client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "BadRequestError",
+    "ConflictError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "ProtocolError",
+    "QueueFullError",
+    "RateLimitedError",
+    "SandrunConnectionError",
+    "SandrunError",
+    "ServerError",
+    "ServiceUnavailableError",
+    "StreamUnavailableError",
+    "UnsafeArchiveError",
+    "UnsupportedMediaTypeError",
+    "WaitTimeoutError",
+    "error_from_response",
+]
+
+
+class SandrunError(Exception):
+    """Base of every client error.
+
+    ``status`` is the HTTP status (None when no response came back),
+    ``error``/``details`` the server's message, ``reason`` and
+    ``retry_after`` (seconds) where the server gave them, ``body`` the whole
+    decoded JSON error (empty when there was none).
+    """
+
+    def __init__(self, error: str, details: str = "", *, status: int | None = None,
+                 reason: str | None = None, retry_after: float | None = None,
+                 body: Mapping[str, Any] | None = None) -> None:
+        super().__init__(error)
+        self.error = error
+        self.details = details
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+        self.body: dict[str, Any] = dict(body or {})
+
+    def __str__(self) -> str:
+        text = self.error
+        if self.details and self.details != self.error:
+            text += f": {self.details}"
+        if self.retry_after is not None:
+            text += f" (retry after {_seconds(self.retry_after)})"
+        return text
+
+
+class SandrunConnectionError(SandrunError):
+    """The server could not be reached, or the connection broke mid-request."""
+
+
+class ProtocolError(SandrunError):
+    """The server answered something that is not the Sandrun API (not JSON, wrong shape)."""
+
+
+class BadRequestError(SandrunError):
+    """400: the manifest or the upload was refused; ``details`` names the field or member."""
+
+
+class NotFoundError(SandrunError):
+    """404: no such job (ids expire: see retention), output or endpoint."""
+
+
+class ConflictError(SandrunError):
+    """409: the job is not in a state that allows this (outputs of an unfinished job)."""
+
+
+class PayloadTooLargeError(SandrunError):
+    """413: the upload is over the server's limit."""
+
+
+class UnsupportedMediaTypeError(SandrunError):
+    """415: the request body's content type is not accepted."""
+
+
+class RateLimitedError(SandrunError):
+    """429: this client's quota is spent; ``reason`` says which, ``retry_after`` when."""
+
+
+class ServiceUnavailableError(SandrunError):
+    """503: the worker cannot take the job now (queue or storage full); try again later."""
+
+
+class QueueFullError(ServiceUnavailableError):
+    """503 ``Queue full``: too many jobs are waiting."""
+
+
+class ServerError(SandrunError):
+    """Any other 5xx answer."""
+
+
+class WaitTimeoutError(SandrunError):
+    """``wait`` gave up before the job finished (the job itself goes on)."""
+
+
+class StreamUnavailableError(SandrunError):
+    """The live-output WebSocket could not be opened (the caller may poll instead)."""
+
+
+class UnsafeArchiveError(SandrunError):
+    """A downloaded archive holds a member that must not be written (link, ``..``, absolute)."""
+
+
+_BY_STATUS: dict[int, type[SandrunError]] = {
+    400: BadRequestError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError,
+    429: RateLimitedError,
+    503: ServiceUnavailableError,
+}
+
+
+def error_from_response(status: int, body: bytes,
+                        headers: Mapping[str, str] | None = None) -> SandrunError:
+    """The exception for an HTTP error answer (``status`` >= 400).
+
+    ``headers`` keys are lower-case; ``Retry-After`` is used when the body
+    gives no ``retry_after``.  A body that is not the contract's JSON error
+    still gives an exception of the right class, with the text as details.
+    """
+    document: dict[str, Any] = {}
+    try:
+        decoded = json.loads(body.decode("utf-8"))
+        if isinstance(decoded, dict):
+            document = decoded
+    except (UnicodeDecodeError, ValueError):
+        pass
+    error = document.get("error")
+    if not isinstance(error, str) or not error:
+        error = f"HTTP {status}"
+        details = "" if document else body[:200].decode("utf-8", "replace").strip()
+    else:
+        details = document.get("details") if isinstance(document.get("details"), str) else ""
+    reason = document.get("reason") if isinstance(document.get("reason"), str) else None
+    retry_after = _number(document.get("retry_after"))
+    if retry_after is None and headers is not None:
+        retry_after = _number(headers.get("retry-after"))
+    cls = _BY_STATUS.get(status)
+    if cls is ServiceUnavailableError and error == "Queue full":
+        cls = QueueFullError
+    if cls is None:
+        cls = ServerError if status >= 500 else SandrunError
+    return cls(error, details or "", status=status, reason=reason, retry_after=retry_after,
+               body=document)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g} s"
