@@ -1,0 +1,469 @@
+"""Helpers shared by the HTTP benchmarks and the load and fault tests.
+
+- statistics (``percentile``, ``summary``), a plain-text table and JSON results
+  under ``bench/results/``;
+- ``Client``: one raw keep-alive ``http.client`` connection, optionally bound to a
+  source address (the worker's quotas are per client IP, so the load test speaks
+  from 20 loopback addresses);
+- ``Worker``: a real ``sandrun serve`` subprocess on a free port and a fresh state
+  directory, with what a test needs to see from the host: its RSS (worker and
+  launcher), the mounts under its state directory, its job cgroups and the
+  processes of its jobs.
+
+Stdlib only, so a benchmark adds nothing to the numbers it measures but its own
+client work.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import http.client
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "bench", "results")
+CGROUP_ROOT = "/sys/fs/cgroup"
+JOB_UIDS = range(60000, 60100)  # every slot uid a worker may give a job
+TERMINAL = ("completed", "failed")
+
+# Quotas raised for benchmarks and load tests: the defaults (2 active jobs, 20 an hour,
+# 10 CPU-seconds a minute per IP) would turn a benchmark into a 429 test.
+RAISED_QUOTAS = ("--cpu-quota", "100000", "--max-active-per-ip", "100000",
+                 "--jobs-per-hour", "100000000", "--queue-size", "1000")
+
+
+# -- statistics and reporting ------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The ``p``-th percentile (0-100) with linear interpolation between ranks."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """n, p50, p90, p99, mean, min and max of ``values``."""
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "p50": percentile(values, 50), "p90": percentile(values, 90),
+            "p99": percentile(values, 99), "mean": sum(values) / len(values),
+            "min": min(values), "max": max(values)}
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]],
+                notes: Sequence[str] = ()) -> str:
+    """Print (and return) an aligned plain-text table, with notes beneath it."""
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [title, "-" * len(title)]
+    for n, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += [f"  {note}" for note in notes]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    return text
+
+
+def machine() -> dict[str, Any]:
+    """Where a result was measured: cores, memory, kernel, Python, cgroup version, commit."""
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    return {"cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "cgroup": 2 if os.path.exists(f"{CGROUP_ROOT}/cgroup.controllers") else 1,
+            "commit": commit, "load_avg_at_start": os.getloadavg()}
+
+
+def write_json(name: str, data: dict[str, Any]) -> str:
+    """Write ``bench/results/<name>.json`` (the latest run) and return its path."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    document = {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                 time.gmtime()),
+                "machine": machine(), **data}
+    with open(path, "w") as f:
+        json.dump(document, f, indent=2, sort_keys=False)
+        f.write("\n")
+    print(f"wrote {os.path.relpath(path, ROOT)}", flush=True)
+    return path
+
+
+# -- a tiny fast HTTP client -----------------------------------------------------------------
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection to a worker; reconnects once if it was closed.
+
+    Not thread-safe: use one per thread.  ``source`` binds the local address, so one
+    host can look like many clients to the worker's per-IP quotas.
+    """
+
+    def __init__(self, host: str, port: int, source: str | None = None,
+                 timeout: float = 30.0) -> None:
+        self.host, self.port, self.source, self.timeout = host, port, source, timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _connect(self) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(
+            self.host, self.port, timeout=self.timeout,
+            source_address=(self.source, 0) if self.source else None)
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        for attempt in (0, 1):
+            if self.conn is None:
+                self.conn = self._connect()
+            try:
+                self.conn.request(method, path, body=body, headers=headers or {})
+                response = self.conn.getresponse()
+                data = response.read()
+                if response.will_close:
+                    self.close()
+                return response.status, data
+            except (http.client.RemoteDisconnected, BrokenPipeError,
+                    ConnectionResetError, http.client.CannotSendRequest):
+                # The server closed an idle keep-alive connection: once more on a new one.
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def json(self, method: str, path: str, document: Any = None) -> tuple[int, Any]:
+        body = None if document is None else json.dumps(document).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        status, data = self.request(method, path, body, headers)
+        try:
+            return status, json.loads(data) if data else None
+        except ValueError:
+            return status, {"raw": data[:200].decode("latin-1")}
+
+    def submit(self, manifest: dict[str, Any], files: dict[str, Any]) -> tuple[int, Any]:
+        return self.json("POST", "/submit", {"manifest": manifest, "files": files})
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        code, doc = self.json("GET", f"/status/{job_id}")
+        if code != 200:
+            raise RuntimeError(f"/status/{job_id}: {code} {doc}")
+        return doc  # type: ignore[no-any-return]
+
+    def wait(self, job_id: str, poll: float = 0.001, timeout: float = 120.0,
+             backoff: float = 1.0, max_poll: float = 0.05) -> tuple[dict[str, Any], int]:
+        """Poll ``/status`` until the job is terminal; returns (status, polls made).
+
+        Sleeps ``poll`` seconds before each poll, multiplied by ``backoff`` after each
+        unfinished answer up to ``max_poll``: completion is seen at most one sleep and one
+        round trip after it happened.
+        """
+        deadline = time.monotonic() + timeout
+        polls = 0
+        while True:
+            time.sleep(poll)
+            doc = self.status(job_id)
+            polls += 1
+            if doc["status"] in TERMINAL:
+                return doc, polls
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{job_id} still {doc['status']} after {timeout} s")
+            poll = min(poll * backoff, max(max_poll, poll))
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def raw_request(host: str, port: int, head: bytes, body: bytes = b"",
+                source: str | None = None) -> None:
+    """Send raw bytes and close without reading: a client that goes away."""
+    with socket.create_connection((host, port), source_address=(source, 0) if source else None
+                                  ) as sock:
+        sock.sendall(head + body)
+
+
+# -- a real worker -----------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def instance_name(state_dir: str) -> str:
+    """The worker's cgroup directory name (as ``sandrun.service.instance_name``)."""
+    return "sandrun-" + hashlib.sha256(state_dir.encode()).hexdigest()[:12]
+
+
+def vm_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+class Worker:
+    """A real ``sandrun serve`` as a subprocess (run as root), on a free loopback port.
+
+    ``state_dir`` is fresh unless given (a restart passes the old one).  ``stop`` sends
+    SIGTERM and waits; ``kill`` sends SIGKILL and leaves everything as a crash would.
+    """
+
+    def __init__(self, *flags: str, state_dir: str | None = None, host: str = "127.0.0.1",
+                 log_path: str | None = None) -> None:
+        self.flags = flags
+        self.host = host
+        self.port = free_port(host)
+        self.state_dir = state_dir or tempfile.mkdtemp(prefix="sandrun-bench-")
+        self.instance = instance_name(os.path.abspath(self.state_dir))
+        self.log_path = log_path or self.state_dir.rstrip("/") + ".log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cgroup_bases: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> Worker:
+        argv = [sys.executable, "-m", "sandrun", "serve", "--state-dir", self.state_dir,
+                "--listen", f"{self.host}:{self.port}", *self.flags]
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        client = self.client()
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited with {self.proc.returncode}:\n"
+                                       + self.log_tail())
+                try:
+                    code, _ = client.json("GET", "/health")
+                    if code == 200 and self.launcher_pid() is not None:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("worker did not answer /health:\n" + self.log_tail())
+                time.sleep(0.05)
+        finally:
+            client.close()
+        self.cgroup_bases = self._cgroup_bases()
+        return self
+
+    def client(self, source: str | None = None, timeout: float = 30.0) -> Client:
+        return Client(self.host, self.port, source, timeout)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-chars:].decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def launcher_pid(self) -> int | None:
+        for child in children(self.pid):
+            if "sandrun.sandbox.launcher" in cmdline(child):
+                return child
+        return None
+
+    def rss_kb(self) -> dict[str, int]:
+        """VmRSS of the worker and of its launcher, in KiB, and their sum."""
+        worker = vm_rss_kb(self.pid)
+        launcher_pid = self.launcher_pid()
+        launcher = vm_rss_kb(launcher_pid) if launcher_pid else 0
+        return {"worker": worker, "launcher": launcher, "total": worker + launcher}
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait: the worker kills its jobs and removes its mounts."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError("worker did not stop within "
+                                   f"{timeout} s of SIGTERM:\n{self.log_tail()}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing of the worker's own clean-up runs."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def remove_state_dir(self) -> None:
+        """After ``stop``: unmount what is left (a failed test) and remove the directory."""
+        for mount in reversed(self.mounts()):
+            subprocess.run(["umount", "-l", mount], check=False)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        for base in self.cgroup_bases:
+            try:
+                os.rmdir(base)
+            except OSError:
+                pass
+
+    # -- what the host sees ----------------------------------------------------------------
+
+    def mounts(self) -> list[str]:
+        """Mount points at or under the state directory, in the host's mount namespace."""
+        return mounts_under(self.state_dir)
+
+    def job_cgroups(self) -> list[str]:
+        """``job-*`` cgroup directories under this worker's instance directories."""
+        found: list[str] = []
+        for base in self.cgroup_bases or self._cgroup_bases():
+            if os.path.isdir(base):
+                found += [os.path.join(base, n) for n in os.listdir(base)
+                          if n.startswith("job-")]
+        return sorted(found)
+
+    def _cgroup_bases(self) -> list[str]:
+        """Where the launcher makes job cgroups: ``<its cgroup>/<instance>`` per hierarchy."""
+        pid = self.launcher_pid() or self.pid
+        bases = []
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                names = controllers.split(",") if controllers else [""]
+                for name in names:
+                    if name in ("memory", "pids", "cpuacct", ""):
+                        top = os.path.join(CGROUP_ROOT, name) if name else CGROUP_ROOT
+                        if name == "" and not os.path.exists(
+                                os.path.join(CGROUP_ROOT, "cgroup.controllers")):
+                            continue
+                        base = os.path.join(top, path.lstrip("/"))
+                        # On v2 the launcher may have moved itself into a supervisor leaf.
+                        if os.path.basename(base) == "supervisor":
+                            base = os.path.dirname(base)
+                        bases.append(os.path.join(base, self.instance))
+        return sorted(set(bases))
+
+    def job_processes(self) -> list[tuple[int, int, str]]:
+        """Processes that are this worker's jobs: a job uid and inside its instance cgroup,
+        or a job uid in no Sandrun cgroup at all (an escapee of unknown origin)."""
+        return job_processes(self.instance)
+
+
+def mounts_under(path: str) -> list[str]:
+    path = os.path.abspath(path).rstrip("/")
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == path or point.startswith(path + "/"):
+                found.append(point)
+    return found
+
+
+def job_processes(instance: str) -> list[tuple[int, int, str]]:
+    """(pid, uid, name) of processes with a job uid that belong to ``instance``.
+
+    Other workers may run on the same host (other tests, other benchmarks); their jobs
+    sit under their own ``sandrun-*`` cgroups and are not ours to judge.  A job-uid
+    process under no ``sandrun-*`` cgroup at all is reported as well.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                status = f.read()
+            with open(f"/proc/{entry}/cgroup") as f:
+                groups = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        uid = int(fields["Uid"].split()[0])
+        if uid not in JOB_UIDS:
+            continue
+        if instance in groups or "sandrun-" not in groups:
+            found.append((int(entry), uid, fields["Name"].strip()))
+    return found
+
+
+def wait_for(predicate: Any, within: float, step: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something falsy or ``within`` s pass; returns
+    its last value (so callers assert on what was still there)."""
+    deadline = time.monotonic() + within
+    while True:
+        value = predicate()
+        if not value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+def glob_job_cgroups(instance: str) -> list[str]:
+    """Every ``job-*`` directory below any ``<instance>`` cgroup on the host (slow: walks)."""
+    return sorted(glob.glob(f"{CGROUP_ROOT}/*/**/{instance}/job-*", recursive=True))

@@ -1,0 +1,286 @@
+"""End-to-end latency and throughput of a real worker over HTTP.
+
+Starts ``sandrun serve`` (as root) on a fresh state directory and a free port, with
+the per-IP quotas raised (``common.RAISED_QUOTAS``), then measures:
+
+latency
+    A hello-world Python job, ``print("hello")`` as ``main.py`` in the JSON body
+    form, from POST /submit until a /status poll first says it is terminal; N runs,
+    one at a time, interleaved with the same interpreter run bare
+    (``/usr/bin/python3 -c 'print("hello")'`` through ``subprocess.run``, stdout
+    captured), so that both see the same machine state.  Target: p50 within 15 ms of
+    the bare run.
+
+throughput
+    The cheapest honest job: ``true.sh`` holding ``exit 0``, run by ``sh`` (dash), in
+    the full sandbox (namespaces, pivot_root, seccomp, cgroup, its own tmpfs),
+    submitted and waited for by C client threads in a loop for ``--seconds`` at each
+    concurrency; a job counts when its client saw it ``completed`` before the end.
+    Any other answer is an error.  Target: at least 100 jobs/s with zero errors.
+
+How completion is detected (it is part of every number): the client polls
+``GET /status/{id}`` over its keep-alive connection, sleeping ``--poll`` seconds
+before the first poll and between polls, the sleep growing by ``--backoff`` per
+unfinished answer up to ``--max-poll``.  A job is seen at most one sleep plus one
+round trip after it ended; every poll also costs the worker a request.  After a
+job is seen finished its client fetches ``/logs`` (latency runs: the output is
+checked) and DELETEs it, as a client that collects its result would; in the
+throughput loop both are part of each job's cycle, in the latency runs they are
+outside the timed part.  ``--keep`` leaves finished jobs in the worker instead
+(their data would stay an hour: one tmpfs mount each).
+
+Usage (as root)::
+
+    python3 bench/http.py                         # both, 200 runs, 30 s per concurrency
+    python3 bench/http.py --only latency -n 500
+    python3 bench/http.py --only throughput --seconds 10 --concurrency 1,4,16
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named http.py: with bench/ first on sys.path it would shadow the
+# standard library's http package, so the repository root takes its place.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = _ROOT
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+from bench.common import (RAISED_QUOTAS, Client, Worker, print_table, summary,  # noqa: E402
+                          write_json)
+
+BARE_PYTHON = "/usr/bin/python3"  # what ``python3`` is inside the sandbox (host /usr, read-only)
+HELLO = {"manifest": {"entrypoint": "main.py"}, "files": {"main.py": 'print("hello")\n'}}
+TRIVIAL = {"manifest": {"entrypoint": "true.sh", "interpreter": "sh"},
+           "files": {"true.sh": "exit 0\n"}}
+LATENCY_TARGET_MS = 15.0
+THROUGHPUT_TARGET = 100.0
+
+
+def parse_iso(text: str) -> float:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def cpu_ticks(pid: int | None) -> float:
+    """User + system CPU seconds a process has used so far."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_bare() -> float:
+    t0 = time.perf_counter()
+    out = subprocess.run([BARE_PYTHON, "-c", 'print("hello")'], capture_output=True, check=True)
+    elapsed = (time.perf_counter() - t0) * 1000
+    assert out.stdout == b"hello\n", out
+    return elapsed
+
+
+def run_job(client: Client, job: dict[str, Any], args: argparse.Namespace
+            ) -> tuple[float, float, dict[str, Any], int]:
+    """Submit and wait: (total ms, submit ms, final status, polls)."""
+    t0 = time.perf_counter()
+    code, answer = client.json("POST", "/submit", job)
+    t_submit = time.perf_counter()
+    if code != 200:
+        raise RuntimeError(f"submit: {code} {answer}")
+    status, polls = client.wait(answer["job_id"], poll=args.poll, backoff=args.backoff,
+                                max_poll=args.max_poll)
+    t1 = time.perf_counter()
+    return (t1 - t0) * 1000, (t_submit - t0) * 1000, status, polls
+
+
+def collect(client: Client, job_id: str, keep: bool) -> dict[str, Any]:
+    code, logs = client.json("GET", f"/logs/{job_id}")
+    if code != 200:
+        raise RuntimeError(f"/logs: {code} {logs}")
+    if not keep:
+        code, _ = client.json("DELETE", f"/jobs/{job_id}")
+        if code != 200:
+            raise RuntimeError(f"DELETE: {code}")
+    return logs  # type: ignore[no-any-return]
+
+
+def latency(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
+    client = worker.client()
+    for _ in range(args.warmup):
+        _, _, status, _ = run_job(client, HELLO, args)
+        collect(client, status["job_id"], args.keep)
+        run_bare()
+    bare: list[float] = []
+    total: list[float] = []
+    submit: list[float] = []
+    server: list[float] = []  # submitted_at -> finished_at, as the worker stamped them
+    wall: list[float] = []  # the sandbox's own start-to-exit of the job
+    polls: list[int] = []
+    errors = 0
+    for _ in range(args.n):
+        bare.append(run_bare())
+        t, s, status, p = run_job(client, HELLO, args)
+        logs = collect(client, status["job_id"], args.keep)
+        if status["status"] != "completed" or logs["stdout"] != "hello\n":
+            errors += 1
+            continue
+        total.append(t)
+        submit.append(s)
+        polls.append(p)
+        server.append((parse_iso(status["finished_at"]) - parse_iso(status["submitted_at"]))
+                      * 1000)
+        wall.append(status["execution_metadata"]["wall_time_ms"])
+    client.close()
+    stats = {"sandrun_end_to_end_ms": summary(total), "bare_python_ms": summary(bare),
+             "submit_response_ms": summary(submit), "worker_submit_to_finish_ms": summary(server),
+             "sandbox_wall_time_ms": summary(wall), "polls_per_job": summary(polls)}
+    gap = stats["sandrun_end_to_end_ms"]["p50"] - stats["bare_python_ms"]["p50"]
+    rows = [(name, s["p50"], s["p90"], s["p99"], s["mean"]) for name, s in stats.items()
+            if name != "polls_per_job"]
+    print_table(f"End-to-end latency, hello-world Python, {args.n} runs (ms)",
+                ("", "p50", "p90", "p99", "mean"), rows, notes=[
+                    f"p50 gap to bare: {gap:.2f} ms (target <= {LATENCY_TARGET_MS} ms): "
+                    + ("met" if gap <= LATENCY_TARGET_MS else "MISSED"),
+                    f"errors: {errors}; polls per job p50 {stats['polls_per_job']['p50']:.0f}; "
+                    f"completion by polling /status (first sleep {args.poll * 1000:g} ms, "
+                    f"x{args.backoff:g} up to {args.max_poll * 1000:g} ms)",
+                    "worker_submit_to_finish_ms is from the worker's own ISO timestamps "
+                    "(1 ms resolution)"])
+    return {"runs": args.n, "errors": errors, "p50_gap_ms": gap,
+            "target_gap_ms": LATENCY_TARGET_MS, "met": gap <= LATENCY_TARGET_MS, **stats}
+
+
+def throughput_at(worker: Worker, concurrency: int, args: argparse.Namespace
+                  ) -> dict[str, Any]:
+    start = time.perf_counter() + 0.2  # every thread connected before the clock starts
+    deadline = start + args.seconds
+    lock = threading.Lock()
+    done: list[float] = []  # per-job latency, for jobs seen completed before the deadline
+    errors: list[str] = []
+    polls: list[int] = []
+
+    def client_loop() -> None:
+        client = worker.client()
+        client.json("GET", "/health")
+        time.sleep(max(0.0, start - time.perf_counter()))
+        while time.perf_counter() < deadline:
+            try:
+                t, _, status, p = run_job(client, TRIVIAL, args)
+                ended = time.perf_counter()
+                collect(client, status["job_id"], args.keep)
+            except Exception as e:  # noqa: BLE001 - every failure is an error to count
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+                client.close()
+                continue
+            with lock:
+                if status["status"] != "completed":
+                    errors.append(f"{status['status']}: "
+                                  f"{status['execution_metadata'].get('reason')}")
+                elif ended <= deadline:
+                    done.append(t)
+                    polls.append(p)
+        client.close()
+
+    worker_cpu0 = cpu_ticks(worker.pid) + cpu_ticks(worker.launcher_pid())
+    self0 = resource.getrusage(resource.RUSAGE_SELF)
+    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    self1 = resource.getrusage(resource.RUSAGE_SELF)
+    worker_cpu = cpu_ticks(worker.pid) + cpu_ticks(worker.launcher_pid()) - worker_cpu0
+    client_cpu = (self1.ru_utime - self0.ru_utime) + (self1.ru_stime - self0.ru_stime)
+    rate = len(done) / args.seconds
+    lat = summary(done)
+    return {"concurrency": concurrency, "seconds": args.seconds, "completed": len(done),
+            "jobs_per_s": rate, "errors": len(errors), "error_samples": errors[:5],
+            "latency_ms": lat, "polls_per_job": summary(polls),
+            "worker_and_launcher_cpu_s": worker_cpu,
+            "worker_cpu_ms_per_job": worker_cpu * 1000 / max(1, len(done)),
+            "client_cpu_s": client_cpu}
+
+
+def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
+    client = worker.client()
+    for _ in range(args.warmup):
+        _, _, status, _ = run_job(client, TRIVIAL, args)
+        collect(client, status["job_id"], args.keep)
+    client.close()
+    results = [throughput_at(worker, c, args) for c in args.concurrency]
+    rows = [(r["concurrency"], r["completed"], r["jobs_per_s"], r["errors"],
+             r["latency_ms"].get("p50", float("nan")), r["latency_ms"].get("p99", float("nan")),
+             r["polls_per_job"].get("p50", float("nan")), r["worker_cpu_ms_per_job"],
+             r["client_cpu_s"] / args.seconds * 100)
+            for r in results]
+    best = max(r["jobs_per_s"] for r in results)
+    clean = all(r["errors"] == 0 for r in results)
+    print_table(f"Throughput, trivial job (sh true.sh), {args.seconds:g} s per concurrency",
+                ("clients", "completed", "jobs/s", "errors", "p50 ms", "p99 ms", "polls/job",
+                 "worker CPU ms/job", "client CPU %"), rows, notes=[
+                    f"best {best:.1f} jobs/s (target >= {THROUGHPUT_TARGET:g}, zero errors): "
+                    + ("met" if best >= THROUGHPUT_TARGET and clean else "MISSED"),
+                    "worker flags: " + " ".join(worker.flags),
+                    "per job: POST /submit, poll /status until terminal, GET /logs"
+                    + ("" if args.keep else ", DELETE /jobs/{id}")])
+    return {"job": "sh true.sh (exit 0)", "target_jobs_per_s": THROUGHPUT_TARGET,
+            "best_jobs_per_s": best, "zero_errors": clean,
+            "met": best >= THROUGHPUT_TARGET and clean, "runs": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=200, help="latency runs (default 200)")
+    parser.add_argument("--warmup", type=int, default=10, help="unmeasured runs first")
+    parser.add_argument("--seconds", type=float, default=30.0,
+                        help="throughput run length per concurrency (default 30)")
+    parser.add_argument("--concurrency", default="1,4,16",
+                        help="client threads, comma-separated (default 1,4,16)")
+    parser.add_argument("--poll", type=float, default=0.001,
+                        help="seconds slept before each /status poll (default 0.001)")
+    parser.add_argument("--backoff", type=float, default=1.5,
+                        help="poll sleep growth per unfinished answer (default 1.5)")
+    parser.add_argument("--max-poll", type=float, default=0.02,
+                        help="longest sleep between polls, seconds (default 0.02)")
+    parser.add_argument("--max-concurrent", type=int, default=os.cpu_count() or 1,
+                        help="the worker's --max-concurrent (default: cores, as sandrun's)")
+    parser.add_argument("--keep", action="store_true",
+                        help="do not DELETE finished jobs (they stay as tmpfs mounts)")
+    parser.add_argument("--only", choices=("latency", "throughput"))
+    parser.add_argument("--name", default="http", help="results file bench/results/NAME.json")
+    args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if os.geteuid() != 0:
+        sys.exit("bench/http.py starts a real worker and must run as root")
+
+    flags = (*RAISED_QUOTAS, "--max-concurrent", str(args.max_concurrent))
+    worker = Worker(*flags).start()
+    results: dict[str, Any] = {"worker_flags": list(flags), "completion_detection": {
+        "method": "poll GET /status", "first_sleep_s": args.poll, "backoff": args.backoff,
+        "max_sleep_s": args.max_poll, "delete_after": not args.keep}}
+    try:
+        if args.only in (None, "latency"):
+            results["latency"] = latency(worker, args)
+        if args.only in (None, "throughput"):
+            results["throughput"] = throughput(worker, args)
+        results["worker_rss_kb_after"] = worker.rss_kb()
+    finally:
+        worker.stop()
+        worker.remove_state_dir()
+    write_json(args.name, results)
+
+
+if __name__ == "__main__":
+    main()
