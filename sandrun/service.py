@@ -9,11 +9,10 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web import server
 
 from sandrun import identity as ident
 from sandrun.api.app import WorkerAPI
-from sandrun.api.uploads import request_factory
+from sandrun.api.uploads import WorkerSite, request_factory
 from sandrun.config import WorkerConfig
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter, parse_trusted_proxies
@@ -46,27 +45,49 @@ class WorkerService(service.MultiService):
         self.manager = JobManager(reactor, self.sandbox, self.storage, config, self.limiter,
                                   self.identity)
         self.api = WorkerAPI(self.manager, config, self.identity)
-        self.site = server.Site(self.api.resource())
+        self.site = WorkerSite(self.api.resource())
         self.site.displayTracebacks = False
         self.port: Any = None
+        self._started: list[str] = []  # what stopService must undo, in start order
 
     @defer.inlineCallbacks
     def startService(self) -> Any:
-        stale = self.storage.start()
-        self.site.requestFactory = request_factory(self.config.limits, self.storage.uploads_dir)
-        yield self.sandbox.start()
-        self.manager.start()
-        self.port = yield serverFromString(self.reactor, self.config.listen).listen(self.site)
-        log.info("sandrun worker listening on {address} (worker id {worker_id}, "
-                 "{stale} stale job directories removed)", address=self.port.getHost(),
-                 worker_id=self.manager.worker_id, stale=stale)
+        """Mount storage, start the launcher, then listen; undo it all if a step fails."""
+        try:
+            stale = self.storage.start()
+            self._started.append("storage")
+            self.site.requestFactory = request_factory(self.config.limits,
+                                                       self.storage.uploads_dir)
+            self._started.append("sandbox")
+            yield self.sandbox.start()
+            self.manager.start()
+            self._started.append("manager")
+            self.port = yield serverFromString(self.reactor, self.config.listen).listen(
+                self.site)
+        except BaseException:
+            self._undo()
+            raise
+        host = self.port.getHost()
+        log.info("sandrun worker listening on {host}:{port} (worker id {worker_id}, "
+                 "{stale} stale job directories removed)", host=getattr(host, "host", host),
+                 port=getattr(host, "port", ""), worker_id=self.manager.worker_id, stale=stale)
         super().startService()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
+        """Stop listening, kill every job, remove every mount."""
         yield super().stopService()
         if self.port is not None:
             yield self.port.stopListening()
-        self.manager.stop()
-        self.sandbox.stop()
-        self.storage.stop()
+            self.port = None
+        self._undo()
+        log.info("sandrun worker stopped")
+
+    def _undo(self) -> None:
+        if "manager" in self._started:
+            self.manager.stop()
+        if "sandbox" in self._started:
+            self.sandbox.stop()
+        if "storage" in self._started:
+            self.storage.stop()
+        self._started.clear()

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import tarfile
 import tempfile
+import urllib.parse
 from typing import Any, Callable
 
 from klein import Klein
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web.iweb import IRequest
@@ -24,9 +25,10 @@ from sandrun.api import uploads
 from sandrun.api.errors import APIError, cors, to_api_error, write_error, write_json
 from sandrun.config import WorkerConfig
 from sandrun.jobs import storage as store
-from sandrun.jobs.manager import JobManager, new_job_id
+from sandrun.jobs.manager import BlockingRunner, JobManager, new_job_id
 from sandrun.jobs.model import Job, iso
 from sandrun.jobs.ratelimit import client_key, trusted_client_address
+from sandrun.jobs.manifest import ManifestError
 from sandrun.jobs.workspace import OutputNotFound, open_output
 from sandrun.wire import JobStatus
 
@@ -43,7 +45,11 @@ def _api(handler: Callable[..., Any]) -> Callable[..., Any]:
         def fail(failure: Any) -> bytes:
             error = to_api_error(failure.value)
             if error.status == 500:
-                log.failure("unhandled error in {path}", failure, path=request.path)
+                # The route only: a path may name an output file (job content).
+                log.failure("unhandled error in {route}", failure,
+                            route=uploads.log_route(request.path or b""))
+            if request.startedWriting:  # a download broke off: nothing more to say
+                return b""
             return write_error(request, error)
 
         d = defer.maybeDeferred(handler, self, request, *args, **kwargs)
@@ -54,16 +60,28 @@ def _api(handler: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+MAX_NONCE_CHARS = 256
+
+
 class WorkerAPI:
+    """The worker's routes; collaborators come in, nothing global is touched.
+
+    ``blocking`` runs file-heavy work (upload extraction, packing outputs)
+    off the reactor thread; tests pass a synchronous runner.  ``spool_dir``
+    holds the one-off ``.tar.gz`` of ``/download/{id}``.
+    """
+
     app = Klein()
 
     def __init__(self, manager: JobManager, config: WorkerConfig,
                  identity: ident.WorkerIdentity | None = None,
-                 environments: Callable[[], dict[str, Any]] | None = None) -> None:
+                 environments: Callable[[], dict[str, Any]] | None = None,
+                 blocking: BlockingRunner | None = None) -> None:
         self.manager = manager
         self.config = config
         self.identity = identity
         self.environments = environments or default_environments
+        self.blocking = blocking or manager.blocking
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -105,8 +123,12 @@ class WorkerAPI:
                                 "version": sandrun.__version__, "load": load}
         nonce = request.args.get(b"nonce")
         if nonce and self.identity is not None:
-            body.update(ident.health_response(self.identity, nonce[0].decode("utf-8", "replace"),
-                                              load, self.manager.reactor.seconds()))
+            text = nonce[0].decode("utf-8", "replace")
+            if len(text) > MAX_NONCE_CHARS:
+                raise APIError(400, "Invalid nonce", f"at most {MAX_NONCE_CHARS} characters")
+            # The wall clock on purpose: a coordinator compares it with its own.
+            body.update(ident.health_response(self.identity, text, load,
+                                              self.manager.reactor.seconds()))
         return write_json(request, body)
 
     @app.route("/stats", methods=["GET"])
@@ -126,39 +148,52 @@ class WorkerAPI:
     @_api
     def submit(self, request: IRequest) -> Any:
         client = self.client(request)
+        body = request.content
+        body.seek(0, os.SEEK_END)
+        if body.tell() > self.config.limits.max_upload_bytes:
+            # UploadRequest refuses these before reading; this guards any other request type.
+            raise APIError(413, "Upload too large",
+                           f"the limit is {self.config.limits.max_upload_bytes} bytes")
+        content_type = getattr(request, "original_content_type", None) or \
+            request.getHeader(b"content-type")
         self.manager.admit(client)
         job_id = new_job_id()
         base = self.manager.create_workspace(job_id)
-        content_type = getattr(request, "original_content_type", None) or \
-            request.getHeader(b"content-type")
-        content_type = content_type.encode() if isinstance(content_type, str) else content_type
 
         def parse() -> uploads.Submission:
-            return uploads.parse_submission(content_type, request.content,
-                                            store.work_dir(base), store.staging_dir(base),
-                                            self.config.limits)
+            return uploads.parse_submission(content_type, body, store.work_dir(base),
+                                            store.staging_dir(base), self.config.limits)
 
         def queued(submission: uploads.Submission) -> bytes:
+            self.check_environment(submission.manifest.environment)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
                       submitted_at=self.manager.reactor.seconds())
             position = self.manager.submit(job)
-            return write_json(request, {"job_id": job_id, "status": job.status.value,
+            # "queued" means accepted; position 0 says it is already running.
+            return write_json(request, {"job_id": job_id, "status": JobStatus.QUEUED.value,
                                         "position": position})
 
         def failed(failure: Any) -> Any:
-            self.manager.discard_workspace(job_id)
-            if failure.check(uploads._Unsupported):
+            if self.manager.get(job_id) is None:
+                self.manager.discard_workspace(job_id)
+            if failure.check(uploads.Unsupported):
                 raise APIError(415, "Unsupported content type",
                                f"{failure.value.kind}: use multipart/form-data or "
                                "application/json")
             return failure
 
         # Extraction and hashing touch up to hundreds of MB: off the reactor thread.
-        d = threads.deferToThread(parse)
-        d.addCallbacks(queued, failed)
+        d = self.blocking(parse)
+        d.addCallback(queued)
+        d.addErrback(failed)
         return d
+
+    def check_environment(self, name: str) -> None:
+        templates = self.environments().get("templates", [])
+        if name not in templates:
+            raise ManifestError("environment", f"{name!r} is not one of {templates}")
 
     @app.route("/status/<string:job_id>", methods=["GET"])
     @_api
@@ -182,9 +217,9 @@ class WorkerAPI:
     @_api
     def logs(self, request: IRequest, job_id: str) -> bytes:
         job = self.job(job_id)
-        accept = (request.getHeader(b"accept") or "")
+        accept = request.getHeader(b"accept") or b""
         fmt = request.args.get(b"format", [b""])[0]
-        if fmt == b"text" or (fmt != b"json" and "text/plain" in str(accept)):
+        if fmt == b"text" or (fmt != b"json" and b"text/plain" in accept.lower()):
             request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
             cors(request)
             return job.log.text().encode()
@@ -197,7 +232,8 @@ class WorkerAPI:
     def outputs(self, request: IRequest, job_id: str) -> bytes:
         job = self.job(job_id)
         files = [{"path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256,
-                  "mime_type": o.mime_type, "download_url": f"/download/{job.id}/{o.path}"}
+                  "mime_type": o.mime_type,
+                  "download_url": f"/download/{job.id}/{urllib.parse.quote(o.path)}"}
                  for o in job.outputs]
         return write_json(request, {"job_id": job.id, "status": job.status.value,
                                     "total_files": len(files), "files": files})
@@ -212,8 +248,7 @@ class WorkerAPI:
         output = next(o for o in job.outputs if o.path == path)
         request.setHeader(b"Content-Type", output.mime_type.encode())
         request.setHeader(b"Content-Length", str(size).encode())
-        request.setHeader(b"Content-Disposition",
-                          f'attachment; filename="{os.path.basename(path)}"'.encode())
+        request.setHeader(b"Content-Disposition", content_disposition(os.path.basename(path)))
         cors(request)
         return _send_file(f, request)
 
@@ -221,7 +256,7 @@ class WorkerAPI:
     @_api
     def download_all(self, request: IRequest, job_id: str) -> Any:
         job = self.finished_job(job_id)
-        d = threads.deferToThread(pack_outputs, job)
+        d = self.blocking(pack_outputs, job, self.manager.storage.uploads_dir)
 
         def send(f: Any) -> Any:
             request.setHeader(b"Content-Type", b"application/gzip")
@@ -305,10 +340,25 @@ def _send_file(f: Any, request: IRequest) -> defer.Deferred[None]:
     return d
 
 
-def pack_outputs(job: Job) -> Any:
-    """Every listed output in one .tar.gz on the job's tmpfs (an unlinked file)."""
+def content_disposition(name: str) -> bytes:
+    """``attachment`` with an ASCII fallback name and the exact one per RFC 6266.
+
+    The name is the job's (hostile) file name: quotes, control characters and
+    non-ASCII never reach the header raw.
+    """
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\;' else "_"
+                       for c in name) or "download"
+    return (f'attachment; filename="{fallback}"; '
+            f"filename*=UTF-8''{urllib.parse.quote(name, safe='')}").encode("ascii")
+
+
+def pack_outputs(job: Job, spool_dir: str) -> Any:
+    """Every listed output in one .tar.gz (an unlinked file on the worker's tmpfs).
+
+    Not on the job's own tmpfs: a job that filled it could not be downloaded.
+    """
     work = store.work_dir(job.base_dir)
-    out = tempfile.TemporaryFile(dir=store.staging_dir(job.base_dir))
+    out = tempfile.TemporaryFile(dir=spool_dir)
     with tarfile.open(fileobj=out, mode="w:gz") as tar:
         for output in job.outputs:
             try:

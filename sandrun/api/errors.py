@@ -37,8 +37,7 @@ def to_api_error(exc: BaseException) -> APIError:
                         retry_after=d.retry_after, cpu_available=d.cpu_available,
                         active_jobs=d.active_jobs)
     if isinstance(exc, QueueFull):
-        return APIError(503, "Queue full", "too many jobs are waiting; try again later",
-                        retry_after=exc.retry_after)
+        return APIError(503, "Queue full", exc.details, retry_after=exc.retry_after)
     if isinstance(exc, StorageFull):
         return APIError(503, "Storage full", str(exc), retry_after=30)
     if isinstance(exc, OutputNotFound):

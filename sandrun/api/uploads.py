@@ -1,35 +1,52 @@
-"""Request bodies: capped, spooled to tmpfs, parsed as a stream into the job's directory.
+"""The HTTP edge: request bodies capped and spooled to tmpfs, parsed as a stream.
 
 ``UploadRequest`` replaces twisted.web's request so that
 
 - a ``Content-Length`` over the limit is answered 413 before the body is read,
-  and a chunked body is cut off with 413 as soon as it passes the limit;
+  and a chunked body is cut off with 413 as soon as it passes the limit (a
+  JSON body has its own, smaller cap: it is parsed whole);
 - the body is spooled to an unlinked file on the worker's tmpfs, never to
   disk and never whole in the worker's memory;
 - twisted.web does not parse multipart bodies into memory itself: we do, as a
   stream, with python-multipart, writing each part straight to the job's tmpfs.
+
+``WorkerSite`` answers malformed HTTP (bad ``Content-Length``, huge headers)
+with a JSON 400 and keeps an access log without job content: method, the
+endpoint, the job id and the status, never output file names or queries.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
-from twisted.web import server
+from twisted.logger import Logger
+from twisted.web import http, server
 
 from sandrun.config import Limits
 from sandrun.jobs import workspace
 from sandrun.jobs.manifest import Manifest, ManifestError, parse_manifest, parse_manifest_json
 from sandrun.jobs.workspace import InputFiles, UploadError
 
+log = Logger()
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_MANIFEST_BYTES = 1024 * 1024  # a manifest form field or job.json
+MAX_JSON_BODY_BYTES = 16 * 1024 * 1024  # the JSON body form is parsed whole: snippets only
 READ_CHUNK = 65536
+SPOOL_IN_MEMORY = 64 * 1024  # bodies up to this stay in memory (GETs, small JSON)
+
+
+def _json_error(status: bytes, error: str, details: str) -> bytes:
+    body = json.dumps({"error": error, "details": details}).encode()
+    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+            b"Access-Control-Allow-Origin: *\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
 class UploadRequest(server.Request):
@@ -42,31 +59,41 @@ class UploadRequest(server.Request):
     _received = 0
     _refused = False
 
+    def _body_limit(self) -> int:
+        kind, _ = parse_options_header(self.requestHeaders.getRawHeaders(b"content-type",
+                                                                         [b""])[0])
+        if kind == b"application/json":
+            return min(self.max_body_bytes, MAX_JSON_BODY_BYTES)
+        return self.max_body_bytes
+
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body_bytes:
-            self._refuse()
-        self.content = tempfile.TemporaryFile(dir=self.spool_dir)
+        self.content = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, dir=self.spool_dir)
+        if length is not None and length > self._body_limit():
+            self._refuse(b"413 Payload Too Large", "Upload too large",
+                         f"the limit is {self._body_limit()} bytes")
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
         self._received += len(data)
-        if self._received > self.max_body_bytes:
-            self._refuse()
+        if self._received > self._body_limit():
+            self._refuse(b"413 Payload Too Large", "Upload too large",
+                         f"the limit is {self._body_limit()} bytes")
             return
-        super().handleContentChunk(data)
+        try:
+            super().handleContentChunk(data)
+        except OSError:  # the spool tmpfs is full: too many uploads at once
+            self._refuse(b"503 Service Unavailable", "Storage full",
+                         "the worker cannot take this upload now; try again later")
 
-    def _refuse(self) -> None:
-        """413 at once; the rest of the body is never read."""
+    def _refuse(self, status: bytes, error: str, details: str) -> None:
+        """Answer at once and close; the rest of the body is never read."""
         self._refused = True
-        body = json.dumps({"error": "Upload too large",
-                           "details": f"the limit is {self.max_body_bytes} bytes"}).encode()
-        head = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
-                b"Access-Control-Allow-Origin: *\r\nConnection: close\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        # No "100 Continue" after the refusal (twisted sends it after gotLength).
+        self.requestHeaders.removeHeader(b"expect")
         transport = self.channel.transport if self.channel else None
         if transport is not None:
-            transport.write(head + body)
+            transport.write(_json_error(status, error, details))
             transport.loseConnection()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -78,6 +105,53 @@ class UploadRequest(server.Request):
             self.original_content_type = types[0]
             self.requestHeaders.setRawHeaders(b"content-type", [b"application/octet-stream"])
         super().requestReceived(command, path, version)
+
+
+class WorkerChannel(http.HTTPChannel):
+    """twisted's HTTP/1.1 channel, answering a malformed request with a JSON 400."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self.transport is not None:
+            self.transport.write(_json_error(
+                b"400 Bad Request", "Bad request",
+                "malformed HTTP: request line, headers (too many or too large), "
+                "Content-Length or chunked encoding"))
+        self.loseConnection()
+
+
+# Endpoints whose second path segment is a job id; anything after it (an
+# output's file name) is job content and never logged.
+_LOGGED_ENDPOINTS = frozenset({"", "submit", "status", "logs", "outputs", "download", "jobs",
+                               "stats", "environments", "health", "stream"})
+
+
+def log_route(path: bytes) -> str:
+    """The part of a request path that may be logged: endpoint and job id only."""
+    parts = path.split(b"?", 1)[0].decode("latin-1").split("/")
+    endpoint = parts[1] if len(parts) > 1 else ""
+    if endpoint not in _LOGGED_ENDPOINTS:
+        return "/(unknown)"
+    route = "/" + endpoint
+    if len(parts) > 2 and parts[2]:
+        job = parts[2]
+        route += "/" + (job if job.startswith("job-") and len(job) <= 64
+                        and job.isascii() and job.replace("-", "").replace("_", "").isalnum()
+                        else "(invalid)")
+    if len(parts) > 3:
+        route += "/..."
+    return route
+
+
+class WorkerSite(server.Site):
+    """The worker's site: our channel, and an access log with no job content."""
+
+    protocol = WorkerChannel  # type: ignore[assignment]
+
+    def log(self, request: Any) -> None:
+        log.info("{method} {route} {code} {length}",
+                 method=request.method.decode("latin-1")[:16],
+                 route=log_route(request.path or b""), code=request.code,
+                 length=request.sentLength)
 
 
 def request_factory(limits: Limits, spool_dir: str) -> type[UploadRequest]:
@@ -102,9 +176,14 @@ class _Part:
 
 def parse_submission(content_type: bytes | None, body: BinaryIO, work: str, staging: str,
                      limits: Limits) -> Submission:
-    """Store the upload in ``work`` and return the validated manifest."""
-    if content_type is None:
-        raise UploadError("Content-Type", "missing; use multipart/form-data or JSON")
+    """Store the upload in ``work`` and return the validated manifest.
+
+    Raises ``Unsupported`` (415) for a content type that is neither
+    multipart nor JSON, ``UploadError`` or ``ManifestError`` (400) for a bad
+    upload.  Blocks on file I/O: run it in a thread.
+    """
+    if not content_type:
+        raise Unsupported("no Content-Type")
     kind, options = parse_options_header(content_type)
     body.seek(0)
     inputs = InputFiles(limits)
@@ -115,25 +194,38 @@ def parse_submission(content_type: bytes | None, body: BinaryIO, work: str, stag
         if not boundary:
             raise UploadError("Content-Type", "multipart without a boundary")
         return _parse_multipart(body, boundary, work, staging, limits, inputs)
-    raise _Unsupported(kind.decode("latin-1"))
+    raise Unsupported(kind.decode("latin-1")[:100])
 
 
-class _Unsupported(Exception):
+class Unsupported(Exception):
+    """The body is neither multipart/form-data nor JSON (a 415)."""
+
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
         self.kind = kind
 
 
 def _parse_json(body: BinaryIO, work: str, limits: Limits, inputs: InputFiles) -> Submission:
+    data = body.read(MAX_JSON_BODY_BYTES + 1)
+    if len(data) > MAX_JSON_BODY_BYTES:
+        raise UploadError("body", f"a JSON body is at most {MAX_JSON_BODY_BYTES} bytes; "
+                                  "send larger uploads as multipart/form-data")
     try:
-        document = json.loads(body.read())
-    except (ValueError, UnicodeDecodeError):
-        raise ManifestError("body", "not valid JSON") from None
+        document = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                              parse_constant=_no_constant)
+    except _DuplicateKey as e:
+        raise ManifestError("body", f"duplicate key {e.args[0]!r}") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError("body", f"not valid UTF-8 (byte {e.start})") from None
+    except ValueError as e:
+        raise ManifestError("body", f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise ManifestError("body", "nested too deeply") from None
     if not isinstance(document, dict):
         raise ManifestError("body", "must be a JSON object with manifest and files")
-    unknown = set(document) - {"manifest", "files"}
+    unknown = sorted(set(document) - {"manifest", "files"})
     if unknown:
-        raise ManifestError(sorted(unknown)[0], "unknown field")
+        raise ManifestError(unknown[0], "unknown field " + ", ".join(unknown))
     files = document.get("files", {})
     workspace.write_files_json(files, work, limits, inputs)
     stored = inputs.files
@@ -143,14 +235,42 @@ def _parse_json(body: BinaryIO, work: str, limits: Limits, inputs: InputFiles) -
     return Submission(manifest, inputs)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _header_text(value: bytes, what: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UploadError(value.decode("utf-8", "replace"), f"{what} is not valid UTF-8") \
+            from None
+
+
 def _parse_multipart(body: BinaryIO, boundary: bytes, work: str, staging: str, limits: Limits,
                      inputs: InputFiles) -> Submission:
     parts: list[_Part] = []
     header: dict[str, bytes] = {"field": b"", "value": b""}
     headers: dict[bytes, bytes] = {}
+    ended: list[bool] = []
 
     def on_part_begin() -> None:
         headers.clear()
+        if len(parts) >= limits.max_archive_members:
+            raise UploadError("body", f"more than {limits.max_archive_members} parts")
         parts.append(_Part())
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
@@ -158,6 +278,8 @@ def _parse_multipart(body: BinaryIO, boundary: bytes, work: str, staging: str, l
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
         header["value"] += data[start:end]
+        if len(header["value"]) > MAX_MANIFEST_BYTES:
+            raise UploadError("body", "part header too large")
 
     def on_header_end() -> None:
         headers[header["field"].lower()] = header["value"]
@@ -166,16 +288,20 @@ def _parse_multipart(body: BinaryIO, boundary: bytes, work: str, staging: str, l
     def on_headers_finished() -> None:
         part = parts[-1]
         _, opts = parse_options_header(headers.get(b"content-disposition", b""))
-        part.name = opts.get(b"name", b"").decode("utf-8", errors="replace")
+        part.name = _header_text(opts.get(b"name", b""), "form field name")
         if b"filename" in opts:
-            part.filename = opts[b"filename"].decode("utf-8", errors="replace")
+            part.filename = _header_text(opts[b"filename"], "file name")
             fd, part.path = tempfile.mkstemp(dir=staging)
             part.file = os.fdopen(fd, "wb")
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         part = parts[-1]
         if part.file is not None:
-            part.file.write(data[start:end])
+            try:
+                part.file.write(data[start:end])
+            except OSError:
+                raise UploadError(part.filename or "body",
+                                  "no space left for the job's files") from None
         else:
             part.data += data[start:end]
             if len(part.data) > MAX_MANIFEST_BYTES:
@@ -185,24 +311,30 @@ def _parse_multipart(body: BinaryIO, boundary: bytes, work: str, staging: str, l
         if parts[-1].file is not None:
             parts[-1].file.close()  # type: ignore[union-attr]
 
+    def on_end() -> None:
+        ended.append(True)
+
     callbacks: Any = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
                       "on_header_value": on_header_value, "on_header_end": on_header_end,
                       "on_headers_finished": on_headers_finished,
-                      "on_part_data": on_part_data, "on_part_end": on_part_end}
-    parser = MultipartParser(boundary, callbacks)
+                      "on_part_data": on_part_data, "on_part_end": on_part_end,
+                      "on_end": on_end}
     try:
-        while chunk := body.read(READ_CHUNK):
-            parser.write(chunk)
-        parser.finalize()
-    except UploadError:
-        raise
-    except Exception as e:
-        raise UploadError("body", f"malformed multipart: {e}") from None
-    finally:
-        for part in parts:
-            if part.file is not None and not part.file.closed:
-                part.file.close()
-    try:
+        try:
+            parser = MultipartParser(boundary, callbacks)
+            while chunk := body.read(READ_CHUNK):
+                parser.write(chunk)
+            parser.finalize()
+        except UploadError:
+            raise
+        except Exception as e:
+            raise UploadError("body", f"malformed multipart: {e}") from None
+        finally:
+            for part in parts:
+                if part.file is not None and not part.file.closed:
+                    part.file.close()
+        if not ended:
+            raise UploadError("body", "malformed multipart: no closing boundary (truncated?)")
         return _store_parts(parts, work, limits, inputs)
     finally:
         for part in parts:
@@ -218,6 +350,8 @@ def _store_parts(parts: list[_Part], work: str, limits: Limits,
     for part in parts:
         if part.filename is None:
             if part.name == "manifest":
+                if manifest_text is not None:
+                    raise UploadError("manifest", "given twice")
                 manifest_text = bytes(part.data)
             elif part.name not in ("files", ""):
                 raise UploadError(part.name, "unknown form field")
@@ -231,6 +365,8 @@ def _store_parts(parts: list[_Part], work: str, limits: Limits,
                 stored = workspace.store_file(part.filename, f, work, limits, inputs)
                 singles.append(stored.path)
         os.unlink(part.path)
+    if not singles and not archives:
+        raise UploadError("files", "no file uploaded")
     if manifest_text is None:
         manifest_text = _read_job_json(work)
     default_entrypoint = singles[0] if len(singles) == 1 and not archives else None
@@ -244,14 +380,24 @@ def _store_parts(parts: list[_Part], work: str, limits: Limits,
 
 
 def _read_job_json(work: str) -> bytes | None:
+    """``job.json`` at the upload's root, if it is there as a regular file."""
     try:
-        fd = os.open(os.path.join(work, "job.json"), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(os.path.join(work, "job.json"),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError:
+        raise ManifestError("job.json", "cannot be read") from None
     with os.fdopen(fd, "rb") as f:
-        return f.read(MAX_MANIFEST_BYTES + 1)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ManifestError("job.json", "must be a regular file")
+        text = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError("job.json", f"larger than {MAX_MANIFEST_BYTES} bytes")
+    return text
 
 
 def _check_entrypoint(manifest: Manifest, inputs: InputFiles) -> None:
     if manifest.entrypoint not in {f.path for f in inputs.files}:
-        raise ManifestError("entrypoint", f"{manifest.entrypoint!r} is not among the uploaded files")
+        raise ManifestError("entrypoint",
+                            f"{manifest.entrypoint!r} is not among the uploaded files")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import secrets
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
@@ -29,9 +29,17 @@ FAILED_RETENTION = 5 * 60.0  # seconds a failed job's data is kept
 FINISHED_RETENTION = 60 * 60.0  # seconds any finished job's data is kept
 CPU_CHARGE_INTERVAL = 0.5  # seconds between quota charges of running jobs
 
+# Runs a blocking function off the reactor thread: deferToThread in the worker,
+# a synchronous stand-in in tests.
+BlockingRunner = Callable[..., "defer.Deferred[Any]"]
+
 
 class QueueFull(Exception):
     retry_after = 5
+
+    def __init__(self, details: str = "too many jobs are waiting; try again later") -> None:
+        super().__init__(details)
+        self.details = details
 
 
 class RateLimited(Exception):
@@ -46,10 +54,18 @@ def new_job_id() -> str:
 
 
 class JobManager:
+    """Every job of this worker, from submission to deletion.
+
+    ``reactor`` gives time and timers; ``blocking`` runs file-heavy work (listing
+    and hashing outputs) off the reactor thread.
+    """
+
     def __init__(self, reactor: Any, sandbox: Sandbox, storage: store.Storage,
                  config: WorkerConfig, limiter: RateLimiter,
-                 identity: ident.WorkerIdentity | None = None) -> None:
+                 identity: ident.WorkerIdentity | None = None,
+                 blocking: BlockingRunner = threads.deferToThread) -> None:
         self.reactor = reactor
+        self.blocking = blocking
         self.sandbox = sandbox
         self.storage = storage
         self.config = config
@@ -74,7 +90,9 @@ class JobManager:
 
     def admit(self, client: str) -> Decision:
         """Refuse early (before the upload is processed) when the job could not be taken."""
-        if self._stopping or len(self.queue) >= self.config.queue_size:
+        if self._stopping:
+            raise QueueFull("the worker is shutting down")
+        if len(self.queue) >= self.config.queue_size:
             raise QueueFull()
         decision = self.limiter.check(client, self.reactor.seconds())
         if not decision.allowed:
@@ -100,12 +118,13 @@ class JobManager:
         self.jobs[job.id] = job
         self.queue.append(job.id)
         log.info("job {job_id} queued", job_id=job.id)
-        position = len(self.queue)
         self._pump()
-        return position if job.status == JobStatus.QUEUED else 0
+        return self.position(job)
 
     def get(self, job_id: str) -> Job | None:
-        return self.jobs.get(job_id)
+        """A job the API may show; a deleted one is gone even while its sandbox winds down."""
+        job = self.jobs.get(job_id)
+        return None if job is None or job.deleted else job
 
     def position(self, job: Job) -> int:
         if job.status != JobStatus.QUEUED:
@@ -141,16 +160,25 @@ class JobManager:
         self.running.add(job.id)
         log.info("job {job_id} started", job_id=job.id)
         manifest = job.manifest
-        d = self.sandbox.run(job.id, tuple(manifest.argv()), manifest.env,
-                             store.work_dir(job.base_dir), self._policy(job),
-                             job.log.append, stdin=manifest.stdin.encode())
+        # maybeDeferred: a sandbox that cannot take the job raises at once.
+        d = defer.maybeDeferred(self.sandbox.run, job.id, tuple(manifest.argv()), manifest.env,
+                                store.work_dir(job.base_dir), self._policy(job),
+                                job.log.append, stdin=manifest.stdin.encode())
+
+        def broken(failure: Any) -> SandboxResult:
+            log.warn("sandbox could not run job {job_id}: {error}", job_id=job.id,
+                     error=failure.getErrorMessage())
+            return SandboxResult(Reason.SANDBOX_ERROR, message="the sandbox could not run it")
+
+        d.addErrback(broken)
         d.addCallback(self._ran, job)
-        d.addErrback(lambda f: self._ran(SandboxResult(Reason.SANDBOX_ERROR,
-                                                       message=f.getErrorMessage()), job))
+        d.addErrback(lambda f: log.failure("ending job {job_id} failed", f, job_id=job.id))
 
     @defer.inlineCallbacks
     def _ran(self, result: SandboxResult, job: Job) -> Any:
         self.running.discard(job.id)
+        if job.finished:  # shut down while it ran: already ended
+            return
         reason = result.reason
         if reason in (Reason.EXIT_NONZERO, Reason.SIGNALED) and not job.deleted \
                 and store.disk_full(job.base_dir):
@@ -162,11 +190,14 @@ class JobManager:
         job.truncated = result.truncated
         if not job.deleted:
             try:
-                job.outputs = yield threads.deferToThread(
+                job.outputs = yield self.blocking(
                     list_outputs, store.work_dir(job.base_dir), manifest_outputs(job))
             except Exception as e:
+                # The type only: a message could carry a file name (job content).
                 log.warn("listing outputs of job {job_id} failed: {error}", job_id=job.id,
-                         error=str(e))
+                         error=type(e).__name__)
+        if job.finished:
+            return
         self._end(job, JobStatus.COMPLETED if reason == Reason.COMPLETED else JobStatus.FAILED)
         self._pump()
 
@@ -236,20 +267,27 @@ class JobManager:
         log.info("job {job_id} deleted", job_id=job_id)
 
     def stop(self) -> None:
-        """Shutdown: stop taking jobs, kill what runs, delete every job's data."""
+        """Shutdown: stop taking jobs, kill what runs, delete every job's data.
+
+        Jobs still queued or running end as ``failed`` with reason ``shutdown``,
+        and their quota slots are released.
+        """
         self._stopping = True
         if self._charger.running:
             self._charger.stop()
         for job_id in list(self.queue):
             self.cancel(job_id)
+        now = self.reactor.seconds()
         for job_id in list(self.running):
+            job = self.jobs[job_id]
+            job.deleted = True
             self.sandbox.kill(job_id, Reason.SHUTDOWN)
+            job.reason = Reason.SHUTDOWN
+            self._end(job, JobStatus.FAILED)
+        self.running.clear()
         for job_id in list(self.jobs):
-            self.limiter.release(self.jobs[job_id].client, job_id, self.reactor.seconds())
-            timer = self._timers.pop(job_id, None)
-            if timer is not None and timer.active():
-                timer.cancel()
-            self.storage.delete(job_id)
+            self.limiter.release(self.jobs[job_id].client, job_id, now)
+            self._forget(job_id)
         self.jobs.clear()
 
 

@@ -43,8 +43,11 @@ class Storage:
         """Mount the state tmpfs if needed and clean leftovers; returns how many."""
         os.makedirs(self.state_dir, exist_ok=True)
         if not _is_mountpoint(self.state_dir):
-            # Not nodev: the sandbox's /dev template holds device nodes.
-            ns.mount("tmpfs", self.state_dir, "tmpfs", ns.MS_NOSUID, "size=64m,mode=0700")
+            # Not nodev: the sandbox's /dev template holds device nodes.  Request
+            # bodies in flight are spooled here, so it is as large as all job data
+            # may be (pages are only used as they are written).
+            size = self.total_bytes + 64 * 1024 * 1024
+            ns.mount("tmpfs", self.state_dir, "tmpfs", ns.MS_NOSUID, f"size={size},mode=0700")
         os.makedirs(self.uploads_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.jobs_dir, mode=0o711, exist_ok=True)
         stale = 0
