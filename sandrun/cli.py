@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="verify a signed /status document")
     verify.add_argument("status", help="file with the /status JSON, or - for stdin")
     verify.add_argument("--worker-id", required=True, help="the worker's base64 public key")
+
+    from sandrun.client.cli import add_client_commands
+
+    add_client_commands(commands)
     return parser
 
 
@@ -127,3 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         from sandrun.identity import verify_main
 
         sys.exit(verify_main(args.status, args.worker_id))
+    else:
+        from sandrun.client.cli import run_client_command
+
+        sys.exit(run_client_command(args))
