@@ -25,6 +25,8 @@ from sandrun.sandbox import namespaces as ns
 from sandrun.sandbox.policy import JOB_DIR, LaunchRequest
 
 RO = ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV
+# The only places a request's extra read-only binds may go (an environment, dependencies).
+RO_BIND_TARGETS = ("/opt/env", "/opt/deps")
 TOP_LINKS = ("bin", "lib", "lib32", "lib64", "libx32", "sbin")
 DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
            ("urandom", 1, 9))
@@ -128,6 +130,9 @@ def build_root(root: str, templates: str, request: LaunchRequest) -> None:
     ns.mount("proc", os.path.join(root, "proc"), "proc",
              ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
     for host, inside in request.ro_binds:
+        # Exact names only: anything else could cover /etc or climb out with "..".
+        if inside not in RO_BIND_TARGETS or not os.path.isabs(host):
+            raise ValueError(f"read-only bind {host!r} -> {inside!r} is not allowed")
         _bind(host, os.path.join(root, inside.lstrip("/")), RO)
 
     ns.pivot_root(root, os.path.join(root, ".old"))

@@ -225,6 +225,7 @@ class JobRunner:
     uids: range  # the sandbox's slot uids
     cap: OuterCap
     made: list[str] = field(default_factory=list)
+    live: dict[str, list[tuple[float, str, bytes]]] = field(default_factory=dict)
 
     def new_dir(self, files: dict[str, bytes | str] | None = None) -> str:
         path = tempfile.mkdtemp(prefix="job-", dir=self.base)
@@ -242,12 +243,14 @@ class JobRunner:
         """Start a job; returns its id and a Deferred that fires with ``Ran``."""
         job_id = job_id or uuid.uuid4().hex
         chunks: list[tuple[float, str, bytes]] = []
+        self.live[job_id] = chunks
         started = time.monotonic()
         d = self.sandbox.run(job_id, tuple(argv), env, job_dir or self.new_dir(), policy,
                              lambda stream, data: chunks.append((time.monotonic(), stream, data)),
                              stdin=stdin, ro_binds=ro_binds)
 
         def done(result: SandboxResult) -> Ran:
+            del self.live[job_id]
             return Ran(result, b"".join(c for _, s, c in chunks if s == "stdout"),
                        b"".join(c for _, s, c in chunks if s == "stderr"), chunks, started,
                        time.monotonic())
@@ -269,6 +272,13 @@ class JobRunner:
         job = self.sandbox.jobs[job_id]
         assert job.cgroup is not None, "the job has not started yet"
         return dict(job.cgroup.dirs)
+
+    async def wait_output(self, job_id: str, text: bytes, within: float = 10.0) -> None:
+        """Until the running job has printed ``text`` on stdout."""
+        deadline = time.monotonic() + within
+        while text not in b"".join(c for _, s, c in self.live[job_id] if s == "stdout"):
+            assert time.monotonic() < deadline, f"the job never printed {text!r}"
+            await self.sleep(0.01)
 
     async def wait_started(self, job_id: str, within: float = 5.0) -> None:
         deadline = time.monotonic() + within
@@ -367,8 +377,9 @@ def cc(tmp_path_factory: pytest.TempPathFactory) -> Any:
         if not binary.exists():
             src = out / f"{digest}.c"
             src.write_text(source)
-            subprocess.run(["gcc", "-O1", "-Wall", *(["-static"] if static else []),
-                            "-o", str(binary), str(src)], check=True)
+            built = subprocess.run(["gcc", "-O1", "-Wall", *(["-static"] if static else []),
+                                    "-o", str(binary), str(src)], capture_output=True, text=True)
+            assert built.returncode == 0, built.stderr
         return str(binary)
 
     return compile_c
