@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sandrun.client.cli import add_client_commands
 
     add_client_commands(commands)
+
+    from sandrun.environments.cli import add_env_commands
+
+    add_env_commands(commands)
     return parser
 
 
@@ -131,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         from sandrun.identity import verify_main
 
         sys.exit(verify_main(args.status, args.worker_id))
+    elif args.command == "env":
+        from sandrun.environments.cli import run_env_command
+
+        sys.exit(run_env_command(args))
     else:
         from sandrun.client.cli import run_client_command
 

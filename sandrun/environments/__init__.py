@@ -1,0 +1,30 @@
+"""Environment templates and per-job dependencies (issue 8).
+
+- ``templates``: the pinned package lists, as data;
+- ``registry``: where built templates live; ``/environments``;
+- ``builder``: ``sandrun env build NAME`` (an admin command, never at request time);
+- ``requirements``: a job's requirements.txt / package.json / Gemfile, parsed strictly;
+- ``fetch``: fetch-only on the host (wheels, ``--ignore-scripts``, pure-Ruby gems) into
+  a cache keyed by the file's hash;
+- ``plan``: what one job gets: read-only binds, variables and an install step that
+  runs inside its sandbox with the network off.
+
+Imports only the standard library: ``jobs`` and ``api`` may import it, it imports
+neither.
+"""
+
+from __future__ import annotations
+
+from sandrun.environments.fetch import DependencyCache, Fetched
+from sandrun.environments.plan import (DEPS_MOUNT, ENV_MOUNT, EnvironmentPlan, Environments,
+                                       prepare)
+from sandrun.environments.registry import (BuiltEnvironment, EnvironmentNotBuilt,
+                                           EnvironmentUnavailable, Registry,
+                                           UnknownEnvironment)
+from sandrun.environments.requirements import DependencyError
+from sandrun.environments.templates import TEMPLATES, Template
+
+__all__ = ["BuiltEnvironment", "DEPS_MOUNT", "DependencyCache", "DependencyError",
+           "ENV_MOUNT", "EnvironmentNotBuilt", "EnvironmentPlan", "EnvironmentUnavailable",
+           "Environments", "Fetched", "Registry", "TEMPLATES", "Template",
+           "UnknownEnvironment", "prepare"]
