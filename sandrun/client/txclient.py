@@ -1,0 +1,371 @@
+"""``TxSandrunClient``: the Sandrun client for Twisted programs (treq and autobahn).
+
+The same calls as ``SandrunClient``, each returning a ``Deferred``; the
+request bodies (``body.py``), the typed results (``models.py``), the error
+table (``errors.py``) and packing (``pack.py``) are shared with it, so the two
+clients speak exactly the same protocol.  Blocking work (packing a directory,
+extracting an archive) runs in the reactor's thread pool.
+
+    client = TxSandrunClient("http://127.0.0.1:8443", reactor)
+    submitted = await client.submit_code("print(1)")
+    done = await client.stream(submitted.job_id, on_event=print)
+    job = await client.status(submitted.job_id)
+
+``http`` may be any object with treq's ``request`` (a ``treq.HTTPClient``, or
+``treq.testing.StubTreq`` around a worker's resource, in tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, error, task, threads
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from sandrun import __version__
+from sandrun.client import body as bodies
+from sandrun.client.errors import (
+    NotFoundError,
+    ProtocolError,
+    SandrunConnectionError,
+    SandrunError,
+    StreamUnavailableError,
+    WaitTimeoutError,
+    error_from_response,
+)
+from sandrun.client.models import (
+    Cancelled,
+    Done,
+    Job,
+    Logs,
+    Outputs,
+    StreamEvent,
+    Submitted,
+    parse_frame,
+)
+from sandrun.client.pack import IgnoreRules, extract_archive, pack_directory
+from sandrun.client.sync import server_url_from_env
+
+__all__ = ["TxSandrunClient"]
+
+_CONNECTION_ERRORS = (error.ConnectError, error.DNSLookupError, error.ConnectionLost,
+                      error.TimeoutError, ResponseFailed, ResponseNeverReceived)
+
+
+class TxSandrunClient:
+    """A non-blocking client; every method returns a ``Deferred``."""
+
+    def __init__(self, server_url: str | None = None, reactor: Any = None, *,
+                 http: Any = None, timeout: float = 30.0) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.server_url = server_url_from_env(server_url).rstrip("/")
+        parsed = urllib.parse.urlsplit(self.server_url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{self.server_url!r}: the server URL must be http:// or https://")
+        self._parsed = parsed
+        self.reactor = reactor
+        self.timeout = timeout
+        if http is None:
+            import treq
+
+            http = treq
+        self._http = http
+
+    # -- service and submitting -------------------------------------------------------------
+
+    def info(self) -> defer.Deferred[dict[str, Any]]:
+        return self._json("GET", "/")
+
+    def stats(self) -> defer.Deferred[dict[str, Any]]:
+        return self._json("GET", "/stats")
+
+    def submit_code(self, code: str, language: str = "python", *,
+                    args: list[str] | None = None, stdin: str | None = None,
+                    timeout: int | None = None,
+                    manifest: Mapping[str, Any] | None = None) -> defer.Deferred[Submitted]:
+        fields: dict[str, Any] = {}
+        if args is not None:
+            fields["args"] = list(args)
+        if stdin is not None:
+            fields["stdin"] = stdin
+        if timeout is not None:
+            fields["timeout"] = timeout
+        fields.update(manifest or {})
+        try:
+            document = bodies.snippet_document(code, language, fields)
+        except ValueError:
+            return defer.fail()
+        return self.submit_json(document)
+
+    def submit_files(self, files: Mapping[str, str | bytes],
+                     manifest: Mapping[str, Any] | None = None) -> defer.Deferred[Submitted]:
+        return self.submit_json(bodies.files_document(files, manifest))
+
+    def submit_json(self, document: Mapping[str, Any]) -> defer.Deferred[Submitted]:
+        data = json.dumps(dict(document)).encode("utf-8")
+        d = self._request("POST", "/submit", data=data,
+                          headers={"Content-Type": ["application/json"]})
+        return d.addCallback(_json_body).addCallback(Submitted.from_json)
+
+    @defer.inlineCallbacks
+    def submit_directory(self, path: str, manifest: Mapping[str, Any] | None = None, *,
+                         ignore: IgnoreRules | None = None) -> Any:
+        """Pack ``path`` (in a thread) and upload it as one ``.tar.gz``."""
+        archive = tempfile.NamedTemporaryFile(prefix="sandrun-", suffix=".tar.gz")
+        try:
+            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                            _pack, path, archive, ignore)
+            parts = [bodies.Part("files", filename="job.tar.gz", path=archive.name,
+                                 content_type="application/gzip")]
+            if manifest is not None:
+                parts.append(bodies.manifest_part(manifest))
+            form = bodies.MultipartBody(parts)
+            response = yield self._request(
+                "POST", "/submit", data=_MultipartProducer(form),
+                headers={"Content-Type": [form.content_type]})
+            document = yield _json_body(response)
+            return Submitted.from_json(document)
+        finally:
+            archive.close()
+
+    # -- following a job --------------------------------------------------------------------
+
+    def status(self, job_id: str) -> defer.Deferred[Job]:
+        return self._json("GET", f"/status/{_segment(job_id)}").addCallback(Job.from_json)
+
+    @defer.inlineCallbacks
+    def wait(self, job_id: str, timeout: float | None = None, *, poll_interval: float = 0.2,
+             max_interval: float = 2.0) -> Any:
+        """Poll ``/status`` (on the reactor's clock) until the job has finished."""
+        deadline = None if timeout is None else self.reactor.seconds() + timeout
+        interval = poll_interval
+        while True:
+            job = yield self.status(job_id)
+            if job.finished:
+                return job
+            now = self.reactor.seconds()
+            if deadline is not None and now >= deadline:
+                raise WaitTimeoutError("Wait timed out",
+                                       f"{job_id} is still {job.status} after {timeout} s")
+            pause = interval if deadline is None else min(interval, deadline - now)
+            yield task.deferLater(self.reactor, max(pause, 0.0), lambda: None)
+            interval = min(interval * 1.5, max_interval)
+
+    def logs(self, job_id: str) -> defer.Deferred[Logs]:
+        return self._json("GET", f"/logs/{_segment(job_id)}").addCallback(Logs.from_json)
+
+    def outputs(self, job_id: str) -> defer.Deferred[Outputs]:
+        return self._json("GET", f"/outputs/{_segment(job_id)}").addCallback(Outputs.from_json)
+
+    def download(self, job_id: str, path: str) -> defer.Deferred[bytes]:
+        d = self._request("GET", f"/download/{_segment(job_id)}/{_path(path)}")
+        return d.addCallback(lambda response: response.content())
+
+    @defer.inlineCallbacks
+    def download_all(self, job_id: str, dest_dir: str, max_bytes: int | None = None) -> Any:
+        """Every output, extracted safely (in a thread) into ``dest_dir``; the paths written."""
+        import treq
+
+        response = yield self._request("GET", f"/download/{_segment(job_id)}")
+        with tempfile.TemporaryFile() as spool:
+            yield treq.collect(response, spool.write)
+            spool.seek(0)
+            written = yield threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), extract_archive, spool, dest_dir,
+                max_bytes)
+        return written
+
+    def cancel(self, job_id: str) -> defer.Deferred[Cancelled]:
+        d = self._json("DELETE", f"/jobs/{_segment(job_id)}")
+        return d.addCallback(Cancelled.from_json)
+
+    def verify(self, job: Job | str, worker_id: str) -> defer.Deferred[bool]:
+        from sandrun.identity import verify_result
+
+        d = self.status(job) if isinstance(job, str) else defer.succeed(job)
+        return d.addCallback(lambda found: verify_result(found.raw, worker_id))
+
+    def stream(self, job_id: str,
+               on_event: Callable[[StreamEvent], None]) -> defer.Deferred[Done | None]:
+        """Live output: ``on_event`` gets each event; fires with the ``Done`` event at the end.
+
+        Fails with ``NotFoundError`` (close code 4404), ``StreamUnavailableError``
+        (the server did not upgrade) or ``SandrunConnectionError``.
+        """
+        scheme = "wss" if self._parsed.scheme == "https" else "ws"
+        port = self._parsed.port or (443 if scheme == "wss" else 80)
+        host = self._parsed.hostname or "127.0.0.1"
+        query = urllib.parse.urlencode({"format": "json"})
+        url = (f"{scheme}://{_host(host)}:{port}{self._parsed.path.rstrip('/')}"
+               f"/logs/{_segment(job_id)}/stream?{query}")
+        finished: defer.Deferred[Done | None] = defer.Deferred()
+        factory = WebSocketClientFactory(url, useragent=f"sandrun-client/{__version__}")
+        factory.protocol = _StreamProtocol
+        factory.on_event = on_event
+        factory.finished = finished
+        endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=self.timeout)
+        if scheme == "wss":
+            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+
+        def unreachable(failure: Any) -> None:
+            if not finished.called:
+                finished.errback(_connection_error(self.server_url, failure.value))
+
+        endpoint.connect(factory).addErrback(unreachable)
+        return finished
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def _json(self, method: str, path: str) -> defer.Deferred[Any]:
+        return self._request(method, path).addCallback(_json_body)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> defer.Deferred[Any]:
+        headers = {"User-Agent": [f"sandrun-client/{__version__}"],
+                   "Accept": ["application/json"], **kwargs.pop("headers", {})}
+        url = self.server_url + path
+        d = self._http.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
+
+        def failed(failure: Any) -> Any:
+            if failure.check(*_CONNECTION_ERRORS) or isinstance(failure.value, OSError):
+                raise _connection_error(self.server_url, failure.value)
+            return failure
+
+        def check(response: Any) -> Any:
+            if response.code < 400:
+                return response
+            got = response.content()
+
+            def raise_error(data: bytes) -> None:
+                names = {k.decode("latin-1").lower(): v[0].decode("latin-1")
+                         for k, v in response.headers.getAllRawHeaders()}
+                raise error_from_response(response.code, data, names)
+
+            return got.addCallback(raise_error)
+
+        return d.addCallbacks(check, failed)
+
+
+def _pack(path: str, archive: Any, ignore: IgnoreRules | None) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a directory")
+    pack_directory(path, archive, ignore)
+    archive.flush()
+
+
+def _json_body(response: Any) -> defer.Deferred[Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError("Unexpected response",
+                                f"HTTP {response.code} with a body that is not JSON") from None
+
+    d: defer.Deferred[Any] = response.content()
+    return d.addCallback(decode)
+
+
+def _connection_error(url: str, e: BaseException) -> SandrunError:
+    if isinstance(e, ResponseFailed) and e.reasons:
+        e = e.reasons[0].value
+    return SandrunConnectionError(f"Cannot reach {url}", str(e) or type(e).__name__)
+
+
+def _segment(value: str) -> str:
+    if not value:
+        raise ValueError("a job id cannot be empty")
+    return urllib.parse.quote(value, safe="")
+
+
+def _path(value: str) -> str:
+    return urllib.parse.quote(value.lstrip("/"), safe="/")
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@implementer(IBodyProducer)
+class _MultipartProducer:
+    """A multipart body with a known length, written cooperatively (file reads are small)."""
+
+    def __init__(self, form: bodies.MultipartBody) -> None:
+        self.form = form
+        self.length = form.length
+        self._task: task.CooperativeTask | None = None
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        self._task = task.cooperate(consumer.write(chunk) for chunk in self.form.chunks())
+        d: defer.Deferred[Any] = self._task.whenDone()
+        return d.addCallback(lambda _: None)
+
+    def pauseProducing(self) -> None:
+        if self._task is not None:
+            self._task.pause()
+
+    def resumeProducing(self) -> None:
+        if self._task is not None:
+            self._task.resume()
+
+    def stopProducing(self) -> None:
+        if self._task is not None:
+            try:
+                self._task.stop()
+            except task.TaskFinished:
+                pass
+
+
+class _StreamProtocol(WebSocketClientProtocol):  # type: ignore[misc]
+    """Feeds JSON frames to ``factory.on_event``; fires ``factory.finished`` on close."""
+
+    opened = False
+    done: Done | None = None
+
+    def onOpen(self) -> None:
+        self.opened = True
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            event = parse_frame(payload)
+        except ProtocolError as e:
+            self._finish(failure=e)
+            self.sendClose(1002)  # protocol error: the frames are not the contract's
+            return
+        if event is None:
+            return
+        if isinstance(event, Done):
+            self.done = event
+        self.factory.on_event(event)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened:
+            self._finish(failure=StreamUnavailableError(
+                "Streaming unavailable", reason or "the WebSocket handshake failed"))
+        elif code == 4404:
+            self._finish(failure=NotFoundError("Job not found", reason or "", status=404))
+        elif code == 1000 or self.done is not None:
+            self._finish()
+        else:
+            self._finish(failure=SandrunConnectionError(
+                "Stream interrupted", f"the connection closed (code {code})"))
+
+    def _finish(self, failure: Exception | None = None) -> None:
+        finished: defer.Deferred[Done | None] = self.factory.finished
+        if finished.called:
+            return
+        if failure is None:
+            finished.callback(self.done)
+        else:
+            finished.errback(failure)
