@@ -14,10 +14,14 @@ from typing import Any, Callable
 
 from klein import Klein
 from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from twisted.protocols.basic import FileSender
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import PathConverter
+from zope.interface import implementer
 
 import sandrun
 from sandrun import identity as ident
@@ -60,6 +64,31 @@ def _api(handler: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+class _Utf8Guard(Resource):
+    """Klein answers a path that is not UTF-8 with a bare text 400; the contract wants JSON."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def render(self, request: Any) -> Any:
+        try:
+            for segment in request.prepath + request.postpath:
+                segment.decode("utf-8")
+        except UnicodeDecodeError:
+            return write_error(request, APIError(400, "Invalid URL",
+                                                 "the path is not valid UTF-8"))
+        return self.inner.render(request)
+
+
+class _AnyPath(PathConverter):
+    """``<path:...>`` that also matches file names with newlines (a job may make them)."""
+
+    regex = "[^/][\\s\\S]*?"
+
+
 MAX_NONCE_CHARS = 256
 
 
@@ -72,6 +101,7 @@ class WorkerAPI:
     """
 
     app = Klein()
+    app.url_map.converters["anypath"] = _AnyPath
 
     def __init__(self, manager: JobManager, config: WorkerConfig,
                  identity: ident.WorkerIdentity | None = None,
@@ -84,7 +114,7 @@ class WorkerAPI:
         self.blocking = blocking or manager.blocking
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _Utf8Guard(self.app.resource())
 
     # -- helpers -------------------------------------------------------------
 
@@ -238,7 +268,7 @@ class WorkerAPI:
         return write_json(request, {"job_id": job.id, "status": job.status.value,
                                     "total_files": len(files), "files": files})
 
-    @app.route("/download/<string:job_id>/<path:path>", methods=["GET"])
+    @app.route("/download/<string:job_id>/<anypath:path>", methods=["GET"])
     @_api
     def download_one(self, request: IRequest, job_id: str, path: str) -> Any:
         job = self.finished_job(job_id)
@@ -324,20 +354,62 @@ class WorkerAPI:
                                              "see the API documentation"))
 
 
+SEND_CHUNK = 65536
+
+
+@implementer(IPushProducer)
+class _FileProducer:
+    """Writes a file to a request while the transport wants more (a push producer).
+
+    Reads happen on the reactor thread: the file is on tmpfs, a memory copy.
+    ``done`` fires once every byte was written, and fails when the client went
+    away first.
+    """
+
+    def __init__(self, f: Any, request: IRequest) -> None:
+        self.f: Any = f
+        self.request = request
+        self.paused = False
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def start(self) -> defer.Deferred[None]:
+        self.request.registerProducer(self, True)
+        self.resumeProducing()
+        return self.done
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.f is not None:
+            data = self.f.read(SEND_CHUNK)
+            if not data:
+                self._end(None)
+                return
+            self.request.write(data)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self._end(ConnectionLost("the client went away during the download"))
+
+    def _end(self, error: Exception | None) -> None:
+        if self.f is None:
+            return
+        self.f.close()
+        self.f = None
+        self.request.unregisterProducer()
+        if error is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(error)
+
+
 def _send_file(f: Any, request: IRequest) -> defer.Deferred[None]:
     """Stream a file with back-pressure; fires once every byte was written.
 
     Fails (and the caller's follow-up is skipped) when the client went away.
     """
-    d = FileSender().beginFileTransfer(f, request)
-
-    def close(result: Any) -> Any:
-        f.close()
-        return result
-
-    d.addBoth(close)
-    d.addCallback(lambda _: None)
-    return d
+    return _FileProducer(f, request).start()
 
 
 def content_disposition(name: str) -> bytes:

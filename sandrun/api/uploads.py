@@ -70,7 +70,7 @@ class UploadRequest(server.Request):
         self.content = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, dir=self.spool_dir)
         if length is not None and length > self._body_limit():
             self._refuse(b"413 Payload Too Large", "Upload too large",
-                         f"the limit is {self._body_limit()} bytes")
+                         f"the limit is {self._body_limit()} bytes; Content-Length is {length}")
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -78,7 +78,7 @@ class UploadRequest(server.Request):
         self._received += len(data)
         if self._received > self._body_limit():
             self._refuse(b"413 Payload Too Large", "Upload too large",
-                         f"the limit is {self._body_limit()} bytes")
+                         f"the limit is {self._body_limit()} bytes; the body went past it")
             return
         try:
             super().handleContentChunk(data)
@@ -388,9 +388,10 @@ def _read_job_json(work: str) -> bytes | None:
         return None
     except OSError:
         raise ManifestError("job.json", "cannot be read") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ManifestError("job.json", "must be a regular file")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ManifestError("job.json", "must be a regular file")
         text = f.read(MAX_MANIFEST_BYTES + 1)
     if len(text) > MAX_MANIFEST_BYTES:
         raise ManifestError("job.json", f"larger than {MAX_MANIFEST_BYTES} bytes")

@@ -282,8 +282,9 @@ class JobManager:
             job = self.jobs[job_id]
             job.deleted = True
             self.sandbox.kill(job_id, Reason.SHUTDOWN)
-            job.reason = Reason.SHUTDOWN
-            self._end(job, JobStatus.FAILED)
+            if not job.finished:  # the sandbox reports later, if at all: end it now
+                job.reason = Reason.SHUTDOWN
+                self._end(job, JobStatus.FAILED)
         self.running.clear()
         for job_id in list(self.jobs):
             self.limiter.release(self.jobs[job_id].client, job_id, now)

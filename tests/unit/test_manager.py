@@ -1,0 +1,263 @@
+"""The job lifecycle on a ``task.Clock``: queue, retention, quota slots, CPU charging, shutdown.
+
+A real ``JobManager`` with a scripted fake sandbox and plain-directory storage
+(``worker_fakes``); time only moves when a test advances the clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+
+from sandrun.config import QuotaConfig
+from sandrun.jobs import manager as manager_module
+from sandrun.jobs.manager import CPU_CHARGE_INTERVAL, FAILED_RETENTION, FINISHED_RETENTION
+from sandrun.sandbox.supervisor import SandboxResult
+from sandrun.wire import JobStatus, Reason
+from tests.unit.worker_fakes import FakeRun, Harness
+
+CLIENT = "127.0.0.1"  # the address StubTreq's requests come from
+
+
+@pytest.fixture
+def h(tmp_path: Any) -> Harness:
+    return Harness(str(tmp_path))
+
+
+def active_jobs(h: Harness) -> int:
+    quota = h.limiter.quota(CLIENT, h.clock.seconds())
+    return int(quota["active_jobs"])  # type: ignore[call-overload]
+
+
+def retention_timers(h: Harness) -> list[Any]:
+    return [c for c in h.clock.getDelayedCalls() if "delete" in repr(c)]
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+def test_a_failed_jobs_data_is_deleted_five_minutes_after_it_ends(h: Harness) -> None:
+    job_id = h.submit()
+    h.clock.advance(100)  # running time does not count
+    h.run_of(job_id).finish(Reason.EXIT_NONZERO)
+    h.clock.advance(FAILED_RETENTION - 0.001)
+    assert h.storage.exists(job_id) and h.get(f"/status/{job_id}").status == 200
+    h.clock.advance(0.001)
+    assert not h.storage.exists(job_id)
+    assert h.get(f"/status/{job_id}").status == 404
+    assert h.manager.jobs == {}
+
+
+def test_a_completed_jobs_data_is_kept_for_one_hour(h: Harness) -> None:
+    job_id = h.submit()
+    h.run_of(job_id).finish()
+    h.clock.advance(FAILED_RETENTION + 1)
+    assert h.storage.exists(job_id)
+    h.clock.advance(FINISHED_RETENTION - FAILED_RETENTION - 1.001)
+    assert h.get(f"/logs/{job_id}").status == 200
+    h.clock.advance(0.001)
+    assert not h.storage.exists(job_id)
+    assert h.get(f"/logs/{job_id}").status == 404
+
+
+def test_retention_timers_go_with_the_job_when_it_is_deleted_early(h: Harness) -> None:
+    job_id = h.submit()
+    h.run_of(job_id).finish()
+    assert len(retention_timers(h)) == 1
+    assert h.delete(f"/jobs/{job_id}").status == 200
+    assert retention_timers(h) == []
+
+
+def test_a_queued_or_running_job_is_never_expired(tmp_path: Any) -> None:
+    h = Harness(str(tmp_path), max_concurrent=1)
+    running, queued = h.submit(), h.submit()
+    h.clock.advance(FINISHED_RETENTION * 3)
+    assert h.status(running)["status"] == "running"
+    assert h.status(queued)["status"] == "queued"
+
+
+# -- queue and concurrency -----------------------------------------------------------------
+
+
+def test_jobs_beyond_the_concurrency_limit_wait_and_start_in_order(tmp_path: Any) -> None:
+    h = Harness(str(tmp_path), max_concurrent=2)
+    ids = [h.submit() for _ in range(4)]
+    assert list(h.sandbox.running) == ids[:2]
+    assert [h.status(i)["queue_position"] for i in ids] == [0, 0, 1, 2]
+    assert h.get("/stats").json()["system"] == {"queue_length": 2, "active_jobs": 2,
+                                                "capacity": 2}
+    h.run_of(ids[1]).finish()
+    assert list(h.sandbox.running) == [ids[0], ids[2]]
+    assert h.status(ids[2])["status"] == "running"
+    assert [h.status(i)["queue_position"] for i in ids[2:]] == [0, 1]
+    assert h.status(ids[2])["started_at"] is not None
+
+
+def test_a_sandbox_that_cannot_take_a_job_fails_it_and_the_queue_goes_on(h: Harness) -> None:
+    h.sandbox.unavailable = True
+    job_id = h.submit()
+    status = h.status(job_id)
+    assert status["status"] == "failed"
+    assert status["execution_metadata"]["reason"] == "sandbox_error"
+    assert active_jobs(h) == 0
+    h.sandbox.unavailable = False
+    assert h.status(h.submit())["status"] == "running"
+
+
+def test_a_failure_listing_outputs_still_ends_the_job(h: Harness,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any) -> Any:
+        raise OSError("no such file: secret-name.txt")
+
+    monkeypatch.setattr(manager_module, "list_outputs", broken)
+    job_id = h.submit()
+    h.run_of(job_id).finish()
+    status = h.status(job_id)
+    assert status["status"] == "completed" and status["output_files"] == {}
+    assert active_jobs(h) == 0
+
+
+# -- quota slots: released on every way a job ends --------------------------------------------
+
+
+def _complete(h: Harness, job_id: str) -> None:
+    h.run_of(job_id).finish()
+
+
+def _fail(h: Harness, job_id: str) -> None:
+    h.run_of(job_id).finish(Reason.EXIT_NONZERO)
+
+
+def _timeout(h: Harness, job_id: str) -> None:
+    h.run_of(job_id).finish(Reason.TIMEOUT, exit_code=None, signal=9)
+
+
+def _memory(h: Harness, job_id: str) -> None:
+    h.run_of(job_id).finish(Reason.MEMORY_LIMIT, exit_code=None, signal=9)
+
+
+def _sandbox_error(h: Harness, job_id: str) -> None:
+    h.run_of(job_id).done.callback(SandboxResult(Reason.SANDBOX_ERROR, message="seccomp"))
+
+
+def _sandbox_crash(h: Harness, job_id: str) -> None:
+    h.run_of(job_id).done.errback(RuntimeError("launcher died"))
+
+
+def _cancel(h: Harness, job_id: str) -> None:
+    assert h.delete(f"/jobs/{job_id}").status == 200
+
+
+def _shutdown(h: Harness, job_id: str) -> None:
+    h.manager.stop()
+
+
+@pytest.mark.parametrize("end,reason", [
+    (_complete, "completed"), (_fail, "exit_nonzero"), (_timeout, "timeout"),
+    (_memory, "memory_limit"), (_sandbox_error, "sandbox_error"),
+    (_sandbox_crash, "sandbox_error"), (_cancel, None), (_shutdown, None),
+])
+def test_a_running_jobs_quota_slot_is_released_however_it_ends(
+        h: Harness, end: Callable[[Harness, str], None], reason: str | None) -> None:
+    job_id = h.submit()
+    assert active_jobs(h) == 1
+    end(h, job_id)
+    assert active_jobs(h) == 0
+    if reason is not None:
+        status = h.status(job_id)
+        assert status["status"] == ("completed" if reason == "completed" else "failed")
+        assert status["execution_metadata"]["reason"] == reason
+
+
+@pytest.mark.parametrize("end", [_cancel, _shutdown])
+def test_a_queued_jobs_quota_slot_is_released_when_it_is_cancelled(
+        tmp_path: Any, end: Callable[[Harness, str], None]) -> None:
+    h = Harness(str(tmp_path), max_concurrent=1)
+    h.submit()
+    queued = h.submit()
+    assert active_jobs(h) == 2
+    end(h, queued)
+    assert active_jobs(h) == (1 if end is _cancel else 0)
+    assert queued not in h.sandbox.runs
+
+
+def test_a_finished_job_frees_the_slot_for_the_next_submission(tmp_path: Any) -> None:
+    quotas = QuotaConfig(cpu_seconds_per_minute=100, max_active_jobs=1, jobs_per_hour=10)
+    h = Harness(str(tmp_path), quotas=quotas)
+    job_id = h.submit()
+    assert h.post_json({"files": {"a.py": ""}}).status == 429
+    h.run_of(job_id).finish()
+    assert h.post_json({"files": {"a.py": ""}}).status == 200
+
+
+# -- CPU charging ------------------------------------------------------------------------------
+
+
+def test_cpu_is_charged_while_a_job_runs_and_blocks_the_next_submission(tmp_path: Any) -> None:
+    quotas = QuotaConfig(cpu_seconds_per_minute=4, max_active_jobs=5, jobs_per_hour=10)
+    h = Harness(str(tmp_path), quotas=quotas)
+    run: FakeRun = h.run_of(h.submit())
+    run.cpu = 3.0
+    h.clock.advance(CPU_CHARGE_INTERVAL)
+    assert h.get("/stats").json()["your_quota"]["used"] == 3.0
+    assert h.post_json({"files": {"a.py": ""}}).status == 200  # 3 of 4 used: still allowed
+    run.cpu = 4.5
+    h.clock.advance(CPU_CHARGE_INTERVAL)
+    assert not run.finished
+    reply = h.post_json({"files": {"a.py": ""}})
+    assert reply.status == 429
+    assert "CPU" in reply.json()["reason"] and reply.json()["cpu_available"] == 0
+    retry = reply.json()["retry_after"]
+    run.finish(cpu_seconds=4.5)
+    h.clock.advance(retry - 1)
+    assert h.post_json({"files": {"a.py": ""}}).status == 429
+    h.clock.advance(1)
+    assert h.post_json({"files": {"a.py": ""}}).status == 200
+
+
+def test_the_final_cpu_figure_is_charged_when_the_job_ends(tmp_path: Any) -> None:
+    h = Harness(str(tmp_path))
+    run = h.run_of(h.submit())
+    run.finish(cpu_seconds=2.5)  # ended before the charger ever ran
+    assert h.get("/stats").json()["your_quota"]["used"] == 2.5
+
+
+def test_the_charger_stops_with_the_manager(h: Harness) -> None:
+    h.submit()
+    h.manager.stop()
+    assert h.clock.getDelayedCalls() == []
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+
+
+def test_stop_kills_running_jobs_drops_queued_ones_and_deletes_all_data(tmp_path: Any) -> None:
+    h = Harness(str(tmp_path), max_concurrent=1)
+    h.sandbox.kills_take_effect = False  # the sandbox reports back after the manager stopped
+    done = h.submit()
+    h.run_of(done).finish()
+    running, queued = h.submit(), h.submit()
+    h.manager.stop()
+    assert h.sandbox.kills == [(running, Reason.SHUTDOWN)]
+    assert queued not in h.sandbox.runs
+    assert h.storage.job_ids() == [] and h.manager.jobs == {}
+    assert h.clock.getDelayedCalls() == []
+    # The late result of the killed job is ignored quietly.
+    h.run_of(running).finish(Reason.SHUTDOWN, exit_code=None, signal=9)
+    assert h.manager.jobs == {} and h.storage.job_ids() == []
+
+
+def test_after_stop_submissions_are_refused_with_503(h: Harness) -> None:
+    h.manager.stop()
+    reply = h.post_json({"files": {"a.py": ""}})
+    assert reply.status == 503 and "shutting down" in reply.json()["details"]
+    assert h.storage.job_ids() == []
+
+
+def test_end_listeners_hear_of_every_ending(h: Harness) -> None:
+    job_id = h.submit()
+    heard: list[JobStatus] = []
+    h.manager.jobs[job_id].end_listeners.append(lambda job: heard.append(job.status))
+    h.run_of(job_id).finish(Reason.EXIT_NONZERO)
+    assert heard == [JobStatus.FAILED]

@@ -1,0 +1,284 @@
+"""In-memory stand-ins for the worker's unit tests: no root, no kernel, no real time.
+
+- ``FakeSandbox`` has ``Sandbox``'s interface (``run``/``kill``/``cpu_seconds``);
+  each job is a ``FakeRun`` that the test scripts: print, write files, finish.
+- ``FakeStorage`` has ``Storage``'s interface over plain directories.
+- ``Harness`` wires a real ``JobManager`` (on a ``task.Clock``) and a real
+  ``WorkerAPI`` behind ``treq.testing.StubTreq``, with the worker's own
+  request class (``UploadRequest``) so caps and body parsing are the real ones,
+  and offers a synchronous client: ``h.get("/health").json()``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+from treq.testing import StubTreq
+
+from sandrun import identity as ident
+from sandrun.api.app import WorkerAPI
+from sandrun.api.uploads import request_factory
+from sandrun.config import Limits, QuotaConfig, WorkerConfig
+from sandrun.jobs.manager import JobManager
+from sandrun.jobs.ratelimit import RateLimiter
+from sandrun.jobs.storage import StorageFull
+from sandrun.sandbox.policy import SandboxPolicy
+from sandrun.sandbox.supervisor import SandboxResult, SandboxUnavailable
+from sandrun.wire import Reason
+
+
+def synchronous(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+    """A ``BlockingRunner`` that runs on the spot (tests have no thread pool)."""
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+@dataclass
+class FakeRun:
+    job_id: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    job_dir: str
+    policy: SandboxPolicy
+    stdin: bytes
+    on_output: Callable[[str, bytes], None]
+    sandbox: FakeSandbox
+    done: defer.Deferred[SandboxResult] = field(default_factory=defer.Deferred)
+    cpu: float = 0.0
+
+    def print(self, data: str | bytes, stream: str = "stdout") -> None:
+        self.on_output(stream, data.encode() if isinstance(data, str) else data)
+
+    def write(self, path: str, data: str | bytes = b"") -> None:
+        """Leave a file in the job directory, as the job would."""
+        full = os.path.join(self.job_dir, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+
+    def finish(self, reason: Reason = Reason.COMPLETED, exit_code: int | None = 0,
+               signal: int | None = None, cpu_seconds: float | None = None,
+               memory_peak_bytes: int = 4096, wall_time_ms: float = 12.5) -> None:
+        if reason != Reason.COMPLETED and exit_code == 0:
+            exit_code = 1 if reason == Reason.EXIT_NONZERO else None
+        self.sandbox.running.pop(self.job_id, None)
+        self.done.callback(SandboxResult(
+            reason, exit_code, signal, self.cpu if cpu_seconds is None else cpu_seconds,
+            memory_peak_bytes, wall_time_ms))
+
+    @property
+    def finished(self) -> bool:
+        return self.done.called
+
+
+class FakeSandbox:
+    """Runs nothing; records each job and lets the test decide how it ends.
+
+    ``script``, if set, is called with each new run and may finish it at once.
+    ``unavailable`` makes ``run`` raise like a sandbox whose launcher died.
+    ``kill`` ends a running job with the kill's reason (SIGKILL), as the real
+    one does, unless ``kills_take_effect`` is False (then the test finishes it).
+    """
+
+    def __init__(self) -> None:
+        self.runs: dict[str, FakeRun] = {}
+        self.running: dict[str, FakeRun] = {}
+        self.kills: list[tuple[str, Reason]] = []
+        self.script: Callable[[FakeRun], None] | None = None
+        self.unavailable = False
+        self.kills_take_effect = True
+
+    def run(self, job_id: str, argv: tuple[str, ...], env: tuple[tuple[str, str], ...],
+            job_dir: str, policy: SandboxPolicy, on_output: Callable[[str, bytes], None],
+            stdin: bytes = b"", ro_binds: tuple[tuple[str, str], ...] = ()
+            ) -> defer.Deferred[SandboxResult]:
+        if self.unavailable:
+            raise SandboxUnavailable("no launcher")
+        run = FakeRun(job_id, argv, env, job_dir, policy, stdin, on_output, self)
+        self.runs[job_id] = run
+        self.running[job_id] = run
+        if self.script is not None:
+            self.script(run)
+        return run.done
+
+    def kill(self, job_id: str, reason: Reason) -> None:
+        self.kills.append((job_id, reason))
+        run = self.running.get(job_id)
+        if run is not None and self.kills_take_effect:
+            run.finish(reason, exit_code=None, signal=9)
+
+    def cpu_seconds(self, job_id: str) -> float | None:
+        run = self.running.get(job_id)
+        return None if run is None else run.cpu
+
+
+class FakeStorage:
+    """``Storage`` over plain directories under ``root`` (no tmpfs, no root needed)."""
+
+    def __init__(self, root: str) -> None:
+        self.jobs_dir = os.path.join(root, "jobs")
+        self.uploads_dir = os.path.join(root, "uploads")
+        os.makedirs(self.jobs_dir, exist_ok=True)
+        os.makedirs(self.uploads_dir, exist_ok=True)
+        self.full = False
+
+    def create(self, job_id: str) -> str:
+        if self.full:
+            raise StorageFull("the worker holds as much job data as it may")
+        base = os.path.join(self.jobs_dir, job_id)
+        os.mkdir(base)
+        os.mkdir(os.path.join(base, "work"))
+        os.mkdir(os.path.join(base, "staging"))
+        return base
+
+    def delete(self, job_id: str) -> None:
+        shutil.rmtree(os.path.join(self.jobs_dir, job_id), ignore_errors=True)
+
+    def exists(self, job_id: str) -> bool:
+        return os.path.isdir(os.path.join(self.jobs_dir, job_id))
+
+    def job_ids(self) -> list[str]:
+        return sorted(os.listdir(self.jobs_dir))
+
+    def used_bytes(self) -> int:
+        return 0
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, list[str]]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        assert self.header("content-type") == "application/json", self.headers
+        return json.loads(self.body)
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name.lower())
+        return values[0] if values else None
+
+
+SMALL_LIMITS = Limits(max_upload_bytes=200_000, max_archive_members=50,
+                      max_extracted_bytes=300_000, max_timeout=60, max_memory_mb=256,
+                      default_memory_mb=128, default_timeout=30)
+ROOMY_QUOTAS = QuotaConfig(cpu_seconds_per_minute=1000.0, max_active_jobs=100,
+                           jobs_per_hour=1000)
+
+
+class Harness:
+    """A real JobManager and WorkerAPI, a fake sandbox and storage, a Clock, StubTreq."""
+
+    def __init__(self, root: str, *, limits: Limits = SMALL_LIMITS,
+                 quotas: QuotaConfig = ROOMY_QUOTAS, max_concurrent: int = 2,
+                 queue_size: int = 10, identity: ident.WorkerIdentity | None = None,
+                 trusted_proxies: tuple[str, ...] = (), start: bool = True) -> None:
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)  # a plausible wall clock for timestamps
+        self.config = WorkerConfig(max_concurrent=max_concurrent, queue_size=queue_size,
+                                   limits=limits, quotas=quotas, state_dir=root,
+                                   trusted_proxies=trusted_proxies)
+        self.sandbox = FakeSandbox()
+        self.storage = FakeStorage(root)
+        self.limiter = RateLimiter(quotas)
+        self.identity = identity
+        self.manager = JobManager(self.clock, self.sandbox, self.storage,  # type: ignore[arg-type]
+                                  self.config, self.limiter, identity, blocking=synchronous)
+        if start:
+            self.manager.start()
+        self.api = WorkerAPI(self.manager, self.config, identity)
+        self.stub = StubTreq(self.api.resource())
+        # The worker's own request class, so body caps and multipart parsing are real.
+        self.stub._agent._serverFactory.requestFactory = request_factory(  # noqa: SLF001
+            limits, self.storage.uploads_dir)
+
+    def with_limits(self, **changes: Any) -> Limits:
+        return replace(self.config.limits, **changes)
+
+    # -- the client ------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Reply:
+        hdrs = {k: [v] for k, v in (headers or {}).items()}
+        d = self.stub.request(method, "http://worker.test" + path, data=body, headers=hdrs)
+        response = self._settle(d)
+        content = self._settle(response.content())
+        return Reply(response.code,
+                     {k.decode().lower(): [v.decode("latin-1") for v in vs]
+                      for k, vs in response.headers.getAllRawHeaders()}, content)
+
+    def _settle(self, d: defer.Deferred[Any]) -> Any:
+        results: list[Any] = []
+        d.addBoth(results.append)
+        for _ in range(50):
+            if results:
+                break
+            self.stub.flush()
+        assert results, "no response (the handler never finished)"
+        if isinstance(results[0], Failure):
+            results[0].raiseException()
+        return results[0]
+
+    def get(self, path: str, **kwargs: Any) -> Reply:
+        return self.request("GET", path, **kwargs)
+
+    def delete(self, path: str) -> Reply:
+        return self.request("DELETE", path)
+
+    def post_json(self, document: Any, path: str = "/submit") -> Reply:
+        return self.request("POST", path, json.dumps(document).encode(),
+                            {"Content-Type": "application/json"})
+
+    def post_multipart(self, fields: dict[str, str] | None = None,
+                       files: list[tuple[str, bytes]] | None = None) -> Reply:
+        body, content_type = multipart(fields or {}, files or [])
+        return self.request("POST", "/submit", body, {"Content-Type": content_type})
+
+    def submit(self, files: dict[str, str] | None = None,
+               manifest: dict[str, Any] | None = None) -> str:
+        reply = self.post_json({"manifest": manifest or {},
+                                "files": files if files is not None else {"main.py": "pass"}})
+        assert reply.status == 200, (reply.status, reply.body)
+        job_id: str = reply.json()["job_id"]
+        return job_id
+
+    def run_of(self, job_id: str) -> FakeRun:
+        return self.sandbox.runs[job_id]
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        reply = self.get(f"/status/{job_id}")
+        assert reply.status == 200, (reply.status, reply.body)
+        result: dict[str, Any] = reply.json()
+        return result
+
+
+def multipart(fields: dict[str, str], files: list[tuple[str, bytes]],
+              boundary: str = "b0undary") -> tuple[bytes, str]:
+    out = io.BytesIO()
+    b = boundary.encode()
+    for name, value in fields.items():
+        out.write(b"--" + b + b'\r\nContent-Disposition: form-data; name="' + name.encode()
+                  + b'"\r\n\r\n' + value.encode() + b"\r\n")
+    for filename, data in files:
+        out.write(b"--" + b + b'\r\nContent-Disposition: form-data; name="files"; filename="'
+                  + filename.encode("utf-8", "surrogateescape") + b'"\r\n\r\n' + data + b"\r\n")
+    out.write(b"--" + b + b"--\r\n")
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def tar_bytes(members: dict[str, bytes | str], gz: bool = True) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz" if gz else "w") as tar:
+        for name, content in members.items():
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
