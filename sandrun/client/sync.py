@@ -47,8 +47,14 @@ from sandrun.client.models import (
     Submitted,
     parse_frame,
 )
-from sandrun.client.pack import IgnoreRules, PackResult, extract_archive, pack_directory, \
-    write_output
+from sandrun.client.pack import (
+    IgnoreRules,
+    PackResult,
+    extract_archive,
+    pack_directory,
+    safe_relative_path,
+    write_output,
+)
 
 __all__ = ["DEFAULT_URL", "SandrunClient", "server_url_from_env"]
 
@@ -418,7 +424,8 @@ def _segment(value: str) -> str:
 
 
 def _path(value: str) -> str:
-    return urllib.parse.quote(value.lstrip("/"), safe="/")
+    """An output path for a URL; one that could leave the job (``..``, absolute) is refused."""
+    return urllib.parse.quote("/".join(safe_relative_path(value)), safe="/")
 
 
 def _headers(response: http.client.HTTPResponse) -> dict[str, str]:

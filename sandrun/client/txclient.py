@@ -53,7 +53,7 @@ from sandrun.client.models import (
     Submitted,
     parse_frame,
 )
-from sandrun.client.pack import IgnoreRules, extract_archive, pack_directory
+from sandrun.client.pack import IgnoreRules, extract_archive, pack_directory, safe_relative_path
 from sandrun.client.sync import server_url_from_env
 
 __all__ = ["TxSandrunClient"]
@@ -290,7 +290,8 @@ def _segment(value: str) -> str:
 
 
 def _path(value: str) -> str:
-    return urllib.parse.quote(value.lstrip("/"), safe="/")
+    """An output path for a URL; one that could leave the job (``..``, absolute) is refused."""
+    return urllib.parse.quote("/".join(safe_relative_path(value)), safe="/")
 
 
 def _host(host: str) -> str:
