@@ -143,18 +143,26 @@ def installed_distributions(site: str) -> list[str]:
 
 def _check_imports(python: str, site: str, modules: tuple[str, ...],
                    progress: Progress) -> None:
-    # As nobody, isolated (-I), from / with a bare environment: the packages' import-time
-    # code never runs as root.
-    code = ("import importlib, sys; sys.path.insert(0, sys.argv[1])\n"
+    # As nobody, so the packages' import-time code never runs as root; -I -S with a bare
+    # environment, so only the prefix can satisfy an import.  The prefix is handed over as
+    # an open directory (/proc/self/fd/N): its parents need not be open to nobody.
+    code = ("import importlib, sys; prefix = sys.argv[1]; sys.path.insert(0, prefix)\n"
             "for name in sys.argv[2:]:\n"
             "    m = importlib.import_module(name)\n"
+            "    if not (m.__file__ or '').startswith(prefix + '/'):\n"
+            "        sys.exit(f'{name} came from {m.__file__}, not from the prefix')\n"
             "    print(f'    {name} {getattr(m, \"__version__\", \"\")}'.rstrip(), flush=True)\n")
-    result = subprocess.run([python, "-I", "-c", code, site, *modules], cwd="/",
-                            env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent",
-                                 "LANG": "C.UTF-8", "MPLCONFIGDIR": "/tmp"},
-                            user=NOBODY if os.geteuid() == 0 else None,
-                            group=NOBODY if os.geteuid() == 0 else None,
-                            capture_output=True, text=True, timeout=600)
+    root = os.geteuid() == 0
+    fd = os.open(site, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        result = subprocess.run(
+            [python, "-I", "-S", "-c", code, f"/proc/self/fd/{fd}", *modules], cwd="/",
+            env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8",
+                 "MPLCONFIGDIR": "/tmp"}, pass_fds=(fd,),
+            user=NOBODY if root else None, group=NOBODY if root else None,
+            extra_groups=[] if root else None, capture_output=True, text=True, timeout=600)
+    finally:
+        os.close(fd)
     for line in result.stdout.splitlines():
         progress(line)
     if result.returncode != 0:

@@ -121,6 +121,9 @@ class DependencyCache:
             try:
                 fetched = {"pip": self._pip, "npm": self._npm, "gem": self._gem}[
                     requirements.kind](requirements, work, time.monotonic() + self.timeout)
+                if tree_size(work) > self.max_bytes:  # a fetch faster than the size checks
+                    raise DependencyError("the dependencies are larger than "
+                                          + _size(self.max_bytes))
                 with open(os.path.join(work, INFO), "w") as f:
                     json.dump({"kind": fetched.kind, "packages": list(fetched.packages),
                                "notes": list(fetched.notes)}, f)
@@ -168,8 +171,8 @@ class DependencyCache:
             raise DependencyError(f"fetching the dependencies took longer than "
                                   f"{self.timeout:g} s", finished.output)
         if finished.too_big:
-            raise DependencyError(f"the dependencies are larger than "
-                                  f"{self.max_bytes // MiB} MiB", finished.output)
+            raise DependencyError("the dependencies are larger than "
+                                  + _size(self.max_bytes), finished.output)
         return finished
 
     # -- pip ------------------------------------------------------------------------------
@@ -329,6 +332,10 @@ def _npm_inventory(modules: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
                          "not run (scripts are never run); it may not work")
         dirs[:] = [d for d in dirs if d == "node_modules"]  # nested deps only
     return tuple(sorted(packages)), tuple(notes)
+
+
+def _size(n: int) -> str:
+    return f"{n / MiB:g} MiB" if n >= MiB else f"{n} bytes"
 
 
 def _publish(path: str) -> None:
