@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -38,6 +39,7 @@ RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 CGROUP_ROOT = "/sys/fs/cgroup"
 JOB_UIDS = range(60000, 60100)  # every slot uid a worker may give a job
 TERMINAL = ("completed", "failed")
+_LISTENING = re.compile(r"sandrun worker listening on \S+:(\d+)")
 
 # Quotas raised for benchmarks and load tests: the defaults (2 active jobs, 20 an hour,
 # 10 CPU-seconds a minute per IP) would turn a benchmark into a 429 test.
@@ -95,7 +97,8 @@ def machine() -> dict[str, Any]:
     """Where a result was measured: cores, memory, kernel, Python, cgroup version, commit."""
     try:
         commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=5).stdout.strip()
+                                capture_output=True, text=True, timeout=5,
+                                check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     with open("/proc/meminfo") as f:
@@ -219,12 +222,6 @@ def raw_request(host: str, port: int, head: bytes, body: bytes = b"",
 # -- a real worker -----------------------------------------------------------------------------
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def instance_name(state_dir: str) -> str:
     """The worker's cgroup directory name (as ``sandrun.service.instance_name``)."""
     return "sandrun-" + hashlib.sha256(state_dir.encode()).hexdigest()[:12]
@@ -273,7 +270,7 @@ class Worker:
                  log_path: str | None = None) -> None:
         self.flags = flags
         self.host = host
-        self.port = free_port(host)
+        self.port = 0  # the worker picks a free one; read from its start-up line
         self.state_dir = state_dir or tempfile.mkdtemp(prefix="sandrun-bench-")
         self.instance = instance_name(os.path.abspath(self.state_dir))
         self.log_path = log_path or self.state_dir.rstrip("/") + ".log"
@@ -291,13 +288,24 @@ class Worker:
 
     def start(self, timeout: float = 30.0) -> Worker:
         argv = [sys.executable, "-m", "sandrun", "serve", "--state-dir", self.state_dir,
-                "--listen", f"{self.host}:{self.port}", *self.flags]
-        log = open(self.log_path, "ab")
+                "--listen", f"{self.host}:0", *self.flags]
+        log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
         deadline = time.monotonic() + timeout
+        while not self.port:
+            with open(self.log_path, "rb") as f:
+                f.seek(log_start)
+                match = _LISTENING.search(f.read().decode(errors="replace"))
+            if match:
+                self.port = int(match.group(1))
+            elif self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start ({self.proc.poll()}):\n"
+                                   + self.log_tail())
+            else:
+                time.sleep(0.02)
         client = self.client()
         try:
             while True:
@@ -431,7 +439,9 @@ def job_processes(instance: str) -> list[tuple[int, int, str]]:
 
     Other workers may run on the same host (other tests, other benchmarks); their jobs
     sit under their own ``sandrun-*`` cgroups and are not ours to judge.  A job-uid
-    process under no ``sandrun-*`` cgroup at all is reported as well.
+    process under no ``sandrun-*`` cgroup at all is reported as well.  Zombies are not:
+    a job whose launcher died is reparented to the host's init, which reaps it when it
+    gets to it (this machine's init takes its time).
     """
     found = []
     for entry in os.listdir("/proc"):
@@ -446,8 +456,8 @@ def job_processes(instance: str) -> list[tuple[int, int, str]]:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         uid = int(fields["Uid"].split()[0])
-        if uid not in JOB_UIDS:
-            continue
+        if uid not in JOB_UIDS or fields["State"].split()[0] in ("Z", "X"):
+            continue  # a zombie has ended: it holds no memory, files or cgroup, only a pid
         if instance in groups or "sandrun-" not in groups:
             found.append((int(entry), uid, fields["Name"].strip()))
     return found

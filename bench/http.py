@@ -47,16 +47,15 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     sys.path[0] = _ROOT
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import datetime
+import resource
+import subprocess
+import threading
+import time
+from typing import Any
 
-from bench.common import (RAISED_QUOTAS, Client, Worker, print_table, summary,  # noqa: E402
-                          write_json)
+from bench.common import RAISED_QUOTAS, Client, Worker, print_table, summary, write_json
 
 BARE_PYTHON = "/usr/bin/python3"  # what ``python3`` is inside the sandbox (host /usr, read-only)
 HELLO = {"manifest": {"entrypoint": "main.py"}, "files": {"main.py": 'print("hello")\n'}}
@@ -67,7 +66,7 @@ THROUGHPUT_TARGET = 100.0
 
 
 def parse_iso(text: str) -> float:
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    return datetime.datetime.fromisoformat(text).timestamp()
 
 
 def cpu_ticks(pid: int | None) -> float:
@@ -152,11 +151,12 @@ def latency(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
                 ("", "p50", "p90", "p99", "mean"), rows, notes=[
                     f"p50 gap to bare: {gap:.2f} ms (target <= {LATENCY_TARGET_MS} ms): "
                     + ("met" if gap <= LATENCY_TARGET_MS else "MISSED"),
-                    f"errors: {errors}; polls per job p50 {stats['polls_per_job']['p50']:.0f}; "
-                    f"completion by polling /status (first sleep {args.poll * 1000:g} ms, "
-                    f"x{args.backoff:g} up to {args.max_poll * 1000:g} ms)",
-                    "worker_submit_to_finish_ms is from the worker's own ISO timestamps "
-                    "(1 ms resolution)"])
+                    (f"errors: {errors}; polls per job p50 "
+                     f"{stats['polls_per_job']['p50']:.0f}; completion by polling /status "
+                     f"(first sleep {args.poll * 1000:g} ms, x{args.backoff:g} up to "
+                     f"{args.max_poll * 1000:g} ms)"),
+                    ("worker_submit_to_finish_ms is from the worker's own ISO timestamps "
+                     "(1 ms resolution)")])
     return {"runs": args.n, "errors": errors, "p50_gap_ms": gap,
             "target_gap_ms": LATENCY_TARGET_MS, "met": gap <= LATENCY_TARGET_MS, **stats}
 

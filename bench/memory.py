@@ -27,12 +27,12 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     sys.path[0] = _ROOT
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import statistics
+import time
+from typing import Any
 
-from bench.common import Worker, print_table, write_json  # noqa: E402
+from bench.common import Worker, print_table, write_json
 
 TARGET_KB_PER_JOB = 1000  # 1 MB
 SLEEPER = {"manifest": {"entrypoint": "sleep.sh", "interpreter": "sh", "timeout": 900},
@@ -124,8 +124,8 @@ def main() -> None:
         f"per job: {per_job:.1f} KiB (target < {TARGET_KB_PER_JOB} KB): "
         + ("met" if met else "MISSED"),
         f"jobs by state while held: {counts}",
-        f"tmpfs in use (state dir and job mounts): {tmpfs_idle} KiB idle, {tmpfs_loaded} KiB "
-        f"with the jobs, in {mounts_loaded} mounts (RAM, but in no process's RSS)",
+        (f"tmpfs in use (state dir and job mounts): {tmpfs_idle} KiB idle, {tmpfs_loaded} KiB "
+         f"with the jobs, in {mounts_loaded} mounts (RAM, but in no process's RSS)"),
         "worker flags: " + " ".join(flags)])
     result: dict[str, Any] = {
         "jobs": args.jobs, "states": counts, "rss_kb": {"idle": idle, "warm_idle": warm,
