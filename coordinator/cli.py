@@ -1,0 +1,127 @@
+"""``sandrun-coordinator``: run a pool coordinator in front of Sandrun workers.
+
+The only module that touches ``sys.argv``, signals and the global reactor.
+SIGTERM and SIGINT stop it; SIGHUP reloads workers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+from coordinator.config import CoordinatorConfig, PoolQuota, WorkersFileError, load_workers
+from coordinator.quota import parse_networks
+
+
+def listen_description(value: str) -> str:
+    """Accept ``HOST:PORT`` or a Twisted endpoint string (``tcp:9000:interface=...``)."""
+    if value.startswith(("tcp:", "tcp6:", "ssl:", "unix:")):
+        return value
+    host, _, port = value.rpartition(":")
+    if not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: use HOST:PORT or an endpoint string")
+    host = host.strip("[]") or "127.0.0.1"
+    return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+
+
+def _positive(kind: Any) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d, q = CoordinatorConfig(), PoolQuota()
+    parser = argparse.ArgumentParser(
+        prog="sandrun-coordinator",
+        description="Route Sandrun jobs to a pool of authenticated workers.")
+    parser.add_argument("--workers", default=d.workers_path,
+                        help="the workers.json file (default ./workers.json)")
+    parser.add_argument("--listen", type=listen_description, default="127.0.0.1:9000",
+                        help="HOST:PORT or endpoint string (default 127.0.0.1:9000)")
+    parser.add_argument("--health-interval", type=_positive(float), default=d.health_interval,
+                        help="seconds between health checks (default 5)")
+    parser.add_argument("--health-timeout", type=_positive(float), default=d.health_timeout,
+                        help="seconds a worker has to answer a health check (default 2)")
+    parser.add_argument("--request-timeout", type=_positive(float), default=d.request_timeout,
+                        help="seconds to a worker's response headers (default 30)")
+    parser.add_argument("--submit-timeout", type=_positive(float), default=d.submit_timeout,
+                        help="seconds to forward a submission (default 300)")
+    parser.add_argument("--max-upload-mb", type=_positive(int),
+                        default=d.max_upload_bytes // 10**6)
+    parser.add_argument("--spool-dir", help="where uploads wait (default /dev/shm, RAM)")
+    parser.add_argument("--trusted-proxy", action="append", default=[],
+                        help="address or CIDR whose X-Forwarded-For is believed (repeatable)")
+    parser.add_argument("--cpu-quota", type=_positive(float), default=q.cpu_seconds_per_minute,
+                        help="CPU-seconds per client IP per rolling minute, pool-wide")
+    parser.add_argument("--max-active-per-ip", type=_positive(int), default=q.max_active_jobs,
+                        help="jobs queued or running per client IP, pool-wide")
+    parser.add_argument("--jobs-per-hour", type=_positive(int), default=q.jobs_per_hour,
+                        help="submissions per client IP per rolling hour, pool-wide")
+    parser.add_argument("--drain-seconds", type=_positive(float), default=d.drain_seconds,
+                        help="how long a worker removed by a reload stays reachable")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        workers_path=args.workers, listen=args.listen, health_interval=args.health_interval,
+        health_timeout=args.health_timeout, request_timeout=args.request_timeout,
+        submit_timeout=args.submit_timeout, max_upload_bytes=args.max_upload_mb * 10**6,
+        spool_dir=args.spool_dir, trusted_proxies=tuple(args.trusted_proxy),
+        quotas=PoolQuota(cpu_seconds_per_minute=args.cpu_quota,
+                         max_active_jobs=args.max_active_per_ip,
+                         jobs_per_hour=args.jobs_per_hour),
+        drain_seconds=args.drain_seconds)
+
+
+def serve(config: CoordinatorConfig) -> None:
+    from twisted.internet import defer, task
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from coordinator.service import CoordinatorService
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])  # type: ignore[list-item]
+
+    @defer.inlineCallbacks
+    def run(reactor: Any) -> Any:
+        coordinator = CoordinatorService(reactor, config)
+        # Installed before the first await: a SIGHUP during start-up must not kill us.
+        signal.signal(signal.SIGHUP,
+                      lambda signum, frame: reactor.callFromThread(coordinator.reload))
+        yield coordinator.startService()
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def stop() -> None:
+            if not done.called:
+                done.callback(None)
+
+        def on_signal(signum: int, frame: Any) -> None:
+            reactor.callFromThread(stop)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        yield done
+        yield coordinator.stopService()
+
+    task.react(lambda reactor: run(reactor))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        parse_networks(tuple(args.trusted_proxy))
+    except ValueError as e:
+        sys.exit(f"sandrun-coordinator: bad --trusted-proxy: {e}")
+    config = config_from(args)
+    try:
+        load_workers(config.workers_path)  # refuse a bad file with its message, not a traceback
+    except WorkersFileError as e:
+        sys.exit(f"sandrun-coordinator: cannot start: {e}")
+    serve(config)

@@ -1,0 +1,567 @@
+"""The coordinator's HTTP API: the worker's client-facing endpoints, proxied, plus ``/pool``.
+
+Clients use the coordinator exactly like a worker (``shared/spec/api.md``).
+What differs, and why:
+
+- ``POST /submit`` checks the client's pool-wide quota (``quota.py``), then
+  sends the body to the least-loaded worker (``scheduling.py``).  A worker
+  that refuses (429, 503) or cannot be reached is skipped for the next one;
+  when none takes it the answer is 503 with ``retry_after`` (or the workers'
+  429).  The answer's ``job_id`` is the coordinator's (``jobids.py``).
+- Job endpoints find the worker from the job id and forward to it, with the
+  client's address in X-Forwarded-For.  Every ``job_id`` and
+  ``download_url`` in an answer is rewritten to the coordinator's id.
+- ``/status`` adds ``signature_verified``: whether ``worker_metadata`` holds
+  a result signed by the key in workers.json that matches the document
+  (``sandrun.identity.verify_result``, checked before the id is rewritten).
+  The worker's own job id, which the signature covers, is kept in
+  ``worker_metadata.job_id``: to verify a saved document offline, put it
+  back in ``job_id``.
+- A job whose worker is down (failed its last health check, refused a
+  connection, or restarted after the job was sent) is reported by
+  ``/status`` as ``failed`` with ``reason: worker_lost``; its logs, outputs
+  and downloads answer 410 with the same reason.
+- ``/download`` streams the worker's body to the client with back-pressure:
+  the worker connection is paused while the client's is full.
+- ``/stats`` sums the client's quota over the workers; ``/health`` and
+  ``/`` describe the coordinator; ``/environments`` comes from a healthy worker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Coroutine
+from functools import wraps
+from importlib import metadata
+from typing import Any
+from urllib.parse import quote
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.internet.interfaces import IProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from coordinator.config import CoordinatorConfig
+from coordinator.errors import APIError, cors, not_found, write_error, write_json
+from coordinator.jobids import JobRef, decode_job_id, encode_job_id
+from coordinator.quota import (
+    ClientLocks,
+    PoolDecision,
+    Usage,
+    client_address,
+    client_key,
+    decide,
+    parse_networks,
+)
+from coordinator.registry import WorkerRegistry, WorkerState
+from coordinator.scheduling import pick_worker, rank_workers
+from coordinator.stream import StreamRelay
+from coordinator.uploads import content_type
+from coordinator.worker_client import (
+    BadWorkerResponse,
+    WorkerClient,
+    WorkerTimeout,
+    WorkerUnreachable,
+    read_body,
+    read_json,
+)
+from sandrun.identity import verify_result
+from sandrun.wire import JobStatus, Reason
+
+log = Logger()
+
+SERVICE = "sandrun-coordinator"
+DESCRIPTION = "Anonymous, ephemeral, sandboxed code execution: pool coordinator"
+PRIVACY = ("No accounts and no logs of job content. The coordinator keeps no job data: "
+           "uploads pass through RAM to a worker, results stream back from it.")
+# Response headers of a worker that the client gets too.
+# (Twisted's client keeps Content-Length in ``response.length``, not in the headers.)
+_PASSED_HEADERS = (b"content-type", b"content-disposition", b"retry-after")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sandrun")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class WorkerLost(Exception):
+    """The job's worker is gone; the message says how we know."""
+
+
+def _api(handler: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    """Run an async handler; turn every failure into the contract's JSON error."""
+
+    @wraps(handler)
+    def wrapped(self: CoordinatorAPI, request: Request, *args: Any, **kwargs: Any) -> Any:
+        def fail(failure: Failure) -> Any:
+            if failure.check(defer.CancelledError):
+                return None  # the client went away
+            error = to_api_error(failure)
+            if error.status == 500:
+                log.failure("unhandled error in {path}", failure, path=request.path)
+            return write_error(request, error)
+
+        d: defer.Deferred[Any] = defer.ensureDeferred(handler(self, request, *args, **kwargs))
+        return d.addErrback(fail)
+
+    return wrapped
+
+
+def to_api_error(failure: Failure) -> APIError:
+    value = failure.value
+    if isinstance(value, APIError):
+        return value
+    if isinstance(value, WorkerLost):
+        return APIError(410, "Worker lost", str(value), reason=Reason.WORKER_LOST.value)
+    if isinstance(value, WorkerTimeout):
+        return APIError(504, "Worker timeout", str(value))
+    if isinstance(value, (WorkerUnreachable, BadWorkerResponse)):
+        return APIError(502, "Bad gateway", str(value))
+    return APIError(500, "Internal error", "the coordinator could not handle this request")
+
+
+class CoordinatorAPI:
+    app = Klein()
+
+    def __init__(self, reactor: Any, registry: WorkerRegistry, client: WorkerClient,
+                 config: CoordinatorConfig, streams: StreamRelay | None = None) -> None:
+        self.reactor = reactor
+        self.registry = registry
+        self.client = client
+        self.config = config
+        self.streams = streams if streams is not None else StreamRelay(reactor, registry)
+        self.trusted = parse_networks(config.trusted_proxies)
+        self.locks = ClientLocks()
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- helpers -------------------------------------------------------------------
+
+    def client_address(self, request: Request) -> str:
+        peer = getattr(request.getClientAddress(), "host", "unix")
+        forwarded = request.getHeader(b"x-forwarded-for")
+        return client_address(peer, forwarded.decode("latin-1") if forwarded else None,
+                              self.trusted)
+
+    def forwarded(self, request: Request, **extra: bytes) -> dict[bytes, list[bytes]]:
+        headers = {b"X-Forwarded-For": [self.client_address(request).encode("latin-1")]}
+        for name, value in extra.items():
+            headers[name.replace("_", "-").encode()] = [value]
+        return headers
+
+    def locate(self, job_id: str) -> tuple[JobRef, WorkerState]:
+        ref = decode_job_id(job_id)
+        state = self.registry.by_tag(ref.tag) if ref is not None else None
+        if ref is None or state is None:
+            raise not_found()
+        return ref, state
+
+    async def forward(self, ref: JobRef, state: WorkerState, method: str, path: str,
+                      headers: dict[bytes, list[bytes]], timeout: float | None = None) -> Any:
+        """Send a job request to the job's worker; raises ``WorkerLost`` when it is gone."""
+        if state.down:
+            raise WorkerLost(f"the worker that ran this job is unavailable ({state.last_error})")
+        try:
+            response = await self.client.request(
+                method, state.entry.endpoint + path,
+                timeout if timeout is not None else self.config.request_timeout,
+                headers=headers)
+        except WorkerUnreachable as e:
+            self.registry.mark_down(state, f"request failed: {e}")
+            raise WorkerLost(f"the worker that ran this job is unreachable ({e})") from None
+        if response.code == 404 and self.registry.restarted_after(state, ref.dispatched_at):
+            await read_body(response)
+            raise WorkerLost("the worker restarted after this job was sent to it")
+        return response
+
+    def relay_json(self, request: Request, response: Any, doc: Any, cid: str) -> bytes:
+        """A worker's JSON answer as is, except for the job id."""
+        if isinstance(doc, dict) and "job_id" in doc:
+            doc["job_id"] = cid
+        retry = response.headers.getRawHeaders(b"retry-after")
+        if retry:
+            request.setHeader(b"Retry-After", retry[0])
+        return write_json(request, doc, response.code)
+
+    def pick_healthy(self) -> WorkerState:
+        """A worker for a request that any worker can answer: the least loaded."""
+        ranked = rank_workers(self.registry.workers(), self.registry.cursor)
+        healthy = ranked or self.registry.healthy()
+        if not healthy:
+            raise APIError(503, "No worker available", "no worker in the pool is healthy",
+                           retry_after=self.retry_after())
+        return healthy[0]
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.config.health_interval))
+
+    # -- service -------------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    @_api
+    async def root(self, request: Request) -> bytes:
+        limits: dict[str, Any] = {}
+        try:
+            state = self.pick_healthy()
+            code, info = await self.client.get_json(state.entry.endpoint + "/",
+                                                    self.config.health_timeout)
+            if code == 200 and isinstance(info, dict) and isinstance(info.get("limits"), dict):
+                limits = dict(info["limits"])
+        except (APIError, WorkerUnreachable, WorkerTimeout, BadWorkerResponse):
+            pass  # the coordinator's own limits are still worth telling
+        worker_upload = limits.get("max_upload_bytes")
+        limits["max_upload_bytes"] = min(self.config.max_upload_bytes, worker_upload) \
+            if isinstance(worker_upload, int) else self.config.max_upload_bytes
+        q = self.config.quotas
+        limits.update({"cpu_seconds_per_minute_per_ip": q.cpu_seconds_per_minute,
+                       "max_active_jobs_per_ip": q.max_active_jobs,
+                       "jobs_per_hour_per_ip": q.jobs_per_hour})
+        return write_json(request, {
+            "service": SERVICE, "version": _version(), "status": "running",
+            "description": DESCRIPTION, "privacy": PRIVACY, "limits": limits,
+            "worker_id": None,
+            "workers": {"healthy": len(self.registry.healthy()),
+                        "total": len(self.registry.workers())}})
+
+    @app.route("/health", methods=["GET"])
+    @_api
+    async def health(self, request: Request) -> bytes:
+        routable = self.registry.routable()
+        load = {"active_jobs": sum(w.load.active_jobs for w in routable if w.load),
+                "queued_jobs": sum(w.load.queued_jobs for w in routable if w.load),
+                "capacity": sum(w.entry.max_concurrent_jobs for w in routable)}
+        body = {"status": "healthy" if routable else "unhealthy", "service": SERVICE,
+                "worker_id": None, "version": _version(), "load": load,
+                "workers": {"healthy": len(routable), "total": len(self.registry.workers())}}
+        return write_json(request, body, 200 if routable else 503)
+
+    @app.route("/pool", methods=["GET"])
+    @_api
+    async def pool(self, request: Request) -> bytes:
+        workers = self.registry.workers()
+        return write_json(request, {
+            "workers": [w.as_json(_iso) for w in workers],
+            "healthy": sum(1 for w in workers if w.healthy), "total": len(workers),
+            "health_interval": self.config.health_interval})
+
+    @app.route("/environments", methods=["GET"])
+    @_api
+    async def environments(self, request: Request) -> bytes:
+        state = self.pick_healthy()
+        code, body = await self.client.get_json(state.entry.endpoint + "/environments",
+                                                self.config.request_timeout)
+        return write_json(request, body, code)
+
+    @app.route("/stats", methods=["GET"])
+    @_api
+    async def stats(self, request: Request) -> bytes:
+        decision, systems = await self.pool_usage(self.client_address(request))
+        system = {name: sum(int(s.get(name, 0)) for s in systems
+                            if isinstance(s.get(name, 0), int))
+                  for name in ("queue_length", "active_jobs", "capacity")}
+        system["workers_healthy"] = len(self.registry.routable())
+        system["workers_total"] = len(self.registry.workers())
+        return write_json(request, {"your_quota": decision.your_quota(), "system": system})
+
+    async def pool_usage(self, address: str) -> tuple[PoolDecision, list[dict[str, Any]]]:
+        """The client's quota summed over every healthy worker, and their ``system`` parts."""
+        workers = self.registry.healthy()
+        headers = {b"X-Forwarded-For": [address.encode("latin-1")]}
+        results = await defer.DeferredList(
+            [self.client.get_json(w.entry.endpoint + "/stats", self.config.health_timeout,
+                                  headers=headers) for w in workers],
+            consumeErrors=True)
+        quotas: list[dict[str, Any]] = []
+        systems: list[dict[str, Any]] = []
+        for ok, result in results:
+            if not ok:
+                continue  # a worker that cannot answer holds no running jobs we can use
+            code, body = result
+            if code == 200 and isinstance(body, dict):
+                if isinstance(body.get("your_quota"), dict):
+                    quotas.append(body["your_quota"])
+                if isinstance(body.get("system"), dict):
+                    systems.append(body["system"])
+        return decide(Usage.total(quotas), self.config.quotas), systems
+
+    # -- submitting ------------------------------------------------------------------
+
+    @app.route("/submit", methods=["POST"])
+    @_api
+    async def submit(self, request: Request) -> bytes:
+        address = self.client_address(request)
+        result: bytes = await self.locks.run(
+            client_key(address), lambda: defer.ensureDeferred(self._submit(request, address)))
+        return result
+
+    async def _submit(self, request: Request, address: str) -> bytes:
+        decision, _ = await self.pool_usage(address)
+        if not decision.allowed:
+            raise APIError(429, "Rate limit exceeded", decision.reason or "",
+                           **decision.error_extra())
+        body = request.content
+        kind = content_type(request)
+        headers = {b"X-Forwarded-For": [address.encode("latin-1")]}
+        if kind:
+            headers[b"Content-Type"] = [kind]
+        tried: set[str] = set()
+        refusal: tuple[Any, Any] | None = None
+        while True:
+            state = pick_worker(self.registry.workers(), self.registry.cursor, tried)
+            if state is None:
+                break
+            tried.add(state.worker_id)
+            self.registry.note_dispatch(state)
+            dispatched_at = self.reactor.seconds()
+            try:
+                response = await self.client.request(
+                    "POST", state.entry.endpoint + "/submit", self.config.submit_timeout,
+                    headers=headers, data=self.client.body(body))
+                doc = await read_json(response)
+            except WorkerUnreachable as e:
+                # Never reached, or gone before it answered: the next worker gets it.
+                self.registry.undo_dispatch(state)
+                self.registry.mark_down(state, f"submit failed: {e}")
+                continue
+            except (WorkerTimeout, BadWorkerResponse):
+                raise  # it may have taken the job: sending it again could run it twice
+            if response.code == 200 and isinstance(doc, dict) \
+                    and isinstance(doc.get("job_id"), str):
+                self.registry.cursor += 1
+                try:
+                    cid = encode_job_id(state.entry.tag, dispatched_at, doc["job_id"])
+                except ValueError as e:
+                    raise BadWorkerResponse(str(e)) from None
+                log.info("job dispatched to {worker}", worker=state.entry.label)
+                return self.relay_json(request, response, doc, cid)
+            self.registry.undo_dispatch(state)
+            if response.code in (429, 503):
+                refusal = (response, doc)
+                continue
+            # 400, 413, 415...: the submission itself is at fault; no worker would take it.
+            return self.relay_json(request, response, doc, "")
+        if refusal is not None and refusal[0].code == 429:
+            return self.relay_json(request, refusal[0], refusal[1], "")
+        raise APIError(503, "No worker available",
+                       "every worker is full, refused the job, or is unavailable",
+                       retry_after=self.retry_after())
+
+    # -- one job ----------------------------------------------------------------------
+
+    @app.route("/status/<string:job_id>", methods=["GET"])
+    @_api
+    async def status(self, request: Request, job_id: str) -> bytes:
+        ref, state = self.locate(job_id)
+        try:
+            response = await self.forward(ref, state, "GET", _job_path("status", ref),
+                                          self.forwarded(request))
+        except WorkerLost as e:
+            return write_json(request, lost_status(job_id, ref, state, str(e)))
+        doc = await read_json(response)
+        if response.code != 200 or not isinstance(doc, dict):
+            return self.relay_json(request, response, doc, job_id)
+        doc["signature_verified"] = verify_result(doc, state.worker_id)
+        worker = doc.get("worker_metadata")
+        if isinstance(worker, dict):
+            worker["job_id"] = doc.get("job_id")
+        doc["job_id"] = job_id
+        return write_json(request, doc)
+
+    @app.route("/logs/<string:job_id>", methods=["GET"])
+    @_api
+    async def logs(self, request: Request, job_id: str) -> Any:
+        ref, state = self.locate(job_id)
+        path = _job_path("logs", ref)
+        fmt = _arg(request, b"format")
+        if fmt:
+            path += "?format=" + quote(fmt.decode("latin-1"), safe="")
+        extra = {}
+        accept = request.getHeader(b"accept")
+        if accept:
+            extra["Accept"] = accept.encode("latin-1") if isinstance(accept, str) else accept
+        response = await self.forward(ref, state, "GET", path,
+                                      self.forwarded(request, **extra))
+        kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        if kind.startswith(b"application/json"):
+            return self.relay_json(request, response, await read_json(response), job_id)
+        return await self.relay_body(request, response)
+
+    @app.route("/outputs/<string:job_id>", methods=["GET"])
+    @_api
+    async def outputs(self, request: Request, job_id: str) -> bytes:
+        ref, state = self.locate(job_id)
+        response = await self.forward(ref, state, "GET", _job_path("outputs", ref),
+                                      self.forwarded(request))
+        doc = await read_json(response)
+        if response.code == 200 and isinstance(doc, dict) and isinstance(doc.get("files"), list):
+            for entry in doc["files"]:
+                if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                    entry["download_url"] = \
+                        f"/download/{job_id}/{quote(entry['path'], safe='/')}"
+        return self.relay_json(request, response, doc, job_id)
+
+    @app.route("/download/<string:job_id>", methods=["GET"])
+    @_api
+    async def download_all(self, request: Request, job_id: str) -> Any:
+        return await self.download(request, job_id, None)
+
+    @app.route("/download/<string:job_id>/<path:path>", methods=["GET"])
+    @_api
+    async def download_one(self, request: Request, job_id: str, path: str) -> Any:
+        return await self.download(request, job_id, path)
+
+    async def download(self, request: Request, job_id: str, path: str | None) -> Any:
+        ref, state = self.locate(job_id)
+        target = _job_path("download", ref)
+        if path is not None:
+            target += "/" + quote(path, safe="/")
+        response = await self.forward(ref, state, "GET", target, self.forwarded(request))
+        if response.code != 200:
+            return self.relay_json(request, response, await read_json(response), job_id)
+        return await self.relay_body(request, response, rename=(ref.worker_job_id, job_id))
+
+    async def relay_body(self, request: Request, response: Any,
+                         rename: tuple[str, str] | None = None) -> None:
+        """Stream a worker's answer to the client, pausing the worker while the client lags."""
+        request.setResponseCode(response.code)
+        for name in _PASSED_HEADERS:
+            for value in response.headers.getRawHeaders(name, []):
+                if rename is not None and name == b"content-disposition":
+                    value = value.replace(rename[0].encode(), rename[1].encode())
+                request.setHeader(name, value)
+        if isinstance(response.length, int):
+            request.setHeader(b"Content-Length", str(response.length).encode())
+        cors(request)
+        await relay(response, request)
+
+    @app.route("/jobs/<string:job_id>", methods=["DELETE"])
+    @_api
+    async def delete(self, request: Request, job_id: str) -> bytes:
+        ref, state = self.locate(job_id)
+        response = await self.forward(ref, state, "DELETE", _job_path("jobs", ref),
+                                      self.forwarded(request))
+        return self.relay_json(request, response, await read_json(response), job_id)
+
+    # -- live output ---------------------------------------------------------------------
+
+    @app.route("/logs/<string:job_id>/stream", methods=["GET"])
+    def stream(self, request: Request, job_id: str) -> Any:
+        ref = decode_job_id(job_id)
+        state = self.registry.by_tag(ref.tag) if ref is not None else None
+        fmt = _arg(request, b"format").decode("latin-1") or None
+        return self.streams.resource(state, ref, fmt)
+
+    @app.route("/stream/<string:job_id>", methods=["GET"])
+    def stream_alias(self, request: Request, job_id: str) -> Any:
+        return self.stream(request, job_id)
+
+    # -- CORS and errors -------------------------------------------------------------------
+
+    @app.route("/", branch=True, methods=["OPTIONS"])
+    def preflight(self, request: Request) -> bytes:
+        cors(request)
+        request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS")
+        request.setHeader(b"Access-Control-Allow-Headers", b"Content-Type, Accept")
+        request.setHeader(b"Access-Control-Max-Age", b"86400")
+        request.setResponseCode(204)
+        return b""
+
+    @app.handle_errors(NotFound)
+    def not_found_handler(self, request: Request, failure: Any) -> bytes:
+        return write_error(request, APIError(404, "Not found", "no such endpoint"))
+
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(self, request: Request, failure: Any) -> bytes:
+        if set(failure.value.valid_methods or ()) <= {"OPTIONS"}:
+            return write_error(request, APIError(404, "Not found", "no such endpoint"))
+        return write_error(request, APIError(405, "Method not allowed",
+                                             "see the API documentation"))
+
+
+def _arg(request: Request, name: bytes) -> bytes:
+    args: dict[bytes, list[bytes]] = request.args or {}
+    values = args.get(name) or []
+    return values[0] if values else b""
+
+
+def _job_path(endpoint: str, ref: JobRef) -> str:
+    return f"/{endpoint}/{quote(ref.worker_job_id, safe='')}"
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    import datetime
+
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+def lost_status(job_id: str, ref: JobRef, state: WorkerState, why: str) -> dict[str, Any]:
+    """The /status of a job whose worker is gone: failed, ``worker_lost``, nothing signed."""
+    return {
+        "job_id": job_id, "status": JobStatus.FAILED.value, "queue_position": 0,
+        "submitted_at": _iso(ref.dispatched_at), "started_at": None, "finished_at": None,
+        "execution_metadata": {"cpu_seconds": None, "memory_peak_bytes": None,
+                               "wall_time_ms": None, "exit_code": None, "signal": None,
+                               "reason": Reason.WORKER_LOST.value, "message": why,
+                               "environment": None, "interpreter": None},
+        "job_hash": None, "output_files": {},
+        "worker_metadata": {"worker_id": state.worker_id, "signature": None, "signed": None,
+                            "job_id": ref.worker_job_id},
+        "signature_verified": False,
+    }
+
+
+_DONE = Failure(ResponseDone())
+
+
+class _Relay(Protocol):
+    """Copies a response body into a request; the worker's transport is the producer."""
+
+    def __init__(self, request: Request, done: defer.Deferred[None]) -> None:
+        self.request = request
+        self.done = done
+
+    def connectionMade(self) -> None:
+        # The transport (the worker connection) is paused whenever the client's
+        # buffers are full and resumed when they drain: nothing piles up here.
+        assert IProducer.providedBy(self.transport)
+        self.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:  # type: ignore[override]
+        self.request.unregisterProducer()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+def relay(response: Any, request: Request) -> defer.Deferred[None]:
+    """Stream ``response``'s body into ``request``; fires when all of it was written.
+
+    Cancelling (Klein does when the client disconnects) aborts the worker side.
+    """
+    protocol: list[_Relay] = []
+    done: defer.Deferred[None] = defer.Deferred(lambda d: protocol[0].abort())
+    protocol.append(_Relay(request, done))
+    response.deliverBody(protocol[0])
+    return done

@@ -1,0 +1,110 @@
+"""The coordinator's composition root: build the collaborators, listen, return a service.
+
+Start-up order: read workers.json (a bad file stops the start with the
+message naming the entry), run one health round so a restarted coordinator
+knows at once which workers are up, then listen, then check every
+``health_interval`` seconds.  ``reload()`` (SIGHUP) re-reads workers.json:
+a good file replaces the list (removed workers drain, see ``registry.py``)
+and is checked at once; a bad one is refused and the old list stays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from coordinator.config import CoordinatorConfig, WorkersFileError, load_workers
+from coordinator.health import HealthChecker
+from coordinator.proxy import CoordinatorAPI
+from coordinator.registry import WorkerRegistry
+from coordinator.stream import StreamRelay
+from coordinator.uploads import default_spool_dir, request_factory
+from coordinator.worker_client import WorkerClient
+
+log = Logger()
+
+CONNECT_TIMEOUT = 5.0  # seconds to open a TCP connection to a worker
+MAX_CONNECTIONS_PER_WORKER = 32  # idle keep-alive connections kept per worker
+
+
+class QuietSite(server.Site):
+    """A Site that writes no access log: paths hold job ids, which are bearer secrets."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def http_client(reactor: Any) -> tuple[Any, HTTPConnectionPool]:
+    """A treq client with a persistent connection pool to the workers."""
+    import treq.client
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = MAX_CONNECTIONS_PER_WORKER
+    pool.retryAutomatically = True  # idempotent requests retry once on a stale connection
+    agent = Agent(reactor, pool=pool, connectTimeout=CONNECT_TIMEOUT)
+    return treq.client.HTTPClient(agent), pool  # type: ignore[arg-type]
+
+
+class CoordinatorService(service.MultiService):
+    """Registry, health checks and HTTP API, started and stopped in order."""
+
+    def __init__(self, reactor: Any, config: CoordinatorConfig, http: Any = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        entries = load_workers(config.workers_path)
+        self.registry = WorkerRegistry(entries, drain_seconds=config.drain_seconds)
+        self.pool: HTTPConnectionPool | None = None
+        if http is None:
+            http, self.pool = http_client(reactor)
+        self.client = WorkerClient(reactor, http)
+        self.health = HealthChecker(reactor, self.registry, self.client,
+                                    config.health_interval, config.health_timeout,
+                                    config.max_clock_skew)
+        self.streams = StreamRelay(reactor, self.registry)
+        self.api = CoordinatorAPI(reactor, self.registry, self.client, config, self.streams)
+        self.site = QuietSite(self.api.resource())
+        self.site.displayTracebacks = False
+        spool = config.spool_dir if config.spool_dir is not None else default_spool_dir()
+        self.site.requestFactory = request_factory(config.max_upload_bytes, spool)
+        self.port: Any = None
+
+    @defer.inlineCallbacks
+    def startService(self) -> Any:
+        yield self.health.check_all()
+        self.port = yield serverFromString(self.reactor, self.config.listen).listen(self.site)
+        healthy = len(self.registry.healthy())
+        log.info("sandrun coordinator listening on {address}: {healthy} of {total} workers "
+                 "healthy", address=self.port.getHost(), healthy=healthy,
+                 total=len(self.registry.workers()))
+        self.health.start(now=False)
+        super().startService()
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        yield super().stopService()
+        self.health.stop()
+        if self.port is not None:
+            yield self.port.stopListening()
+        if self.pool is not None:
+            yield self.pool.closeCachedConnections()
+
+    def reload(self) -> bool:
+        """Re-read workers.json; False (old list kept) when the file is refused."""
+        try:
+            entries = load_workers(self.config.workers_path)
+        except WorkersFileError as e:
+            log.error("workers.json reload refused, keeping the old list: {error}", error=str(e))
+            return False
+        changes = self.registry.replace(entries, self.reactor.seconds())
+        log.info("workers.json reloaded: {count} workers; added {added}, removed (draining) "
+                 "{removed}, changed {changed}", count=len(entries), added=changes["added"],
+                 removed=changes["removed"], changed=changes["changed"])
+        self.health.check_all()
+        return True
