@@ -16,15 +16,31 @@ neither.
 from __future__ import annotations
 
 from sandrun.environments.fetch import DependencyCache, Fetched
-from sandrun.environments.plan import (DEPS_MOUNT, ENV_MOUNT, EnvironmentPlan, Environments,
-                                       prepare)
-from sandrun.environments.registry import (BuiltEnvironment, EnvironmentNotBuilt,
-                                           EnvironmentUnavailable, Registry,
-                                           UnknownEnvironment)
+from sandrun.environments.plan import DEPS_MOUNT, ENV_MOUNT, EnvironmentPlan, Environments, prepare
+from sandrun.environments.registry import (
+                                       BuiltEnvironment,
+                                       EnvironmentNotBuilt,
+                                       EnvironmentUnavailable,
+                                       Registry,
+                                       UnknownEnvironment,
+)
 from sandrun.environments.requirements import DependencyError
 from sandrun.environments.templates import TEMPLATES, Template
 
-__all__ = ["BuiltEnvironment", "DEPS_MOUNT", "DependencyCache", "DependencyError",
-           "ENV_MOUNT", "EnvironmentNotBuilt", "EnvironmentPlan", "EnvironmentUnavailable",
-           "Environments", "Fetched", "Registry", "TEMPLATES", "Template",
-           "UnknownEnvironment", "prepare"]
+__all__ = [
+                                       "DEPS_MOUNT",
+                                       "ENV_MOUNT",
+                                       "TEMPLATES",
+                                       "BuiltEnvironment",
+                                       "DependencyCache",
+                                       "DependencyError",
+                                       "EnvironmentNotBuilt",
+                                       "EnvironmentPlan",
+                                       "EnvironmentUnavailable",
+                                       "Environments",
+                                       "Fetched",
+                                       "Registry",
+                                       "Template",
+                                       "UnknownEnvironment",
+                                       "prepare",
+]

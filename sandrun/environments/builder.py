@@ -31,8 +31,15 @@ from collections.abc import Callable
 
 from sandrun.environments.fetch import SANDBOX_PYTHON, _publish
 from sandrun.environments.process import run_bounded
-from sandrun.environments.registry import (BUILDS, MANIFEST, READY, SITE_PACKAGES,
-                                           BuiltEnvironment, Registry, read_manifest)
+from sandrun.environments.registry import (
+    BUILDS,
+    MANIFEST,
+    READY,
+    SITE_PACKAGES,
+    BuiltEnvironment,
+    Registry,
+    read_manifest,
+)
 from sandrun.environments.templates import Template
 
 __all__ = ["BuildError", "build", "check", "installed_distributions"]
@@ -98,7 +105,7 @@ def _build(template: Template, registry: Registry, work: str, python: str,
     manifest = {"name": template.name, "description": template.description,
                 "packages": list(template.packages), "fingerprint": template.fingerprint,
                 "installed": installed, "python": version,
-                "built_at": datetime.datetime.now(datetime.timezone.utc)
+                "built_at": datetime.datetime.now(datetime.UTC)
                 .strftime("%Y-%m-%dT%H:%M:%SZ")}
     _write(os.path.join(work, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     _write(os.path.join(work, READY), build_id + "\n")  # last: the build is complete
@@ -160,7 +167,8 @@ def _check_imports(python: str, site: str, modules: tuple[str, ...],
             env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8",
                  "MPLCONFIGDIR": "/tmp"}, pass_fds=(fd,),
             user=NOBODY if root else None, group=NOBODY if root else None,
-            extra_groups=[] if root else None, capture_output=True, text=True, timeout=600)
+            extra_groups=[] if root else None, capture_output=True, text=True, timeout=600,
+            check=False)
     finally:
         os.close(fd)
     for line in result.stdout.splitlines():

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from sandrun.environments.process import Finished, run_bounded, tree_size
 from sandrun.environments.requirements import DependencyError, Requirements
 
-__all__ = ["DependencyCache", "Fetched", "DEFAULT_CACHE_ROOT", "SANDBOX_PYTHON"]
+__all__ = ["DEFAULT_CACHE_ROOT", "SANDBOX_PYTHON", "DependencyCache", "Fetched"]
 
 DEFAULT_CACHE_ROOT = "/var/cache/sandrun/deps"
 SANDBOX_PYTHON = "/usr/bin/python3"  # the interpreter jobs run (the host's /usr, bound read-only)
@@ -78,6 +78,17 @@ class Fetched:
     packages: tuple[str, ...]  # what was fetched: wheel, package or gem file names
     notes: tuple[str, ...] = ()  # warnings for the job's log
     cached: bool = False  # True when no fetch was needed
+
+
+@dataclass(frozen=True)
+class GemSpec:
+    """What a fetched .gem declares, read from its metadata."""
+
+    file: str  # the .gem's file name
+    name: str
+    version: str
+    extensions: tuple[str, ...]  # extconf.rb and the like: non-empty means native code
+    deps: tuple[tuple[str, str], ...]  # runtime dependencies: (name, "req, req")
 
 
 class DependencyCache:
@@ -265,8 +276,8 @@ class DependencyCache:
         os.mkdir(gems_dir)
         env = {k: v for k, v in self.environ.items() if not k.startswith(("GEM_", "BUNDLE_"))}
         env.update(HOME=work)  # no ~/.gemrc, no plugins from a user gem directory
-        wanted = [tuple(p.split("\0", 1)) for p in requirements.packages]
-        specs: dict[str, dict[str, object]] = {}
+        wanted = [(p.split("\0", 1)[0], p.split("\0", 1)[1]) for p in requirements.packages]
+        specs: dict[str, GemSpec] = {}
         while wanted:
             name, requirement = wanted.pop(0)
             if name in specs:
@@ -284,30 +295,33 @@ class DependencyCache:
                 raise DependencyError(f"gem {name} {requirement}".strip()
                                       + f": could not fetch it: {detail}", finished.output)
             spec = self._gem_spec(os.path.join(gems_dir, new[0]), work, env, deadline)
-            if spec["extensions"]:
+            if spec.extensions:
                 raise DependencyError(
-                    f"gem {spec['name']} {spec['version']} has native extensions "
-                    f"({', '.join(map(str, spec['extensions']))}), which Sandrun does not "
-                    "build; only pure-Ruby gems are supported")
+                    f"gem {spec.name} {spec.version} has native extensions "
+                    f"({', '.join(spec.extensions)}), which Sandrun does not build; only "
+                    "pure-Ruby gems are supported")
             specs[name] = spec
-            wanted += [(dep, req) for dep, req in spec["deps"]]  # type: ignore[union-attr]
+            wanted += list(spec.deps)
         check = subprocess.run([self.ruby, "-e", _GEM_CHECK], input=json.dumps(
-            list(specs.values())), capture_output=True, text=True, env=env, timeout=30)
+            [{"name": s.name, "version": s.version, "deps": s.deps} for s in specs.values()]),
+            capture_output=True, text=True, env=env, timeout=30, check=False)
         if check.returncode != 0 or check.stdout.strip():
             raise DependencyError("the gems' requirements conflict: " + (
                 check.stdout.strip().splitlines() or [check.stderr.strip()])[0])
-        return Fetched("gem", work, tuple(sorted(str(s["file"]) for s in specs.values())))
+        return Fetched("gem", work, tuple(sorted(s.file for s in specs.values())))
 
     def _gem_spec(self, path: str, work: str, env: Mapping[str, str],
-                  deadline: float) -> dict[str, object]:
+                  deadline: float) -> GemSpec:
         # Gem::Package reads the gem's YAML metadata with RubyGems' safe loader: no gem code.
         finished = self._run([self.ruby, "-e", _GEM_SPEC, path], work, env, deadline, work)
         try:
-            spec: dict[str, object] = json.loads(finished.output.strip().splitlines()[-1])[0]
-        except (ValueError, IndexError):
+            raw = json.loads(finished.output.strip().splitlines()[-1])[0]
+            return GemSpec(str(raw["file"]), str(raw["name"]), str(raw["version"]),
+                           tuple(str(e) for e in raw["extensions"]),
+                           tuple((str(n), str(r)) for n, r in raw["deps"]))
+        except (ValueError, IndexError, KeyError, TypeError):
             raise DependencyError(f"{os.path.basename(path)}: unreadable gem",
                                   finished.output) from None
-        return spec
 
 
 def _npm_inventory(modules: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -325,7 +339,8 @@ def _npm_inventory(modules: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if not isinstance(meta, dict) or "name" not in meta:
             continue
         packages.append(f"{meta['name']}@{meta.get('version', '?')}")
-        scripts = meta.get("scripts") if isinstance(meta.get("scripts"), dict) else {}
+        scripts = meta.get("scripts")
+        scripts = scripts if isinstance(scripts, dict) else {}
         hooks = [h for h in ("preinstall", "install", "postinstall") if h in scripts]
         if hooks or "binding.gyp" in files:
             notes.append(f"{meta['name']}: its {'/'.join(hooks) or 'native build'} step was "

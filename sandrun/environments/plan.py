@@ -26,11 +26,17 @@ from typing import Any, Protocol
 
 from sandrun.environments.fetch import DependencyCache, Fetched
 from sandrun.environments.registry import SITE_PACKAGES, BuiltEnvironment, Registry
-from sandrun.environments.requirements import (MAX_FILE_BYTES, DependencyError,
-                                               parse_requirements)
+from sandrun.environments.requirements import MAX_FILE_BYTES, DependencyError, parse_requirements
 
-__all__ = ["EnvironmentPlan", "Environments", "prepare", "ENV_MOUNT", "DEPS_MOUNT",
-           "JOB_DEPS", "merge_env"]
+__all__ = [
+    "DEPS_MOUNT",
+    "ENV_MOUNT",
+    "JOB_DEPS",
+    "EnvironmentPlan",
+    "Environments",
+    "merge_env",
+    "prepare",
+]
 
 ENV_MOUNT = "/opt/env"  # the template's build, read-only
 DEPS_MOUNT = "/opt/deps"  # the job's fetched dependencies, read-only
@@ -47,9 +53,16 @@ _NPM_LINK = (
 
 
 class ManifestLike(Protocol):
-    environment: str
-    requirements: str | None
-    env: tuple[tuple[str, str], ...]
+    """What a plan reads of ``sandrun.jobs.manifest.Manifest`` (no import of jobs)."""
+
+    @property
+    def environment(self) -> str: ...
+
+    @property
+    def requirements(self) -> str | None: ...
+
+    @property
+    def env(self) -> tuple[tuple[str, str], ...]: ...
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,17 @@ from typing import Any
 
 from sandrun.environments.templates import DEFAULT_TEMPLATE, TEMPLATES, Template
 
-__all__ = ["BuiltEnvironment", "EnvironmentNotBuilt", "EnvironmentUnavailable", "Registry",
-           "UnknownEnvironment", "DEFAULT_ROOT", "MANIFEST", "READY", "SITE_PACKAGES"]
+__all__ = [
+    "DEFAULT_ROOT",
+    "MANIFEST",
+    "READY",
+    "SITE_PACKAGES",
+    "BuiltEnvironment",
+    "EnvironmentNotBuilt",
+    "EnvironmentUnavailable",
+    "Registry",
+    "UnknownEnvironment",
+]
 
 DEFAULT_ROOT = "/var/lib/sandrun/environments"
 BUILDS = ".builds"

@@ -25,8 +25,14 @@ import json
 import re
 from dataclasses import dataclass
 
-__all__ = ["DependencyError", "Requirements", "MAX_FILE_BYTES", "MAX_PACKAGES",
-           "parse_requirements", "cache_key"]
+__all__ = [
+    "MAX_FILE_BYTES",
+    "MAX_PACKAGES",
+    "DependencyError",
+    "Requirements",
+    "cache_key",
+    "parse_requirements",
+]
 
 MAX_FILE_BYTES = 256 * 1024  # a dependency file larger than this is refused
 MAX_PACKAGES = 200  # packages a file may list (not counting their dependencies)

@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["TEMPLATES", "Template", "DEFAULT_TEMPLATE", "PINNED"]
+__all__ = ["DEFAULT_TEMPLATE", "PINNED", "TEMPLATES", "Template"]
 
 DEFAULT_TEMPLATE = "default"
 # ``name==version``, optionally with extras; nothing else (no URLs, no ranges, no options).

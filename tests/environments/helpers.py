@@ -64,14 +64,14 @@ def make_gem_source(directory: str, mark: str) -> str:
         "hello-sandrun": ('s.version = "0.1.0"; s.files = ["lib/hello-sandrun.rb"]',
                           {"lib/hello-sandrun.rb":
                            'module HelloSandrun; def self.hi; "hi"; end; end\n'}),
-        "greeter-sandrun": ('s.version = "1.0.0"; s.files = ["lib/greeter-sandrun.rb"]\n'
-                            '  s.add_runtime_dependency "hello-sandrun", "~> 0.1"',
+        "greeter-sandrun": (('s.version = "1.0.0"; s.files = ["lib/greeter-sandrun.rb"]\n'
+                             '  s.add_runtime_dependency "hello-sandrun", "~> 0.1"'),
                             {"lib/greeter-sandrun.rb":
                              'require "hello-sandrun"\n'
                              'module GreeterSandrun; def self.greet; HelloSandrun.hi + "!"; '
                              'end; end\n'}),
-        "native-sandrun": ('s.version = "0.2.0"; s.files = ["ext/extconf.rb"]\n'
-                           '  s.extensions = ["ext/extconf.rb"]',
+        "native-sandrun": (('s.version = "0.2.0"; s.files = ["ext/extconf.rb"]\n'
+                            '  s.extensions = ["ext/extconf.rb"]'),
                            {"ext/extconf.rb": f'File.write({mark!r}, "extconf ran")\n'}),
     }
     for name, (fields, files) in specs.items():

@@ -9,11 +9,11 @@ import stat
 
 import pytest
 
+from sandrun.cli import build_parser
 from sandrun.environments.builder import BuildError, build, check
 from sandrun.environments.cli import run_env_command
 from sandrun.environments.registry import BUILDS, MANIFEST, READY, Registry
 from sandrun.environments.templates import TEMPLATES, Template
-from sandrun.cli import build_parser
 
 from .helpers import make_wheel, needs_network
 

@@ -7,8 +7,14 @@ import os
 import pytest
 
 from sandrun.environments.fetch import DependencyCache, Fetched
-from sandrun.environments.plan import (DEPS_MOUNT, ENV_MOUNT, Environments, build_plan,
-                                       merge_env, read_job_file)
+from sandrun.environments.plan import (
+    DEPS_MOUNT,
+    ENV_MOUNT,
+    Environments,
+    build_plan,
+    merge_env,
+    read_job_file,
+)
 from sandrun.environments.registry import EnvironmentNotBuilt, Registry
 from sandrun.environments.requirements import DependencyError
 from sandrun.jobs.manifest import Manifest

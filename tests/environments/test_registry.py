@@ -7,8 +7,14 @@ import os
 
 import pytest
 
-from sandrun.environments.registry import (BUILDS, MANIFEST, READY, EnvironmentNotBuilt,
-                                           Registry, UnknownEnvironment)
+from sandrun.environments.registry import (
+    BUILDS,
+    MANIFEST,
+    READY,
+    EnvironmentNotBuilt,
+    Registry,
+    UnknownEnvironment,
+)
 from sandrun.environments.templates import PINNED, TEMPLATES, Template
 
 TEMPLATES_FOR_TESTS = {

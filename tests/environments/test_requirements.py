@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from sandrun.environments.requirements import (MAX_FILE_BYTES, DependencyError,
-                                               parse_requirements)
+from sandrun.environments.requirements import MAX_FILE_BYTES, DependencyError, parse_requirements
 
 
 def test_the_cache_key_is_the_sha256_of_the_file_as_uploaded() -> None:
