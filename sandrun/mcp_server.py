@@ -56,8 +56,8 @@ def _sdk() -> tuple[Any, type[Exception]]:
         from mcp.server.mcpserver import MCPServer
         from mcp.server.mcpserver.exceptions import ToolError
     except ImportError:
-        from mcp.server.fastmcp import FastMCP as MCPServer  # type: ignore[no-redef]
-        from mcp.server.fastmcp.exceptions import ToolError  # type: ignore[no-redef]
+        from mcp.server.fastmcp import FastMCP as MCPServer  # type: ignore[no-redef,attr-defined,unused-ignore]
+        from mcp.server.fastmcp.exceptions import ToolError  # type: ignore[no-redef,unused-ignore]
     return MCPServer, ToolError
 
 

@@ -14,7 +14,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
     "LANGUAGES",
@@ -37,7 +37,7 @@ LANGUAGES: dict[str, str] = {
 }
 
 _CHUNK = 256 * 1024
-Content = Union[str, bytes]
+Content = str | bytes
 
 
 def snippet_document(code: str, language: str = "python",

@@ -144,12 +144,13 @@ def error_from_response(status: int, body: bytes,
             document = decoded
     except (UnicodeDecodeError, ValueError):
         pass
-    error = document.get("error")
-    if not isinstance(error, str) or not error:
+    given, given_details = document.get("error"), document.get("details")
+    if isinstance(given, str) and given:
+        error = given
+        details = given_details if isinstance(given_details, str) else ""
+    else:
         error = f"HTTP {status}"
         details = "" if document else body[:200].decode("utf-8", "replace").strip()
-    else:
-        details = document.get("details") if isinstance(document.get("details"), str) else ""
     reason = document.get("reason") if isinstance(document.get("reason"), str) else None
     retry_after = _number(document.get("retry_after"))
     if retry_after is None and headers is not None:

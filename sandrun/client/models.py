@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from sandrun.client.errors import ProtocolError
 from sandrun.wire import JobStatus
@@ -193,7 +193,8 @@ class Logs:
     @classmethod
     def from_json(cls, document: Any) -> Logs:
         d = _object(document, "the logs document")
-        truncated = d.get("truncated") if isinstance(d.get("truncated"), Mapping) else {}
+        cut = d.get("truncated")
+        truncated: Mapping[str, Any] = cut if isinstance(cut, Mapping) else {}
         return cls(_str(d, "job_id", "the logs document"), _opt(d, "stdout", str) or "",
                    _opt(d, "stderr", str) or "", truncated.get("stdout") is True,
                    truncated.get("stderr") is True)
@@ -268,7 +269,7 @@ class Done:
     wall_time_ms: float | None = None
 
 
-StreamEvent = Union[OutputChunk, StatusUpdate, Done]
+StreamEvent = OutputChunk | StatusUpdate | Done
 
 
 def parse_frame(text: str | bytes) -> StreamEvent | None:

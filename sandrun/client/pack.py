@@ -114,9 +114,7 @@ def _parse_rule(line: str) -> _Rule | None:
     if not text or text.startswith("#"):
         return None
     negated = text.startswith("!")
-    if negated:
-        text = text[1:]
-    elif text.startswith(("\\#", "\\!")):
+    if negated or text.startswith(("\\#", "\\!")):  # "!" negates; a backslash escapes
         text = text[1:]
     directory_only = text.endswith("/")
     text = text.rstrip("/")
@@ -321,7 +319,7 @@ def extract_archive(fileobj: IO[bytes], dest: str, max_bytes: int | None = None)
     written: list[str] = []
     total = 0
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|*")
+        tar = tarfile.open(fileobj=fileobj, mode="r|*")  # noqa: SIM115 - the with below closes it
     except tarfile.TarError as e:
         raise UnsafeArchiveError("Bad archive", str(e)) from None
     with tar:

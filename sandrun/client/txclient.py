@@ -124,8 +124,7 @@ class TxSandrunClient:
     def submit_directory(self, path: str, manifest: Mapping[str, Any] | None = None, *,
                          ignore: IgnoreRules | None = None) -> Any:
         """Pack ``path`` (in a thread) and upload it as one ``.tar.gz``."""
-        archive = tempfile.NamedTemporaryFile(prefix="sandrun-", suffix=".tar.gz")
-        try:
+        with tempfile.NamedTemporaryFile(prefix="sandrun-", suffix=".tar.gz") as archive:
             yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                             _pack, path, archive, ignore)
             parts = [bodies.Part("files", filename="job.tar.gz", path=archive.name,
@@ -137,9 +136,7 @@ class TxSandrunClient:
                 "POST", "/submit", data=_MultipartProducer(form),
                 headers={"Content-Type": [form.content_type]})
             document = yield _json_body(response)
-            return Submitted.from_json(document)
-        finally:
-            archive.close()
+        return Submitted.from_json(document)
 
     # -- following a job --------------------------------------------------------------------
 
@@ -181,7 +178,11 @@ class TxSandrunClient:
 
         response = yield self._request("GET", f"/download/{_segment(job_id)}")
         with tempfile.TemporaryFile() as spool:
-            yield treq.collect(response, spool.write)
+
+            def save(data: bytes) -> None:
+                spool.write(data)
+
+            yield treq.collect(response, save)
             spool.seek(0)
             written = yield threads.deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), extract_archive, spool, dest_dir,
@@ -212,10 +213,7 @@ class TxSandrunClient:
         url = (f"{scheme}://{_host(host)}:{port}{self._parsed.path.rstrip('/')}"
                f"/logs/{_segment(job_id)}/stream?{query}")
         finished: defer.Deferred[Done | None] = defer.Deferred()
-        factory = WebSocketClientFactory(url, useragent=f"sandrun-client/{__version__}")
-        factory.protocol = _StreamProtocol
-        factory.on_event = on_event
-        factory.finished = finished
+        factory = _StreamFactory(url, on_event, finished)
         endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=self.timeout)
         if scheme == "wss":
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
@@ -326,6 +324,17 @@ class _MultipartProducer:
                 self._task.stop()
             except task.TaskFinished:
                 pass
+
+
+class _StreamFactory(WebSocketClientFactory):  # type: ignore[misc]
+    """One stream's connection: where its events go and the Deferred it fires."""
+
+    def __init__(self, url: str, on_event: Callable[[StreamEvent], None],
+                 finished: defer.Deferred[Done | None]) -> None:
+        super().__init__(url, useragent=f"sandrun-client/{__version__}")
+        self.protocol = _StreamProtocol
+        self.on_event = on_event
+        self.finished = finished
 
 
 class _StreamProtocol(WebSocketClientProtocol):  # type: ignore[misc]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -60,7 +62,7 @@ def test_client_errors_map_to_their_exit_statuses() -> None:
     assert _error_code(NotFoundError("Job not found")) == 1
 
 
-def parse(*argv: str) -> object:
+def parse(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(list(argv))
 
 
@@ -86,7 +88,7 @@ def test_command_line_fields_become_a_manifest() -> None:
         _manifest(parse("run", "p", "--env", "novalue"))
 
 
-def test_a_directory_manifest_overlays_job_json_or_guesses_main(tmp_path: str) -> None:
+def test_a_directory_manifest_overlays_job_json_or_guesses_main(tmp_path: Path) -> None:
     root = str(tmp_path)
     open(os.path.join(root, "main.sh"), "w").close()
     assert _directory_manifest(root, None) == {"entrypoint": "main.sh"}
@@ -98,13 +100,13 @@ def test_a_directory_manifest_overlays_job_json_or_guesses_main(tmp_path: str) -
         "entrypoint": "run.py", "timeout": 3, "env": {"A": "1"}}
 
 
-def test_a_directory_without_an_entrypoint_is_refused_before_upload(tmp_path: str) -> None:
+def test_a_directory_without_an_entrypoint_is_refused_before_upload(tmp_path: Path) -> None:
     (tmp_path / "lib.py").write_text("")
     with pytest.raises(ValueError, match="--entrypoint"):
         _directory_manifest(str(tmp_path), None)
 
 
-def test_a_missing_path_exits_66_without_contacting_the_server(tmp_path: str) -> None:
+def test_a_missing_path_exits_66_without_contacting_the_server(tmp_path: Path) -> None:
     err = io.StringIO()
     args = parse("run", str(tmp_path / "nope"), "--server", "http://127.0.0.1:1")
     assert run_client_command(args, io.StringIO(), err) == 66

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -78,7 +79,7 @@ def test_ignore_rules_follow_gitignore(patterns: list[str], path: str, is_dir: b
     assert IgnoreRules(patterns).ignored(path, is_dir) is ignored
 
 
-def test_packing_leaves_out_ignored_files_vcs_and_outputs_dirs(tmp_path: str) -> None:
+def test_packing_leaves_out_ignored_files_vcs_and_outputs_dirs(tmp_path: Path) -> None:
     root = str(tmp_path)
     tree(root, {"main.py": "print(1)", "data/a.csv": "1", "data/big.bin": "x",
                 "logs/x.log": "l", "keep/x.log": "k", ".git/HEAD": "ref",
@@ -87,19 +88,19 @@ def test_packing_leaves_out_ignored_files_vcs_and_outputs_dirs(tmp_path: str) ->
     assert packed_names(root) == ["data/a.csv", "keep/x.log", "main.py"]
 
 
-def test_an_excluded_directory_is_never_entered_even_for_negations(tmp_path: str) -> None:
+def test_an_excluded_directory_is_never_entered_even_for_negations(tmp_path: Path) -> None:
     root = str(tmp_path)
     tree(root, {"main.py": "", "build/keep.txt": "", ".sandrunignore": "build/\n!build/keep.txt\n"})
     assert packed_names(root) == ["main.py"]
 
 
-def test_the_defaults_can_be_negated(tmp_path: str) -> None:
+def test_the_defaults_can_be_negated(tmp_path: Path) -> None:
     root = str(tmp_path)
     tree(root, {"main.py": "", ".git/HEAD": "", ".sandrunignore": "!.git/\n"})
     assert packed_names(root) == [".git/HEAD", "main.py"]
 
 
-def test_packing_skips_links_and_records_hashes_sizes_and_modes(tmp_path: str) -> None:
+def test_packing_skips_links_and_records_hashes_sizes_and_modes(tmp_path: Path) -> None:
     root = str(tmp_path)
     tree(root, {"run.sh": "echo hi\n", "lib/util.py": "x = 1\n"})
     os.chmod(os.path.join(root, "run.sh"), 0o700)
@@ -127,7 +128,7 @@ def test_packing_skips_links_and_records_hashes_sizes_and_modes(tmp_path: str) -
 # -- safe extraction ----------------------------------------------------------------------
 
 
-def test_a_packed_tree_extracts_back_identically(tmp_path: str) -> None:
+def test_a_packed_tree_extracts_back_identically(tmp_path: Path) -> None:
     src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
     tree(src, {"a.txt": "alpha", "d/e/f.bin": "deep", "x.sh": "#!/bin/sh\n"})
     os.chmod(os.path.join(src, "x.sh"), 0o755)
@@ -144,7 +145,7 @@ def test_a_packed_tree_extracts_back_identically(tmp_path: str) -> None:
 
 @pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE,
                                   tarfile.CHRTYPE])
-def test_links_and_special_members_are_refused(tmp_path: str, kind: bytes) -> None:
+def test_links_and_special_members_are_refused(tmp_path: Path, kind: bytes) -> None:
     link = tarfile.TarInfo("evil")
     link.type, link.linkname = kind, "/etc/passwd"
     with pytest.raises(UnsafeArchiveError, match="evil"):
@@ -154,7 +155,7 @@ def test_links_and_special_members_are_refused(tmp_path: str, kind: bytes) -> No
 
 @pytest.mark.parametrize("name", ["../escape.txt", "a/../../escape.txt", "/abs/escape.txt",
                                   "C:/escape.txt", "a\\..\\escape.txt"])
-def test_names_that_leave_the_destination_are_refused(tmp_path: str, name: str) -> None:
+def test_names_that_leave_the_destination_are_refused(tmp_path: Path, name: str) -> None:
     dest = tmp_path / "dest"
     with pytest.raises(UnsafeArchiveError):
         extract_archive(tar_of(regular(name, 1), data=b"x"), str(dest))
@@ -162,7 +163,7 @@ def test_names_that_leave_the_destination_are_refused(tmp_path: str, name: str) 
     assert not os.path.exists("/abs/escape.txt")
 
 
-def test_an_existing_symlink_in_the_destination_is_not_followed(tmp_path: str) -> None:
+def test_an_existing_symlink_in_the_destination_is_not_followed(tmp_path: Path) -> None:
     dest, outside = tmp_path / "dest", tmp_path / "outside"
     dest.mkdir()
     outside.mkdir()
@@ -175,7 +176,7 @@ def test_an_existing_symlink_in_the_destination_is_not_followed(tmp_path: str) -
     assert os.listdir(outside) == []
 
 
-def test_an_existing_file_is_replaced_not_written_through(tmp_path: str) -> None:
+def test_an_existing_file_is_replaced_not_written_through(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     elsewhere = tmp_path / "elsewhere.txt"
@@ -186,13 +187,13 @@ def test_an_existing_file_is_replaced_not_written_through(tmp_path: str) -> None
     assert elsewhere.read_text() == "precious"
 
 
-def test_extraction_stops_past_max_bytes(tmp_path: str) -> None:
+def test_extraction_stops_past_max_bytes(tmp_path: Path) -> None:
     with pytest.raises(UnsafeArchiveError, match="too large"):
         extract_archive(tar_of(regular("a", 10), regular("b", 10), data=b"0123456789"),
                         str(tmp_path), max_bytes=15)
 
 
-def test_a_corrupt_archive_is_an_error_not_a_crash(tmp_path: str) -> None:
+def test_a_corrupt_archive_is_an_error_not_a_crash(tmp_path: Path) -> None:
     good = tar_of(regular("a.txt", 5000), data=os.urandom(5000)).getvalue()
     with pytest.raises(UnsafeArchiveError):
         extract_archive(io.BytesIO(good[: len(good) // 2]), str(tmp_path))
@@ -200,7 +201,7 @@ def test_a_corrupt_archive_is_an_error_not_a_crash(tmp_path: str) -> None:
         extract_archive(io.BytesIO(b"not an archive at all"), str(tmp_path))
 
 
-def test_write_output_refuses_escaping_paths(tmp_path: str) -> None:
+def test_write_output_refuses_escaping_paths(tmp_path: Path) -> None:
     assert write_output(str(tmp_path), "a/b.txt", [b"ok"]) == str(tmp_path / "a" / "b.txt")
     for bad in ("../x", "/etc/x", "a/../../x", ""):
         with pytest.raises(UnsafeArchiveError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +20,7 @@ from sandrun.client.errors import (
     ServiceUnavailableError,
     error_from_response,
 )
-from sandrun.client.models import Done, Job, Logs, OutputChunk, Outputs, StatusUpdate, \
-    parse_frame
+from sandrun.client.models import Done, Job, Logs, OutputChunk, Outputs, StatusUpdate, parse_frame
 
 
 def test_a_429_carries_the_servers_reason_and_retry_after() -> None:
@@ -121,7 +121,7 @@ def test_stream_frames_parse_and_unknown_types_are_skipped() -> None:
         parse_frame("plain text")
 
 
-def test_a_multipart_body_is_exactly_as_long_as_it_says(tmp_path: str) -> None:
+def test_a_multipart_body_is_exactly_as_long_as_it_says(tmp_path: Path) -> None:
     archive = tmp_path / "job.tar.gz"
     archive.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 3000)
     form = body.MultipartBody([body.Part("files", filename="job.tar.gz", path=str(archive)),

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,7 @@ def sandrun(url: str, *argv: str, cwd: str | None = None, timeout: float = 45) -
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-m", "sandrun", *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, check=False)
     return Ran(done.returncode, done.stdout, done.stderr)
 
 
@@ -76,7 +77,7 @@ PROJECT = {
 
 
 def test_run_streams_output_and_puts_outputs_in_the_outputs_dir(worker: Worker,
-                                                                 tmp_path: str) -> None:
+                                                                 tmp_path: Path) -> None:
     project = write(tmp_path / "project", PROJECT)
     ran = sandrun(worker.url, "run", project, "--env", "GREETING=hi there",
                   "--output", "out/**", "--", "one", "--two", cwd=str(tmp_path))
@@ -94,7 +95,7 @@ def test_run_streams_output_and_puts_outputs_in_the_outputs_dir(worker: Worker,
 
 
 def test_without_output_patterns_unchanged_inputs_are_not_downloaded(worker: Worker,
-                                                                     tmp_path: str) -> None:
+                                                                     tmp_path: Path) -> None:
     project = write(tmp_path / "p", PROJECT)
     dest = tmp_path / "elsewhere"
     ran = sandrun(worker.url, "run", project, "--env", "GREETING=x", "--outputs-dir", str(dest),
@@ -106,7 +107,7 @@ def test_without_output_patterns_unchanged_inputs_are_not_downloaded(worker: Wor
     assert not (tmp_path / "sandrun-outputs").exists()
 
 
-def test_a_failing_job_exit_status_is_propagated(worker: Worker, tmp_path: str) -> None:
+def test_a_failing_job_exit_status_is_propagated(worker: Worker, tmp_path: Path) -> None:
     script = write(tmp_path, {"fail.py": "import sys\nprint('bad')\nsys.exit(3)\n"})
     ran = sandrun(worker.url, "run", os.path.join(script, "fail.py"), cwd=str(tmp_path))
     assert ran.code == 3
@@ -114,7 +115,7 @@ def test_a_failing_job_exit_status_is_propagated(worker: Worker, tmp_path: str) 
     assert "exited with status 3" in ran.stderr
 
 
-def test_a_timeout_exits_124_and_a_memory_limit_125(worker: Worker, tmp_path: str) -> None:
+def test_a_timeout_exits_124_and_a_memory_limit_125(worker: Worker, tmp_path: Path) -> None:
     write(tmp_path, {"slow.py": "import time\ntime.sleep(30)\n",
                      "hog.py": "x = bytearray(400 * 1024 * 1024)\nx[::4096] = b'1' * len(x[::4096])\n"})
     ran = sandrun(worker.url, "run", str(tmp_path / "slow.py"), "--timeout", "1",
@@ -127,7 +128,7 @@ def test_a_timeout_exits_124_and_a_memory_limit_125(worker: Worker, tmp_path: st
     assert "ran out of memory (64 MB)" in ran.stderr
 
 
-def test_a_large_upload_shows_progress_on_stderr(worker: Worker, tmp_path: str) -> None:
+def test_a_large_upload_shows_progress_on_stderr(worker: Worker, tmp_path: Path) -> None:
     project = write(tmp_path / "big", {"main.py": "import os\nprint(os.path.getsize('blob'))\n"})
     with open(os.path.join(project, "blob"), "wb") as f:
         f.write(os.urandom(1_500_000))  # random: gzip cannot shrink it under 1 MB
@@ -140,7 +141,7 @@ def test_a_large_upload_shows_progress_on_stderr(worker: Worker, tmp_path: str) 
     assert "uploading" not in small.stderr  # small uploads stay quiet
 
 
-def test_status_logs_download_and_cancel_commands(worker: Worker, tmp_path: str) -> None:
+def test_status_logs_download_and_cancel_commands(worker: Worker, tmp_path: Path) -> None:
     project = write(tmp_path / "p", PROJECT)
     ran = sandrun(worker.url, "run", project, "--env", "GREETING=kept", "--output", "out/**",
                   "--keep", "--no-download", cwd=str(tmp_path))
@@ -178,7 +179,7 @@ def test_status_logs_download_and_cancel_commands(worker: Worker, tmp_path: str)
     assert worker.get(f"/status/{sleeper}").status == 404
 
 
-def test_status_verifies_a_signature_only_against_the_right_worker(tmp_path: str) -> None:
+def test_status_verifies_a_signature_only_against_the_right_worker(tmp_path: Path) -> None:
     from sandrun.identity import WorkerIdentity, write_private_key
 
     key = WorkerIdentity.generate()
@@ -194,7 +195,7 @@ def test_status_verifies_a_signature_only_against_the_right_worker(tmp_path: str
         assert bad.code == 76 and "NOT validly signed" in bad.stderr
 
 
-def test_a_rate_limited_run_exits_75_with_the_servers_reason(tmp_path: str) -> None:
+def test_a_rate_limited_run_exits_75_with_the_servers_reason(tmp_path: Path) -> None:
     script = write(tmp_path, {"hello.py": "print('hello')\n"})
     with run_worker("--max-active-per-ip", "1", "--max-upload-mb", "1") as limited:
         client = SandrunClient(limited.url)
@@ -217,7 +218,7 @@ def test_a_rate_limited_run_exits_75_with_the_servers_reason(tmp_path: str) -> N
         assert "Upload too large" in too_big.stderr
 
 
-def test_an_unreachable_server_exits_69(tmp_path: str) -> None:
+def test_an_unreachable_server_exits_69(tmp_path: Path) -> None:
     script = write(tmp_path, {"x.py": "print(1)\n"})
     started = time.monotonic()
     ran = sandrun("http://127.0.0.1:1", "run", os.path.join(script, "x.py"))

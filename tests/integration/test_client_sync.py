@@ -6,6 +6,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -68,7 +69,7 @@ def test_service_calls_describe_this_worker(client: SandrunClient,
 
 
 def test_a_snippet_runs_and_every_read_call_sees_its_result(
-        client: SandrunClient, identity: tuple[WorkerIdentity, str], tmp_path: str) -> None:
+        client: SandrunClient, identity: tuple[WorkerIdentity, str], tmp_path: Path) -> None:
     code = ("import os, sys\n"
             "os.makedirs('out', exist_ok=True)\n"
             "open('out/result.txt', 'w').write('R:' + sys.stdin.read() + ':' + sys.argv[1])\n"
@@ -96,7 +97,8 @@ def test_a_snippet_runs_and_every_read_call_sees_its_result(
     with pytest.raises(NotFoundError):
         client.download(job.job_id, "scratch.txt")  # not matched by outputs
     written = client.download_to(job.job_id, "out/result.txt", str(tmp_path / "one"))
-    assert open(written, "rb").read() == b"R:input:arg1"
+    with open(written, "rb") as f:
+        assert f.read() == b"R:input:arg1"
 
     worker_id = identity[0].worker_id
     assert client.verify(job, worker_id)
@@ -166,7 +168,7 @@ def test_files_with_binary_content_and_subdirectories_arrive_intact(
     client.cancel(job_id)
 
 
-def test_a_directory_upload_honours_sandrunignore(client: SandrunClient, tmp_path: str) -> None:
+def test_a_directory_upload_honours_sandrunignore(client: SandrunClient, tmp_path: Path) -> None:
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
     (project / "main.py").write_text(
@@ -186,7 +188,7 @@ def test_a_directory_upload_honours_sandrunignore(client: SandrunClient, tmp_pat
 
 
 def test_a_directory_with_job_json_needs_no_manifest(client: SandrunClient,
-                                                     tmp_path: str) -> None:
+                                                     tmp_path: Path) -> None:
     (tmp_path / "job.json").write_text('{"entrypoint": "go.sh", "args": ["x"]}')
     (tmp_path / "go.sh").write_text('echo "arg=$1"\n')
     job = client.wait(client.submit_directory(str(tmp_path)).job_id, timeout=30)
@@ -194,7 +196,7 @@ def test_a_directory_with_job_json_needs_no_manifest(client: SandrunClient,
     client.cancel(job.job_id)
 
 
-def test_a_single_file_is_its_own_entrypoint(client: SandrunClient, tmp_path: str) -> None:
+def test_a_single_file_is_its_own_entrypoint(client: SandrunClient, tmp_path: Path) -> None:
     script = tmp_path / "hello.sh"
     script.write_text("echo hello from $0\n")
     job = client.wait(client.submit_file(str(script)).job_id, timeout=30)

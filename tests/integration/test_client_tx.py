@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -33,7 +34,7 @@ def worker() -> Iterator[Worker]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_job_submitted_streamed_waited_for_and_downloaded(worker: Worker,
-                                                                   tmp_path: str) -> None:
+                                                                   tmp_path: Path) -> None:
     client = TxSandrunClient(worker.url, reactor)
     info = await client.info()
     assert info["service"] == "sandrun"
@@ -64,7 +65,7 @@ async def test_a_job_submitted_streamed_waited_for_and_downloaded(worker: Worker
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_directory_and_files_upload_and_cancel(worker: Worker, tmp_path: str) -> None:
+async def test_a_directory_and_files_upload_and_cancel(worker: Worker, tmp_path: Path) -> None:
     client = TxSandrunClient(worker.url, reactor)
     (tmp_path / "main.py").write_text("print(open('data.txt').read())")
     (tmp_path / "data.txt").write_text("from the directory")

@@ -13,10 +13,10 @@ import pytest
 
 mcp = pytest.importorskip("mcp")
 
-from mcp import ClientSession, StdioServerParameters  # noqa: E402
-from mcp.client.stdio import stdio_client  # noqa: E402
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
 
-from .worker import REPO, Worker, run_worker  # noqa: E402
+from .worker import REPO, Worker, run_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,14 +37,14 @@ def session_run(url: str | None, steps: Any, env: dict[str, str] | None = None) 
         env={"PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
              **(env or {})})
 
-    async def main() -> Any:
-        with open(os.devnull, "w") as quiet:
-            async with stdio_client(params, errlog=quiet) as (read, write):
-                async with ClientSession(read, write) as session:
-                    await session.initialize()
-                    return await steps(session)
+    async def main(quiet: Any) -> Any:
+        async with stdio_client(params, errlog=quiet) as (read, write), \
+                ClientSession(read, write) as session:
+            await session.initialize()
+            return await steps(session)
 
-    return anyio.run(main)
+    with open(os.devnull, "w") as quiet:  # the server's own log lines
+        return anyio.run(main, quiet)
 
 
 def result_of(answer: Any) -> dict[str, Any]:
