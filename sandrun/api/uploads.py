@@ -118,6 +118,10 @@ class WorkerChannel(http.HTTPChannel):
                 "Content-Length or chunked encoding"))
         self.loseConnection()
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request line or header over MAX_LENGTH: twisted would just hang up.
+        self._respondToBadRequestAndDisconnect()
+
 
 # Endpoints whose second path segment is a job id; anything after it (an
 # output's file name) is job content and never logged.
