@@ -72,8 +72,9 @@ CLOSE_NO_JOB = 4404  # unknown job, or deleted while watched
 class StreamSettings:
     """How the stream treats its clients; the defaults are what the worker serves.
 
-    autobahn runs ``close_timeout`` and the ping timers with one-second
-    resolution, rounding down: each is up to a second shorter than given.
+    autobahn runs ``close_timeout`` and the ping timers on the global reactor
+    with one-second resolution, rounding down: each is up to a second shorter
+    than given. The stall and status checks run on the manager's reactor.
     """
 
     stall_seconds: float = 10.0  # seconds a subscriber may take no data while output waits
@@ -94,7 +95,7 @@ def stream_resource(manager: JobManager, job_id: str, request: IRequest,
         return cast(IResource, _ErrorResource(APIError(400, "Invalid format",
                                                        "format is text or json")))
     upgrade = (request.getHeader(b"upgrade") or b"").lower()
-    if upgrade != b"websocket":
+    if b"websocket" not in (token.strip() for token in upgrade.split(b",")):
         return cast(IResource, _ErrorResource(
             APIError(426, "Upgrade required", "this endpoint speaks WebSocket (RFC 6455)"),
             {b"Upgrade": b"websocket"}, b"Upgrade Required"))

@@ -18,7 +18,8 @@ import pytest_twisted
 import treq.testing
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from klein import Klein
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.web import server
 from twisted.web.iweb import IRequest
@@ -30,6 +31,7 @@ from sandrun.jobs.manifest import Manifest
 from sandrun.jobs.model import Job
 from sandrun.wire import JobStatus, Reason
 
+reactor: Any = _reactor  # the global reactor, untyped (no mypy-zope here)
 KiB = 1024
 MiB = 1024 * KiB
 FAST = StreamSettings(check_seconds=0.02)
@@ -111,6 +113,7 @@ def stream_only(manager: FakeManager, settings: StreamSettings = FAST) -> Any:
 class Client(WebSocketClientProtocol):  # type: ignore[misc]
     """Records every message; ``closed`` fires with (code, reason)."""
 
+    transport: Any
     def __init__(self) -> None:
         super().__init__()
         self.messages: list[str] = []
@@ -141,8 +144,14 @@ class Client(WebSocketClientProtocol):  # type: ignore[misc]
 async def connect(port: int, path: str) -> Client:
     factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}")
     factory.protocol = Client
-    client: Client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    client = await dial(port, factory)
     await within(client.opened, 5)
+    return client
+
+
+async def dial(port: int, factory: WebSocketClientFactory) -> Client:
+    endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    client: Client = await endpoint.connect(factory)
     return client
 
 
@@ -335,8 +344,9 @@ async def test_a_stalled_subscriber_is_dropped_with_1008_while_the_others_get_ev
     reader = await connect(port, f"/s/{job.id}")
     stalled.transport.pauseProducing()  # the client stops reading its socket
     await until(lambda: subscribers(job) == 2, what="two subscribers")
-    stalled_sub = next(listener.__self__ for listener in job.log.listeners
-                       if listener.__self__.protocol.transport.getPeer().port
+    listeners: list[Any] = list(job.log.listeners)  # bound methods of the subscribers
+    stalled_sub = next(sub for sub in (f.__self__ for f in listeners)
+                       if sub.protocol.transport.getPeer().port
                        == stalled.transport.getHost().port)
     chunk = bytes(range(32, 127)) * 690  # 65,550 bytes of text
     total = 24 * MiB // len(chunk)
@@ -414,14 +424,14 @@ async def test_any_origin_may_subscribe(serve: Any) -> None:
     factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/stream/{job.id}",
                                      origin="https://elsewhere.example")
     factory.protocol = Client
-    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    client = await dial(port, factory)
     assert (await within(client.closed, 5))[0] == 1000
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_plain_get_is_a_426_json_error_and_a_bad_format_a_400() -> None:
     job = make_job()
-    http = treq.testing.StubTreq(worker_api(FakeManager(job)))
+    http: Any = treq.testing.StubTreq(worker_api(FakeManager(job)))
     response = await http.get(f"http://worker/logs/{job.id}/stream")
     assert response.code == 426  # (the stub client drops the Upgrade header it also gets)
     assert response.headers.getRawHeaders("access-control-allow-origin") == ["*"]
