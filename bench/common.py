@@ -16,6 +16,7 @@ client work.
 
 from __future__ import annotations
 
+import base64
 import glob
 import hashlib
 import http.client
@@ -211,6 +212,65 @@ class Client:
             self.conn = None
 
 
+def wait_ws(host: str, port: int, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Learn a job's end from its WebSocket (``?format=json``): returns the ``done`` frame.
+
+    A minimal stdlib client (one new TCP connection, the handshake, unmasked server
+    frames read until ``done``), so the measurement holds no client library's costs.
+    """
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall((f"GET /logs/{job_id}/stream?format=json HTTP/1.1\r\n"
+                      f"Host: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                      ).encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed during the WebSocket handshake")
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise ConnectionError(head.split(b"\r\n", 1)[0].decode("latin-1"))
+
+        def need(n: int) -> bytes:
+            nonlocal buf
+            while len(buf) < n:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed before the done frame")
+                buf += chunk
+            data, buf = buf[:n], buf[n:]
+            return data
+
+        message = b""
+        while True:
+            b0, b1 = need(2)
+            length = b1 & 0x7F
+            if length == 126:
+                length = int.from_bytes(need(2), "big")
+            elif length == 127:
+                length = int.from_bytes(need(8), "big")
+            payload = need(length)
+            opcode = b0 & 0x0F
+            if opcode == 8:
+                raise ConnectionError(f"closed before the done frame: {payload[2:]!r}")
+            if opcode in (0, 1):
+                message += payload
+                if b0 & 0x80:
+                    frame = json.loads(message)
+                    message = b""
+                    if frame.get("type") == "done":
+                        # A masked close frame (code 1000), then hang up.
+                        mask = os.urandom(4)
+                        body = (1000).to_bytes(2, "big")
+                        sock.sendall(bytes([0x88, 0x80 | len(body)]) + mask
+                                     + bytes(c ^ mask[i % 4] for i, c in enumerate(body)))
+                        return frame  # type: ignore[no-any-return]
+
+
 def raw_request(host: str, port: int, head: bytes, body: bytes = b"",
                 source: str | None = None) -> None:
     """Send raw bytes and close without reading: a client that goes away."""
@@ -220,6 +280,23 @@ def raw_request(host: str, port: int, head: bytes, body: bytes = b"",
 
 
 # -- a real worker -----------------------------------------------------------------------------
+
+
+def export_tree(ref: str) -> tuple[str, str]:
+    """A clean copy of the sources at ``ref`` (``git archive``) and the commit it names.
+
+    Benchmarks measure a commit, not whatever is half-edited in the checkout: pass the
+    directory as ``Worker(tree=...)`` (it goes first on the worker's PYTHONPATH, ahead of
+    the editable install).
+    """
+    sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", ref], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    tree = tempfile.mkdtemp(prefix=f"sandrun-{sha}-")
+    archive = subprocess.Popen(["git", "-C", ROOT, "archive", sha], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", tree], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise RuntimeError(f"git archive {ref} failed")
+    return tree, sha
 
 
 def instance_name(state_dir: str) -> str:
@@ -267,8 +344,10 @@ class Worker:
     """
 
     def __init__(self, *flags: str, state_dir: str | None = None, host: str = "127.0.0.1",
-                 log_path: str | None = None) -> None:
+                 log_path: str | None = None, tree: str | None = None) -> None:
         self.flags = flags
+        # The sources the worker runs from: this checkout, or SANDRUN_TREE (see export_tree).
+        self.tree = tree or os.environ.get("SANDRUN_TREE") or ROOT
         self.host = host
         self.port = 0  # the worker picks a free one; read from its start-up line
         self.state_dir = state_dir or tempfile.mkdtemp(prefix="sandrun-bench-")
@@ -290,10 +369,11 @@ class Worker:
         argv = [sys.executable, "-m", "sandrun", "serve", "--state-dir", self.state_dir,
                 "--listen", f"{self.host}:0", *self.flags]
         log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ,
+                   PYTHONPATH=self.tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+                                         stdin=subprocess.DEVNULL, env=env, cwd=self.tree)
         deadline = time.monotonic() + timeout
         while not self.port:
             with open(self.log_path, "rb") as f:
@@ -477,3 +557,120 @@ def wait_for(predicate: Any, within: float, step: float = 0.02) -> Any:
 def glob_job_cgroups(instance: str) -> list[str]:
     """Every ``job-*`` directory below any ``<instance>`` cgroup on the host (slow: walks)."""
     return sorted(glob.glob(f"{CGROUP_ROOT}/*/**/{instance}/job-*", recursive=True))
+
+
+# -- profiles ------------------------------------------------------------------------------------
+
+# Where a sample of the worker is spent, by the first matching frame in its stack (innermost
+# first wins): a coarse map of the per-job path.
+PROFILE_BUCKETS = (
+    ("netns pool (pyroute2)", "NetnsPool."),
+    ("launcher: fork, child setup, exec", "Launcher._spawn"),
+    ("launcher: reap, cgroup stats and removal", "Launcher._reap"),
+    ("launcher: other", "sandrun/sandbox/launcher.py"),
+    ("submit: parse body, write files (thread)", "parse_submission"),
+    ("submit: tmpfs mount per job", "Storage.create"),
+    ("delete: tmpfs umount per job", "Storage.delete"),
+    ("list outputs (thread)", "list_outputs"),
+    ("sandbox.run: chown, pipes, send", "Sandbox.run"),
+    ("job end: sign, log, release", "JobManager._end"),
+    ("status/logs documents", "WorkerAPI.status"),
+    ("HTTP routing and handlers", "KleinResource.render"),
+    ("logging", "twisted/logger/"),
+    ("HTTP parse and write (twisted.web/tcp)", "twisted/"),
+    ("thread pool idle/handoff", "threading.py"),
+)
+
+
+_GENERIC_BUCKETS = 3  # the last ones: only when no specific frame is in the stack
+
+
+def _bucket(frames: list[str]) -> str:
+    """The bucket of the innermost specific frame, else of the innermost generic one."""
+    specific, generic = PROFILE_BUCKETS[:-_GENERIC_BUCKETS], PROFILE_BUCKETS[-_GENERIC_BUCKETS:]
+    for buckets in (specific, generic):
+        for frame in reversed(frames):
+            for name, key in buckets:
+                if key in frame:
+                    return name
+    return "other"
+
+
+class Profiler:
+    """``py-spy record`` of a worker and its launcher, raw collapsed stacks (when installed)."""
+
+    def __init__(self, pid: int, path: str, rate: int = 250) -> None:
+        self.pid, self.path, self.rate = pid, path, rate
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.seconds = 0.0
+
+    def __enter__(self) -> Profiler:  # noqa: PYI034 - a final class in all but name
+        spy = shutil.which("py-spy")
+        if spy is None:
+            print("py-spy not installed (pip install py-spy): no profile", flush=True)
+            return self
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.proc = subprocess.Popen([spy, "record", "-p", str(self.pid), "--subprocesses",
+                                      "--nonblocking", "--threads", "-r", str(self.rate),
+                                      "-f", "raw", "-o", self.path],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # attached before the measured work starts
+        self.started = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        self.seconds = time.monotonic() - self.started
+        self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def summary(self, jobs: int) -> dict[str, Any]:
+        """CPU per job by bucket (a sample is 1/rate s of one thread on a CPU)."""
+        if self.proc is None or not os.path.exists(self.path):
+            return {}
+        per_bucket: dict[str, int] = {}
+        threads: dict[str, int] = {}
+        total = 0
+        with open(self.path) as f:
+            for line in f:
+                stack, _, count = line.rstrip("\n").rpartition(" ")
+                n = int(count)
+                total += n
+                process = "launcher" if "sandrun.sandbox.launcher" in stack else "worker"
+                if process == "launcher":
+                    thread = "launcher"
+                elif "ReactorBase.run" in stack:
+                    thread = "worker: reactor thread"
+                elif "NetnsPool." in stack:
+                    thread = "worker: netns pool thread"
+                else:
+                    thread = "worker: thread pool"
+                threads[thread] = threads.get(thread, 0) + n
+                name = _bucket(stack.split(";"))
+                per_bucket[name] = per_bucket.get(name, 0) + n
+        to_ms = 1000.0 / self.rate / max(1, jobs)
+        return {"raw": os.path.relpath(self.path, ROOT), "rate_hz": self.rate,
+                "seconds": self.seconds, "jobs": jobs, "samples": total,
+                "cpu_ms_per_job": total * to_ms,
+                "by_thread_ms_per_job": {k: v * to_ms for k, v in
+                                         sorted(threads.items(), key=lambda kv: -kv[1])},
+                "by_bucket_ms_per_job": {k: v * to_ms for k, v in
+                                         sorted(per_bucket.items(), key=lambda kv: -kv[1])}}
+
+
+def print_profile(title: str, profile: dict[str, Any]) -> None:
+    if not profile:
+        return
+    rows = [(f"[{name}]", ms) for name, ms in profile["by_thread_ms_per_job"].items()]
+    rows += [(name, ms) for name, ms in profile["by_bucket_ms_per_job"].items()]
+    print_table(title, ("where (py-spy samples, worker + launcher)", "CPU ms/job"), rows,
+                notes=[(f"{profile['samples']} samples at {profile['rate_hz']} Hz over "
+                        f"{profile['seconds']:.1f} s, {profile['jobs']} jobs; "
+                        f"raw stacks: {profile['raw']}"),
+                       "a bucket is the innermost matching frame of each sample"])

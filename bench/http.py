@@ -48,14 +48,28 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
     sys.path[0] = _ROOT
 
 import argparse
+import contextlib
 import datetime
 import resource
+import shutil
 import subprocess
 import threading
 import time
 from typing import Any
 
-from bench.common import RAISED_QUOTAS, Client, Worker, print_table, summary, write_json
+from bench.common import (
+    RAISED_QUOTAS,
+    RESULTS_DIR,
+    Client,
+    Profiler,
+    Worker,
+    export_tree,
+    print_profile,
+    print_table,
+    summary,
+    wait_ws,
+    write_json,
+)
 
 BARE_PYTHON = "/usr/bin/python3"  # what ``python3`` is inside the sandbox (host /usr, read-only)
 HELLO = {"manifest": {"entrypoint": "main.py"}, "files": {"main.py": 'print("hello")\n'}}
@@ -89,15 +103,27 @@ def run_bare() -> float:
     return elapsed
 
 
-def run_job(client: Client, job: dict[str, Any], args: argparse.Namespace
-            ) -> tuple[float, float, dict[str, Any], int]:
-    """Submit and wait: (total ms, submit ms, final status, polls)."""
+def run_job(client: Client, job: dict[str, Any], args: argparse.Namespace,
+            full_status: bool = True) -> tuple[float, float, dict[str, Any], int]:
+    """Submit and wait: (total ms, submit ms, final status, polls).
+
+    With ``--detect ws`` the end is the WebSocket's ``done`` frame; the status document
+    is then fetched after the clock stopped (``full_status``), or made from that frame.
+    """
     t0 = time.perf_counter()
     code, answer = client.json("POST", "/submit", job)
     t_submit = time.perf_counter()
     if code != 200:
         raise RuntimeError(f"submit: {code} {answer}")
-    status, polls = client.wait(answer["job_id"], poll=args.poll, backoff=args.backoff,
+    job_id = answer["job_id"]
+    if args.detect == "ws":
+        done = wait_ws(client.host, client.port, job_id)
+        t1 = time.perf_counter()
+        status = client.status(job_id) if full_status else {
+            "job_id": job_id, "status": done["status"],
+            "execution_metadata": {"reason": done["reason"]}}
+        return (t1 - t0) * 1000, (t_submit - t0) * 1000, status, 0
+    status, polls = client.wait(job_id, poll=args.poll, backoff=args.backoff,
                                 max_poll=args.max_poll)
     t1 = time.perf_counter()
     return (t1 - t0) * 1000, (t_submit - t0) * 1000, status, polls
@@ -127,19 +153,20 @@ def latency(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
     wall: list[float] = []  # the sandbox's own start-to-exit of the job
     polls: list[int] = []
     errors = 0
-    for _ in range(args.n):
-        bare.append(run_bare())
-        t, s, status, p = run_job(client, HELLO, args)
-        logs = collect(client, status["job_id"], args.keep)
-        if status["status"] != "completed" or logs["stdout"] != "hello\n":
-            errors += 1
-            continue
-        total.append(t)
-        submit.append(s)
-        polls.append(p)
-        server.append((parse_iso(status["finished_at"]) - parse_iso(status["submitted_at"]))
-                      * 1000)
-        wall.append(status["execution_metadata"]["wall_time_ms"])
+    with profiler(worker, args, "latency") as prof:
+        for _ in range(args.n):
+            bare.append(run_bare())
+            t, s, status, p = run_job(client, HELLO, args)
+            logs = collect(client, status["job_id"], args.keep)
+            if status["status"] != "completed" or logs["stdout"] != "hello\n":
+                errors += 1
+                continue
+            total.append(t)
+            submit.append(s)
+            polls.append(p)
+            server.append((parse_iso(status["finished_at"])
+                           - parse_iso(status["submitted_at"])) * 1000)
+            wall.append(status["execution_metadata"]["wall_time_ms"])
     client.close()
     stats = {"sandrun_end_to_end_ms": summary(total), "bare_python_ms": summary(bare),
              "submit_response_ms": summary(submit), "worker_submit_to_finish_ms": summary(server),
@@ -151,20 +178,34 @@ def latency(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
                 ("", "p50", "p90", "p99", "mean"), rows, notes=[
                     f"p50 gap to bare: {gap:.2f} ms (target <= {LATENCY_TARGET_MS} ms): "
                     + ("met" if gap <= LATENCY_TARGET_MS else "MISSED"),
-                    (f"errors: {errors}; polls per job p50 "
-                     f"{stats['polls_per_job']['p50']:.0f}; completion by polling /status "
-                     f"(first sleep {args.poll * 1000:g} ms, x{args.backoff:g} up to "
-                     f"{args.max_poll * 1000:g} ms)"),
+                    f"errors: {errors}; completion: {detection_text(args)}",
                     ("worker_submit_to_finish_ms is from the worker's own ISO timestamps "
                      "(1 ms resolution)")])
-    return {"runs": args.n, "errors": errors, "p50_gap_ms": gap,
-            "target_gap_ms": LATENCY_TARGET_MS, "met": gap <= LATENCY_TARGET_MS, **stats}
+    result = {"runs": args.n, "errors": errors, "p50_gap_ms": gap,
+              "target_gap_ms": LATENCY_TARGET_MS, "met": gap <= LATENCY_TARGET_MS, **stats}
+    if args.profile:
+        result["profile"] = prof.summary(args.n)
+        print_profile("Profile of the latency runs", result["profile"])
+    return result
+
+
+def detection_text(args: argparse.Namespace) -> str:
+    if args.detect == "ws":
+        return "the WebSocket's done frame (one new connection per job)"
+    return (f"polling /status (first sleep {args.poll * 1000:g} ms, x{args.backoff:g} per "
+            f"poll up to {args.max_poll * 1000:g} ms)")
+
+
+def profiler(worker: Worker, args: argparse.Namespace, phase: str) -> Any:
+    """py-spy on the worker and launcher during ``phase`` with ``--profile``, else nothing."""
+    if not args.profile:
+        return contextlib.nullcontext(None)
+    return Profiler(worker.pid, os.path.join(RESULTS_DIR, f"{args.name}-{phase}.pyspy.txt"))
 
 
 def throughput_at(worker: Worker, concurrency: int, args: argparse.Namespace
                   ) -> dict[str, Any]:
-    start = time.perf_counter() + 0.2  # every thread connected before the clock starts
-    deadline = start + args.seconds
+    start = deadline = 0.0  # set just before the threads start (after a profiler attached)
     lock = threading.Lock()
     done: list[float] = []  # per-job latency, for jobs seen completed before the deadline
     errors: list[str] = []
@@ -176,7 +217,7 @@ def throughput_at(worker: Worker, concurrency: int, args: argparse.Namespace
         time.sleep(max(0.0, start - time.perf_counter()))
         while time.perf_counter() < deadline:
             try:
-                t, _, status, p = run_job(client, TRIVIAL, args)
+                t, _, status, p = run_job(client, TRIVIAL, args, full_status=False)
                 ended = time.perf_counter()
                 collect(client, status["job_id"], args.keep)
             except Exception as e:  # noqa: BLE001 - every failure is an error to count
@@ -196,21 +237,28 @@ def throughput_at(worker: Worker, concurrency: int, args: argparse.Namespace
     worker_cpu0 = cpu_ticks(worker.pid) + cpu_ticks(worker.launcher_pid())
     self0 = resource.getrusage(resource.RUSAGE_SELF)
     threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with profiler(worker, args, f"throughput-c{concurrency}") as prof:
+        start = time.perf_counter() + 0.2  # every thread connected before the clock starts
+        deadline = start + args.seconds
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     self1 = resource.getrusage(resource.RUSAGE_SELF)
     worker_cpu = cpu_ticks(worker.pid) + cpu_ticks(worker.launcher_pid()) - worker_cpu0
     client_cpu = (self1.ru_utime - self0.ru_utime) + (self1.ru_stime - self0.ru_stime)
     rate = len(done) / args.seconds
     lat = summary(done)
-    return {"concurrency": concurrency, "seconds": args.seconds, "completed": len(done),
-            "jobs_per_s": rate, "errors": len(errors), "error_samples": errors[:5],
-            "latency_ms": lat, "polls_per_job": summary(polls),
-            "worker_and_launcher_cpu_s": worker_cpu,
-            "worker_cpu_ms_per_job": worker_cpu * 1000 / max(1, len(done)),
-            "client_cpu_s": client_cpu}
+    result = {"concurrency": concurrency, "seconds": args.seconds, "completed": len(done),
+              "jobs_per_s": rate, "errors": len(errors), "error_samples": errors[:5],
+              "latency_ms": lat, "polls_per_job": summary(polls),
+              "worker_and_launcher_cpu_s": worker_cpu,
+              "worker_cpu_ms_per_job": worker_cpu * 1000 / max(1, len(done)),
+              "client_cpu_s": client_cpu}
+    if args.profile:
+        result["profile"] = prof.summary(len(done))
+        print_profile(f"Profile at {concurrency} clients", result["profile"])
+    return result
 
 
 def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
@@ -233,7 +281,8 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
                     f"best {best:.1f} jobs/s (target >= {THROUGHPUT_TARGET:g}, zero errors): "
                     + ("met" if best >= THROUGHPUT_TARGET and clean else "MISSED"),
                     "worker flags: " + " ".join(worker.flags),
-                    "per job: POST /submit, poll /status until terminal, GET /logs"
+                    "completion: " + detection_text(args),
+                    "per job: POST /submit, wait for its end, GET /logs"
                     + ("" if args.keep else ", DELETE /jobs/{id}")])
     return {"job": "sh true.sh (exit 0)", "target_jobs_per_s": THROUGHPUT_TARGET,
             "best_jobs_per_s": best, "zero_errors": clean,
@@ -256,9 +305,18 @@ def main() -> None:
                         help="longest sleep between polls, seconds (default 0.02)")
     parser.add_argument("--max-concurrent", type=int, default=os.cpu_count() or 1,
                         help="the worker's --max-concurrent (default: cores, as sandrun's)")
+    parser.add_argument("--detect", choices=("poll", "ws"), default="poll",
+                        help="learn a job's end by polling /status (default) or from its "
+                             "WebSocket's done frame")
     parser.add_argument("--keep", action="store_true",
                         help="do not DELETE finished jobs (they stay as tmpfs mounts)")
     parser.add_argument("--only", choices=("latency", "throughput"))
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the worker and launcher during each phase (slows them a "
+                             "little: take headline figures from a run without it)")
+    parser.add_argument("--commit", metavar="REF",
+                        help="run the worker from a clean export of this commit "
+                             "(default: the working tree)")
     parser.add_argument("--name", default="http", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -266,10 +324,15 @@ def main() -> None:
         sys.exit("bench/http.py starts a real worker and must run as root")
 
     flags = (*RAISED_QUOTAS, "--max-concurrent", str(args.max_concurrent))
-    worker = Worker(*flags).start()
-    results: dict[str, Any] = {"worker_flags": list(flags), "completion_detection": {
-        "method": "poll GET /status", "first_sleep_s": args.poll, "backoff": args.backoff,
-        "max_sleep_s": args.max_poll, "delete_after": not args.keep}}
+    tree, source = export_tree(args.commit) if args.commit else (None, "working tree")
+    worker = Worker(*flags, tree=tree).start()
+    detection: dict[str, Any] = (
+        {"method": "poll GET /status", "first_sleep_s": args.poll, "backoff": args.backoff,
+         "max_sleep_s": args.max_poll} if args.detect == "poll" else
+        {"method": "WebSocket /logs/{id}/stream?format=json until the done frame"})
+    detection["delete_after"] = not args.keep
+    results: dict[str, Any] = {"sources": source, "worker_flags": list(flags),
+                               "completion_detection": detection}
     try:
         if args.only in (None, "latency"):
             results["latency"] = latency(worker, args)
@@ -279,6 +342,8 @@ def main() -> None:
     finally:
         worker.stop()
         worker.remove_state_dir()
+        if tree:
+            shutil.rmtree(tree, ignore_errors=True)
     write_json(args.name, results)
 
 

@@ -28,11 +28,12 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
     sys.path[0] = _ROOT
 
 import argparse
+import shutil
 import statistics
 import time
 from typing import Any
 
-from bench.common import Worker, print_table, write_json
+from bench.common import Worker, export_tree, print_table, write_json
 
 TARGET_KB_PER_JOB = 1000  # 1 MB
 SLEEPER = {"manifest": {"entrypoint": "sleep.sh", "interpreter": "sh", "timeout": 900},
@@ -70,6 +71,9 @@ def run_one(worker: Worker) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=50, help="jobs queued or running (50)")
+    parser.add_argument("--commit", metavar="REF",
+                        help="run the worker from a clean export of this commit "
+                             "(default: the working tree)")
     parser.add_argument("--name", default="memory", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -77,7 +81,8 @@ def main() -> None:
 
     flags = ("--max-concurrent", "2", "--queue-size", "100", "--cpu-quota", "100000",
              "--max-active-per-ip", "100000", "--jobs-per-hour", "100000000")
-    worker = Worker(*flags).start()
+    tree, source = export_tree(args.commit) if args.commit else (None, "working tree")
+    worker = Worker(*flags, tree=tree).start()
     try:
         time.sleep(0.5)
         idle = sample(worker)
@@ -114,6 +119,8 @@ def main() -> None:
     finally:
         worker.stop()
         worker.remove_state_dir()
+        if tree:
+            shutil.rmtree(tree, ignore_errors=True)
 
     per_job = (loaded["total"] - warm["total"]) / args.jobs
     rows = [(name, s["worker"], s["launcher"], s["total"])
@@ -128,6 +135,7 @@ def main() -> None:
          f"with the jobs, in {mounts_loaded} mounts (RAM, but in no process's RSS)"),
         "worker flags: " + " ".join(flags)])
     result: dict[str, Any] = {
+        "sources": source,
         "jobs": args.jobs, "states": counts, "rss_kb": {"idle": idle, "warm_idle": warm,
                                                         "loaded": loaded, "after": after},
         "per_job_kb": per_job, "target_kb_per_job": TARGET_KB_PER_JOB, "met": met,
