@@ -24,8 +24,10 @@ The protocol (``shared/spec/api.md``, "Live output (WebSocket)"), as served here
   "cpu_seconds", "memory_peak_bytes", "wall_time_ms"}``.
 - Close codes: 1000 once the job has ended and everything was sent (reason
   ``job completed`` or ``job failed: <reason>``); 4404 for an unknown job, or
-  when the job is deleted while the client watches; 1008 for a subscriber
-  that takes no data for ``stall_seconds`` while output waits for it.
+  when the job's data is deleted while the client watches (``DELETE``, which
+  also cancels a running job, a full download, retention); 1008 for a
+  subscriber that takes no data for ``stall_seconds`` while output waits.
+  When the worker itself shuts down, connections just end (no close frame).
 - Keepalive: the server pings every ``ping_interval`` seconds and drops a peer
   that does not answer within ``ping_timeout``. Messages from the client are
   read and thrown away, never buffered.
@@ -35,9 +37,10 @@ by the sandbox's output limit). A subscriber is a cursor into that log and a
 push producer on its own connection: it writes frames only while the transport
 asks for data, so what the worker buffers for one subscriber is at most the
 transport's buffer (64 KiB) plus one frame, however far behind it is. A slow
-reader therefore costs nothing and still gets everything; one that stops
-reading is dropped with 1008 after ``stall_seconds``, so it cannot pin the
-log of a finished or deleted job.
+reader therefore costs nothing and still gets everything; one whose send
+buffer does not drain for ``stall_seconds`` (it reads less than 64 KiB in
+that time, about 6 KB/s with the defaults) is dropped with 1008, so it
+cannot pin the log of a finished or deleted job.
 """
 
 from __future__ import annotations
