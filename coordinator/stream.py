@@ -14,9 +14,10 @@ while a stream is open) the client is told the job ended with
 "failed", "reason": "worker_lost", ...}`` frame, then close code 1000 with
 reason ``worker_lost``.  Nothing waits forever on a dead worker.
 
-Frames are relayed as they arrive, without flow control: a job's output is
-capped by the worker (10 MiB per stream by default), which bounds what a slow
-client can make the coordinator hold.
+Flow control is end to end (``_Valve``): a client that falls more than 1 MiB
+behind pauses the coordinator's reads from the worker, and the worker (which
+writes only while its transport wants data) holds back too; so a stream costs
+the coordinator about 1 MiB at most, however slow its client.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from twisted.internet import endpoints
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from coordinator.jobids import JobRef
 from coordinator.registry import WorkerRegistry, WorkerState
@@ -61,6 +64,7 @@ class ClientSide(WebSocketServerProtocol):
     fmt: str | None
 
     upstream: UpstreamSide | None = None
+    valve: _Valve | None = None
     closing = False
     done_seen = False
 
@@ -80,6 +84,7 @@ class ClientSide(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.closing = True
+        self.unfollow()
         self.relay.closed(self)
         if self.upstream is not None:
             self.upstream.abandon()
@@ -96,9 +101,27 @@ class ClientSide(WebSocketServerProtocol):
             except (ValueError, AttributeError):
                 pass
         self.sendMessage(payload, is_binary)
+        if self.valve is not None:
+            self.valve.sent(len(payload))
+
+    def follow(self, upstream: UpstreamSide) -> None:
+        """Flow control: see ``_Valve``.  twisted.web's channel was this transport's
+        producer until the WebSocket took the connection over; the valve replaces it."""
+        transport: Any = self.transport
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        self.valve = _Valve(upstream)
+        transport.registerProducer(self.valve, True)
+
+    def unfollow(self) -> None:
+        transport: Any = self.transport
+        self.valve = None
+        if transport is not None and getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
 
     def upstream_closed(self, clean: bool, code: int | None, reason: str | None) -> None:
         self.upstream = None
+        self.unfollow()
         if not clean or code is None or code == 1006:
             # Not marked down here: the next health check decides whether the
             # worker itself is gone; this stream is over either way.
@@ -121,10 +144,55 @@ class ClientSide(WebSocketServerProtocol):
         if self.closing:
             return
         self.closing = True
+        self.unfollow()
         if self.upstream is not None:
             self.upstream.abandon()
             self.upstream = None
         self.sendClose(code, reason)
+
+
+@implementer(IPushProducer)
+class _Valve:
+    """Pauses reading from the worker once a client lags by more than ``slack`` bytes.
+
+    Registered as the producer of the client's connection: that transport
+    calls ``pauseProducing`` when its buffer passes 64 KiB and
+    ``resumeProducing`` once it has drained.  Between the two, the bytes
+    relayed are counted, and past ``slack`` the worker connection stops being
+    read, so the worker (which writes only while its transport wants data)
+    holds back too.  The slack lets a briefly slow client catch up without
+    stalling the worker, whose close handshake after the last frame must not
+    wait on a paused reader; so the coordinator holds at most about
+    ``slack`` + 64 KiB per stream, however far behind a client is.
+    """
+
+    def __init__(self, upstream: UpstreamSide, slack: int = 1024 * 1024) -> None:
+        self.upstream = upstream
+        self.slack = slack
+        self.client_full = False
+        self.lag = 0
+        self.worker_paused = False
+
+    def sent(self, size: int) -> None:
+        if not self.client_full:
+            return
+        self.lag += size
+        if self.lag > self.slack and not self.worker_paused and self.upstream.transport:
+            self.worker_paused = True
+            self.upstream.transport.pauseProducing()
+
+    def pauseProducing(self) -> None:
+        if not self.client_full:  # called again on every write while the buffer is full
+            self.client_full, self.lag = True, 0
+
+    def resumeProducing(self) -> None:
+        self.client_full, self.lag = False, 0
+        if self.worker_paused and self.upstream.transport:
+            self.worker_paused = False
+            self.upstream.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.upstream.abandon()
 
 
 class UpstreamSide(WebSocketClientProtocol):
@@ -220,6 +288,7 @@ class StreamRelay:
                 return
             upstream.downstream = client
             client.upstream = upstream
+            client.follow(upstream)
 
         def failed(failure: Any) -> None:
             if client.closing:

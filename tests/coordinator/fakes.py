@@ -16,16 +16,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import defer, error, task
 from twisted.python.failure import Failure
-from zope.interface import implementer
 from twisted.web.iweb import IAgent
+from zope.interface import implementer
 
 from coordinator.config import CoordinatorConfig, PoolQuota, WorkerEntry
 from coordinator.health import HealthChecker
@@ -149,7 +150,7 @@ class FakeWorker:
         self.manager.start()
         self.api = WorkerAPI(self.manager, config, self.identity)
         self.agent = RequestTraversalAgent(self.api.resource())
-        self.agent._serverFactory.requestFactory = request_factory(  # noqa: SLF001
+        self.agent._serverFactory.requestFactory = request_factory(
             config.limits, self.storage.uploads_dir)
         self.requests: list[tuple[bytes, bytes]] = []
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from coordinator.config import WorkersFileError, WorkerEntry, load_workers, parse_workers
+from coordinator.config import WorkerEntry, WorkersFileError, load_workers, parse_workers
 from sandrun.identity import WorkerIdentity
 
 KEY_A = WorkerIdentity.from_seed(b"a" * 32).worker_id

@@ -64,7 +64,7 @@ def test_load_is_compared_as_a_fraction_of_each_workers_limit() -> None:
 
 
 def test_ties_rotate_with_the_cursor_so_an_idle_pool_spreads_jobs() -> None:
-    reg, states = registry(4, 4, 4)
+    reg, _ = registry(4, 4, 4)
     picks = [pick_worker(reg.workers(), cursor) for cursor in range(3)]
     assert [p.entry.name for p in picks if p] == ["w0", "w1", "w2"]
 
