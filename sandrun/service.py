@@ -65,7 +65,7 @@ class WorkerService(service.MultiService):
             self.port = yield serverFromString(self.reactor, self.config.listen).listen(
                 self.site)
         except BaseException:
-            self._undo()
+            yield self._undo()
             raise
         host = self.port.getHost()
         log.info("sandrun worker listening on {host}:{port} (worker id {worker_id}, "
@@ -80,12 +80,14 @@ class WorkerService(service.MultiService):
         if self.port is not None:
             yield self.port.stopListening()
             self.port = None
-        self._undo()
+        yield self._undo()
         log.info("sandrun worker stopped")
 
-    def _undo(self) -> None:
+    @defer.inlineCallbacks
+    def _undo(self) -> Any:
         if "manager" in self._started:
-            self.manager.stop()
+            # Killed jobs report back before the launcher is told to go.
+            yield self.manager.stop()
         if "sandbox" in self._started:
             self.sandbox.stop()
         if "storage" in self._started:

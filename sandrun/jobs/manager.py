@@ -78,6 +78,8 @@ class JobManager:
         self._charger = task.LoopingCall(self._charge_cpu)
         self._charger.clock = reactor
         self._stopping = False
+        self._in_sandbox: set[str] = set()  # started jobs whose sandbox has not reported
+        self._drained: list[defer.Deferred[None]] = []  # stop() waiting for those
 
     @property
     def worker_id(self) -> str | None:
@@ -158,6 +160,7 @@ class JobManager:
         job.move_to(JobStatus.RUNNING)
         job.started_at = self.reactor.seconds()
         self.running.add(job.id)
+        self._in_sandbox.add(job.id)
         log.info("job {job_id} started", job_id=job.id)
         manifest = job.manifest
         # maybeDeferred: a sandbox that cannot take the job raises at once.
@@ -177,6 +180,7 @@ class JobManager:
     @defer.inlineCallbacks
     def _ran(self, result: SandboxResult, job: Job) -> Any:
         self.running.discard(job.id)
+        self._sandbox_done(job.id)
         if job.finished:  # shut down while it ran: already ended
             return
         reason = result.reason
@@ -266,11 +270,21 @@ class JobManager:
         self.storage.delete(job_id)
         log.info("job {job_id} deleted", job_id=job_id)
 
-    def stop(self) -> None:
+    def _sandbox_done(self, job_id: str) -> None:
+        self._in_sandbox.discard(job_id)
+        if not self._in_sandbox:
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                if not waiter.called:
+                    waiter.callback(None)
+
+    def stop(self, grace: float = 5.0) -> defer.Deferred[None]:
         """Shutdown: stop taking jobs, kill what runs, delete every job's data.
 
         Jobs still queued or running end as ``failed`` with reason ``shutdown``,
-        and their quota slots are released.
+        and their quota slots are released.  The returned Deferred fires once
+        the sandbox has reported every killed job (or after ``grace`` seconds),
+        so the sandbox can then be stopped with nothing left in flight.
         """
         self._stopping = True
         if self._charger.running:
@@ -290,6 +304,19 @@ class JobManager:
             self.limiter.release(self.jobs[job_id].client, job_id, now)
             self._forget(job_id)
         self.jobs.clear()
+        drained: defer.Deferred[None] = defer.Deferred()
+        if not self._in_sandbox:
+            drained.callback(None)
+            return drained
+        self._drained.append(drained)
+        timer = self.reactor.callLater(grace, lambda: drained.called or drained.callback(None))
+
+        def cancel_timer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return drained.addBoth(cancel_timer)
 
 
 def manifest_outputs(job: Job) -> tuple[str, ...]:

@@ -261,3 +261,28 @@ def test_end_listeners_hear_of_every_ending(h: Harness) -> None:
     h.manager.jobs[job_id].end_listeners.append(lambda job: heard.append(job.status))
     h.run_of(job_id).finish(Reason.EXIT_NONZERO)
     assert heard == [JobStatus.FAILED]
+
+
+def test_stop_waits_for_the_sandbox_to_report_each_killed_job(h: Harness) -> None:
+    h.sandbox.kills_take_effect = False
+    job_id = h.submit()
+    drained = h.manager.stop()
+    assert not drained.called  # the launcher must not be told to go with reports in flight
+    h.run_of(job_id).finish(Reason.SHUTDOWN, exit_code=None, signal=9)
+    assert drained.called
+
+
+def test_stop_gives_up_waiting_after_the_grace_period(h: Harness) -> None:
+    h.sandbox.kills_take_effect = False
+    h.submit()
+    drained = h.manager.stop(grace=5.0)
+    h.clock.advance(4.9)
+    assert not drained.called
+    h.clock.advance(0.1)
+    assert drained.called
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_stop_with_nothing_running_is_done_at_once(h: Harness) -> None:
+    h.run_of(h.submit()).finish()
+    assert h.manager.stop().called
