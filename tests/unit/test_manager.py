@@ -242,10 +242,10 @@ def test_stop_kills_running_jobs_drops_queued_ones_and_deletes_all_data(tmp_path
     assert h.sandbox.kills == [(running, Reason.SHUTDOWN)]
     assert queued not in h.sandbox.runs
     assert h.storage.job_ids() == [] and h.manager.jobs == {}
-    assert h.clock.getDelayedCalls() == []
     # The late result of the killed job is ignored quietly.
     h.run_of(running).finish(Reason.SHUTDOWN, exit_code=None, signal=9)
     assert h.manager.jobs == {} and h.storage.job_ids() == []
+    assert h.clock.getDelayedCalls() == []
 
 
 def test_after_stop_submissions_are_refused_with_503(h: Harness) -> None:
