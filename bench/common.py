@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -557,6 +558,68 @@ def wait_for(predicate: Any, within: float, step: float = 0.02) -> Any:
 def glob_job_cgroups(instance: str) -> list[str]:
     """Every ``job-*`` directory below any ``<instance>`` cgroup on the host (slow: walks)."""
     return sorted(glob.glob(f"{CGROUP_ROOT}/*/**/{instance}/job-*", recursive=True))
+
+
+# -- who used the CPUs ---------------------------------------------------------------------------
+
+
+def process_cpu(pid: int | None, children: bool = False) -> float:
+    """CPU seconds (user + system) of a process, and of its reaped children if asked."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def host_busy_cpu() -> float:
+    """CPU seconds every core of the host spent not idle, since boot."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Splits the host's CPU time over a run: worker, launcher, jobs, this client, others.
+
+    Jobs are the launcher's reaped children; anything else busy on the host (other
+    people's work on a shared machine, kernel threads tearing down namespaces) is
+    ``others``: a run with a large ``others_cores`` was measured on a busy machine.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.launcher = worker.launcher_pid()
+        self.before = self._read()
+        self.started = time.monotonic()
+
+    def _read(self) -> dict[str, float]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        launcher_all = process_cpu(self.launcher, children=True)
+        launcher = process_cpu(self.launcher)
+        return {"worker": process_cpu(self.worker.pid), "launcher": launcher,
+                "jobs": launcher_all - launcher,
+                "client": own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime,
+                "host": host_busy_cpu()}
+
+    def stop(self) -> dict[str, float]:
+        after = self._read()
+        seconds = time.monotonic() - self.started
+        used = {k: after[k] - self.before[k] for k in after}
+        ours = sum(v for k, v in used.items() if k != "host")
+        used["others"] = max(0.0, used["host"] - ours)
+        result = {f"{k}_cpu_s": round(v, 3) for k, v in used.items()}
+        result["seconds"] = round(seconds, 3)
+        result["others_cores"] = round(used["others"] / seconds, 2)
+        return result
 
 
 # -- profiles ------------------------------------------------------------------------------------
