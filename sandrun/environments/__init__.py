@@ -9,8 +9,12 @@
 - ``plan``: what one job gets: read-only binds, variables and an install step that
   runs inside its sandbox with the network off.
 
-Imports only the standard library: ``jobs`` and ``api`` may import it, it imports
-neither.
+- ``staged``: ``run_in_environment``, the job manager's one call: prepare, install
+  inside the sandbox, then run the job with what is left of its limits.
+
+Everything but ``staged`` is standard library only (the admin command stays light);
+``staged`` uses Twisted and the sandbox's types.  ``jobs`` and ``api`` may import this
+package; it imports neither.
 """
 
 from __future__ import annotations
