@@ -245,6 +245,10 @@ class JobManager:
             self._end(job, JobStatus.FAILED)
         elif job.status == JobStatus.RUNNING:
             job.deleted = True
+            # The client's slot frees now, with the CPU used so far charged: the kill
+            # lands within milliseconds, and the job is already gone for the client.
+            self.limiter.release(job.client, job_id, self.reactor.seconds(),
+                                 cpu_seconds_total=self.sandbox.cpu_seconds(job_id))
             self.sandbox.kill(job_id, Reason.CANCELLED)
             # The data goes once the sandbox has let go of it (in _end via _forget).
         else:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_LISTENING = re.compile(r"sandrun worker listening on (\S+):(\d+)")
+_LISTENING = re.compile(r"sandrun worker listening on (\S+):(\d+) ")
 
 
 def why_no_worker() -> str | None:
@@ -232,7 +232,7 @@ def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "sandrun", "serve", "--state-dir", state_dir,
-             "--listen", f"{bind}:0", *extra_args],
+             "--listen", f"[{bind}]:0" if ":" in bind else f"{bind}:0", *extra_args],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
             env=env)
     worker: Worker | None = None
@@ -243,7 +243,8 @@ def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float
                 match = _LISTENING.search(f.read())
             if match:
                 host, port = match.group(1), int(match.group(2))
-                worker = Worker(f"http://{host}:{port}", host, port, process.pid, state_dir,
+                netloc = f"[{host}]" if ":" in host else host
+                worker = Worker(f"http://{netloc}:{port}", host, port, process.pid, state_dir,
                                 log_path, process)
             elif process.poll() is not None or time.monotonic() > deadline:
                 with open(log_path, encoding="utf-8", errors="replace") as f:

@@ -182,6 +182,20 @@ def test_a_queued_jobs_quota_slot_is_released_when_it_is_cancelled(
     assert queued not in h.sandbox.runs
 
 
+def test_cancelling_a_running_job_frees_its_slot_before_the_kill_lands(tmp_path: Any) -> None:
+    quotas = QuotaConfig(cpu_seconds_per_minute=100, max_active_jobs=1, jobs_per_hour=10)
+    h = Harness(str(tmp_path), quotas=quotas)
+    h.sandbox.kills_take_effect = False
+    job_id = h.submit()
+    h.run_of(job_id).cpu = 1.25
+    h.delete(f"/jobs/{job_id}")
+    assert active_jobs(h) == 0
+    assert h.get("/stats").json()["your_quota"]["used"] == 1.25  # charged on the way out
+    assert h.post_json({"files": {"a.py": ""}}).status == 200
+    h.run_of(job_id).finish(Reason.CANCELLED, exit_code=None, signal=9)
+    assert active_jobs(h) == 1  # only the new job
+
+
 def test_a_finished_job_frees_the_slot_for_the_next_submission(tmp_path: Any) -> None:
     quotas = QuotaConfig(cpu_seconds_per_minute=100, max_active_jobs=1, jobs_per_hour=10)
     h = Harness(str(tmp_path), quotas=quotas)
