@@ -30,6 +30,7 @@ from sandrun.environments.requirements import MAX_FILE_BYTES, DependencyError, p
 
 __all__ = [
     "DEPS_MOUNT",
+    "DEPS_OUTPUT",
     "ENV_MOUNT",
     "JOB_DEPS",
     "EnvironmentPlan",
