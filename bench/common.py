@@ -452,10 +452,13 @@ class Worker:
         self.proc.wait()
 
     def remove_state_dir(self) -> None:
-        """After ``stop``: unmount what is left (a failed test) and remove the directory."""
+        """After ``stop``: unmount what is left (a failed test), remove the directory, the
+        log and the worker's (empty) instance cgroups."""
         for mount in reversed(self.mounts()):
             subprocess.run(["umount", "-l", mount], check=False)
         shutil.rmtree(self.state_dir, ignore_errors=True)
+        if os.path.exists(self.log_path):
+            os.unlink(self.log_path)
         for base in self.cgroup_bases:
             try:
                 os.rmdir(base)
@@ -718,7 +721,7 @@ class Profiler:
                 name = _bucket(stack.split(";"))
                 per_bucket[name] = per_bucket.get(name, 0) + n
         to_ms = 1000.0 / self.rate / max(1, jobs)
-        return {"raw": os.path.relpath(self.path, ROOT), "rate_hz": self.rate,
+        return {"raw": self.path, "rate_hz": self.rate,
                 "seconds": self.seconds, "jobs": jobs, "samples": total,
                 "cpu_ms_per_job": total * to_ms,
                 "by_thread_ms_per_job": {k: v * to_ms for k, v in

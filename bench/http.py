@@ -71,7 +71,6 @@ from typing import Any
 
 from bench.common import (
     RAISED_QUOTAS,
-    RESULTS_DIR,
     Client,
     CpuMeter,
     Profiler,
@@ -221,7 +220,8 @@ def profiler(worker: Worker, args: argparse.Namespace, phase: str) -> Any:
     """py-spy on the worker and launcher during ``phase`` with ``--profile``, else nothing."""
     if not args.profile:
         return contextlib.nullcontext(None)
-    return Profiler(worker.pid, os.path.join(RESULTS_DIR, f"{args.name}-{phase}.pyspy.txt"))
+    # Raw stacks are large: kept beside the worker's log, not in the repository.
+    return Profiler(worker.pid, f"{worker.state_dir.rstrip('/')}-{phase}.pyspy.txt")
 
 
 def throughput_at(worker: Worker, concurrency: int, args: argparse.Namespace
