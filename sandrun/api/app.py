@@ -10,7 +10,8 @@ import os
 import tarfile
 import tempfile
 import urllib.parse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from klein import Klein
 from twisted.internet import defer
@@ -30,9 +31,9 @@ from sandrun.api.errors import APIError, cors, to_api_error, write_error, write_
 from sandrun.config import WorkerConfig
 from sandrun.jobs import storage as store
 from sandrun.jobs.manager import BlockingRunner, JobManager, new_job_id
+from sandrun.jobs.manifest import ManifestError
 from sandrun.jobs.model import Job, iso
 from sandrun.jobs.ratelimit import client_key, trusted_client_address
-from sandrun.jobs.manifest import ManifestError
 from sandrun.jobs.workspace import OutputNotFound, open_output
 from sandrun.wire import JobStatus
 
@@ -52,7 +53,7 @@ def _api(handler: Callable[..., Any]) -> Callable[..., Any]:
                 # The route only: a path may name an output file (job content).
                 log.failure("unhandled error in {route}", failure,
                             route=uploads.log_route(request.path or b""))
-            if request.startedWriting:  # a download broke off: nothing more to say
+            if getattr(request, "startedWriting", False):  # a download broke off
                 return b""
             return write_error(request, error)
 
@@ -366,7 +367,7 @@ class _FileProducer:
     away first.
     """
 
-    def __init__(self, f: Any, request: IRequest) -> None:
+    def __init__(self, f: Any, request: Any) -> None:
         self.f: Any = f
         self.request = request
         self.paused = False
@@ -430,7 +431,7 @@ def pack_outputs(job: Job, spool_dir: str) -> Any:
     Not on the job's own tmpfs: a job that filled it could not be downloaded.
     """
     work = store.work_dir(job.base_dir)
-    out = tempfile.TemporaryFile(dir=spool_dir)
+    out = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (returned open, to be sent)
     with tarfile.open(fileobj=out, mode="w:gz") as tar:
         for output in job.outputs:
             try:

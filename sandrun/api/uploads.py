@@ -67,7 +67,9 @@ class UploadRequest(server.Request):
         return self.max_body_bytes
 
     def gotLength(self, length: int | None) -> None:
-        self.content = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, dir=self.spool_dir)
+        # Kept open as the request's body until twisted.web cleans the request up.
+        self.content = tempfile.SpooledTemporaryFile(  # type: ignore[assignment]  # noqa: SIM115
+            SPOOL_IN_MEMORY, dir=self.spool_dir)
         if length is not None and length > self._body_limit():
             self._refuse(b"413 Payload Too Large", "Upload too large",
                          f"the limit is {self._body_limit()} bytes; Content-Length is {length}")
@@ -331,7 +333,7 @@ def _parse_multipart(body: BinaryIO, boundary: bytes, work: str, staging: str, l
             parser.finalize()
         except UploadError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (whatever the parser raises is a bad body)
             raise UploadError("body", f"malformed multipart: {e}") from None
         finally:
             for part in parts:

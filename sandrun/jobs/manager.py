@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import collections
 import secrets
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
@@ -169,7 +170,7 @@ class JobManager:
                                 job.log.append, stdin=manifest.stdin.encode())
 
         def broken(failure: Any) -> SandboxResult:
-            log.warn("sandbox could not run job {job_id}: {error}", job_id=job.id,
+            log.warn("sandbox could not run job {job_id}: {error}", job_id=job.id,  # noqa: G010
                      error=failure.getErrorMessage())
             return SandboxResult(Reason.SANDBOX_ERROR, message="the sandbox could not run it")
 
@@ -196,10 +197,11 @@ class JobManager:
             try:
                 job.outputs = yield self.blocking(
                     list_outputs, store.work_dir(job.base_dir), manifest_outputs(job))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 (the job ends regardless)
                 # The type only: a message could carry a file name (job content).
-                log.warn("listing outputs of job {job_id} failed: {error}", job_id=job.id,
-                         error=type(e).__name__)
+                log.warn(  # noqa: G010 (twisted.logger has no "warning")
+                    "listing outputs of job {job_id} failed: {error}", job_id=job.id,
+                    error=type(e).__name__)
         if job.finished:
             return
         self._end(job, JobStatus.COMPLETED if reason == Reason.COMPLETED else JobStatus.FAILED)
@@ -313,7 +315,12 @@ class JobManager:
             drained.callback(None)
             return drained
         self._drained.append(drained)
-        timer = self.reactor.callLater(grace, lambda: drained.called or drained.callback(None))
+
+        def give_up() -> None:
+            if not drained.called:
+                drained.callback(None)
+
+        timer = self.reactor.callLater(grace, give_up)
 
         def cancel_timer(result: None) -> None:
             if timer.active():

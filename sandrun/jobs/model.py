@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from sandrun.jobs.manifest import Manifest
 from sandrun.jobs.workspace import OutputFile
@@ -53,7 +54,7 @@ class JobLog:
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(
         timespec="milliseconds").replace("+00:00", "Z")
 
 

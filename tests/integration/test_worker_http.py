@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.worker import Worker, multipart, run_worker, tar_bytes
+from tests.integration.worker import Worker, multipart, run_worker
 
 pytestmark = pytest.mark.timeout(120)
 UPLOAD_LIMIT = 2_000_000  # --max-upload-mb 2
@@ -150,7 +150,7 @@ def test_an_unknown_content_type_is_415(worker: Worker) -> None:
 
 
 def test_an_over_limit_content_length_is_413_before_any_body_is_sent(worker: Worker) -> None:
-    body, content_type = multipart({}, [("a.py", b"")])
+    _, content_type = multipart({}, [("a.py", b"")])
     with socket.create_connection((worker.host, worker.port), timeout=5) as sock:
         sock.sendall(b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: "
                      + content_type.encode() + b"\r\nContent-Length: 500000000\r\n"
@@ -161,7 +161,7 @@ def test_an_over_limit_content_length_is_413_before_any_body_is_sent(worker: Wor
             raw += chunk
     assert time.monotonic() - started < 3
     assert raw.startswith(b"HTTP/1.1 413 "), raw[:200]  # no "100 Continue" before it
-    status, answer = status_and_json(raw)
+    _, answer = status_and_json(raw)
     assert answer["error"] == "Upload too large"
     assert str(UPLOAD_LIMIT) in answer["details"]
 

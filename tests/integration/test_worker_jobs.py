@@ -124,7 +124,7 @@ def test_logs_as_text(worker: Worker) -> None:
     status = finished(worker, worker.post_json("/submit", {
         "files": {"main.sh": "echo one; echo two >&2"}}))
     text = worker.get(f"/logs/{status['job_id']}?format=text")
-    assert text.status == 200 and text.header("content-type").startswith("text/plain")
+    assert text.status == 200 and (text.header("content-type") or "").startswith("text/plain")
     assert sorted(text.body.decode().splitlines()) == ["one", "two"]
     plain = worker.get(f"/logs/{status['job_id']}", headers={"Accept": "text/plain"})
     assert plain.body == text.body
@@ -162,7 +162,7 @@ def test_outputs_are_filtered_by_the_globs_listed_hashed_and_downloadable(
     for entry in listing["files"]:
         reply = worker.get(entry["download_url"])
         assert reply.status == 200 and reply.body == expected[entry["path"]]
-        assert "attachment" in reply.header("content-disposition")
+        assert "attachment" in (reply.header("content-disposition") or "")
     for hidden in ("notes.txt", "scratch/tmp.bin", "make.py", "results/passwd.csv",
                    "../../../etc/passwd", "results/../notes.txt"):
         assert worker.get(f"/download/{job_id}/{hidden}").status == 404, hidden

@@ -114,7 +114,8 @@ def test_a_forwarded_for_is_honoured_from_the_trusted_proxy(
 
 def test_the_slot_is_released_however_a_job_ends(worker: Worker, clean_up: list[str]) -> None:
     source = "127.0.0.8"
-    endings = [({"main.sh": "exit 0"}, {}, "completed"),
+    endings: list[tuple[dict[str, str], dict[str, Any], str]] = [
+               ({"main.sh": "exit 0"}, {}, "completed"),
                ({"main.sh": "exit 3"}, {}, "failed"),
                ({"main.sh": "sleep 30"}, {"timeout": 1}, "failed"),
                ({"spin.py": "while True:\n    pass\n"}, {"cpu_seconds": 0.3}, "failed")]

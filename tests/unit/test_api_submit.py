@@ -171,8 +171,8 @@ def test_a_multipart_body_without_a_boundary_is_400(h: Harness) -> None:
 
 @pytest.mark.parametrize("raw", [
     b"this is not multipart at all",
-    b"--b0undary\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.py\"\r\n\r\n"
-    b"print(1)\r\n",  # truncated: no closing boundary
+    (b"--b0undary\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.py\"\r\n\r\n"
+     b"print(1)\r\n"),  # truncated: no closing boundary
     b"--b0undary\r\nContent-Disposition form-data\r\n\r\nx\r\n--b0undary--\r\n",  # bad header
 ])
 def test_malformed_multipart_is_400_and_leaves_nothing_behind(h: Harness, raw: bytes) -> None:

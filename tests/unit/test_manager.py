@@ -6,7 +6,8 @@ A real ``JobManager`` with a scripted fake sandbox and plain-directory storage
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 

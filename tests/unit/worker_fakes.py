@@ -16,12 +16,13 @@ import json
 import os
 import shutil
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
+from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
-from treq.testing import StubTreq
 
 from sandrun import identity as ident
 from sandrun.api.app import WorkerAPI
@@ -196,7 +197,7 @@ class Harness:
         self.api = WorkerAPI(self.manager, self.config, identity)
         self.stub = StubTreq(self.api.resource())
         # The worker's own request class, so body caps and multipart parsing are real.
-        self.stub._agent._serverFactory.requestFactory = request_factory(  # noqa: SLF001
+        self.stub._agent._serverFactory.requestFactory = request_factory(
             limits, self.storage.uploads_dir)
 
     def with_limits(self, **changes: Any) -> Limits:
@@ -207,7 +208,8 @@ class Harness:
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> Reply:
         hdrs = {k: [v] for k, v in (headers or {}).items()}
-        d = self.stub.request(method, "http://worker.test" + path, data=body, headers=hdrs)
+        d = self.stub.request(  # type: ignore[attr-defined]  # set up by StubTreq
+            method, "http://worker.test" + path, data=body, headers=hdrs)
         response = self._settle(d)
         content = self._settle(response.content())
         return Reply(response.code,
