@@ -57,7 +57,8 @@ class WorkerService(service.MultiService):
             stale = self.storage.start()
             self._started.append("storage")
             self.site.requestFactory = request_factory(self.config.limits,
-                                                       self.storage.uploads_dir)
+                                                       self.storage.uploads_dir,
+                                                       self.api.early_refusal)
             self._started.append("sandbox")
             yield self.sandbox.start()
             self.manager.start()

@@ -128,6 +128,22 @@ class WorkerAPI:
             self.config.trusted_proxies)
         return client_key(address)
 
+    def early_refusal(self, request: IRequest) -> uploads.Refusal | None:
+        """For ``UploadRequest``: refuse a submission from its headers, before its body.
+
+        The same checks run again once the upload is in (things change meanwhile).
+        """
+        try:
+            self.manager.admit(self.client(request))
+        except Exception as e:  # noqa: BLE001 (mapped, and anything unexpected is left to the route)
+            error = to_api_error(e)
+            if error.status >= 500 and error.status != 503:
+                return None
+            headers = {"Retry-After": str(error.extra["retry_after"])} \
+                if "retry_after" in error.extra else {}
+            return error.status, error.body(), headers
+        return None
+
     def job(self, job_id: str) -> Job:
         job = self.manager.get(job_id)
         if job is None:

@@ -5,6 +5,8 @@
 - a ``Content-Length`` over the limit is answered 413 before the body is read,
   and a chunked body is cut off with 413 as soon as it passes the limit (a
   JSON body has its own, smaller cap: it is parsed whole);
+- a submission the worker could not take now (queue full, the client over its
+  quota) is refused from its headers alone, before the upload is read;
 - the body is spooled to an unlinked file on the worker's tmpfs, never to
   disk and never whole in the worker's memory;
 - twisted.web does not parse multipart bodies into memory itself: we do, as a
@@ -21,6 +23,7 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -42,11 +45,23 @@ READ_CHUNK = 65536
 SPOOL_IN_MEMORY = 64 * 1024  # bodies up to this stay in memory (GETs, small JSON)
 
 
-def _json_error(status: bytes, error: str, details: str) -> bytes:
-    body = json.dumps({"error": error, "details": details}).encode()
-    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
-            b"Access-Control-Allow-Origin: *\r\nConnection: close\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+# An early answer to a request: (status, JSON body, extra headers).
+Refusal = tuple[int, dict[str, Any], dict[str, str]]
+
+
+def _json_response(status: int, document: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> bytes:
+    """A whole HTTP response written straight to the transport, then the connection closes."""
+    body = json.dumps(document).encode()
+    phrase = http.RESPONSES.get(status, b"Error")
+    extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in (headers or {}).items())
+    return (b"HTTP/1.1 %d " % status + phrase + b"\r\nContent-Type: application/json\r\n"
+            b"Access-Control-Allow-Origin: *\r\nConnection: close\r\n" + extra
+            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def _json_error(status: int, error: str, details: str) -> bytes:
+    return _json_response(status, {"error": error, "details": details})
 
 
 class UploadRequest(server.Request):
@@ -54,6 +69,8 @@ class UploadRequest(server.Request):
 
     max_body_bytes = 100 * 1000 * 1000
     spool_dir: str | None = None
+    # Asked from the headers of POST /submit whether the job could be taken at all.
+    admission: Callable[[Any], Refusal | None] | None = None
 
     original_content_type: bytes | None = None
     _received = 0
@@ -71,31 +88,49 @@ class UploadRequest(server.Request):
         self.content = tempfile.SpooledTemporaryFile(  # type: ignore[assignment]  # noqa: SIM115
             SPOOL_IN_MEMORY, dir=self.spool_dir)
         if length is not None and length > self._body_limit():
-            self._refuse(b"413 Payload Too Large", "Upload too large",
+            self._refuse(413, "Upload too large",
                          f"the limit is {self._body_limit()} bytes; Content-Length is {length}")
+            return
+        admission = type(self).admission
+        if admission is not None and self._is_submission():
+            refusal = admission(self)
+            if refusal is not None:
+                self._answer(*refusal)
+
+    def _is_submission(self) -> bool:
+        # Method and path are the channel's until requestReceived copies them over;
+        # without them (another twisted) the route refuses later, after the body.
+        command = getattr(self.channel, "_command", None)
+        path = getattr(self.channel, "_path", None) or b""
+        return command == b"POST" and path.split(b"?", 1)[0] == b"/submit"
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
         self._received += len(data)
         if self._received > self._body_limit():
-            self._refuse(b"413 Payload Too Large", "Upload too large",
+            self._refuse(413, "Upload too large",
                          f"the limit is {self._body_limit()} bytes; the body went past it")
             return
         try:
             super().handleContentChunk(data)
         except OSError:  # the spool tmpfs is full: too many uploads at once
-            self._refuse(b"503 Service Unavailable", "Storage full",
-                         "the worker cannot take this upload now; try again later")
+            self._answer(503, {"error": "Storage full", "retry_after": 30,
+                               "details": "the worker cannot take this upload now"},
+                         {"Retry-After": "30"})
 
-    def _refuse(self, status: bytes, error: str, details: str) -> None:
+    def _refuse(self, status: int, error: str, details: str) -> None:
+        self._answer(status, {"error": error, "details": details})
+
+    def _answer(self, status: int, document: dict[str, Any],
+                headers: dict[str, str] | None = None) -> None:
         """Answer at once and close; the rest of the body is never read."""
         self._refused = True
         # No "100 Continue" after the refusal (twisted sends it after gotLength).
         self.requestHeaders.removeHeader(b"expect")
         transport = self.channel.transport if self.channel else None
         if transport is not None:
-            transport.write(_json_error(status, error, details))
+            transport.write(_json_response(status, document, headers))
             transport.loseConnection()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -115,7 +150,7 @@ class WorkerChannel(http.HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         if self.transport is not None:
             self.transport.write(_json_error(
-                b"400 Bad Request", "Bad request",
+                400, "Bad request",
                 "malformed HTTP: request line, headers (too many or too large), "
                 "Content-Length or chunked encoding"))
         self.loseConnection()
@@ -160,9 +195,13 @@ class WorkerSite(server.Site):
                  length=request.sentLength)
 
 
-def request_factory(limits: Limits, spool_dir: str) -> type[UploadRequest]:
+def request_factory(limits: Limits, spool_dir: str,
+                    admission: Callable[[Any], Refusal | None] | None = None
+                    ) -> type[UploadRequest]:
+    """The worker's request class: its upload cap, spool directory and early admission."""
     return type("SandrunRequest", (UploadRequest,),
-                {"max_body_bytes": limits.max_upload_bytes, "spool_dir": spool_dir})
+                {"max_body_bytes": limits.max_upload_bytes, "spool_dir": spool_dir,
+                 "admission": staticmethod(admission) if admission else None})
 
 
 @dataclass

@@ -7,6 +7,8 @@ All of 127.0.0.0/8 is loopback on Linux, so binding the client socket to
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -88,6 +90,26 @@ def test_a_third_active_job_from_one_ip_is_429_while_another_ip_is_served(
 
     assert worker.delete(f"/jobs/{first}").status == 200  # a slot frees at once
     accepted(submit(worker, "127.0.0.2"), clean_up)
+
+
+def test_a_refused_submission_is_answered_from_its_headers_before_the_upload(
+        worker: Worker, clean_up: list[str]) -> None:
+    source = "127.0.0.10"
+    accepted(submit(worker, source), clean_up)
+    accepted(submit(worker, source), clean_up)
+    with socket.create_connection((worker.host, worker.port), timeout=5,
+                                  source_address=(source, 0)) as sock:
+        sock.sendall(b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000\r\n\r\n")  # and no body, ever
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 429 "), raw[:300]
+    assert b"\r\nRetry-After: 5\r\n" in head
+    answer = json.loads(body)
+    assert answer["error"] == "Rate limit exceeded" and answer["active_jobs"] == 2
+    assert answer["retry_after"] == 5
 
 
 def test_a_forged_forwarded_for_is_ignored_from_an_untrusted_peer(

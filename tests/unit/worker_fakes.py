@@ -198,7 +198,7 @@ class Harness:
         self.stub = StubTreq(self.api.resource())
         # The worker's own request class, so body caps and multipart parsing are real.
         self.stub._agent._serverFactory.requestFactory = request_factory(
-            limits, self.storage.uploads_dir)
+            limits, self.storage.uploads_dir, self.api.early_refusal)
 
     def with_limits(self, **changes: Any) -> Limits:
         return replace(self.config.limits, **changes)
