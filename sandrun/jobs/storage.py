@@ -42,12 +42,14 @@ class Storage:
     def start(self) -> int:
         """Mount the state tmpfs if needed and clean leftovers; returns how many."""
         os.makedirs(self.state_dir, exist_ok=True)
+        # Not nodev: the sandbox's /dev template holds device nodes.  Request
+        # bodies in flight are spooled here, so it is as large as all job data
+        # may be (pages are only used as they are written).
+        options = f"size={self.total_bytes + 64 * 1024 * 1024},mode=0700"
         if not _is_mountpoint(self.state_dir):
-            # Not nodev: the sandbox's /dev template holds device nodes.  Request
-            # bodies in flight are spooled here, so it is as large as all job data
-            # may be (pages are only used as they are written).
-            size = self.total_bytes + 64 * 1024 * 1024
-            ns.mount("tmpfs", self.state_dir, "tmpfs", ns.MS_NOSUID, f"size={size},mode=0700")
+            ns.mount("tmpfs", self.state_dir, "tmpfs", ns.MS_NOSUID, options)
+        else:  # left by a crashed worker, perhaps of another size
+            ns.mount(None, self.state_dir, None, ns.MS_REMOUNT | ns.MS_NOSUID, options)
         os.makedirs(self.uploads_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.jobs_dir, mode=0o711, exist_ok=True)
         stale = 0

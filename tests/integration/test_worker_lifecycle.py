@@ -11,6 +11,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
+from typing import Any
 
 import pytest
 
@@ -98,14 +99,27 @@ def test_a_worker_that_cannot_listen_exits_non_zero_and_leaves_no_mount() -> Non
         assert mounts_under(state) == []
 
 
-def test_a_restart_on_the_same_state_dir_starts_clean() -> None:
-    with run_worker() as first:
-        job_id = first.submit({"main.sh": "echo hi"})
-        first.wait(job_id)
-        state = first.state_dir
-    # The helper removed the directory; a crashed worker's leftovers are the
-    # fault tests' business.  Here: a second worker on a fresh directory is
-    # independent of the first.
-    with run_worker() as second:
-        assert second.state_dir != state
-        assert second.get(f"/status/{job_id}").status == 404
+def test_a_state_dir_left_mounted_by_a_crashed_worker_is_cleaned_and_resized(
+        tmp_path: Any) -> None:
+    reason = why_no_worker()
+    if reason is not None:
+        pytest.skip(reason)
+    state = str(tmp_path / "state")
+    os.makedirs(state)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", state], check=True)
+    try:
+        stale = os.path.join(state, "jobs", "job-stale")
+        os.makedirs(stale)
+        with run_worker("--max-upload-mb", "5", state_dir=state) as worker:
+            assert not os.path.exists(stale)
+            assert "1 stale job directories removed" in worker.log()
+            # A 3 MB upload spools through the state tmpfs: it was resized from 1 MB.
+            reply = worker.post_multipart("/submit", {"manifest": '{"entrypoint": "a.sh"}'},
+                                          [("a.sh", b"wc -c < big"), ("big", b"\0" * 3_000_000)])
+            assert reply.status == 200, reply.body
+            job_id = reply.json()["job_id"]
+            assert worker.wait(job_id)["status"] == "completed"
+            assert worker.get(f"/logs/{job_id}").json()["stdout"].strip() == "3000000"
+    finally:
+        if mounts_under(state):
+            subprocess.run(["umount", "-l", state], check=False)

@@ -213,10 +213,11 @@ def mounts_under(directory: str) -> list[str]:
 
 @contextlib.contextmanager
 def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float = 30.0,
-               check_clean_exit: bool = True) -> Iterator[Worker]:
+               check_clean_exit: bool = True, state_dir: str | None = None) -> Iterator[Worker]:
     """Start ``sandrun serve`` on ``bind`` and a free port; stop it cleanly on exit.
 
     ``extra_args`` go to ``sandrun serve`` (``--max-concurrent 1``, quotas, a key).
+    ``state_dir`` defaults to a fresh directory; give one to restart on old state.
     On leaving, unless the test stopped it itself, the worker gets SIGTERM and
     must exit 0 with no mount left under its state directory.
     """
@@ -226,7 +227,7 @@ def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float
 
         pytest.skip(reason)
     scratch = tempfile.mkdtemp(prefix="sandrun-worker-")
-    state_dir = os.path.join(scratch, "state")
+    state_dir = state_dir or os.path.join(scratch, "state")
     log_path = os.path.join(scratch, "worker.log")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log_path, "wb") as log_file:
