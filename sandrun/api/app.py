@@ -97,8 +97,8 @@ class WorkerAPI:
     """The worker's routes; collaborators come in, nothing global is touched.
 
     ``blocking`` runs file-heavy work (upload extraction, packing outputs)
-    off the reactor thread; tests pass a synchronous runner.  ``spool_dir``
-    holds the one-off ``.tar.gz`` of ``/download/{id}``.
+    off the reactor thread; tests pass a synchronous runner.
+    ``environments`` lists the templates a manifest may name.
     """
 
     app = Klein()
@@ -122,10 +122,10 @@ class WorkerAPI:
     def client(self, request: IRequest) -> str:
         peer = request.getClientAddress()
         host = getattr(peer, "host", "unix")
-        forwarded = request.getHeader(b"x-forwarded-for")
-        address = trusted_client_address(
-            host, forwarded.decode("latin-1") if forwarded else None,
-            self.config.trusted_proxies)
+        # Every X-Forwarded-For line, in order: a proxy may add its own line.
+        lines = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+        forwarded = b",".join(lines).decode("latin-1") if lines else None
+        address = trusted_client_address(host, forwarded, self.config.trusted_proxies)
         return client_key(address)
 
     def early_refusal(self, request: IRequest) -> uploads.Refusal | None:

@@ -398,6 +398,19 @@ def test_a_forwarded_address_counts_only_from_a_trusted_proxy(tmp_path: Any) -> 
     assert trusted.request("POST", "/submit", doc, forwarded).status == 429
 
 
+def test_every_forwarded_for_line_counts_from_a_trusted_proxy(tmp_path: Any) -> None:
+    quotas = QuotaConfig(cpu_seconds_per_minute=10, max_active_jobs=1, jobs_per_hour=20)
+    h = Harness(str(tmp_path), quotas=quotas, trusted_proxies=("127.0.0.1", "10.0.0.0/8"))
+    doc = json.dumps({"files": {"a.py": ""}}).encode()
+    d = h.stub.request(  # type: ignore[attr-defined]
+        "POST", "http://worker.test/submit", data=doc,
+        headers={"Content-Type": ["application/json"],
+                 "X-Forwarded-For": ["198.51.100.1, 203.0.113.5", "10.1.2.3"]})
+    assert h._settle(d).code == 200
+    # Lines join with "," (RFC 9110): the right-most untrusted address over all of them.
+    assert [j.client for j in h.manager.jobs.values()] == ["203.0.113.5"]
+
+
 def test_job_ids_carry_at_least_96_random_bits(h: Harness) -> None:
     h.sandbox.script = lambda run: run.finish()
     ids = {h.submit() for _ in range(20)}
