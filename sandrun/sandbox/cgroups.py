@@ -38,8 +38,13 @@ def _write(path: str, value: str) -> None:
 
 
 def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+    # os.open and os.read: a job's stats are read on the launch path, where
+    # Python's buffered text files cost more than the system calls.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
 
 
 def _own_cgroup(controller: str | None) -> str:
@@ -116,6 +121,11 @@ class JobCgroup:
                 return True
         return False
 
+    def adopt(self, pid: int) -> None:
+        """Move a process (not yet running the job) into this cgroup."""
+        for procs in self.procs_files:
+            _write(procs, str(pid))
+
     def kill(self) -> None:
         if self.version == 2:
             try:
@@ -126,7 +136,28 @@ class JobCgroup:
         for procs in self.procs_files:
             _kill_procs(procs)
 
+    def try_remove(self) -> bool:
+        """One attempt, without waiting: True once every directory is gone.
+
+        Right after a job's last process was reaped a v1 ``rmdir`` can still
+        find the group busy for a moment; the caller retries later instead of
+        sleeping here.
+        """
+        gone = True
+        for d in sorted(set(self.dirs.values())):
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                _kill_procs(os.path.join(d, "cgroup.procs"))
+                gone = False
+        return gone
+
     def remove(self) -> None:
+        """Kill what is left and remove the directories, waiting up to a second."""
         for _ in range(50):
             if not any(_kill_procs(p) for p in self.procs_files):
                 break
@@ -152,9 +183,9 @@ class CgroupManager:
             if missing:
                 raise CgroupError(f"cgroup v2 lacks controllers: {', '.join(sorted(missing))}")
             return 2
-        missing = [c for c in V1_CONTROLLERS if not os.path.isdir(os.path.join(self.root, c))]
-        if missing:
-            raise CgroupError(f"no cgroup v2 and cgroup v1 lacks: {', '.join(missing)}")
+        absent = [c for c in V1_CONTROLLERS if not os.path.isdir(os.path.join(self.root, c))]
+        if absent:
+            raise CgroupError(f"no cgroup v2 and cgroup v1 lacks: {', '.join(absent)}")
         return 1
 
     def _prepare_bases(self) -> dict[str, str]:

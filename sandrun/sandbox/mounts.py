@@ -11,8 +11,14 @@ Layout inside the sandbox::
     /proc           a fresh proc of the job's PID namespace
     (no /sys, /run, /root, /home, /var)
 
-``build_root`` runs in the child after it unshared its mount namespace, so
-nothing it mounts is visible to the host and all of it vanishes with the job.
+The root is built in two halves, both in the job's process after it
+unshared its mount namespace, so nothing is visible to the host and all of it
+vanishes with the job.  ``prepare_root`` does everything that is the same for
+every job (the binds of the runtime, /etc and /dev, /proc, the pivot) before
+the job is known; ``finish_root`` then attaches the job's own directory and
+read-only extras, received as detached mounts (``open_tree``) because the
+prepared namespace is a copy taken earlier and would not see a mount the
+worker made since, and mounts the size-capped scratch tmpfs.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import shutil
 import stat
 
 from sandrun.sandbox import namespaces as ns
-from sandrun.sandbox.policy import JOB_DIR, LaunchRequest
+from sandrun.sandbox.policy import JOB_DIR, SandboxPolicy
 
 RO = ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV
 # The only places a request's extra read-only binds may go (an environment, dependencies).
@@ -107,36 +113,67 @@ def _tmpfs(dst: str, size: int, flags: int) -> None:
     ns.mount("tmpfs", dst, "tmpfs", flags, f"size={size},mode=1777")
 
 
-def build_root(root: str, templates: str, request: LaunchRequest) -> None:
-    """Mount the job's root at ``root`` and pivot into it; cwd ends at /job.
+def host_lib_dirs() -> tuple[str, ...]:
+    """The top-level library directories that are real directories on this host.
+
+    On a merged-/usr host there are none: /bin, /lib... are symlinks, which
+    the root template reproduces.
+    """
+    return tuple(name for name in TOP_LINKS
+                 if os.path.isdir(os.path.join("/", name))
+                 and not os.path.islink(os.path.join("/", name)))
+
+
+def prepare_root(root: str, templates: str, lib_dirs: tuple[str, ...]) -> None:
+    """Mount the parts of a root every job shares, pivot into it and drop the host's.
 
     ``templates`` holds ``rootfs``, ``dev`` and ``etc`` as made by
-    ``prepare_templates`` and ``prepare_etc``.
+    ``prepare_templates`` and ``prepare_etc``; ``lib_dirs`` is what
+    ``host_lib_dirs`` found.  Afterwards the process sees only the new root,
+    read-only, and nothing of the host but /usr.
     """
-    policy = request.policy
     ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE)
     ns.mount(os.path.join(templates, "rootfs"), root, None, ns.MS_BIND)
     _bind("/usr", os.path.join(root, "usr"), RO)
-    for name in TOP_LINKS:  # real directories on a host without merged /usr
-        host = os.path.join("/", name)
-        if os.path.isdir(host) and not os.path.islink(host):
-            _bind(host, os.path.join(root, name), RO)
+    for name in lib_dirs:
+        _bind(os.path.join("/", name), os.path.join(root, name), RO)
     _bind(os.path.join(templates, "etc"), os.path.join(root, "etc"), RO)
-    _bind(request.job_dir, os.path.join(root, "job"), ns.MS_NOSUID | ns.MS_NODEV)
-    _tmpfs(os.path.join(root, "tmp"), policy.tmp_bytes, ns.MS_NOSUID | ns.MS_NODEV)
-    dev = os.path.join(root, "dev")
-    _bind(os.path.join(templates, "dev"), dev, ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NOEXEC)
-    _tmpfs(os.path.join(dev, "shm"), policy.shm_bytes, ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
+    _bind(os.path.join(templates, "dev"), os.path.join(root, "dev"),
+          ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NOEXEC)
     ns.mount("proc", os.path.join(root, "proc"), "proc",
              ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
-    for host, inside in request.ro_binds:
-        # Exact names only: anything else could cover /etc or climb out with "..".
-        if inside not in RO_BIND_TARGETS or not os.path.isabs(host):
-            raise ValueError(f"read-only bind {host!r} -> {inside!r} is not allowed")
-        _bind(host, os.path.join(root, inside.lstrip("/")), RO)
-
     ns.pivot_root(root, os.path.join(root, ".old"))
     os.chdir("/")
     ns.umount("/.old", ns.MNT_DETACH)
+    # Mount points beneath a read-only mount can still be mounted on.
     ns.mount(None, "/", None, ns.MS_REMOUNT | ns.MS_BIND | RO)
+
+
+def check_ro_binds(ro_binds: tuple[tuple[str, str], ...]) -> None:
+    """Refuse extra binds to anywhere but the two fixed places."""
+    for host, inside in ro_binds:
+        # Exact names only: anything else could cover /etc or climb out with "..".
+        if inside not in RO_BIND_TARGETS or not os.path.isabs(host):
+            raise ValueError(f"read-only bind {host!r} -> {inside!r} is not allowed")
+
+
+def finish_root(policy: SandboxPolicy, job_tree: int,
+                extras: list[tuple[int, str]]) -> None:
+    """Attach the job directory and extras, mount the scratch tmpfs; cwd ends at /job.
+
+    ``job_tree`` and each extra's descriptor come from ``ns.open_tree_clone``;
+    the extras' targets must have passed ``check_ro_binds``.
+    """
+    _attach(job_tree, JOB_DIR, ns.MS_NOSUID | ns.MS_NODEV)
+    _tmpfs("/tmp", policy.tmp_bytes, ns.MS_NOSUID | ns.MS_NODEV)
+    _tmpfs("/dev/shm", policy.shm_bytes, ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
+    for tree, inside in extras:
+        if inside not in RO_BIND_TARGETS:
+            raise ValueError(f"read-only bind to {inside!r} is not allowed")
+        _attach(tree, inside, RO)
     os.chdir(JOB_DIR)
+
+
+def _attach(tree: int, target: str, flags: int) -> None:
+    ns.move_mount(tree, target)
+    ns.mount(None, target, None, ns.MS_REMOUNT | ns.MS_BIND | flags)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 MiB = 1024 * 1024
@@ -47,7 +47,11 @@ class LaunchRequest:
         return env
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict, which deep-copies: this is on every launch.
+        return {"argv": list(self.argv), "env": [list(kv) for kv in self.env],
+                "job_dir": self.job_dir, "uid": self.uid, "gid": self.gid,
+                "policy": dict(self.policy.__dict__),
+                "ro_binds": [list(b) for b in self.ro_binds]}
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> LaunchRequest:

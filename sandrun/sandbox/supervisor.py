@@ -16,11 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -51,7 +52,7 @@ class SandboxResult:
     cpu_seconds: float = 0.0
     memory_peak_bytes: int = 0
     wall_time_ms: float = 0.0
-    message: str | None = None  # set for sandbox_error: which layer failed
+    message: str | None = None  # sandbox_error: which layer failed; else a stats error
     truncated: dict[str, bool] = field(default_factory=lambda: {"stdout": False,
                                                                 "stderr": False})
 
@@ -245,9 +246,12 @@ class Sandbox:
             self._finish(job, SandboxResult(Reason.SANDBOX_ERROR, message=f"spawn: {e}"))
             return job.done
         for name, fd in (("stdout", out_r), ("stderr", err_r)):
-            _Reader(self.reactor, fd, lambda data, n=name: self._on_output(job, n, data),
-                    lambda: self._on_stream_closed(job))
+            self._read_stream(job, name, fd)
         return job.done
+
+    def _read_stream(self, job: _RunningJob, stream: str, fd: int) -> None:
+        _Reader(self.reactor, fd, lambda data: self._on_output(job, stream, data),
+                lambda: self._on_stream_closed(job))
 
     def kill(self, job_id: str, reason: Reason) -> None:
         """Kill a running job (its whole PID namespace); the result carries ``reason``."""
@@ -307,6 +311,10 @@ class Sandbox:
             assert self._ready is not None
             self._ready.errback(SandboxUnavailable(event["message"]))
             return
+        if kind == "cleanup_failed":  # after the job's result; left for the next start
+            log.warn("sandbox clean-up failed for job {job_id}: {message}",
+                     job_id=event["id"], message=event["message"])
+            return
         job = self.jobs.get(event["id"])
         if job is None:
             return
@@ -350,7 +358,7 @@ class Sandbox:
                 reason = Reason.CPU_LIMIT
             result = SandboxResult(reason, code, sig, event.get("cpu_seconds", 0.0),
                                    event.get("memory_peak_bytes", 0), event["wall_time_ms"],
-                                   event.get("cleanup_error"))
+                                   event.get("error"))
         result.truncated = dict(job.truncated)
         self._finish(job, result)
 

@@ -282,7 +282,7 @@ class JobRunner:
 
     async def wait_started(self, job_id: str, within: float = 5.0) -> None:
         deadline = time.monotonic() + within
-        while self.sandbox.jobs[job_id].cgroup is None:
+        while self.sandbox.jobs[job_id].cgroup is None:  # KeyError: it has already ended
             assert time.monotonic() < deadline, "the job never started"
             await self.sleep(0.01)
 
@@ -399,8 +399,16 @@ def proven_limits(runner: JobRunner) -> None:
     pytest_twisted.blockon(defer.ensureDeferred(check_memory_limit(runner)))
 
 
-PIDS_PROBE = """
-import os, time, errno
+# Holds until the test has looked at the job's cgroup from the host and made /job/go.
+WAIT_FOR_GO = """
+import os, time
+deadline = time.monotonic() + 10
+while not os.path.exists("/job/go") and time.monotonic() < deadline:
+    time.sleep(0.01)
+"""
+
+PIDS_PROBE = WAIT_FOR_GO + """
+import errno
 n = 0
 while n < 200:
     try:
@@ -417,13 +425,21 @@ else:
 """
 
 
+def go(job_dir: str) -> None:
+    with open(os.path.join(job_dir, "go"), "w"):
+        pass
+
+
 async def check_pids_limit(runner: JobRunner) -> None:
     """At most ``pids_max`` tasks: the 200-child probe stops early with EAGAIN."""
     policy = SandboxPolicy(pids_max=20, timeout_seconds=20)
-    job_id, d = runner.start(("python3", "-I", "-S", "-c", PIDS_PROBE), policy=policy)
+    job_dir = runner.new_dir()
+    job_id, d = runner.start(("python3", "-I", "-S", "-c", PIDS_PROBE), policy=policy,
+                             job_dir=job_dir)
     await runner.wait_started(job_id)
     with open(os.path.join(runner.cgroup_dirs(job_id)["pids"], "pids.max")) as f:
         assert f.read().strip() == "20"
+    go(job_dir)
     ran = await d
     assert ran.reason == Reason.COMPLETED, ran.describe()
     words = ran.out.split()
@@ -431,7 +447,7 @@ async def check_pids_limit(runner: JobRunner) -> None:
     assert 10 <= int(words[1]) < 20, ran.describe()  # python itself is one of the 20
 
 
-MEMORY_PROBE = """
+MEMORY_PROBE = WAIT_FOR_GO + """
 import sys
 chunks = []
 for i in range(int(sys.argv[1])):
@@ -443,15 +459,19 @@ print("allocated", len(chunks), flush=True)
 async def check_memory_limit(runner: JobRunner) -> None:
     """A 64 MiB job may use 32 MiB, and is stopped with memory_limit well before 160 MiB."""
     policy = SandboxPolicy(memory_bytes=64 * MiB, timeout_seconds=20)
-    job_id, d = runner.start(("python3", "-I", "-S", "-c", MEMORY_PROBE, "32"), policy=policy)
+    job_dir = runner.new_dir()
+    job_id, d = runner.start(("python3", "-I", "-S", "-c", MEMORY_PROBE, "32"), policy=policy,
+                             job_dir=job_dir)
     await runner.wait_started(job_id)
     with open(os.path.join(runner.cgroup_dirs(job_id)["memory"],
                            "memory.limit_in_bytes" if runner.cap.version == 1
                            else "memory.max")) as f:
         assert int(f.read()) == 64 * MiB
+    go(job_dir)
     ran = await d
     assert ran.reason == Reason.COMPLETED and ran.out == "allocated 32\n", ran.describe()
-    ran = await runner.python(MEMORY_PROBE.replace("int(sys.argv[1])", "160"), policy=policy)
+    ran = await runner.run(("python3", "-I", "-S", "-c", MEMORY_PROBE, "160"), policy=policy,
+                           job_dir=runner.new_dir({"go": ""}))
     assert ran.reason == Reason.MEMORY_LIMIT, ran.describe()
     assert ran.result.signal == signal.SIGKILL
     assert "allocated" not in ran.out

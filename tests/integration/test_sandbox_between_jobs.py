@@ -89,7 +89,7 @@ async def test_jobs_at_once_get_distinct_uids_and_a_job_past_the_slots_is_refuse
                             policy=SandboxPolicy(timeout_seconds=30))
                for _ in runner.uids]
     for job_id, _ in started:
-        await runner.wait_started(job_id)
+        await runner.wait_output(job_id, b"\n")
     with pytest.raises(SandboxUnavailable):
         runner.start(("/bin/true",))
     for job_id, _ in started:

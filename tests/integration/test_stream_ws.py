@@ -74,7 +74,7 @@ def receive(url: str, into: Received, opened: threading.Event | None = None) -> 
     except ConnectionClosed as closed:
         if closed.rcvd is not None:
             into.code, into.reason = closed.rcvd.code, closed.rcvd.reason
-    except BaseException as e:  # noqa: BLE001 - reported by the test, not lost in the thread
+    except BaseException as e:
         into.error = e
 
 

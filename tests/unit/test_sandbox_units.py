@@ -173,3 +173,21 @@ def test_the_sandbox_variables_win_over_the_manifests() -> None:
                                      "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                                      "TMPDIR": "/tmp", "TERM": "dumb", "MINE": "kept"}
 
+
+
+# -- the loopback request ------------------------------------------------------------------------
+
+
+def test_the_loopback_request_sets_interface_1_up_and_asks_for_an_ack() -> None:
+    import struct
+
+    from sandrun.sandbox.network import loopback_up_request
+
+    message = loopback_up_request()
+    length, kind, flags, _seq, _ = struct.unpack_from("=IHHII", message)
+    assert length == len(message)
+    assert kind == 16  # RTM_NEWLINK
+    assert flags == 0x1 | 0x4  # NLM_F_REQUEST | NLM_F_ACK
+    # struct ifinfomsg: family, pad, type, index, flags, change
+    _, _, _, index, if_flags, change = struct.unpack_from("=BBHiII", message, 16)
+    assert (index, if_flags, change) == (1, 0x1, 0x1)  # lo, IFF_UP, only IFF_UP changes
