@@ -124,6 +124,7 @@ class HealthChecker:
         self.max_skew = max_skew
         self._loop = task.LoopingCall(self.check_all)
         self._loop.clock = reactor
+        self._waiting: dict[str, list[defer.Deferred[None]]] = {}  # worker id -> callers
 
     def start(self, now: bool = True) -> None:
         self._loop.start(self.interval, now=now).addErrback(
@@ -134,12 +135,30 @@ class HealthChecker:
             self._loop.stop()
 
     def check_all(self) -> defer.Deferred[None]:
-        """One round: every worker not already being checked, in parallel."""
+        """One round: every worker, in parallel."""
         for label in self.registry.expire_drained(self.reactor.seconds()):
             log.info("worker {worker} finished draining and is forgotten", worker=label)
-        checks = [self.check(state) for state in self.registry.workers() if not state.checking]
-        d = defer.DeferredList(checks, consumeErrors=True)
+        return self.check_now(self.registry.workers())
+
+    def check_now(self, states: list[WorkerState]) -> defer.Deferred[None]:
+        """Check these workers now; a check already under way is joined, not repeated."""
+        waits: list[defer.Deferred[None]] = []
+        starting: list[WorkerState] = []
+        for state in states:
+            waiting = self._waiting.get(state.worker_id)
+            if waiting is None:
+                waiting = self._waiting[state.worker_id] = []
+                starting.append(state)
+            waits.append(defer.Deferred())
+            waiting.append(waits[-1])
+        for state in starting:  # after the waiters are in place: a check may end at once
+            self.check(state).addBoth(self._finished, state.worker_id)
+        d = defer.DeferredList(waits, consumeErrors=True)
         return d.addCallback(lambda _: None)
+
+    def _finished(self, result: Any, worker_id: str) -> None:
+        for waiter in self._waiting.pop(worker_id, []):
+            waiter.callback(None)
 
     @defer.inlineCallbacks
     def check(self, state: WorkerState) -> Any:

@@ -60,7 +60,7 @@ from coordinator.quota import (
     parse_networks,
 )
 from coordinator.registry import WorkerRegistry, WorkerState
-from coordinator.scheduling import pick_worker, rank_workers
+from coordinator.scheduling import has_room, pick_worker, rank_workers
 from coordinator.stream import StreamRelay
 from coordinator.uploads import content_type
 from coordinator.worker_client import (
@@ -80,6 +80,8 @@ SERVICE = "sandrun-coordinator"
 DESCRIPTION = "Anonymous, ephemeral, sandboxed code execution: pool coordinator"
 PRIVACY = ("No accounts and no logs of job content. The coordinator keeps no job data: "
            "uploads pass through RAM to a worker, results stream back from it.")
+# A pool that looks full is re-checked before a refusal if its loads are this old, seconds.
+REFRESH_AFTER = 0.1
 # Response headers of a worker that the client gets too.
 # (Twisted's client keeps Content-Length in ``response.length``, not in the headers.)
 _PASSED_HEADERS = (b"content-type", b"content-disposition", b"retry-after")
@@ -130,10 +132,16 @@ def to_api_error(failure: Failure) -> APIError:
 
 class CoordinatorAPI:
     app = Klein()
+    # "/download//x" is a 404 like any unknown path, not an HTML redirect to "/download/x".
+    app.url_map.merge_slashes = False
 
     def __init__(self, reactor: Any, registry: WorkerRegistry, client: WorkerClient,
-                 config: CoordinatorConfig, streams: StreamRelay | None = None) -> None:
+                 config: CoordinatorConfig, streams: StreamRelay | None = None,
+                 refresh: Callable[[list[WorkerState]], defer.Deferred[None]] | None = None
+                 ) -> None:
         self.reactor = reactor
+        # Re-checks workers before a submission is refused for want of room (health.py).
+        self.refresh = refresh
         self.registry = registry
         self.client = client
         self.config = config
@@ -315,8 +323,21 @@ class CoordinatorAPI:
             headers[b"Content-Type"] = [kind]
         tried: set[str] = set()
         refusal: tuple[Any, Any] | None = None
+        refreshed = False
         while True:
             state = pick_worker(self.registry.workers(), self.registry.cursor, tried)
+            if state is None and not refreshed and self.refresh is not None:
+                # Every worker looks full, but by loads up to a health interval old (plus
+                # what was sent since): jobs may have ended.  Ask again now rather than
+                # refuse for a whole interval; a check under way is joined, not repeated.
+                refreshed = True
+                now = self.reactor.seconds()
+                stale = [w for w in self.registry.routable()
+                         if w.worker_id not in tried and not has_room(w)
+                         and (w.last_check is None or now - w.last_check >= REFRESH_AFTER)]
+                if stale:
+                    await self.refresh(stale)
+                    continue
             if state is None:
                 break
             tried.add(state.worker_id)
@@ -476,11 +497,11 @@ class CoordinatorAPI:
         return b""
 
     @app.handle_errors(NotFound)
-    def not_found_handler(self, request: Request, failure: Any) -> bytes:
+    def not_found_handler(self, request: Any, failure: Any) -> bytes:
         return write_error(request, APIError(404, "Not found", "no such endpoint"))
 
     @app.handle_errors(MethodNotAllowed)
-    def not_allowed(self, request: Request, failure: Any) -> bytes:
+    def not_allowed(self, request: Any, failure: Any) -> bytes:
         if set(failure.value.valid_methods or ()) <= {"OPTIONS"}:
             return write_error(request, APIError(404, "Not found", "no such endpoint"))
         return write_error(request, APIError(405, "Method not allowed",
@@ -551,8 +572,9 @@ class _Relay(Protocol):
             self.done.errback(reason)
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
+        worker: Any = self.transport
+        if worker is not None:
+            worker.stopProducing()
 
 
 def relay(response: Any, request: Request) -> defer.Deferred[None]:

@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import server
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from coordinator.config import CoordinatorConfig, WorkersFileError, load_workers
 from coordinator.health import HealthChecker
@@ -36,8 +36,14 @@ MAX_CONNECTIONS_PER_WORKER = 32  # idle keep-alive connections kept per worker
 class QuietSite(server.Site):
     """A Site that writes no access log: paths hold job ids, which are bearer secrets."""
 
+    noisy = False
+
     def log(self, request: Any) -> None:
         pass
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" line per connection to a worker
 
 
 def http_client(reactor: Any) -> tuple[Any, HTTPConnectionPool]:
@@ -45,6 +51,7 @@ def http_client(reactor: Any) -> tuple[Any, HTTPConnectionPool]:
     import treq.client
 
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory  # noqa: SLF001 - the documented way to quieten it
     pool.maxPersistentPerHost = MAX_CONNECTIONS_PER_WORKER
     pool.retryAutomatically = True  # idempotent requests retry once on a stale connection
     agent = Agent(reactor, pool=pool, connectTimeout=CONNECT_TIMEOUT)
@@ -68,7 +75,8 @@ class CoordinatorService(service.MultiService):
                                     config.health_interval, config.health_timeout,
                                     config.max_clock_skew)
         self.streams = StreamRelay(reactor, self.registry)
-        self.api = CoordinatorAPI(reactor, self.registry, self.client, config, self.streams)
+        self.api = CoordinatorAPI(reactor, self.registry, self.client, config, self.streams,
+                                  refresh=self.health.check_now)
         self.site = QuietSite(self.api.resource())
         self.site.displayTracebacks = False
         spool = config.spool_dir if config.spool_dir is not None else default_spool_dir()

@@ -177,9 +177,10 @@ class _Valve:
         if not self.client_full:
             return
         self.lag += size
-        if self.lag > self.slack and not self.worker_paused and self.upstream.transport:
+        worker: Any = self.upstream.transport
+        if self.lag > self.slack and not self.worker_paused and worker is not None:
             self.worker_paused = True
-            self.upstream.transport.pauseProducing()
+            worker.pauseProducing()
 
     def pauseProducing(self) -> None:
         if not self.client_full:  # called again on every write while the buffer is full
@@ -187,9 +188,10 @@ class _Valve:
 
     def resumeProducing(self) -> None:
         self.client_full, self.lag = False, 0
-        if self.worker_paused and self.upstream.transport:
+        worker: Any = self.upstream.transport
+        if self.worker_paused and worker is not None:
             self.worker_paused = False
-            self.upstream.transport.resumeProducing()
+            worker.resumeProducing()
 
     def stopProducing(self) -> None:
         self.upstream.abandon()
@@ -230,6 +232,7 @@ class StreamRelay:
     def resource(self, state: WorkerState | None, ref: JobRef | None,
                  fmt: str | None) -> WebSocketResource:
         factory = WebSocketServerFactory()
+        factory.noisy = False
         relay = self
 
         class Protocol(ClientSide):
@@ -272,6 +275,7 @@ class StreamRelay:
         path = f"/logs/{quote(client.ref.worker_job_id, safe='')}/stream{query}"
         ws_url = f"{'wss' if secure else 'ws'}://{url.netloc}{path}"
         factory = WebSocketClientFactory(ws_url)
+        factory.noisy = False
         factory.protocol = UpstreamSide
         endpoint: Any
         if secure:

@@ -231,7 +231,8 @@ class Pool:
                                    cooperator=self.cooperator)
         self.health = HealthChecker(self.clock, self.registry, self.client,
                                     self.config.health_interval, self.config.health_timeout)
-        self.api = CoordinatorAPI(self.clock, self.registry, self.client, self.config)
+        self.api = CoordinatorAPI(self.clock, self.registry, self.client, self.config,
+                                  refresh=self.health.check_now)
         self.stub = StubTreq(self.api.resource())
 
     def worker_for(self, job_id: str) -> int:

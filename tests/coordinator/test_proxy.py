@@ -48,6 +48,18 @@ def test_a_full_pool_answers_503_with_retry_after(tmp_path: Any) -> None:
     assert reply.json()["retry_after"] == 5 and reply.header("retry-after") == "5"
 
 
+def test_a_pool_that_looks_full_is_rechecked_before_a_submission_is_refused(
+        tmp_path: Any) -> None:
+    pool = ready(tmp_path, 2, max_concurrent_jobs=1)
+    first = pool.submit(HOLD, client="192.0.2.1")
+    pool.submit(HOLD, client="192.0.2.2")
+    pool.workers[pool.worker_for(first)].sandbox.holding()[0].finish()
+    pool.clock.advance(1)
+    # No health round has run since; the submission itself asks the workers again.
+    again = pool.submit(HOLD, client="192.0.2.3")
+    assert pool.worker_for(again) == pool.worker_for(first)
+
+
 def test_no_healthy_worker_is_503_and_health_says_unhealthy(tmp_path: Any) -> None:
     pool = Pool(str(tmp_path), 2)
     pool.network.down.update({netloc(0), netloc(1)})

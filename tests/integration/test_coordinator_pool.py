@@ -1,0 +1,403 @@
+"""A real pool: one coordinator and three real workers (each its own key and state
+directory) on loopback ports, plus an impostor, all as separate processes.
+
+- The impostor is a real worker whose workers.json entry lists a public key it does
+  not hold (it runs with its own key): it must never be used, and ``/pool`` says why.
+- Each worker is configured for 2 jobs (``max_concurrent_jobs``); the coordinator
+  checks health every second with a 0.5 s timeout, so "two health intervals" is 2 s.
+- A worker is killed with SIGKILL mid-job: the job must report ``worker_lost``
+  within two intervals; the worker is started again on the same state directory
+  (which removes the mounts the killed one left) and port, and must come back.
+- The coordinator is restarted: it must still answer for the jobs it dispatched.
+- SIGHUP: a malformed workers.json is refused naming the entry; a good one is applied.
+
+Runs as root (workers mount tmpfs and make cgroups).  About 30 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from tests.integration.worker import Response, mounts_under, request, why_no_worker
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+INTERVAL = 1.0  # the coordinator's --health-interval in these tests
+WORKER_FLAGS = ("--max-concurrent", "2", "--trusted-proxy", "127.0.0.1",
+                "--cpu-quota", "100000", "--max-active-per-ip", "100000",
+                "--jobs-per-hour", "100000")
+POOL_FLAGS = ("--health-interval", str(INTERVAL), "--health-timeout", "0.5",
+              "--cpu-quota", "100000", "--max-active-per-ip", "100000",
+              "--jobs-per-hour", "100000")
+
+pytestmark = pytest.mark.skipif(why_no_worker() is not None, reason=why_no_worker() or "")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(predicate: Any, within: float, what: str, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        time.sleep(step)
+
+
+def environment() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+@dataclass
+class Process:
+    """A child process with its output in a log file."""
+
+    argv: list[str]
+    log_path: str
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=REPO, env=environment())
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"no exit {timeout} s after SIGTERM:\n{self.log()}")
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+class PoolWorker(Process):
+    def __init__(self, name: str, scratch: str, key_path: str) -> None:
+        self.name, self.port = name, free_port()
+        self.state_dir = os.path.join(scratch, f"{name}-state")
+        super().__init__([sys.executable, "-m", "sandrun", "serve", "--state-dir",
+                          self.state_dir, "--listen", f"127.0.0.1:{self.port}",
+                          "--worker-key", key_path, *WORKER_FLAGS],
+                         os.path.join(scratch, f"{name}.log"))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def healthy(self) -> bool:
+        try:
+            return request(self.url, path="/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def wait_healthy(self) -> None:
+        wait_for(lambda: self.healthy() or not self.running(), 30, f"{self.name} healthy")
+        assert self.running(), self.log()
+
+    def mounts(self) -> list[str]:
+        return mounts_under(self.state_dir)
+
+
+class CoordinatorProcess(Process):
+    def __init__(self, scratch: str, workers_path: str) -> None:
+        self.port = free_port()
+        super().__init__([sys.executable, "-m", "coordinator", "--workers", workers_path,
+                          "--listen", f"127.0.0.1:{self.port}", *POOL_FLAGS],
+                         os.path.join(scratch, "coordinator.log"))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_and_wait(self) -> None:
+        self.start()
+
+        def up() -> bool:
+            assert self.running(), self.log()
+            try:
+                return request(self.url, path="/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_for(up, 30, "coordinator healthy")
+
+    # -- the client ----------------------------------------------------------------
+
+    def get(self, path: str, **kwargs: Any) -> Response:
+        return request(self.url, path=path, **kwargs)
+
+    def submit(self, code: str, outputs: list[str] | None = None) -> Response:
+        manifest: dict[str, Any] = {"entrypoint": "main.py"}
+        if outputs is not None:
+            manifest["outputs"] = outputs
+        body = json.dumps({"manifest": manifest, "files": {"main.py": code}}).encode()
+        return request(self.url, "POST", "/submit", body,
+                       {"Content-Type": "application/json"})
+
+    def accepted(self, code: str, outputs: list[str] | None = None) -> str:
+        reply = self.submit(code, outputs)
+        assert reply.status == 200, (reply.status, reply.body, self.get("/pool").body,
+                                     self.log()[-3000:])
+        job_id: str = reply.json()["job_id"]
+        return job_id
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        reply = self.get(f"/status/{job_id}")
+        assert reply.status == 200, (reply.status, reply.body)
+        result: dict[str, Any] = reply.json()
+        return result
+
+    def wait(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
+        return wait_for(lambda: (s := self.status(job_id))["status"] in ("completed", "failed")
+                        and s, timeout, f"{job_id} finished")
+
+    def pool(self) -> dict[str, dict[str, Any]]:
+        return {w["name"]: w for w in self.get("/pool").json()["workers"]}
+
+
+@dataclass
+class Pool:
+    scratch: str
+    workers: dict[str, PoolWorker]
+    impostor: PoolWorker
+    coordinator: CoordinatorProcess
+    workers_path: str
+    entries: list[dict[str, Any]]
+
+    def worker_of(self, job_id: str) -> PoolWorker:
+        tag = job_id.split(".")[0]
+        name = next(w["name"] for w in self.coordinator.get("/pool").json()["workers"]
+                    if w["tag"] == tag)
+        return self.workers[name]
+
+    def write_workers(self, entries: list[Any]) -> None:
+        with open(self.workers_path + ".new", "w") as f:
+            json.dump(entries, f)
+        os.replace(self.workers_path + ".new", self.workers_path)
+
+
+def keygen(path: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "sandrun", "keygen", "--out", path],
+                         check=True, capture_output=True, cwd=REPO, env=environment())
+    return out.stdout.decode().strip()
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[Pool]:
+    scratch = tempfile.mkdtemp(prefix="sandrun-pool-")
+    workers: dict[str, PoolWorker] = {}
+    entries: list[dict[str, Any]] = []
+    for name in ("w1", "w2", "w3"):
+        key = os.path.join(scratch, f"{name}.pem")
+        worker_id = keygen(key)
+        workers[name] = PoolWorker(name, scratch, key)
+        entries.append({"name": name, "worker_id": worker_id,
+                        "endpoint": workers[name].url, "max_concurrent_jobs": 2})
+    # The impostor holds its own key; workers.json lists a public key whose private half
+    # it never had (as if it copied a real worker's public key).
+    impostor = PoolWorker("impostor", scratch, os.path.join(scratch, "impostor.pem"))
+    keygen(os.path.join(scratch, "impostor.pem"))
+    victim = keygen(os.path.join(scratch, "victim.pem"))
+    os.unlink(os.path.join(scratch, "victim.pem"))
+    entries.append({"name": "impostor", "worker_id": victim, "endpoint": impostor.url,
+                    "max_concurrent_jobs": 2})
+    workers_path = os.path.join(scratch, "workers.json")
+    coordinator = CoordinatorProcess(scratch, workers_path)
+    result = Pool(scratch, workers, impostor, coordinator, workers_path, entries)
+    result.write_workers(entries)
+    everyone = [*workers.values(), impostor]
+    try:
+        for worker in everyone:
+            worker.start()
+        for worker in everyone:
+            worker.wait_healthy()
+        coordinator.start_and_wait()
+        yield result
+        assert coordinator.stop() == 0, coordinator.log()
+        for worker in everyone:
+            assert worker.stop() == 0, worker.log()
+            assert worker.mounts() == [], worker.mounts()
+    finally:
+        for process in [coordinator, *everyone]:
+            if process.running():
+                process.kill()
+        for worker in everyone:
+            for point in reversed(worker.mounts()):
+                subprocess.run(["umount", "-l", point], check=False)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+SLEEP = "import time\ntime.sleep({})\nprint('slept')\n"
+
+
+def test_the_three_workers_are_authenticated_and_the_impostor_is_refused(pool: Pool) -> None:
+    listed = pool.coordinator.pool()
+    for name in ("w1", "w2", "w3"):
+        assert listed[name]["healthy"] and listed[name]["authenticated"], listed[name]
+        assert listed[name]["last_error"] is None
+    impostor = listed["impostor"]
+    assert impostor["healthy"] is False and impostor["authenticated"] is False
+    assert "another worker" in impostor["last_error"]
+    assert pool.impostor.healthy()  # it is up and answering; it just is not who it says
+
+
+def test_jobs_spread_by_load_and_a_full_pool_answers_503(pool: Pool) -> None:
+    jobs = [pool.coordinator.accepted(SLEEP.format(2)) for _ in range(6)]
+    placed = sorted(pool.worker_of(j).name for j in jobs)
+    assert placed == ["w1", "w1", "w2", "w2", "w3", "w3"]
+    full = pool.coordinator.submit(SLEEP.format(0))
+    assert full.status == 503 and full.json()["retry_after"] >= 1
+    assert full.header("retry-after") is not None
+    for job in jobs:
+        assert pool.coordinator.wait(job)["status"] == "completed"
+    assert "queued" not in pool.impostor.log()  # never given a job
+
+
+def test_status_outputs_download_and_live_output_through_the_coordinator(pool: Pool) -> None:
+    import websockets.exceptions
+    import websockets.sync.client
+
+    code = ("import time\nfor i in range(3):\n    print('line', i, flush=True)\n"
+            "    time.sleep(0.3)\n"
+            "open('data.bin', 'wb').write(bytes(range(256)) * 40000)\n")
+    job = pool.coordinator.accepted(code, outputs=["data.bin"])
+    frames: list[dict[str, Any]] = []
+    ws_url = pool.coordinator.url.replace("http", "ws") + f"/logs/{job}/stream?format=json"
+    with websockets.sync.client.connect(ws_url, open_timeout=10) as ws:
+        for message in ws:
+            frames.append(json.loads(message))
+        close_code = ws.close_code
+    assert close_code == 1000
+    output = "".join(f["data"] for f in frames if f["type"] == "output")
+    assert output == "line 0\nline 1\nline 2\n"
+    assert frames[-1]["type"] == "done" and frames[-1]["status"] == "completed"
+    status = pool.coordinator.status(job)
+    assert status["job_id"] == job and status["signature_verified"] is True
+    expected = hashlib.sha256(bytes(range(256)) * 40000).hexdigest()
+    assert status["output_files"]["data.bin"]["sha256"] == expected
+    files = pool.coordinator.get(f"/outputs/{job}").json()["files"]
+    assert [f["download_url"] for f in files] == [f"/download/{job}/data.bin"]
+    one = pool.coordinator.get(files[0]["download_url"])
+    assert one.status == 200 and hashlib.sha256(one.body).hexdigest() == expected
+    assert one.header("content-length") == str(256 * 40000)
+    everything = pool.coordinator.get(f"/download/{job}")
+    with tarfile.open(fileobj=io.BytesIO(everything.body)) as tar:
+        member = tar.extractfile("data.bin")
+        assert member is not None and hashlib.sha256(member.read()).hexdigest() == expected
+    # A full download deletes the job on its worker; an unknown job's stream is 4404.
+    assert pool.coordinator.get(f"/status/{job}").status == 404
+    with websockets.sync.client.connect(ws_url, open_timeout=10) as ws:
+        with pytest.raises(websockets.exceptions.ConnectionClosedError) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
+
+
+def test_a_worker_killed_mid_job_gives_worker_lost_and_comes_back_after_a_restart(
+        pool: Pool) -> None:
+    job = pool.coordinator.accepted(SLEEP.format(60))
+    victim = pool.worker_of(job)
+    wait_for(lambda: pool.coordinator.status(job)["status"] == "running", 10, "running")
+    victim.kill()
+    killed_at = time.monotonic()
+    # Health checks alone (no request touches the dead worker meanwhile) take it out.
+    wait_for(lambda: not pool.coordinator.pool()[victim.name]["healthy"], 2 * INTERVAL + 1,
+             "the dead worker out of the pool", step=0.02)
+    status = pool.coordinator.status(job)
+    lost_after = time.monotonic() - killed_at
+    assert status["status"] == "failed"
+    assert status["execution_metadata"]["reason"] == "worker_lost"
+    assert lost_after <= 2 * INTERVAL, lost_after
+    assert pool.coordinator.get(f"/logs/{job}").json()["reason"] == "worker_lost"
+    # New jobs go elsewhere meanwhile.
+    other = pool.coordinator.accepted(SLEEP.format(0))
+    assert pool.worker_of(other).name != victim.name
+    # The same state directory: the new worker removes what the killed one left mounted.
+    assert len(victim.mounts()) > 1
+    victim.start()
+    victim.wait_healthy()
+    assert victim.mounts() == [victim.state_dir]
+    wait_for(lambda: pool.coordinator.pool()[victim.name]["healthy"], 2 * INTERVAL + 1,
+             "the restarted worker back in the pool")
+    assert pool.coordinator.status(job)["execution_metadata"]["reason"] == "worker_lost"
+    jobs = [pool.coordinator.accepted(SLEEP.format(1)) for _ in range(3)]
+    assert victim.name in {pool.worker_of(j).name for j in jobs}
+    for j in [other, *jobs]:
+        assert pool.coordinator.wait(j)["status"] == "completed"
+
+
+def test_a_restarted_coordinator_still_serves_status_and_downloads(pool: Pool) -> None:
+    job = pool.coordinator.accepted("open('out.txt', 'w').write('kept')\n", outputs=["out.txt"])
+    assert pool.coordinator.wait(job)["status"] == "completed"
+    assert pool.coordinator.stop() == 0
+    pool.coordinator.start_and_wait()
+    status = pool.coordinator.status(job)
+    assert status["status"] == "completed" and status["signature_verified"] is True
+    assert pool.coordinator.get(f"/download/{job}/out.txt").body == b"kept"
+
+
+def test_sighup_refuses_a_malformed_file_and_applies_a_good_one(pool: Pool) -> None:
+    coordinator = pool.coordinator
+    broken = [*pool.entries, {"name": "typo", "worker_id": "not-a-key",
+                              "endpoint": "http://127.0.0.1:1"}]
+    pool.write_workers(broken)
+    coordinator.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in coordinator.log(), 10, "the refusal logged")
+    assert "entry 4 (typo)" in coordinator.log()
+    assert coordinator.running()
+    assert set(coordinator.pool()) == {"w1", "w2", "w3", "impostor"}
+    # Drop w3 and the impostor: w3 drains (its jobs stay reachable), the impostor is gone
+    # from routing too.
+    running = coordinator.accepted(SLEEP.format(2))
+    pool.write_workers([e for e in pool.entries if e["name"] in ("w1", "w2")])
+    coordinator.signal(signal.SIGHUP)
+    wait_for(lambda: coordinator.pool()["w3"]["draining"], 10, "w3 draining")
+    jobs = [coordinator.accepted(SLEEP.format(0)) for _ in range(3)]
+    assert {pool.worker_of(j).name for j in jobs} <= {"w1", "w2"}
+    assert coordinator.wait(running)["status"] == "completed"
+    for job in jobs:
+        assert coordinator.wait(job)["status"] == "completed"
+    pool.write_workers(pool.entries)
+    coordinator.signal(signal.SIGHUP)
+    wait_for(lambda: not coordinator.pool()["w3"]["draining"], 10, "w3 back")
