@@ -141,11 +141,12 @@ class PoolWorker(Process):
 
 
 class CoordinatorProcess(Process):
-    def __init__(self, scratch: str, workers_path: str) -> None:
+    def __init__(self, scratch: str, workers_path: str, flags: tuple[str, ...] = POOL_FLAGS,
+                 name: str = "coordinator") -> None:
         self.port = free_port()
         super().__init__([sys.executable, "-m", "coordinator", "--workers", workers_path,
-                          "--listen", f"127.0.0.1:{self.port}", *POOL_FLAGS],
-                         os.path.join(scratch, "coordinator.log"))
+                          "--listen", f"127.0.0.1:{self.port}", *flags],
+                         os.path.join(scratch, f"{name}.log"))
 
     @property
     def url(self) -> str:
@@ -401,3 +402,72 @@ def test_sighup_refuses_a_malformed_file_and_applies_a_good_one(pool: Pool) -> N
     pool.write_workers(pool.entries)
     coordinator.signal(signal.SIGHUP)
     wait_for(lambda: not coordinator.pool()["w3"]["draining"], 10, "w3 back")
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_big_download_to_a_slow_client_is_streamed_not_buffered(pool: Pool) -> None:
+    size = 64 * 1024 * 1024
+    job = pool.coordinator.accepted(
+        f"open('big.bin', 'wb').write(bytes(range(256)) * {size // 256})\n",
+        outputs=["big.bin"])
+    assert pool.coordinator.wait(job)["status"] == "completed"
+    assert pool.coordinator.proc is not None
+    pid = pool.coordinator.proc.pid
+    before = rss_kib(pid)
+    with socket.create_connection(("127.0.0.1", pool.coordinator.port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(f"GET /download/{job}/big.bin HTTP/1.1\r\nHost: x\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        first = sock.recv(1024 * 1024)
+        time.sleep(1.5)  # the client stalls; the worker must be paused, not drained into RAM
+        held = rss_kib(pid) - before
+        digest = hashlib.sha256()
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        received = len(body)
+        digest.update(body)
+        while chunk := sock.recv(1024 * 1024):
+            received += len(chunk)
+            digest.update(chunk)
+    assert received == size
+    assert digest.hexdigest() == hashlib.sha256(bytes(range(256)) * (size // 256)).hexdigest()
+    print(f"coordinator RSS grew by {held} KiB while a client stalled on a 64 MiB download")
+    assert held < 16 * 1024, f"the coordinator grew by {held} KiB during a 64 MiB download"
+
+
+def test_a_second_coordinator_answers_for_the_first_and_per_ip_limits_hold_pool_wide(
+        pool: Pool) -> None:
+    # Another coordinator on the same workers.json, as behind a load balancer, with the
+    # default per-IP limit of 2 jobs queued or running anywhere in the pool.
+    second = CoordinatorProcess(pool.scratch, pool.workers_path,
+                                ("--health-interval", str(INTERVAL)), name="second")
+    second.start_and_wait()
+    try:
+        job = pool.coordinator.accepted("print('from the first')\n")
+        assert pool.coordinator.wait(job)["status"] == "completed"
+        assert second.status(job)["signature_verified"] is True
+        body = json.dumps({"manifest": {"entrypoint": "main.py"},
+                           "files": {"main.py": SLEEP.format(2)}}).encode()
+        headers = {"Content-Type": "application/json"}
+        client = "127.0.0.7"  # its own address: its own quota
+        first = [request(second.url, "POST", "/submit", body, headers, source=client)
+                 for _ in range(2)]
+        assert [r.status for r in first] == [200, 200]
+        placed = {pool.worker_of(r.json()["job_id"]).name for r in first}
+        assert len(placed) == 2  # on two different workers, each far under its own limit
+        third = request(second.url, "POST", "/submit", body, headers, source=client)
+        assert third.status == 429, third.body
+        assert "across the pool" in third.json()["reason"]
+        assert request(second.url, "POST", "/submit", body, headers,
+                       source="127.0.0.8").status == 200
+        for reply in first:
+            assert second.wait(reply.json()["job_id"])["status"] == "completed"
+    finally:
+        assert second.stop() == 0, second.log()
