@@ -507,6 +507,19 @@ class Worker:
         return job_processes(self.instance)
 
 
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """Live processes whose command line holds ``text`` (a worker's state directory is in
+    its own, its launcher's and every pre-forked spare's command line)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        line = cmdline(int(entry))
+        if text in line and pid_alive(int(entry)):
+            found.append((int(entry), line[:200]))
+    return found
+
+
 def mounts_under(path: str) -> list[str]:
     path = os.path.abspath(path).rstrip("/")
     found = []

@@ -25,7 +25,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.common import RAISED_QUOTAS, Worker, job_processes, pid_alive, wait_for
+from bench.common import (
+    RAISED_QUOTAS,
+    Worker,
+    job_processes,
+    pid_alive,
+    processes_mentioning,
+    wait_for,
+)
 from tests.integration.worker import Worker as RunningWorker
 from tests.integration.worker import run_worker
 
@@ -104,12 +111,16 @@ def test_a_worker_killed_mid_load_takes_its_jobs_along_and_a_restart_cleans_up_a
     assert launcher is not None
     jobs_before = job_processes(worker.instance)
     assert any(name == "sleep" for _, _, name in jobs_before), jobs_before
+    mine = {pid for pid, _ in processes_mentioning(worker.state_dir)}
+    assert {worker.pid, launcher} <= mine, mine
 
     worker.kill()
     killed_at = time.monotonic()
     left = wait_for(lambda: [p for p in (launcher, *(p for p, _, _ in jobs_before))
                              if pid_alive(p)] + job_processes(worker.instance), within=1.0)
     assert left == [], f"alive 1 s after the worker's SIGKILL: {left}"
+    # Nor any other process of that worker (the launcher's pre-forked spares).
+    assert processes_mentioning(worker.state_dir) == []
     assert time.monotonic() - killed_at <= 1.5
     stop.set()
     for t in submitters:

@@ -29,7 +29,14 @@ from typing import Any
 
 import pytest
 
-from bench.common import RAISED_QUOTAS, Client, Worker, wait_for
+from bench.common import (
+    RAISED_QUOTAS,
+    Client,
+    Worker,
+    pid_alive,
+    processes_mentioning,
+    wait_for,
+)
 
 JOBS = int(os.environ.get("SANDRUN_LOAD_JOBS", "300"))
 CLIENTS = [f"127.0.0.{n}" for n in range(10, 30)]
@@ -267,6 +274,7 @@ def test_jobs_with_mixed_outcomes_from_20_addresses_all_end_right_and_leave_noth
     launcher = worker.launcher_pid()
     assert worker.stop() == 0, worker.log_tail()
     assert worker.mounts() == []
-    assert launcher is not None and not os.path.exists(f"/proc/{launcher}")
+    assert launcher is not None and not pid_alive(launcher)
+    assert processes_mentioning(worker.state_dir) == []
     assert worker.job_cgroups() == []
     assert worker.job_processes() == []
