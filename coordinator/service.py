@@ -17,7 +17,15 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web import server
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+    _StandardEndpointFactory,
+)
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from coordinator.config import CoordinatorConfig, WorkersFileError, load_workers
 from coordinator.health import HealthChecker
@@ -46,15 +54,47 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" line per connection to a worker
 
 
+@implementer(IAgentEndpointFactory)
+class _NoDelayEndpoints:
+    """Connections to workers with TCP_NODELAY.
+
+    Twisted's HTTP client writes a request's head and body separately; with Nagle's
+    algorithm on, the second write waits for the worker's delayed ACK (up to 40 ms
+    on Linux) whenever the first is still unacknowledged, which under load added
+    tens of milliseconds to most submissions.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._default = _StandardEndpointFactory(reactor, BrowserLikePolicyForHTTPS(),
+                                                 CONNECT_TIMEOUT, None)
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return _NoDelay(self._default.endpointForURI(uri))
+
+
+class _NoDelay:
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory: Any) -> Any:
+        def no_delay(protocol: Any) -> Any:
+            set_no_delay = getattr(protocol.transport, "setTcpNoDelay", None)
+            if set_no_delay is not None:
+                set_no_delay(True)
+            return protocol
+
+        return self._endpoint.connect(factory).addCallback(no_delay)
+
+
 def http_client(reactor: Any) -> tuple[Any, HTTPConnectionPool]:
     """A treq client with a persistent connection pool to the workers."""
     import treq.client
 
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory  # noqa: SLF001 - the documented way to quieten it
+    pool._factory = _QuietClientFactory  # the documented way to quieten it
     pool.maxPersistentPerHost = MAX_CONNECTIONS_PER_WORKER
     pool.retryAutomatically = True  # idempotent requests retry once on a stale connection
-    agent = Agent(reactor, pool=pool, connectTimeout=CONNECT_TIMEOUT)
+    agent = Agent.usingEndpointFactory(reactor, _NoDelayEndpoints(reactor), pool=pool)
     return treq.client.HTTPClient(agent), pool  # type: ignore[arg-type]
 
 

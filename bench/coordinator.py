@@ -1,0 +1,339 @@
+"""What the coordinator adds: latency and throughput direct to a worker vs through it.
+
+Starts one real worker (``sandrun serve`` as root, per-IP quotas raised, a key,
+``--trusted-proxy 127.0.0.1``) and one coordinator in front of it (``python -m
+coordinator``, pool-wide quotas raised, the worker's ``max_concurrent_jobs`` high
+enough never to refuse), then measures the same things both ways, in one run,
+interleaved so both paths see the same machine:
+
+requests
+    One request on a keep-alive connection, N times: ``GET /health``, and
+    ``GET /status/{id}`` of a finished job (the proxy's fixed cost per request:
+    parse, find the worker, forward, verify the signature, rewrite the id).
+latency
+    The trivial job (``sh true.sh``, ``exit 0``): POST /submit, poll ``/status``
+    every ``--poll`` seconds until it ended; ``/logs`` and DELETE after the clock
+    stopped.  Through the coordinator a submit also asks the worker for the
+    client's quota (``/stats``) before forwarding, and every poll is proxied.
+throughput
+    C client threads submitting and waiting for the trivial job in a loop (polls
+    back off from ``--poll`` by ``--backoff`` up to ``--max-poll``), for
+    ``--seconds`` at each concurrency, direct and then through the coordinator.
+    Each thread speaks from its own loopback address (127.0.1.N), as distinct
+    clients do: the coordinator serialises one client's submissions while it
+    checks that client's pool-wide quota, so C threads from one address would
+    measure that lock rather than the proxy.
+
+The machine is shared and small: the table says how much CPU the coordinator used
+and how much other processes on the host used ("others' cores"); on 2 cores the
+coordinator competes with the worker and the jobs for CPU, which is part of what
+it costs here.
+
+Usage (as root)::
+
+    python3 bench/coordinator.py                 # 200 runs, 10 s per concurrency
+    python3 bench/coordinator.py -n 50 --seconds 5 --concurrency 1,8
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = _ROOT  # run as a script: import bench.* from the repository root
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Any
+
+from bench.common import (
+    RAISED_QUOTAS,
+    Client,
+    CpuMeter,
+    Worker,
+    print_table,
+    process_cpu,
+    summary,
+    vm_rss_kb,
+    write_json,
+)
+
+TRIVIAL = {"manifest": {"entrypoint": "true.sh", "interpreter": "sh"},
+           "files": {"true.sh": "exit 0\n"}}
+POOL_QUOTAS = ("--cpu-quota", "100000", "--max-active-per-ip", "100000",
+               "--jobs-per-hour", "100000000")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Coordinator:
+    """``python -m coordinator`` in front of one worker."""
+
+    def __init__(self, scratch: str, worker: Worker, worker_id: str) -> None:
+        self.port = free_port()
+        self.workers_path = os.path.join(scratch, "workers.json")
+        with open(self.workers_path, "w") as f:
+            json.dump([{"name": "bench", "worker_id": worker_id, "endpoint": worker.url,
+                        "max_concurrent_jobs": 10000}], f)
+        self.log_path = os.path.join(scratch, "coordinator.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Coordinator:
+        env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "coordinator", "--workers", self.workers_path,
+                 "--listen", f"127.0.0.1:{self.port}", *POOL_QUOTAS],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=_ROOT,
+                env=env)
+        client = self.client()
+        deadline = time.monotonic() + 30
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"coordinator exited:\n{self.log_tail()}")
+                try:
+                    if client.json("GET", "/health")[0] == 200:
+                        return self
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"coordinator not healthy:\n{self.log_tail()}")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def client(self, source: str | None = None) -> Client:
+        return Client("127.0.0.1", self.port, source)
+
+    def log_tail(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read()[-4000:].decode(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def run_job(client: Client, poll: float, backoff: float = 1.0,
+            max_poll: float = 0.02) -> tuple[float, dict[str, Any]]:
+    t0 = time.perf_counter()
+    code, answer = client.json("POST", "/submit", TRIVIAL)
+    if code != 200:
+        raise RuntimeError(f"submit: {code} {answer}")
+    status, _ = client.wait(answer["job_id"], poll=poll, backoff=backoff, max_poll=max_poll)
+    return (time.perf_counter() - t0) * 1000, status
+
+
+def collect(client: Client, job_id: str) -> None:
+    for method, path in (("GET", f"/logs/{job_id}"), ("DELETE", f"/jobs/{job_id}")):
+        code, doc = client.json(method, path)
+        if code != 200:
+            raise RuntimeError(f"{method} {path}: {code} {doc}")
+
+
+def timed(client: Client, method: str, path: str) -> float:
+    t0 = time.perf_counter()
+    code, _ = client.request(method, path)
+    elapsed = (time.perf_counter() - t0) * 1000
+    if code != 200:
+        raise RuntimeError(f"{method} {path}: {code}")
+    return elapsed
+
+
+def latency(paths: dict[str, Client], args: argparse.Namespace) -> dict[str, Any]:
+    series: dict[str, dict[str, list[float]]] = {
+        name: {"health": [], "status": [], "job": []} for name in paths}
+    errors = 0
+    finished: dict[str, str] = {}
+    for name, client in paths.items():
+        _, status = run_job(client, args.poll)
+        finished[name] = status["job_id"]  # kept: /status of a finished job, N times
+        for _ in range(args.warmup):
+            _, status = run_job(client, args.poll)
+            collect(client, status["job_id"])
+    for _ in range(args.n):
+        for name, client in paths.items():  # interleaved
+            got = series[name]
+            got["health"].append(timed(client, "GET", "/health"))
+            got["status"].append(timed(client, "GET", f"/status/{finished[name]}"))
+            t, status = run_job(client, args.poll)
+            collect(client, status["job_id"])
+            if status["status"] != "completed":
+                errors += 1
+                continue
+            got["job"].append(t)
+    for name, client in paths.items():
+        client.json("DELETE", f"/jobs/{finished[name]}")
+    return {"runs": args.n, "errors": errors,
+            "ms": {name: {k: summary(v) for k, v in got.items()} for name, got in series.items()}}
+
+
+def throughput_at(make_client: Any, concurrency: int, args: argparse.Namespace,
+                  worker: Worker, coordinator_pid: int) -> dict[str, Any]:
+    lock = threading.Lock()
+    done: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter() + 0.2
+    deadline = start + args.seconds
+
+    def loop(index: int) -> None:
+        # Each thread its own loopback address: its own client to the per-IP quotas, as
+        # real clients are (one client's submissions are serialised by the coordinator's
+        # pool-wide quota check).
+        client = make_client(f"127.0.1.{index + 1}")
+        client.json("GET", "/health")
+        time.sleep(max(0.0, start - time.perf_counter()))
+        while time.perf_counter() < deadline:
+            try:
+                t, status = run_job(client, args.poll, args.backoff, args.max_poll)
+                ended = time.perf_counter()
+                collect(client, status["job_id"])
+            except Exception as e:  # noqa: BLE001 - every failure is an error to count
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+                client.close()
+                continue
+            with lock:
+                if status["status"] != "completed":
+                    errors.append(status["status"])
+                elif ended <= deadline:
+                    done.append(t)
+        client.close()
+
+    meter = CpuMeter(worker)
+    coordinator_before = process_cpu(coordinator_pid)
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cpu = meter.stop()
+    coordinator_cpu = process_cpu(coordinator_pid) - coordinator_before
+    return {"concurrency": concurrency, "completed": len(done),
+            "jobs_per_s": len(done) / args.seconds, "errors": len(errors),
+            "error_samples": errors[:5], "latency_ms": summary(done),
+            "coordinator_cores": round(coordinator_cpu / cpu["seconds"], 3),
+            # CpuMeter counts the coordinator (not the worker's, not ours) as "others".
+            "others_cores": round(max(0.0, cpu["others_cores"]
+                                      - coordinator_cpu / cpu["seconds"]), 2),
+            "cpu": cpu}
+
+
+def keygen(path: str) -> str:
+    env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "sandrun", "keygen", "--out", path],
+                         check=True, capture_output=True, env=env, cwd=_ROOT)
+    return out.stdout.decode().strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=200, help="latency runs per path")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="throughput run length per concurrency and path")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--poll", type=float, default=0.001,
+                        help="seconds slept before each /status poll")
+    parser.add_argument("--backoff", type=float, default=1.5)
+    parser.add_argument("--max-poll", type=float, default=0.02)
+    parser.add_argument("--max-concurrent", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--name", default="coordinator")
+    args = parser.parse_args()
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    if os.geteuid() != 0:
+        sys.exit("bench/coordinator.py starts a real worker and must run as root")
+
+    scratch = tempfile.mkdtemp(prefix="sandrun-bench-coordinator-")
+    key = os.path.join(scratch, "worker.pem")
+    worker_id = keygen(key)
+    flags = (*RAISED_QUOTAS, "--max-concurrent", str(args.max_concurrent),
+             "--worker-key", key, "--trusted-proxy", "127.0.0.1")
+    worker = Worker(*flags).start()
+    coordinator = Coordinator(scratch, worker, worker_id).start()
+    results: dict[str, Any] = {"worker_flags": list(flags),
+                               "coordinator_flags": list(POOL_QUOTAS),
+                               "job": "sh true.sh (exit 0)"}
+    try:
+        direct, via = worker.client(), coordinator.client()
+        lat = latency({"direct": direct, "coordinator": via}, args)
+        direct.close()
+        via.close()
+        results["latency"] = lat
+        ms = lat["ms"]
+        rows = []
+        for key_name, label in (("health", "GET /health"), ("status", "GET /status (finished)"),
+                                ("job", "job: submit -> seen completed")):
+            d, c = ms["direct"][key_name], ms["coordinator"][key_name]
+            rows.append((label, d["p50"], c["p50"], c["p50"] - d["p50"], d["p99"], c["p99"]))
+        print_table(f"Latency, one at a time, {args.n} runs each, interleaved (ms)",
+                    ("", "direct p50", "coord p50", "added p50", "direct p99", "coord p99"),
+                    rows, notes=[(f"errors: {lat['errors']}; job completion seen by polling "
+                                  f"/status every {args.poll * 1000:g} ms (each poll proxied "
+                                  "through the coordinator too)")])
+        runs = []
+        for c in concurrency:
+            for name, make in (("direct", worker.client), ("coordinator", coordinator.client)):
+                r = throughput_at(make, c, args, worker, coordinator.pid)
+                r["path"] = name
+                runs.append(r)
+        results["throughput"] = runs
+        rows = [(r["concurrency"], r["path"], r["completed"], r["jobs_per_s"], r["errors"],
+                 r["latency_ms"].get("p50", float("nan")),
+                 r["latency_ms"].get("p99", float("nan")), r["coordinator_cores"],
+                 r["others_cores"]) for r in runs]
+        print_table(f"Throughput, trivial job, {args.seconds:g} s per row",
+                    ("clients", "path", "completed", "jobs/s", "errors", "p50 ms", "p99 ms",
+                     "coordinator cores", "others' cores"), rows, notes=[
+                        (f"{os.cpu_count()} cores in all: worker, launcher, jobs, "
+                         "coordinator and these clients share them"),
+                        "per job: POST /submit, polls of /status, GET /logs, DELETE",
+                        "each client thread has its own source address (127.0.1.N)"])
+        summary_rows = {}
+        for c in concurrency:
+            d = next(r for r in runs if r["concurrency"] == c and r["path"] == "direct")
+            v = next(r for r in runs if r["concurrency"] == c and r["path"] == "coordinator")
+            summary_rows[str(c)] = {"direct_jobs_per_s": d["jobs_per_s"],
+                                    "coordinator_jobs_per_s": v["jobs_per_s"],
+                                    "ratio": v["jobs_per_s"] / d["jobs_per_s"]
+                                    if d["jobs_per_s"] else None}
+        results["summary"] = {
+            "added_p50_ms": {k: ms["coordinator"][k]["p50"] - ms["direct"][k]["p50"]
+                             for k in ("health", "status", "job")},
+            "throughput": summary_rows}
+        results["rss_kb_after"] = {"coordinator": vm_rss_kb(coordinator.pid),
+                                   **worker.rss_kb()}
+    finally:
+        coordinator.stop()
+        worker.stop()
+        worker.remove_state_dir()
+    write_json(args.name, results)
+
+
+if __name__ == "__main__":
+    main()
