@@ -309,6 +309,31 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
             "met": best >= THROUGHPUT_TARGET and clean, "runs": results}
 
 
+def retain(worker: Worker, count: int) -> dict[str, int]:
+    """Leave ``count`` finished trivial jobs in the worker (each keeps its tmpfs mount for
+    the retention time), as a busy worker whose clients never collect would hold them."""
+    client = worker.client()
+    submitted = 0
+    while submitted < count:
+        code, answer = client.json("POST", "/submit", TRIVIAL)
+        if code == 503:  # the queue is full: let it drain
+            time.sleep(0.5)
+            continue
+        if code != 200:
+            raise RuntimeError(f"submit: {code} {answer}")
+        submitted += 1
+    while True:
+        _, stats = client.json("GET", "/stats")
+        if stats["system"]["queue_length"] == 0 and stats["system"]["active_jobs"] == 0:
+            break
+        time.sleep(0.2)
+    client.close()
+    mounts = len(worker.mounts())
+    print(f"{count} finished jobs retained: {mounts} mounts under the state directory\n",
+          flush=True)
+    return {"jobs": count, "mounts": mounts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=200, help="latency runs (default 200)")
@@ -331,6 +356,8 @@ def main() -> None:
                              "WebSocket's done frame")
     parser.add_argument("--keep", action="store_true",
                         help="do not DELETE finished jobs (they stay as tmpfs mounts)")
+    parser.add_argument("--retain", type=int, default=0, metavar="N",
+                        help="first leave N finished jobs in the worker, uncollected")
     parser.add_argument("--only", choices=("latency", "throughput"))
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the worker and launcher during each phase (slows them a "
@@ -356,6 +383,8 @@ def main() -> None:
     results: dict[str, Any] = {"sources": source, "worker_flags": list(flags),
                                "completion_detection": detection}
     try:
+        if args.retain:
+            results["retained_jobs"] = retain(worker, args.retain)
         if args.only in (None, "latency"):
             results["latency"] = latency(worker, args)
         if args.only in (None, "throughput"):
