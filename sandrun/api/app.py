@@ -216,7 +216,8 @@ class WorkerAPI:
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
-                      submitted_at=self.manager.reactor.seconds())
+                      submitted_at=self.manager.reactor.seconds(),
+                      log=self.manager.new_log(base))
             position = self.manager.submit(job)
             # "queued" means accepted; position 0 says it is already running.
             return write_json(request, {"job_id": job_id, "status": JobStatus.QUEUED.value,

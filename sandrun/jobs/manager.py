@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from sandrun import identity as ident
 from sandrun.config import WorkerConfig
 from sandrun.jobs import storage as store
-from sandrun.jobs.model import Job
+from sandrun.jobs.model import Job, JobLog
 from sandrun.jobs.ratelimit import Decision, RateLimiter
 from sandrun.jobs.workspace import list_outputs
 from sandrun.sandbox.policy import SandboxPolicy
@@ -102,6 +102,11 @@ class JobManager:
             raise RateLimited(decision)
         return decision
 
+    def new_log(self, base_dir: str) -> JobLog:
+        """A job's output log: beside its tmpfs (not in it: a job that fills its
+        directory must not lose its output), coalescing writes on our clock."""
+        return JobLog(base_dir.rstrip("/") + ".log", clock=self.reactor)
+
     def create_workspace(self, job_id: str) -> str:
         return self.storage.create(job_id)
 
@@ -116,6 +121,7 @@ class JobManager:
             if not decision.allowed:
                 raise RateLimited(decision)
         except Exception:
+            job.log.close()
             self.storage.delete(job.id)
             raise
         self.jobs[job.id] = job
@@ -182,6 +188,7 @@ class JobManager:
     def _ran(self, result: SandboxResult, job: Job) -> Any:
         self.running.discard(job.id)
         self._sandbox_done(job.id)
+        job.log.flush()  # all output is published before the end is
         if job.finished:  # shut down while it ran: already ended
             return
         reason = result.reason
@@ -273,6 +280,7 @@ class JobManager:
         job = self.jobs.pop(job_id, None)
         if job is not None:
             job.deleted = True
+            job.log.close()
         self.storage.delete(job_id)
         log.info("job {job_id} deleted", job_id=job_id)
 

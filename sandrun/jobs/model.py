@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from sandrun.jobs.manifest import Manifest
 from sandrun.jobs.workspace import OutputFile
@@ -26,29 +27,148 @@ class InvalidTransition(Exception):
 LogListener = Callable[[str, bytes], None]
 EndListener = Callable[["Job"], None]
 
+COALESCE_BYTES = 64 * 1024  # small writes are joined into chunks of up to this many bytes
+COALESCE_SECONDS = 0.05  # ... or of what arrived within this long
+
+
+class LogChunks(Sequence[tuple[str, bytes]]):
+    """The published chunks, ``(stream, data)``, append-only.
+
+    With a ``path`` the bytes live in that file (on the worker's tmpfs) and
+    only an index is in the worker's memory: a finished job's output is kept
+    for up to an hour, and must not weigh on the worker's own RSS.  A write
+    that fails (the tmpfs is full) keeps that chunk in memory instead.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self._fd: int | None = None
+        if path is not None:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o600)
+        self._index: list[tuple[str, int, int, bytes | None]] = []  # stream, offset, size, data
+        self._end = 0
+        self.closed = False
+
+    def append(self, stream: str, data: bytes) -> None:
+        if self._fd is not None and not self.closed and _write_at(self._fd, data, self._end):
+            self._index.append((stream, self._end, len(data), None))
+            self._end += len(data)
+        else:
+            self._index.append((stream, -1, len(data), data))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[str, bytes]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[str, bytes]]: ...
+
+    def __getitem__(self, i: int | slice) -> tuple[str, bytes] | list[tuple[str, bytes]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        stream, offset, size, data = self._index[i]
+        if data is not None:
+            return stream, data
+        if self._fd is None or self.closed:
+            return stream, b""
+        return stream, os.pread(self._fd, size, offset)
+
+    def close(self) -> None:
+        """Free the file (its tmpfs pages); chunks read as empty from now on."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> bool:
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+    except OSError:
+        return False
+    return True
+
 
 class JobLog:
     """Everything a job printed, in arrival order, and who is listening.
 
-    Chunks are kept whole (the sandbox already capped each stream), so a
-    subscriber that joins late replays the backlog and then sees each new
-    chunk exactly once, in order.
+    Published chunks never change, so a subscriber that joins late replays
+    the backlog by index and then sees each new chunk exactly once, in order;
+    listeners are told of each chunk as it is published.
+
+    With a ``clock``, small writes are coalesced: output is held back for at
+    most ``COALESCE_SECONDS`` (or until ``COALESCE_BYTES`` gathered, the other
+    stream writes, or ``flush``), so a job writing one byte at a time makes a
+    few chunks a second rather than millions of tiny ones.  ``text`` and
+    ``sizes`` always include what is held back.  The manager flushes before it
+    reports the job's end.
     """
 
-    def __init__(self) -> None:
-        self.chunks: list[tuple[str, bytes]] = []
+    def __init__(self, path: str | None = None, clock: Any = None) -> None:  # IReactorTime
+        self.chunks = LogChunks(path)
         self.sizes = {"stdout": 0, "stderr": 0}
         self.listeners: list[LogListener] = []
+        self._clock = clock
+        self._pending = bytearray()
+        self._pending_stream = "stdout"
+        self._timer: Any = None
 
     def append(self, stream: str, data: bytes) -> None:
-        self.chunks.append((stream, data))
         self.sizes[stream] += len(data)
+        if self._clock is None:
+            self._publish(stream, data)
+            return
+        if self._pending and stream != self._pending_stream:
+            self.flush()
+        self._pending_stream = stream
+        self._pending += data
+        if len(self._pending) >= COALESCE_BYTES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._clock.callLater(COALESCE_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Publish what is held back now."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            self._publish(self._pending_stream, data)
+
+    def _publish(self, stream: str, data: bytes) -> None:
+        self.chunks.append(stream, data)
         for listener in list(self.listeners):
             listener(stream, data)
 
     def text(self, stream: str | None = None) -> str:
-        data = b"".join(d for s, d in self.chunks if stream is None or s == stream)
-        return data.decode("utf-8", errors="replace")
+        parts = [d for s, d in self.chunks if stream is None or s == stream]
+        if self._pending and stream in (None, self._pending_stream):
+            parts.append(bytes(self._pending))
+        return b"".join(parts).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        """The job's data is gone: drop what is held back and free the file."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._pending.clear()
+        self.chunks.close()
 
 
 def iso(timestamp: float | None) -> str | None:

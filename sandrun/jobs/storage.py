@@ -6,6 +6,7 @@ Layout under the state directory (itself a tmpfs the worker mounts)::
     <state>/jobs/<id>/      one size-capped tmpfs per job
                  work/      the job directory, bound at /job in the sandbox
                  staging/   archives between upload and extraction
+    <state>/jobs/<id>.log   the job's output (see ``model.JobLog``), on the state tmpfs
 
 Nothing here ever touches a disk.  At start every leftover job mount of a
 crashed worker is unmounted and removed.
@@ -97,6 +98,8 @@ class Storage:
             ns.umount(base, ns.MNT_DETACH)
         if os.path.isdir(base):
             shutil.rmtree(base, ignore_errors=True)
+        elif os.path.lexists(base):  # a stale output log
+            os.unlink(base)
 
 
 def work_dir(base: str) -> str:

@@ -27,7 +27,7 @@ UPLOAD_LIMIT = 2_000_000  # --max-upload-mb 2
 
 @pytest.fixture(scope="module")
 def worker() -> Iterator[Worker]:
-    with run_worker("--max-upload-mb", "2", "--max-active-per-ip", "50",
+    with run_worker("--max-upload-mb", "2", "--output-cap-mb", "1", "--max-active-per-ip", "50",
                     "--jobs-per-hour", "1000", "--cpu-quota", "1000") as w:
         yield w
 
@@ -301,6 +301,21 @@ def test_a_hundred_thousand_members_are_refused(worker: Worker) -> None:
 
 
 # -- memory ------------------------------------------------------------------------------------
+
+
+def test_output_written_a_byte_at_a_time_does_not_grow_the_worker(worker: Worker) -> None:
+    before = worker.rss_kib()
+    job_id = worker.submit({"main.py": "import os\nwhile True:\n    os.write(1, b'x')\n"},
+                           {"timeout": 30})
+    status = worker.wait(job_id)
+    assert status["execution_metadata"]["reason"] == "output_limit"
+    growth_mib = (worker.rss_kib() - before) / 1024
+    # Each read of the pipe as a Python object of its own would be over 10 MiB here
+    # (and ten times that at the default cap), kept for as long as the job is.
+    assert growth_mib < 4, f"the worker's RSS grew by {growth_mib:.1f} MiB"
+    logs = worker.get(f"/logs/{job_id}").json()
+    assert logs["stdout"] == "x" * (1 << 20) and logs["truncated"]["stdout"] is True
+    assert worker.delete(f"/jobs/{job_id}").status == 200
 
 
 @pytest.mark.timeout(120)

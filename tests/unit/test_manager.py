@@ -6,14 +6,17 @@ A real ``JobManager`` with a scripted fake sandbox and plain-directory storage
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from twisted.internet import task
 
 from sandrun.config import QuotaConfig
 from sandrun.jobs import manager as manager_module
 from sandrun.jobs.manager import CPU_CHARGE_INTERVAL, FAILED_RETENTION, FINISHED_RETENTION
+from sandrun.jobs.model import COALESCE_BYTES, COALESCE_SECONDS, JobLog
 from sandrun.sandbox.supervisor import SandboxResult
 from sandrun.wire import JobStatus, Reason
 from tests.unit.worker_fakes import FakeRun, Harness
@@ -301,3 +304,105 @@ def test_stop_gives_up_waiting_after_the_grace_period(h: Harness) -> None:
 def test_stop_with_nothing_running_is_done_at_once(h: Harness) -> None:
     h.run_of(h.submit()).finish()
     assert h.manager.stop().called
+
+
+# -- the output log ------------------------------------------------------------------------------
+
+
+def test_tiny_writes_are_coalesced_into_few_chunks_and_nothing_is_lost(tmp_path: Any) -> None:
+    clock = task.Clock()
+    log = JobLog(str(tmp_path / "job.log"), clock=clock)
+    heard: list[tuple[str, bytes]] = []
+    log.listeners.append(lambda stream, data: heard.append((stream, data)))
+    for _ in range(10_000):
+        log.append("stdout", b"x")
+    assert len(log.chunks) == 0 and heard == []  # held back, for at most COALESCE_SECONDS
+    assert log.text("stdout") == "x" * 10_000 and log.sizes["stdout"] == 10_000
+    clock.advance(COALESCE_SECONDS)
+    assert heard == [("stdout", b"x" * 10_000)]
+    assert list(log.chunks) == heard
+
+
+def test_a_full_buffer_or_the_other_stream_publishes_at_once_in_order(tmp_path: Any) -> None:
+    log = JobLog(str(tmp_path / "job.log"), clock=task.Clock())
+    log.append("stdout", b"a")
+    log.append("stderr", b"b")
+    log.append("stdout", b"c" * COALESCE_BYTES)
+    assert list(log.chunks) == [("stdout", b"a"), ("stderr", b"b"),
+                                ("stdout", b"c" * COALESCE_BYTES)]
+    assert log.text() == "ab" + "c" * COALESCE_BYTES
+
+
+def test_the_output_lives_in_its_file_not_in_the_workers_memory(tmp_path: Any) -> None:
+    path = tmp_path / "job.log"
+    log = JobLog(str(path))
+    log.append("stdout", b"hello ")
+    log.append("stderr", b"world")
+    assert path.read_bytes() == b"hello world"
+    assert all(entry[3] is None for entry in log.chunks._index)
+    assert log.chunks[1] == ("stderr", b"world") and log.text("stdout") == "hello "
+    log.close()
+    assert not path.exists() and log.chunks[0] == ("stdout", b"")
+
+
+def test_output_that_cannot_be_written_to_the_file_is_kept_in_memory(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = JobLog(str(tmp_path / "job.log"))
+
+    def full(*args: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    log.append("stdout", b"kept")
+    assert log.chunks[0] == ("stdout", b"kept")
+
+
+def test_a_job_prints_one_byte_at_a_time_into_a_handful_of_chunks(h: Harness) -> None:
+    job_id = h.submit()
+    run = h.run_of(job_id)
+    for i in range(20):
+        for _ in range(500):
+            run.print("x")
+        h.clock.advance(COALESCE_SECONDS)
+    assert len(h.manager.jobs[job_id].log.chunks) == 20
+    assert h.get(f"/logs/{job_id}").json()["stdout"] == "x" * 10_000
+
+
+def test_all_output_is_published_before_the_end_is_reported(h: Harness) -> None:
+    job_id = h.submit()
+    job = h.manager.jobs[job_id]
+    events: list[str] = []
+    job.log.listeners.append(lambda stream, data: events.append(data.decode()))
+    job.end_listeners.append(lambda job: events.append("end"))
+    h.run_of(job_id).print("last words")
+    h.run_of(job_id).finish()
+    assert events == ["last words", "end"]
+
+
+def test_the_log_file_goes_with_the_job_however_it_goes(tmp_path: Any) -> None:
+    h = Harness(str(tmp_path), max_concurrent=1, queue_size=3)
+    expired, downloaded, deleted = h.submit(), h.submit(), h.submit()
+    assert len(h.storage.logs()) == 3
+    h.run_of(expired).finish(Reason.EXIT_NONZERO)
+    h.clock.advance(FAILED_RETENTION)
+    h.run_of(downloaded).finish()
+    assert h.get(f"/download/{downloaded}").status == 200
+    h.delete(f"/jobs/{deleted}")
+    assert h.storage.logs() == []
+    h.submit()  # running
+    h.submit()  # queued
+    assert len(h.storage.logs()) == 2
+    h.manager.stop()
+    assert h.storage.logs() == [] and h.storage.job_ids() == []
+
+
+def test_a_submission_refused_after_its_upload_leaves_no_log_file(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    quotas = QuotaConfig(cpu_seconds_per_minute=100, max_active_jobs=1, jobs_per_hour=10)
+    h = Harness(str(tmp_path), quotas=quotas)
+    h.submit()
+    # As when another submission of the same client won the race while this one
+    # uploaded: the early checks pass, the final one in manager.submit refuses.
+    monkeypatch.setattr(h.manager, "admit", lambda client: None)
+    assert h.post_json({"files": {"a.py": ""}}).status == 429
+    assert len(h.storage.logs()) == 1 and len(h.storage.job_ids()) == 1

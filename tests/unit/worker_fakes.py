@@ -146,7 +146,11 @@ class FakeStorage:
         return os.path.isdir(os.path.join(self.jobs_dir, job_id))
 
     def job_ids(self) -> list[str]:
-        return sorted(os.listdir(self.jobs_dir))
+        return sorted(n for n in os.listdir(self.jobs_dir) if not n.endswith(".log"))
+
+    def logs(self) -> list[str]:
+        """Output log files left beside the job directories."""
+        return sorted(n for n in os.listdir(self.jobs_dir) if n.endswith(".log"))
 
     def used_bytes(self) -> int:
         return 0
