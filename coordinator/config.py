@@ -79,7 +79,7 @@ class CoordinatorConfig:
     health_timeout: float = 2.0  # seconds a worker has to answer a health check
     max_clock_skew: float = 60.0  # seconds a signed health answer's time may be off
     request_timeout: float = 30.0  # seconds to the response headers of a proxied request
-    submit_timeout: float = 300.0  # seconds to forward an upload and get the answer
+    submit_timeout: float = 300.0  # seconds to forward an upload (or start a download)
     max_upload_bytes: int = 100 * 1000 * 1000  # request body of /submit; more is 413
     spool_dir: str | None = None  # where uploads wait; None = /dev/shm (RAM) when present
     trusted_proxies: tuple[str, ...] = ()  # whose X-Forwarded-For the coordinator believes

@@ -445,7 +445,9 @@ class CoordinatorAPI:
         target = _job_path("download", ref)
         if path is not None:
             target += "/" + quote(path, safe="/")
-        response = await self.forward(ref, state, "GET", target, self.forwarded(request))
+        # Packing every output into one .tar.gz can take a while: the long timeout.
+        response = await self.forward(ref, state, "GET", target, self.forwarded(request),
+                                      timeout=self.config.submit_timeout)
         if response.code != 200:
             return self.relay_json(request, response, await read_json(response), job_id)
         return await self.relay_body(request, response, rename=(ref.worker_job_id, job_id))

@@ -335,6 +335,25 @@ def test_status_outputs_download_and_live_output_through_the_coordinator(pool: P
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
 
 
+def test_a_multipart_upload_with_an_archive_passes_through_intact(pool: Pool) -> None:
+    from tests.integration.worker import multipart, tar_bytes
+
+    archive = tar_bytes({"main.py": "import data\nprint(data.VALUE * 2)\n",
+                         "data.py": "VALUE = 21\n"})
+    body, kind = multipart({"manifest": json.dumps({"entrypoint": "main.py"})},
+                           [("job.tar.gz", archive)])
+    reply = request(pool.coordinator.url, "POST", "/submit", body, {"Content-Type": kind})
+    assert reply.status == 200, reply.body
+    job = reply.json()["job_id"]
+    assert pool.coordinator.wait(job)["status"] == "completed"
+    assert pool.coordinator.get(f"/logs/{job}").json()["stdout"] == "42\n"
+    text = pool.coordinator.get(f"/logs/{job}", headers={"Accept": "text/plain"})
+    assert text.body == b"42\n" and text.header("content-type").startswith("text/plain")
+    bad = request(pool.coordinator.url, "POST", "/submit", b"{", {"Content-Type":
+                                                                 "application/json"})
+    assert bad.status == 400
+
+
 def test_a_worker_killed_mid_job_gives_worker_lost_and_comes_back_after_a_restart(
         pool: Pool) -> None:
     job = pool.coordinator.accepted(SLEEP.format(60))
