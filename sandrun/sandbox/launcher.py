@@ -41,7 +41,9 @@ launcher -> worker
 
 Each job is PID 1 of its own PID namespace: the kernel kills every process it
 left, double-forked daemons included, and reaps them all before the job itself
-can be reaped, so ``exited`` means that nothing of the job runs any more.
+can be reaped, so ``exited`` means that nothing of the job runs any more.  The
+launcher holds each job's mount namespace until it is idle after the report,
+so that the unmounting happens off the way from the job's exit to its result.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class _Job:
     cgroup: cgroups.JobCgroup
     started: float
     status: socket.socket | None  # the spare's socket, until it execs or reports
+    mntns: int  # the job's mount namespace, held so that it is torn down after the report
     failure: str | None = None
 
 
@@ -115,6 +118,7 @@ class Launcher:
     jobs: dict[int, _Job] = field(default_factory=dict)  # by pidfd
     by_id: dict[str, _Job] = field(default_factory=dict)
     doomed: list[_Doomed] = field(default_factory=list)
+    held_namespaces: list[int] = field(default_factory=list)  # released when idle
     spare_deaths: int = 0
 
     def __post_init__(self) -> None:
@@ -160,7 +164,10 @@ class Launcher:
                     self.spare_deaths += 1
                 _warm_up()
                 self._warm_up_stats()
-            events = self.poll.poll(CLEANUP_RETRY_MS if self.doomed else None)
+            events = self.poll.poll(0)
+            if not events:
+                self._release_namespaces()  # nothing waits: pay for the teardown now
+                events = self.poll.poll(CLEANUP_RETRY_MS if self.doomed else None)
             snapshot = dict(self.watched)
             for fd, _ in events:
                 owner = snapshot.get(fd)
@@ -257,6 +264,7 @@ class Launcher:
         trees: list[int] = []
         group: cgroups.JobCgroup | None = None
         zygote: _Zygote | None = None
+        mntns = -1
         try:
             if len(fds) != 4:
                 raise SetupError("spawn", "needs stdin, stdout, stderr and netns descriptors")
@@ -272,6 +280,7 @@ class Launcher:
                 zygote = self._take_spare()
             except OSError as e:
                 raise SetupError("fork", e) from None
+            mntns = _open_mount_namespace(zygote.pid)
             try:
                 group = self.cgroups.create(job_id, request.policy.memory_bytes,
                                             request.policy.pids_max)
@@ -288,6 +297,8 @@ class Launcher:
             except OSError as e:
                 raise SetupError("handover", e) from None
         except SetupError as e:
+            if mntns >= 0:
+                os.close(mntns)
             if zygote is not None:
                 self._discard(zygote)
             if group is not None:
@@ -298,7 +309,7 @@ class Launcher:
             for fd in trees:
                 os.close(fd)
         zygote.sock.setblocking(False)
-        job = _Job(job_id, zygote.pid, zygote.pidfd, group, started, zygote.sock)
+        job = _Job(job_id, zygote.pid, zygote.pidfd, group, started, zygote.sock, mntns)
         self.jobs[job.pidfd] = job
         self.by_id[job_id] = job
         self._watch(job.pidfd, job)
@@ -344,6 +355,8 @@ class Launcher:
         _, wait_status, _ = os.wait4(job.pid, 0)
         os.close(job.pidfd)
         wall_ms = (time.monotonic() - job.started) * 1000
+        if job.mntns >= 0:
+            self.held_namespaces.append(job.mntns)
         if job.failure is not None:
             self._remove_now(job.cgroup)
             self.send({"id": job.id, "event": "setup_failed", "message": job.failure})
@@ -361,6 +374,17 @@ class Launcher:
         self.doomed.append(_Doomed(job.id, job.cgroup,
                                    time.monotonic() + CLEANUP_GIVE_UP_SECONDS))
         self._remove_doomed()
+
+    def _release_namespaces(self) -> None:
+        """Close the mount namespaces of finished jobs, which tears them down.
+
+        Unmounting a job's tree (its tmpfs, /proc, the binds) waits for an
+        expedited RCU grace period; left to the job's own exit, that would
+        delay its reaping and so its result.
+        """
+        for fd in self.held_namespaces:
+            os.close(fd)
+        self.held_namespaces = []
 
     def _warm_up_stats(self) -> None:
         """Read the instance's own statistics the way a job's are read (see ``_warm_up``)."""
@@ -405,6 +429,7 @@ class Launcher:
         for doomed in self.doomed:
             self._remove_now(doomed.group)
         self.doomed = []
+        self._release_namespaces()
 
     # -- in the child -------------------------------------------------------------------------
 
@@ -482,6 +507,14 @@ class Launcher:
         except BaseException as e:  # noqa: B036 - anything at all must be reported
             return f"{step}: {e}"
         return f"{step}: returned"  # not reached: execvpe returns only by raising
+
+
+def _open_mount_namespace(pid: int) -> int:
+    """A descriptor holding the spare's mount namespace, or -1 (then the exit pays)."""
+    try:
+        return os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 def _warm_up() -> None:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 
+import pytest
 import pytest_twisted
 
+from sandrun.sandbox.policy import SandboxPolicy
+from sandrun.sandbox.supervisor import Sandbox
 from sandrun.wire import Reason
 
-from .conftest import SLOTS, JobRunner, job_cgroups, processes_of
+from .conftest import SLOTS, UID_BASE, JobRunner, job_cgroups, processes_of
 
 
 async def _assert_nothing_left(runner: JobRunner) -> None:
@@ -71,3 +77,48 @@ async def test_a_job_cannot_fake_a_setup_failure(runner: JobRunner) -> None:
     ran = await runner.run(("bash", "-c", "echo 'exec: [Errno 2] nope' >&2; exit 127"))
     assert (ran.reason, ran.result.exit_code) == (Reason.EXIT_NONZERO, 127), ran.describe()
     assert ran.result.message is None
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_a_crashed_launcher_leaves_no_process_and_the_next_start_removes_its_cgroups(
+        runner: JobRunner) -> None:
+    from twisted.internet import reactor
+
+    instance = f"{runner.cap.instance}-crash"
+    uid = UID_BASE + SLOTS  # a slot of its own, outside the shared sandbox's
+    state_dir = tempfile.mkdtemp(prefix="sandrun-crash-")
+    first = Sandbox(reactor, state_dir, instance, 1, uid_base=uid)
+    await first.start()
+    job_id = "left-behind"
+    done = first.run(job_id, ("sleep", "60"), (), runner.new_dir(), SandboxPolicy(),
+                     lambda stream, data: None)
+    while first.jobs[job_id].cgroup is None:
+        await runner.sleep(0.01)
+    groups = [os.path.join(d, instance, f"job-{job_id}") for d in runner.cap.dirs.values()]
+    assert all(os.path.isdir(g) for g in groups)
+    assert processes_of(range(uid, uid + 1))
+    assert first._proc is not None
+    first._proc.kill()  # no clean-up of its own
+    result = await done
+    assert result.reason == Reason.SANDBOX_ERROR  # the worker was told the launcher is gone
+    first.stop()
+    # Every process of the job died with the launcher (PR_SET_PDEATHSIG)...
+    deadline = time.monotonic() + 2
+    while processes_of(range(uid, uid + 1)) and time.monotonic() < deadline:
+        await runner.sleep(0.01)
+    assert processes_of(range(uid, uid + 1)) == []
+    # ...but its cgroups could not be removed by anyone: the next start does it.
+    assert any(os.path.isdir(g) for g in groups)
+    second = Sandbox(reactor, state_dir, instance, 1, uid_base=uid)
+    await second.start()
+    try:
+        assert not any(os.path.isdir(g) for g in groups)
+        ran = await second.run("after-crash", ("/bin/true",), (), runner.new_dir(),
+                               SandboxPolicy(), lambda stream, data: None)
+        assert ran.reason == Reason.COMPLETED
+    finally:
+        second.stop()
+        for directory in runner.cap.dirs.values():
+            os.rmdir(os.path.join(directory, instance))
+        shutil.rmtree(state_dir, ignore_errors=True)
