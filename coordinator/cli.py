@@ -95,7 +95,11 @@ def serve(config: CoordinatorConfig) -> None:
         # Installed before the first await: a SIGHUP during start-up must not kill us.
         signal.signal(signal.SIGHUP,
                       lambda signum, frame: reactor.callFromThread(coordinator.reload))
-        yield coordinator.startService()
+        try:
+            yield coordinator.startService()
+        except Exception as e:  # noqa: BLE001 - one clear line (port in use, bad endpoint)
+            print(f"sandrun-coordinator: cannot start: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
         done: defer.Deferred[None] = defer.Deferred()
 
         def stop() -> None:

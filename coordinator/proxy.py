@@ -191,9 +191,10 @@ class CoordinatorAPI:
             raise WorkerLost("the worker restarted after this job was sent to it")
         return response
 
-    def relay_json(self, request: Request, response: Any, doc: Any, cid: str) -> bytes:
-        """A worker's JSON answer as is, except for the job id."""
-        if isinstance(doc, dict) and "job_id" in doc:
+    def relay_json(self, request: Request, response: Any, doc: Any,
+                   cid: str | None = None) -> bytes:
+        """A worker's JSON answer as is, except for the job id (when ``cid`` is given)."""
+        if cid is not None and isinstance(doc, dict) and "job_id" in doc:
             doc["job_id"] = cid
         retry = response.headers.getRawHeaders(b"retry-after")
         if retry:
@@ -369,9 +370,9 @@ class CoordinatorAPI:
                 refusal = (response, doc)
                 continue
             # 400, 413, 415...: the submission itself is at fault; no worker would take it.
-            return self.relay_json(request, response, doc, "")
+            return self.relay_json(request, response, doc)
         if refusal is not None and refusal[0].code == 429:
-            return self.relay_json(request, refusal[0], refusal[1], "")
+            return self.relay_json(request, refusal[0], refusal[1])
         raise APIError(503, "No worker available",
                        "every worker is full, refused the job, or is unavailable",
                        retry_after=self.retry_after())
