@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import datetime
 import os
 from collections.abc import Callable, Sequence
@@ -27,17 +28,19 @@ class InvalidTransition(Exception):
 LogListener = Callable[[str, bytes], None]
 EndListener = Callable[["Job"], None]
 
-COALESCE_BYTES = 64 * 1024  # small writes are joined into chunks of up to this many bytes
-COALESCE_SECONDS = 0.05  # ... or of what arrived within this long
+COALESCE_BYTES = 64 * 1024  # output held back is published once it reaches this many bytes
+COALESCE_SECONDS = 0.05  # at most one chunk per stream this often while output is dense
+_STREAMS = ("stdout", "stderr")
 
 
 class LogChunks(Sequence[tuple[str, bytes]]):
     """The published chunks, ``(stream, data)``, append-only.
 
     With a ``path`` the bytes live in that file (on the worker's tmpfs) and
-    only an index is in the worker's memory: a finished job's output is kept
-    for up to an hour, and must not weigh on the worker's own RSS.  A write
-    that fails (the tmpfs is full) keeps that chunk in memory instead.
+    only a compact index (17 bytes a chunk) is in the worker's memory: a
+    finished job's output is kept for up to an hour and must not weigh on the
+    worker's own RSS.  A chunk that cannot be written (the tmpfs is full) is
+    kept in memory instead.
     """
 
     def __init__(self, path: str | None = None) -> None:
@@ -46,19 +49,30 @@ class LogChunks(Sequence[tuple[str, bytes]]):
         if path is not None:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                | os.O_CLOEXEC, 0o600)
-        self._index: list[tuple[str, int, int, bytes | None]] = []  # stream, offset, size, data
+        self._offsets = array.array("q")  # -1: the chunk is in _memory
+        self._sizes = array.array("q")
+        self._streams = bytearray()  # index into _STREAMS
+        self._memory: dict[int, bytes] = {}
         self._end = 0
         self.closed = False
 
     def append(self, stream: str, data: bytes) -> None:
+        i = len(self._sizes)
+        self._streams.append(_STREAMS.index(stream))
+        self._sizes.append(len(data))
         if self._fd is not None and not self.closed and _write_at(self._fd, data, self._end):
-            self._index.append((stream, self._end, len(data), None))
+            self._offsets.append(self._end)
             self._end += len(data)
         else:
-            self._index.append((stream, -1, len(data), data))
+            self._offsets.append(-1)
+            self._memory[i] = data
+
+    def in_memory(self) -> int:
+        """How many chunks are held in the worker's memory rather than the file."""
+        return len(self._memory)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._sizes)
 
     @overload
     def __getitem__(self, i: int) -> tuple[str, bytes]: ...
@@ -69,18 +83,22 @@ class LogChunks(Sequence[tuple[str, bytes]]):
     def __getitem__(self, i: int | slice) -> tuple[str, bytes] | list[tuple[str, bytes]]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        stream, offset, size, data = self._index[i]
-        if data is not None:
-            return stream, data
+        if i < 0:
+            i += len(self)
+        stream = _STREAMS[self._streams[i]]
+        offset = self._offsets[i]
+        if offset < 0:
+            return stream, self._memory[i]
         if self._fd is None or self.closed:
             return stream, b""
-        return stream, os.pread(self._fd, size, offset)
+        return stream, os.pread(self._fd, self._sizes[i], offset)
 
     def close(self) -> None:
         """Free the file (its tmpfs pages); chunks read as empty from now on."""
         if self.closed:
             return
         self.closed = True
+        self._memory.clear()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -109,12 +127,13 @@ class JobLog:
     the backlog by index and then sees each new chunk exactly once, in order;
     listeners are told of each chunk as it is published.
 
-    With a ``clock``, small writes are coalesced: output is held back for at
-    most ``COALESCE_SECONDS`` (or until ``COALESCE_BYTES`` gathered, the other
-    stream writes, or ``flush``), so a job writing one byte at a time makes a
-    few chunks a second rather than millions of tiny ones.  ``text`` and
-    ``sizes`` always include what is held back.  The manager flushes before it
-    reports the job's end.
+    With a ``clock``, dense output is coalesced: output that follows a chunk
+    published less than ``COALESCE_SECONDS`` ago is held back until then (or
+    until ``COALESCE_BYTES`` gathered, the other stream writes, or ``flush``),
+    so a job writing one byte at a time makes a few chunks a second rather
+    than one per read of its pipe, while sparse output is published at once.
+    ``text`` and ``sizes`` always include what is held back.  The manager
+    flushes before it reports the job's end.
     """
 
     def __init__(self, path: str | None = None, clock: Any = None) -> None:  # IReactorTime
@@ -125,6 +144,7 @@ class JobLog:
         self._pending = bytearray()
         self._pending_stream = "stdout"
         self._timer: Any = None
+        self._last_published = float("-inf")
 
     def append(self, stream: str, data: bytes) -> None:
         self.sizes[stream] += len(data)
@@ -132,13 +152,14 @@ class JobLog:
             self._publish(stream, data)
             return
         if self._pending and stream != self._pending_stream:
-            self.flush()
+            self.flush()  # the order of the two streams is kept
         self._pending_stream = stream
         self._pending += data
-        if len(self._pending) >= COALESCE_BYTES:
+        wait = self._last_published + COALESCE_SECONDS - self._clock.seconds()
+        if len(self._pending) >= COALESCE_BYTES or wait <= 0:
             self.flush()
         elif self._timer is None:
-            self._timer = self._clock.callLater(COALESCE_SECONDS, self.flush)
+            self._timer = self._clock.callLater(wait, self.flush)
 
     def flush(self) -> None:
         """Publish what is held back now."""
@@ -152,6 +173,8 @@ class JobLog:
             self._publish(self._pending_stream, data)
 
     def _publish(self, stream: str, data: bytes) -> None:
+        if self._clock is not None:
+            self._last_published = self._clock.seconds()
         self.chunks.append(stream, data)
         for listener in list(self.listeners):
             listener(stream, data)
