@@ -230,14 +230,15 @@ def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float
     state_dir = state_dir or os.path.join(scratch, "state")
     log_path = os.path.join(scratch, "worker.log")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sandrun", "serve", "--state-dir", state_dir,
-             "--listen", f"[{bind}]:0" if ":" in bind else f"{bind}:0", *extra_args],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
-            env=env)
+    process: subprocess.Popen[bytes] | None = None
     worker: Worker | None = None
     try:
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "sandrun", "serve", "--state-dir", state_dir,
+                 "--listen", f"[{bind}]:0" if ":" in bind else f"{bind}:0", *extra_args],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
+                env=env)
         deadline = time.monotonic() + startup_timeout
         while worker is None:
             with open(log_path, encoding="utf-8", errors="replace") as f:
@@ -263,7 +264,7 @@ def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float
             assert code == 0, f"worker exited {code}:\n{worker.log()}"
             assert worker.mounts() == [], worker.mounts()
     finally:
-        if process.poll() is None:
+        if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(20)
