@@ -18,7 +18,8 @@ latency
 throughput
     C client threads submitting and waiting for the trivial job in a loop (polls
     back off from ``--poll`` by ``--backoff`` up to ``--max-poll``), for
-    ``--seconds`` at each concurrency, direct and then through the coordinator.
+    ``--rounds`` alternating slices of ``--seconds`` at each concurrency, direct
+    then through the coordinator, so that both paths see the same machine.
     Each thread speaks from its own loopback address (127.0.1.N), as distinct
     clients do: the coordinator serialises one client's submissions while it
     checks that client's pool-wide quota, so C threads from one address would
@@ -31,8 +32,8 @@ it costs here.
 
 Usage (as root)::
 
-    python3 bench/coordinator.py                 # 200 runs, 10 s per concurrency
-    python3 bench/coordinator.py -n 50 --seconds 5 --concurrency 1,8
+    python3 bench/coordinator.py                 # 200 runs, 3 x 5 s per concurrency
+    python3 bench/coordinator.py -n 50 --rounds 1 --concurrency 1,8
 """
 
 from __future__ import annotations
@@ -236,12 +237,27 @@ def throughput_at(make_client: Any, concurrency: int, args: argparse.Namespace,
     coordinator_cpu = process_cpu(coordinator_pid) - coordinator_before
     return {"concurrency": concurrency, "completed": len(done),
             "jobs_per_s": len(done) / args.seconds, "errors": len(errors),
-            "error_samples": errors[:5], "latency_ms": summary(done),
+            "error_samples": errors[:5], "latency_ms": summary(done), "_latencies": done,
             "coordinator_cores": round(coordinator_cpu / cpu["seconds"], 3),
             # CpuMeter counts the coordinator (not the worker's, not ours) as "others".
             "others_cores": round(max(0.0, cpu["others_cores"]
                                       - coordinator_cpu / cpu["seconds"]), 2),
             "cpu": cpu}
+
+
+def merge(parts: list[dict[str, Any]], path: str, seconds: float) -> dict[str, Any]:
+    """The slices of one path and concurrency as one run."""
+    latencies: list[float] = [t for p in parts for t in p.pop("_latencies")]
+    completed = sum(p["completed"] for p in parts)
+    return {"path": path, "concurrency": parts[0]["concurrency"], "seconds": seconds,
+            "completed": completed, "jobs_per_s": completed / seconds,
+            "errors": sum(p["errors"] for p in parts),
+            "error_samples": [e for p in parts for e in p["error_samples"]][:5],
+            "latency_ms": summary(latencies),
+            "coordinator_cores": round(sum(p["coordinator_cores"] for p in parts)
+                                       / len(parts), 3),
+            "others_cores": round(sum(p["others_cores"] for p in parts) / len(parts), 2),
+            "slices": parts}
 
 
 def keygen(path: str) -> str:
@@ -255,8 +271,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=200, help="latency runs per path")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--seconds", type=float, default=10.0,
-                        help="throughput run length per concurrency and path")
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help="throughput slice length (default 5 s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating direct/coordinator slices per concurrency (default 3)")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--poll", type=float, default=0.001,
                         help="seconds slept before each /status poll")
@@ -298,16 +316,21 @@ def main() -> None:
                                   "through the coordinator too)")])
         runs = []
         for c in concurrency:
-            for name, make in (("direct", worker.client), ("coordinator", coordinator.client)):
-                r = throughput_at(make, c, args, worker, coordinator.pid)
-                r["path"] = name
-                runs.append(r)
+            # Alternating slices, so both paths see the same (shared, noisy) machine.
+            slices: dict[str, list[dict[str, Any]]] = {"direct": [], "coordinator": []}
+            for _ in range(args.rounds):
+                for name, make in (("direct", worker.client),
+                                   ("coordinator", coordinator.client)):
+                    slices[name].append(throughput_at(make, c, args, worker, coordinator.pid))
+            for name, parts in slices.items():
+                runs.append(merge(parts, name, args.seconds * args.rounds))
         results["throughput"] = runs
         rows = [(r["concurrency"], r["path"], r["completed"], r["jobs_per_s"], r["errors"],
                  r["latency_ms"].get("p50", float("nan")),
                  r["latency_ms"].get("p99", float("nan")), r["coordinator_cores"],
                  r["others_cores"]) for r in runs]
-        print_table(f"Throughput, trivial job, {args.seconds:g} s per row",
+        print_table(f"Throughput, trivial job, {args.rounds} alternating slices of "
+                    f"{args.seconds:g} s per row",
                     ("clients", "path", "completed", "jobs/s", "errors", "p50 ms", "p99 ms",
                      "coordinator cores", "others' cores"), rows, notes=[
                         (f"{os.cpu_count()} cores in all: worker, launcher, jobs, "

@@ -49,6 +49,21 @@ class QuietSite(server.Site):
     def log(self, request: Any) -> None:
         pass
 
+    def buildProtocol(self, addr: Any) -> Any:
+        # TCP_NODELAY towards clients too: twisted.web writes a response's head and body
+        # separately, and Nagle would hold the body for the client's delayed ACK.
+        protocol = super().buildProtocol(addr)
+        make_connection = protocol.makeConnection
+
+        def no_delay(transport: Any) -> None:
+            set_no_delay = getattr(transport, "setTcpNoDelay", None)
+            if set_no_delay is not None:
+                set_no_delay(True)
+            make_connection(transport)
+
+        protocol.makeConnection = no_delay
+        return protocol
+
 
 class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" line per connection to a worker
