@@ -57,9 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", help="where to write the key (default ./sandrun-worker.pem)")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
 
-    verify = commands.add_parser("verify", help="verify a signed /status document")
-    verify.add_argument("status", help="file with the /status JSON, or - for stdin")
+    verify = commands.add_parser("verify", help="verify a signed result")
+    verify.add_argument("status", help="a job id (its /status is fetched from --server), "
+                        "a file with the /status JSON, or - for stdin")
     verify.add_argument("--worker-id", required=True, help="the worker's base64 public key")
+    verify.add_argument("--server", help="worker or coordinator URL for a job id "
+                        "(default: $SANDRUN_URL or http://127.0.0.1:8443)")
 
     from sandrun.client.cli import add_client_commands
 
@@ -132,9 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(keygen_main(args.out, args.force))
     elif args.command == "verify":
-        from sandrun.identity import verify_main
-
-        sys.exit(verify_main(args.status, args.worker_id))
+        sys.exit(_verify(args.status, args.worker_id, args.server))
     elif args.command == "env":
         from sandrun.environments.cli import run_env_command
 
@@ -143,3 +144,26 @@ def main(argv: list[str] | None = None) -> None:
         from sandrun.client.cli import run_client_command
 
         sys.exit(run_client_command(args))
+
+
+def _verify(target: str, worker_id: str, server: str | None) -> int:
+    """``sandrun verify``: a saved /status document, or a job id fetched from a server."""
+    from sandrun.identity import verify_main
+
+    if not (target.startswith("job-") and not os.path.exists(target)):
+        return verify_main(target, worker_id)
+    import json
+    import tempfile
+
+    from sandrun.client import SandrunClient
+    from sandrun.client.errors import SandrunError
+
+    try:
+        document = SandrunClient(server).status(target).raw
+    except SandrunError as e:
+        print(f"sandrun verify: cannot fetch {target}: {e}", file=sys.stderr)
+        return 1
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(document, f)
+        f.flush()
+        return verify_main(f.name, worker_id)

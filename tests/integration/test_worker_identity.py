@@ -143,3 +143,16 @@ def test_a_missing_key_is_refused_at_start(tmp_path: Any) -> None:
         pytest.skip(reason)
     done = refused_start(str(tmp_path / "nope.pem"), tmp_path)
     assert "worker key" in done.stderr
+
+
+def test_verify_fetches_a_job_id_from_the_server_and_checks_it(
+        worker: Worker, key: tuple[str, str]) -> None:
+    job_id = worker.submit({"main.py": "print('signed')\n"})
+    assert worker.wait(job_id)["status"] == "completed"
+    ok = sandrun("verify", job_id, "--worker-id", key[1], "--server", worker.url)
+    assert ok.returncode == 0 and ok.stdout.strip() == "valid", (ok.stdout, ok.stderr)
+    other = ident.WorkerIdentity.generate().worker_id
+    wrong = sandrun("verify", job_id, "--worker-id", other, "--server", worker.url)
+    assert wrong.returncode == 1 and wrong.stdout.startswith("INVALID"), wrong.stdout
+    missing = sandrun("verify", "job-" + "A" * 24, "--worker-id", key[1], "--server", worker.url)
+    assert missing.returncode == 1 and "cannot fetch" in missing.stderr
