@@ -97,7 +97,7 @@ class ClientSide(WebSocketServerProtocol):
             return
         if self.fmt == "json" and not is_binary and b'"done"' in payload:
             try:
-                self.done_seen = json.loads(payload).get("type") == "done"
+                self.done_seen = self.done_seen or json.loads(payload).get("type") == "done"
             except (ValueError, AttributeError):
                 pass
         self.sendMessage(payload, is_binary)
@@ -125,7 +125,10 @@ class ClientSide(WebSocketServerProtocol):
         if not clean or code is None or code == 1006:
             # Not marked down here: the next health check decides whether the
             # worker itself is gone; this stream is over either way.
-            self.end_lost()
+            if self.done_seen:  # the job's end arrived before the connection dropped
+                self.end(1000, "job ended")
+            else:
+                self.end_lost()
         elif code == 1000 or 3000 <= code <= 4999:
             self.end(code, reason)
         else:
