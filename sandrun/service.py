@@ -14,6 +14,7 @@ from sandrun import identity as ident
 from sandrun.api.app import WorkerAPI
 from sandrun.api.uploads import WorkerSite, request_factory
 from sandrun.config import WorkerConfig
+from sandrun.environments import DependencyCache, Environments, Registry
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter, parse_trusted_proxies
 from sandrun.jobs.storage import Storage
@@ -42,9 +43,11 @@ class WorkerService(service.MultiService):
         self.sandbox = Sandbox(reactor, config.state_dir + "/sandbox",
                                instance_name(config.state_dir), config.max_concurrent)
         self.limiter = RateLimiter(config.quotas)
+        self.environments = Environments(Registry(config.env_dir), DependencyCache())
         self.manager = JobManager(reactor, self.sandbox, self.storage, config, self.limiter,
-                                  self.identity)
-        self.api = WorkerAPI(self.manager, config, self.identity)
+                                  self.identity, environments=self.environments)
+        self.api = WorkerAPI(self.manager, config, self.identity,
+                             environments=self.environments.describe)
         self.site = WorkerSite(self.api.resource())
         self.site.displayTracebacks = False
         self.port: Any = None

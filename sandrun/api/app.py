@@ -31,7 +31,7 @@ from sandrun.api.errors import APIError, cors, to_api_error, write_error, write_
 from sandrun.config import WorkerConfig
 from sandrun.jobs import storage as store
 from sandrun.jobs.manager import BlockingRunner, JobManager, new_job_id
-from sandrun.jobs.manifest import ManifestError
+from sandrun.jobs.manifest import Manifest
 from sandrun.jobs.model import Job, iso
 from sandrun.jobs.ratelimit import client_key, trusted_client_address
 from sandrun.jobs.workspace import OutputNotFound, open_output
@@ -98,7 +98,8 @@ class WorkerAPI:
 
     ``blocking`` runs file-heavy work (upload extraction, packing outputs)
     off the reactor thread; tests pass a synchronous runner.
-    ``environments`` lists the templates a manifest may name.
+    ``environments`` answers ``/environments`` (by default the manager's own
+    ``Environments``, which also checks each manifest's template).
     """
 
     app = Klein()
@@ -111,7 +112,7 @@ class WorkerAPI:
         self.manager = manager
         self.config = config
         self.identity = identity
-        self.environments = environments or default_environments
+        self.environments = environments or manager.environments.describe
         self.blocking = blocking or manager.blocking
 
     def resource(self) -> Any:
@@ -212,7 +213,7 @@ class WorkerAPI:
                                             store.staging_dir(base), self.config.limits)
 
         def queued(submission: uploads.Submission) -> bytes:
-            self.check_environment(submission.manifest.environment)
+            self.check_environment(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
@@ -238,10 +239,9 @@ class WorkerAPI:
         d.addErrback(failed)
         return d
 
-    def check_environment(self, name: str) -> None:
-        templates = self.environments().get("templates", [])
-        if name not in templates:
-            raise ManifestError("environment", f"{name!r} is not one of {templates}")
+    def check_environment(self, manifest: Manifest) -> None:
+        """400 (``EnvironmentUnavailable``) for an unknown or unbuilt template."""
+        self.manager.environments.check(manifest)
 
     @app.route("/status/<string:job_id>", methods=["GET"])
     @_api
@@ -462,8 +462,3 @@ def pack_outputs(job: Job, spool_dir: str) -> Any:
     out.seek(0)
     return out
 
-
-def default_environments() -> dict[str, Any]:
-    return {"templates": ["default"],
-            "environments": [{"name": "default", "description": "the host's interpreters",
-                              "packages": [], "ready": True}]}

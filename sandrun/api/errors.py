@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
+from sandrun.environments import EnvironmentUnavailable
 from sandrun.jobs.manager import QueueFull, RateLimited
 from sandrun.jobs.manifest import ManifestError
 from sandrun.jobs.storage import StorageFull
@@ -28,6 +29,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ManifestError):
         return APIError(400, "Invalid manifest", f"{exc.field}: {exc.message}", field=exc.field)
+    if isinstance(exc, EnvironmentUnavailable):  # unknown, or not built on this worker
+        return APIError(400, "Invalid manifest", exc.details, field="environment")
     if isinstance(exc, UploadError):
         return APIError(400, "Invalid upload", f"{exc.member}: {exc.message}",
                         member=exc.member)

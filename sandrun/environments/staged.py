@@ -46,13 +46,16 @@ def run_in_environment(
         sandbox: Sandbox, environments: Environments, blocking: Blocking, *, job_id: str,
         manifest: ManifestLike, argv: tuple[str, ...], job_dir: str, policy: SandboxPolicy,
         on_output: OutputCallback, stdin: bytes = b"",
-        cancelled: Callable[[], Reason | None] = lambda: None) -> Any:
+        cancelled: Callable[[], Reason | None] = lambda: None,
+        on_installed: Callable[[SandboxResult], None] = lambda result: None) -> Any:
     """Fire with the job's ``SandboxResult``.  Fails only as ``Sandbox.run`` or an
     unexpected host error would (the manager's ``sandbox_error`` path).
 
     ``blocking`` runs the fetch off the reactor thread (``threads.deferToThread``);
     ``cancelled`` says whether (and why) the job was stopped between steps, when
-    ``Sandbox.kill`` has no run to kill.
+    ``Sandbox.kill`` has no run to kill.  ``on_installed`` hears the install
+    step's result as soon as it ends (``Sandbox.cpu_seconds`` counts the job's
+    own run from 0 again, so a live CPU charge adds the install's).
     """
     try:
         plan: EnvironmentPlan = yield blocking(environments.prepare, manifest, job_dir)
@@ -85,6 +88,7 @@ def run_in_environment(
 
     installed: SandboxResult = yield sandbox.run(job_id, plan.install_argv, env, job_dir,
                                                  policy, install_output, ro_binds=plan.ro_binds)
+    on_installed(installed)
     if installed.reason != Reason.COMPLETED:
         if installed.reason in INSTALL_FAILURES:
             installed.message = "the install step failed: " + _error_line(bytes(tail))

@@ -16,6 +16,9 @@ from twisted.logger import Logger
 
 from sandrun import identity as ident
 from sandrun.config import WorkerConfig
+from sandrun.environments import Environments
+from sandrun.environments.plan import DEPS_OUTPUT
+from sandrun.environments.staged import run_in_environment
 from sandrun.jobs import storage as store
 from sandrun.jobs.model import Job, JobLog
 from sandrun.jobs.ratelimit import Decision, RateLimiter
@@ -58,15 +61,18 @@ class JobManager:
     """Every job of this worker, from submission to deletion.
 
     ``reactor`` gives time and timers; ``blocking`` runs file-heavy work (listing
-    and hashing outputs) off the reactor thread.
+    and hashing outputs, fetching dependencies) off the reactor thread;
+    ``environments`` gives jobs their template and dependencies.
     """
 
     def __init__(self, reactor: Any, sandbox: Sandbox, storage: store.Storage,
                  config: WorkerConfig, limiter: RateLimiter,
                  identity: ident.WorkerIdentity | None = None,
-                 blocking: BlockingRunner = threads.deferToThread) -> None:
+                 blocking: BlockingRunner = threads.deferToThread,
+                 environments: Environments | None = None) -> None:
         self.reactor = reactor
         self.blocking = blocking
+        self.environments = environments or Environments()
         self.sandbox = sandbox
         self.storage = storage
         self.config = config
@@ -170,10 +176,20 @@ class JobManager:
         self._in_sandbox.add(job.id)
         log.info("job {job_id} started", job_id=job.id)
         manifest = job.manifest
-        # maybeDeferred: a sandbox that cannot take the job raises at once.
-        d = defer.maybeDeferred(self.sandbox.run, job.id, tuple(manifest.argv()), manifest.env,
-                                store.work_dir(job.base_dir), self._policy(job),
-                                job.log.append, stdin=manifest.stdin.encode())
+
+        def installed(result: SandboxResult) -> None:
+            # The sandbox counts the job's own run from 0 again: charge the install on top.
+            job.install_cpu_seconds = result.cpu_seconds
+
+        # Fetch (thread), install inside the sandbox, then the job with what is left of
+        # its limits; a failed fetch or install is reason install_failed.  maybeDeferred:
+        # a sandbox that cannot take the job raises at once.
+        d = defer.maybeDeferred(
+            run_in_environment, self.sandbox, self.environments, self.blocking,
+            job_id=job.id, manifest=manifest, argv=tuple(manifest.argv()),
+            job_dir=store.work_dir(job.base_dir), policy=self._policy(job),
+            on_output=job.log.append, stdin=manifest.stdin.encode(),
+            cancelled=lambda: self._stopped_why(job), on_installed=installed)
 
         def broken(failure: Any) -> SandboxResult:
             log.warn("sandbox could not run job {job_id}: {error}", job_id=job.id,  # noqa: G010
@@ -183,6 +199,16 @@ class JobManager:
         d.addErrback(broken)
         d.addCallback(self._ran, job)
         d.addErrback(lambda f: log.failure("ending job {job_id} failed", f, job_id=job.id))
+
+    def _stopped_why(self, job: Job) -> Reason | None:
+        """Why a job stopped between its install steps (when there is no sandbox run to kill)."""
+        if self._stopping:
+            return Reason.SHUTDOWN
+        return Reason.CANCELLED if job.deleted else None
+
+    def _cpu_used(self, job: Job) -> float:
+        """CPU time so far: a finished install step and the run now in the sandbox."""
+        return job.install_cpu_seconds + (self.sandbox.cpu_seconds(job.id) or 0.0)
 
     @defer.inlineCallbacks
     def _ran(self, result: SandboxResult, job: Job) -> Any:
@@ -202,8 +228,10 @@ class JobManager:
         job.truncated = result.truncated
         if not job.deleted:
             try:
+                # The job's installed dependencies are not its outputs.
                 job.outputs = yield self.blocking(
-                    list_outputs, store.work_dir(job.base_dir), manifest_outputs(job))
+                    list_outputs, store.work_dir(job.base_dir), manifest_outputs(job),
+                    exclude=(DEPS_OUTPUT,))
             except Exception as e:  # noqa: BLE001 (the job ends regardless)
                 # The type only: a message could carry a file name (job content).
                 log.warn(  # noqa: G010 (twisted.logger has no "warning")
@@ -235,9 +263,8 @@ class JobManager:
     def _charge_cpu(self) -> None:
         now = self.reactor.seconds()
         for job_id in list(self.running):
-            used = self.sandbox.cpu_seconds(job_id)
-            if used is not None:
-                self.limiter.charge_cpu(self.jobs[job_id].client, job_id, used, now)
+            job = self.jobs[job_id]
+            self.limiter.charge_cpu(job.client, job_id, self._cpu_used(job), now)
 
     # -- ending early and deleting --------------------------------------------
 
@@ -257,7 +284,7 @@ class JobManager:
             # The client's slot frees now, with the CPU used so far charged: the kill
             # lands within milliseconds, and the job is already gone for the client.
             self.limiter.release(job.client, job_id, self.reactor.seconds(),
-                                 cpu_seconds_total=self.sandbox.cpu_seconds(job_id))
+                                 cpu_seconds_total=self._cpu_used(job))
             self.sandbox.kill(job_id, Reason.CANCELLED)
             # The data goes once the sandbox has let go of it (in _end via _forget).
         else:

@@ -216,6 +216,7 @@ class Job:
     exit_code: int | None = None
     signal: int | None = None
     cpu_seconds: float = 0.0
+    install_cpu_seconds: float = 0.0  # of the finished dependency install, in cpu_seconds too
     memory_peak_bytes: int = 0
     wall_time_ms: float = 0.0
     message: str | None = None

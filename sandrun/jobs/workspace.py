@@ -598,7 +598,8 @@ def _segment_regex(segment: str) -> str:
 
 
 def list_outputs(
-    job_dir: Dest, patterns: tuple[str, ...], *, max_files: int = MAX_OUTPUT_FILES
+    job_dir: Dest, patterns: tuple[str, ...], *, max_files: int = MAX_OUTPUT_FILES,
+    exclude: tuple[str, ...] = ()
 ) -> list[OutputFile]:
     """Every regular file under ``job_dir`` matching ``patterns``, hashed, sorted by path.
 
@@ -609,11 +610,13 @@ def list_outputs(
     default) or ``MAX_SCANNED_ENTRIES`` directory entries, so a job that
     leaves millions of files gets a partial list; which files make it is
     decided by a walk with each directory's names in sorted order.
+    Directories named in ``exclude`` (relative, ending in ``/``, like
+    ``.deps/``) are not walked: they neither count nor use up those caps.
     """
     found: list[OutputFile] = []
     budget = [MAX_SCANNED_ENTRIES]
     with _dir_fd(job_dir) as root:
-        _walk(root, "", 0, patterns, found, max_files, budget)
+        _walk(root, "", 0, patterns, found, max_files, budget, exclude)
     found.sort(key=lambda output: output.path)
     return found
 
@@ -626,6 +629,7 @@ def _walk(
     found: list[OutputFile],
     max_files: int,
     budget: list[int],
+    exclude: tuple[str, ...] = (),
 ) -> bool:
     """Add this directory's matching files to ``found``; False once a cap is reached."""
     with os.scandir(dir_fd) as scan:
@@ -641,14 +645,15 @@ def _walk(
         except UnicodeEncodeError:
             continue
         if entry.is_dir(follow_symlinks=False):
-            if depth + 1 >= MAX_OUTPUT_DEPTH:
+            if depth + 1 >= MAX_OUTPUT_DEPTH or path + "/" in exclude:
                 continue
             try:
                 child = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
             except OSError:
                 continue
             try:
-                if not _walk(child, path + "/", depth + 1, patterns, found, max_files, budget):
+                if not _walk(child, path + "/", depth + 1, patterns, found, max_files, budget,
+                             exclude):
                     return False
             finally:
                 os.close(child)

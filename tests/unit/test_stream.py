@@ -27,6 +27,7 @@ from twisted.web.iweb import IRequest
 from sandrun.api.app import WorkerAPI
 from sandrun.api.stream import StreamSettings, stream_resource
 from sandrun.config import WorkerConfig
+from sandrun.environments import Environments, Registry
 from sandrun.jobs.manifest import Manifest
 from sandrun.jobs.model import Job
 from sandrun.wire import JobStatus, Reason
@@ -62,6 +63,7 @@ class FakeManager:
     """What the stream needs of ``JobManager``: ``get`` and ``reactor``."""
 
     blocking = None  # WorkerAPI's thread runner; no route here uses it
+    environments = Environments(Registry("/nonexistent"))  # WorkerAPI's /environments
 
     def __init__(self, *jobs: Job) -> None:
         self.reactor = reactor

@@ -734,6 +734,16 @@ def test_list_outputs_skips_a_device_node(job: Path) -> None:
     assert "null" not in [o.path for o in list_outputs(job, ())]
 
 
+def test_an_excluded_directory_is_not_listed_and_does_not_use_up_the_file_cap(
+        job: Path) -> None:
+    (job / ".deps/python/six").mkdir(parents=True)
+    for i in range(5):
+        (job / f".deps/python/six/m{i}.py").write_text("x")
+    listed = [o.path for o in list_outputs(job, (), max_files=3, exclude=(".deps/",))]
+    assert listed == ["out/plot.png", "out/sub/notes", "result.csv"]
+    assert all(o.path.startswith(".deps/") for o in list_outputs(job, (), max_files=3))
+
+
 def test_list_outputs_keeps_only_matching_files(job: Path) -> None:
     assert [o.path for o in list_outputs(job, ("out/",))] == ["out/plot.png", "out/sub/notes"]
     assert [o.path for o in list_outputs(job, ("*.csv",))] == ["result.csv"]

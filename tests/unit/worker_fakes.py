@@ -28,6 +28,7 @@ from sandrun import identity as ident
 from sandrun.api.app import WorkerAPI
 from sandrun.api.uploads import request_factory
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
+from sandrun.environments import DependencyCache, Environments, Registry
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.storage import StorageFull
@@ -184,7 +185,8 @@ class Harness:
     def __init__(self, root: str, *, limits: Limits = SMALL_LIMITS,
                  quotas: QuotaConfig = ROOMY_QUOTAS, max_concurrent: int = 2,
                  queue_size: int = 10, identity: ident.WorkerIdentity | None = None,
-                 trusted_proxies: tuple[str, ...] = (), start: bool = True) -> None:
+                 trusted_proxies: tuple[str, ...] = (), start: bool = True,
+                 environments: Environments | None = None) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)  # a plausible wall clock for timestamps
         self.config = WorkerConfig(max_concurrent=max_concurrent, queue_size=queue_size,
@@ -194,8 +196,13 @@ class Harness:
         self.storage = FakeStorage(root)
         self.limiter = RateLimiter(quotas)
         self.identity = identity
+        # Nothing built and an empty cache under root: never the host's own registry.
+        self.environments = environments or Environments(
+            Registry(os.path.join(root, "environments")),
+            DependencyCache(os.path.join(root, "deps")))
         self.manager = JobManager(self.clock, self.sandbox, self.storage,  # type: ignore[arg-type]
-                                  self.config, self.limiter, identity, blocking=synchronous)
+                                  self.config, self.limiter, identity, blocking=synchronous,
+                                  environments=self.environments)
         if start:
             self.manager.start()
         self.api = WorkerAPI(self.manager, self.config, identity)

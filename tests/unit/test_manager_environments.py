@@ -1,0 +1,210 @@
+"""The job manager with environments: install before the run, CPU across both, cancels.
+
+A real ``JobManager`` and ``WorkerAPI`` (``worker_fakes.Harness``) with a
+scripted sandbox; ``ScriptedEnvironments`` stands in for the fetch so a test
+decides when it ends and what it yields.  The real fetch and install are
+``tests/environments`` and ``tests/integration/test_worker_environments.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+
+from sandrun.environments import DependencyError, EnvironmentPlan, Environments, Registry
+from sandrun.jobs.manager import CPU_CHARGE_INTERVAL
+from sandrun.wire import Reason
+from tests.unit.worker_fakes import Harness
+
+CLIENT = "127.0.0.1"
+INSTALL = ("python3", "-m", "pip", "install", "six")
+PLAN = EnvironmentPlan("default", install_argv=INSTALL, log="sandrun: 1 pip package(s)\n",
+                       output_excludes=(".deps/",))
+WITH_REQUIREMENTS = {"entrypoint": "main.py", "requirements": "requirements.txt"}
+FILES = {"main.py": "import six", "requirements.txt": "six==1.16.0\n"}
+
+
+class ScriptedEnvironments(Environments):
+    """``prepare`` answers what the test queued: a plan, an error, or a pending fetch."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(Registry(root))
+        self.answer: Any = PLAN
+        self.prepared = 0
+
+    def prepare(self, manifest: Any, job_work_dir: str) -> Any:
+        self.prepared += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer  # a Deferred stands for a fetch still running
+
+
+@pytest.fixture
+def envs(tmp_path: Any) -> ScriptedEnvironments:
+    return ScriptedEnvironments(os.path.join(str(tmp_path), "environments"))
+
+
+@pytest.fixture
+def h(tmp_path: Any, envs: ScriptedEnvironments) -> Harness:
+    return Harness(str(tmp_path), environments=envs)
+
+
+def used(h: Harness) -> float:
+    return float(h.get("/stats").json()["your_quota"]["used"])
+
+
+def test_the_install_runs_first_in_the_sandbox_then_the_job_and_both_outputs_are_logged(
+        h: Harness) -> None:
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    install = h.run_of(job_id)
+    assert install.argv == INSTALL
+    install.print("Successfully installed six-1.16.0\n")
+    install.finish(cpu_seconds=1.0, wall_time_ms=500.0)
+    run = h.run_of(job_id)
+    assert run is not install and run.argv[-1] == "main.py"
+    run.print("ok\n")
+    run.finish(cpu_seconds=0.25, wall_time_ms=100.0)
+    status = h.status(job_id)
+    assert status["status"] == "completed"
+    assert status["execution_metadata"]["cpu_seconds"] == 1.25
+    assert status["execution_metadata"]["wall_time_ms"] == 600.0
+    logs = h.get(f"/logs/{job_id}").json()
+    assert logs["stdout"] == "Successfully installed six-1.16.0\nok\n"
+    assert logs["stderr"] == "sandrun: 1 pip package(s)\n"
+
+
+def test_cpu_is_charged_live_across_the_install_and_the_run_never_going_back(
+        h: Harness) -> None:
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    install = h.run_of(job_id)
+    install.cpu = 1.5
+    h.clock.advance(CPU_CHARGE_INTERVAL)
+    assert used(h) == 1.5
+    install.finish(cpu_seconds=2.0)  # more than the last reading
+    run = h.run_of(job_id)
+    run.cpu = 0.5  # the sandbox counts the job's own run from 0 again
+    h.clock.advance(CPU_CHARGE_INTERVAL)
+    assert used(h) == 2.5
+    run.cpu = 1.0
+    h.clock.advance(CPU_CHARGE_INTERVAL)
+    assert used(h) == 3.0
+    run.finish(cpu_seconds=1.25)
+    assert used(h) == 3.25
+
+
+def test_a_job_cancelled_during_its_install_is_charged_for_it_and_never_runs(
+        h: Harness) -> None:
+    h.sandbox.kills_take_effect = False
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    install = h.run_of(job_id)
+    install.cpu = 0.75
+    assert h.delete(f"/jobs/{job_id}").json()["cancelled"] is True
+    assert h.sandbox.kills == [(job_id, Reason.CANCELLED)]
+    assert used(h) == 0.75
+    install.finish(Reason.CANCELLED, exit_code=None, signal=9)
+    assert h.run_of(job_id) is install  # the job itself never started
+    assert h.manager.jobs == {} and h.storage.job_ids() == []
+    assert h.manager.stats()["active_jobs"] == 0
+
+
+def test_a_job_cancelled_as_its_own_run_starts_is_charged_for_the_install(
+        h: Harness) -> None:
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    install = h.run_of(job_id)
+    h.sandbox.script = lambda run: h.manager.cancel(job_id)  # lands as the run is asked for
+    install.finish(cpu_seconds=2.0)
+    assert h.run_of(job_id) is not install
+    assert h.sandbox.kills == [(job_id, Reason.CANCELLED)]
+    assert used(h) == 2.0
+    assert h.manager.jobs == {} and h.storage.job_ids() == []
+
+
+@pytest.mark.parametrize("stop", ["cancel", "shutdown"])
+def test_a_job_stopped_while_its_dependencies_are_fetched_never_reaches_the_sandbox(
+        h: Harness, envs: ScriptedEnvironments, stop: str) -> None:
+    fetch: defer.Deferred[EnvironmentPlan] = defer.Deferred()
+    envs.answer = fetch
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    assert envs.prepared == 1 and job_id not in h.sandbox.runs
+    ended: list[Any] = []
+    h.manager.jobs[job_id].end_listeners.append(lambda job: ended.append(job.reason))
+    if stop == "cancel":
+        assert h.delete(f"/jobs/{job_id}").json()["cancelled"] is True
+        assert h.get(f"/status/{job_id}").status == 404
+        assert ended == []  # it ends once the fetch returns
+    else:
+        drained = h.manager.stop()
+        assert ended == [Reason.SHUTDOWN] and not drained.called
+    fetch.callback(PLAN)
+    assert job_id not in h.sandbox.runs
+    assert ended == [Reason.CANCELLED if stop == "cancel" else Reason.SHUTDOWN]
+    assert h.manager.jobs == {} and h.storage.job_ids() == []
+    assert h.manager.running == set()
+    if stop == "shutdown":
+        assert drained.called
+
+
+def test_a_failed_fetch_ends_the_job_install_failed_with_the_message_and_runs_nothing(
+        h: Harness, envs: ScriptedEnvironments) -> None:
+    envs.answer = DependencyError("nosuch-pkg: no such package, or no version matching")
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    status = h.status(job_id)
+    assert status["status"] == "failed"
+    meta = status["execution_metadata"]
+    assert meta["reason"] == "install_failed"
+    assert meta["message"] == "nosuch-pkg: no such package, or no version matching"
+    assert "sandrun: install failed: nosuch-pkg" in h.get(f"/logs/{job_id}").json()["stderr"]
+    assert job_id not in h.sandbox.runs
+
+
+def test_a_failing_installer_ends_the_job_install_failed_with_its_error_line(
+        h: Harness) -> None:
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    install = h.run_of(job_id)
+    install.print("Looking in links\nERROR: No matching distribution found for six\n",
+                  "stderr")
+    install.finish(Reason.EXIT_NONZERO, exit_code=1)
+    meta = h.status(job_id)["execution_metadata"]
+    assert meta["reason"] == "install_failed"
+    assert meta["message"] == ("the install step failed: "
+                               "ERROR: No matching distribution found for six")
+    assert h.run_of(job_id) is install
+
+
+def test_installed_dependencies_are_not_outputs_and_cannot_be_downloaded(h: Harness) -> None:
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    install = h.run_of(job_id)
+    install.write(".deps/python/six.py", "# six")
+    install.finish()
+    run = h.run_of(job_id)
+    run.write("result.txt", "42")
+    run.finish()
+    outputs = h.get(f"/outputs/{job_id}").json()["files"]
+    assert [f["path"] for f in outputs] == ["main.py", "requirements.txt", "result.txt"]
+    assert h.get(f"/download/{job_id}/.deps/python/six.py").status == 404
+
+
+@pytest.mark.parametrize("name,details", [
+    ("vision", "sandrun env build vision"),
+    ("nosuch", "GET /environments lists them"),
+])
+def test_an_unbuilt_or_unknown_template_is_a_400_saying_what_to_do_and_leaves_nothing(
+        tmp_path: Any, name: str, details: str) -> None:
+    h = Harness(str(tmp_path))
+    reply = h.post_json({"manifest": {"entrypoint": "main.py", "environment": name},
+                         "files": {"main.py": ""}})
+    assert reply.status == 400
+    body = reply.json()
+    assert body["error"] == "Invalid manifest" and body["field"] == "environment"
+    assert details in body["details"]
+    assert h.manager.jobs == {} and h.storage.job_ids() == []
+
+
+def test_environments_lists_what_the_worker_checks_against(tmp_path: Any) -> None:
+    h = Harness(str(tmp_path))
+    body = h.get("/environments").json()
+    assert body["templates"][0] == "default" and "vision" in body["templates"]
+    assert {e["name"]: e["ready"] for e in body["environments"]}["vision"] is False
