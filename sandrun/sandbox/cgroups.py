@@ -174,6 +174,11 @@ class CgroupManager:
         self.version = self._detect()
         self.instance = instance
         self.bases = self._prepare_bases()
+        # Whether swap can be capped per cgroup (v1 with swap accounting), found once.
+        mem = self.bases["memory"]
+        self.v1_memsw = self.version == 1 and os.path.exists(
+            os.path.join(mem, "memory.memsw.limit_in_bytes"))
+        self.v2_swap = self.version == 2 and os.path.exists(os.path.join(mem, "memory.swap.max"))
 
     def _detect(self) -> int:
         controllers = os.path.join(self.root, "cgroup.controllers")
@@ -234,16 +239,14 @@ class CgroupManager:
             mem = dirs["memory"]
             if self.version == 1:
                 _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
-                memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
-                if os.path.exists(memsw):
-                    _write(memsw, str(memory_bytes))
+                if self.v1_memsw:
+                    _write(os.path.join(mem, "memory.memsw.limit_in_bytes"), str(memory_bytes))
                 else:
                     _write(os.path.join(mem, "memory.swappiness"), "0")
             else:
                 _write(os.path.join(mem, "memory.max"), str(memory_bytes))
-                swap = os.path.join(mem, "memory.swap.max")
-                if os.path.exists(swap):
-                    _write(swap, "0")
+                if self.v2_swap:
+                    _write(os.path.join(mem, "memory.swap.max"), "0")
             _write(os.path.join(dirs["pids"], "pids.max"), str(pids_max))
         except BaseException:
             group.remove()
