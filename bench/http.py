@@ -76,6 +76,7 @@ from bench.common import (
     Profiler,
     Worker,
     export_tree,
+    percentile,
     print_profile,
     print_table,
     summary,
@@ -88,6 +89,8 @@ HELLO = {"manifest": {"entrypoint": "main.py"}, "files": {"main.py": 'print("hel
 TRIVIAL = {"manifest": {"entrypoint": "true.sh", "interpreter": "sh"},
            "files": {"true.sh": "exit 0\n"}}
 LATENCY_TARGET_MS = 15.0
+# A try is kept without another when the rest of the host used less than this many cores.
+QUIET_CORES = 0.15
 THROUGHPUT_TARGET = 100.0
 
 
@@ -157,6 +160,43 @@ def latency(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
             _, _, status, _ = run_job(client, job, args)
             collect(client, status["job_id"], args.keep)
             run_bare(argv, expected)
+    tries = [latency_try(worker, client, args)]
+    while len(tries) < args.tries and tries[-1]["cpu"]["others_cores"] > QUIET_CORES:
+        tries.append(latency_try(worker, client, args))
+    client.close()
+    chosen = min(tries, key=lambda t: t["cpu"]["others_cores"])
+    series, cpu, errors = chosen["series"], chosen["cpu"], chosen["errors"]
+    labels = {"end_to_end": "Sandrun end to end", "bare": "bare, same command",
+              "submit": "POST /submit answered", "worker": "worker: submitted -> finished",
+              "wall": "sandbox wall_time_ms"}
+    stats = {name: {k: summary(v) for k, v in got.items()} for name, got in series.items()}
+    gaps = {name: st["end_to_end"]["p50"] - st["bare"]["p50"] for name, st in stats.items()}
+    rows = [(f"{name}: {labels[k]}", st[k]["p50"], st[k]["p90"], st[k]["p99"], st[k]["mean"])
+            for name, st in stats.items() for k in labels]
+    gap = gaps["python"]
+    others = ", ".join(f"{t['cpu']['others_cores']:.2f}" for t in tries)
+    print_table(f"End-to-end latency, one job at a time, {args.n} runs each (ms)",
+                ("", "p50", "p90", "p99", "mean"), rows, notes=[
+                    f"python p50 gap to bare: {gap:.2f} ms (target <= {LATENCY_TARGET_MS} ms): "
+                    + ("met" if gap <= LATENCY_TARGET_MS else "MISSED")
+                    + f"; sh p50 gap: {gaps['sh']:.2f} ms",
+                    f"errors: {errors}; completion: {detection_text(args)}",
+                    (f"others' cores during the runs: {cpu['others_cores']:.2f} (of 2); "
+                     f"tries: {others}"),
+                    ("worker: submitted -> finished is from the worker's own ISO timestamps "
+                     "(1 ms resolution)")])
+    result = {"runs": args.n, "errors": errors, "p50_gap_ms": gap, "p50_gap_sh_ms": gaps["sh"],
+              "target_gap_ms": LATENCY_TARGET_MS, "met": gap <= LATENCY_TARGET_MS,
+              "cpu": cpu, "others_cores_per_try": [t["cpu"]["others_cores"] for t in tries],
+              "p50_gap_ms_per_try": [t["gap"] for t in tries], "cases": stats}
+    if args.profile:
+        result["profile"] = chosen["profile"]
+        print_profile("Profile of the latency runs (both cases)", result["profile"])
+    return result
+
+
+def latency_try(worker: Worker, client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    """One series of ``args.n`` runs of each case, and who else used the CPUs meanwhile."""
     series: dict[str, dict[str, list[float]]] = {
         name: {k: [] for k in ("end_to_end", "bare", "submit", "worker", "wall", "polls")}
         for name, _, _, _ in LATENCY_CASES}
@@ -180,31 +220,10 @@ def latency(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
                                       - parse_iso(status["submitted_at"])) * 1000)
                 got["wall"].append(status["execution_metadata"]["wall_time_ms"])
         cpu = meter.stop()
-    client.close()
-    labels = {"end_to_end": "Sandrun end to end", "bare": "bare, same command",
-              "submit": "POST /submit answered", "worker": "worker: submitted -> finished",
-              "wall": "sandbox wall_time_ms"}
-    stats = {name: {k: summary(v) for k, v in got.items()} for name, got in series.items()}
-    gaps = {name: st["end_to_end"]["p50"] - st["bare"]["p50"] for name, st in stats.items()}
-    rows = [(f"{name}: {labels[k]}", st[k]["p50"], st[k]["p90"], st[k]["p99"], st[k]["mean"])
-            for name, st in stats.items() for k in labels]
-    gap = gaps["python"]
-    print_table(f"End-to-end latency, one job at a time, {args.n} runs each (ms)",
-                ("", "p50", "p90", "p99", "mean"), rows, notes=[
-                    f"python p50 gap to bare: {gap:.2f} ms (target <= {LATENCY_TARGET_MS} ms): "
-                    + ("met" if gap <= LATENCY_TARGET_MS else "MISSED")
-                    + f"; sh p50 gap: {gaps['sh']:.2f} ms",
-                    f"errors: {errors}; completion: {detection_text(args)}",
-                    f"others' cores during the runs: {cpu['others_cores']:.2f} (of 2)",
-                    ("worker: submitted -> finished is from the worker's own ISO timestamps "
-                     "(1 ms resolution)")])
-    result = {"runs": args.n, "errors": errors, "p50_gap_ms": gap, "p50_gap_sh_ms": gaps["sh"],
-              "target_gap_ms": LATENCY_TARGET_MS, "met": gap <= LATENCY_TARGET_MS,
-              "cpu": cpu, "cases": stats}
-    if args.profile:
-        result["profile"] = prof.summary(args.n * len(LATENCY_CASES))
-        print_profile("Profile of the latency runs (both cases)", result["profile"])
-    return result
+    python = series["python"]
+    gap = percentile(python["end_to_end"], 50) - percentile(python["bare"], 50)
+    return {"series": series, "cpu": cpu, "errors": errors, "gap": gap,
+            "profile": prof.summary(args.n * len(LATENCY_CASES)) if args.profile else {}}
 
 
 def detection_text(args: argparse.Namespace, backoff: float = 1.0) -> str:
@@ -285,7 +304,15 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
         _, _, status, _ = run_job(client, TRIVIAL, args, backoff=args.backoff)
         collect(client, status["job_id"], args.keep)
     client.close()
-    results = [throughput_at(worker, c, args) for c in args.concurrency]
+    results = []
+    for concurrency in args.concurrency:
+        tries = [throughput_at(worker, concurrency, args)]
+        while len(tries) < args.tries and tries[-1]["cpu"]["others_cores"] > QUIET_CORES:
+            tries.append(throughput_at(worker, concurrency, args))
+        chosen = min(tries, key=lambda t: t["cpu"]["others_cores"])
+        chosen["tries"] = [{"jobs_per_s": t["jobs_per_s"], "errors": t["errors"],
+                            "others_cores": t["cpu"]["others_cores"]} for t in tries]
+        results.append(chosen)
     rows = [(r["concurrency"], r["completed"], r["jobs_per_s"], r["errors"],
              r["latency_ms"].get("p50", float("nan")), r["latency_ms"].get("p99", float("nan")),
              r["polls_per_job"].get("p50", float("nan")), r["worker_cpu_ms_per_job"],
@@ -293,7 +320,8 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
              r["cpu"]["others_cores"])
             for r in results]
     best = max(r["jobs_per_s"] for r in results)
-    clean = all(r["errors"] == 0 for r in results)
+    # Every try counts for errors, not only the one kept.
+    clean = all(t["errors"] == 0 for r in results for t in r["tries"])
     print_table(f"Throughput, trivial job (sh true.sh), {args.seconds:g} s per concurrency",
                 ("clients", "completed", "jobs/s", "errors", "p50 ms", "p99 ms", "polls/job",
                  "worker+launcher CPU ms/job", "client cores", "others' cores"), rows, notes=[
@@ -302,6 +330,10 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
                     "worker flags: " + " ".join(worker.flags),
                     "completion: " + detection_text(args, args.backoff),
                     "others' cores: CPU used on the host by anything but this run (2 cores in all)",
+                    ("tries (jobs/s @ others' cores): " + "; ".join(
+                        f"{r['concurrency']}: " + ", ".join(
+                            f"{t['jobs_per_s']:.1f} @ {t['others_cores']:.2f}"
+                            for t in r["tries"]) for r in results)),
                     "per job: POST /submit, wait for its end, GET /logs"
                     + ("" if args.keep else ", DELETE /jobs/{id}")])
     return {"job": "sh true.sh (exit 0)", "target_jobs_per_s": THROUGHPUT_TARGET,
@@ -356,6 +388,10 @@ def main() -> None:
                              "WebSocket's done frame")
     parser.add_argument("--keep", action="store_true",
                         help="do not DELETE finished jobs (they stay as tmpfs mounts)")
+    parser.add_argument("--tries", type=int, default=1,
+                        help="on a shared machine: repeat each measurement up to this many "
+                             f"times while others use more than {QUIET_CORES} cores, and keep "
+                             "the quietest try (all are in the JSON)")
     parser.add_argument("--retain", type=int, default=0, metavar="N",
                         help="first leave N finished jobs in the worker, uncollected")
     parser.add_argument("--only", choices=("latency", "throughput"))
@@ -368,6 +404,8 @@ def main() -> None:
     parser.add_argument("--name", default="http", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.profile:
+        args.tries = 1
     if os.geteuid() != 0:
         sys.exit("bench/http.py starts a real worker and must run as root")
 
