@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--queue-size", type=int, default=100, help="jobs waiting (default 100)")
     serve.add_argument("--state-dir", default="/run/sandrun",
                        help="where the worker mounts its tmpfs (default /run/sandrun)")
+    serve.add_argument("--env-dir", default=WorkerConfig.env_dir,
+                       help="built templates, as sandrun env --root "
+                            f"(default {WorkerConfig.env_dir})")
+    serve.add_argument("--deps-dir", default=WorkerConfig.deps_dir,
+                       help=f"cache of fetched job dependencies (default {WorkerConfig.deps_dir})")
     serve.add_argument("--worker-key", help="Ed25519 PKCS#8 PEM private key (sandrun keygen)")
     serve.add_argument("--trusted-proxy", action="append", default=[],
                        help="address or CIDR whose X-Forwarded-For is believed (repeatable)")
@@ -84,6 +89,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(listen=args.listen, max_concurrent=args.max_concurrent,
                         queue_size=args.queue_size, limits=limits, quotas=quotas,
                         state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
+                        env_dir=os.path.abspath(args.env_dir),
+                        deps_dir=os.path.abspath(args.deps_dir),
                         trusted_proxies=tuple(args.trusted_proxy))
 
 

@@ -56,4 +56,5 @@ class WorkerConfig:
     storage_bytes: int = 0  # all job data at once; 0 = a quarter of RAM
     worker_key: str | None = None
     trusted_proxies: tuple[str, ...] = ()
-    env_dir: str = "/var/lib/sandrun/environments"
+    env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
+    deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash

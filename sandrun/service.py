@@ -43,7 +43,8 @@ class WorkerService(service.MultiService):
         self.sandbox = Sandbox(reactor, config.state_dir + "/sandbox",
                                instance_name(config.state_dir), config.max_concurrent)
         self.limiter = RateLimiter(config.quotas)
-        self.environments = Environments(Registry(config.env_dir), DependencyCache())
+        self.environments = Environments(Registry(config.env_dir),
+                                         DependencyCache(config.deps_dir))
         self.manager = JobManager(reactor, self.sandbox, self.storage, config, self.limiter,
                                   self.identity, environments=self.environments)
         self.api = WorkerAPI(self.manager, config, self.identity,
