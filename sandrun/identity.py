@@ -339,7 +339,7 @@ def status_result(status: Mapping[str, Any]) -> dict[str, Any]:
             raise IdentityError(f"output_files[{path!r}] has no string sha256")
         outputs[path] = info["sha256"]
     result: dict[str, Any] = {
-        "job_id": status.get("job_id"),
+        "job_id": _signed_job_id(status.get("job_id"), worker.get("job_id")),
         "job_hash": status.get("job_hash"),
         "worker_id": worker.get("worker_id"),
         "status": status.get("status"),
@@ -349,6 +349,21 @@ def status_result(status: Mapping[str, Any]) -> dict[str, Any]:
     for name in _METADATA_FIELDS:
         result[name] = metadata.get(name)
     return result
+
+
+def _signed_job_id(shown: Any, at_worker: Any) -> Any:
+    """The job id the worker signed.
+
+    A coordinator shows ``<worker tag>.<time>.<worker job id>`` and keeps the
+    worker's own id in ``worker_metadata.job_id``; the signature covers the
+    worker's id, and the id shown must end with it, so neither can be swapped.
+    """
+    if isinstance(at_worker, str) and isinstance(shown, str) and at_worker \
+            and shown != at_worker:
+        if not shown.endswith("." + at_worker):
+            raise IdentityError("job_id does not name the worker's job")
+        return at_worker
+    return shown
 
 
 def _object_or_empty(value: Any, name: str) -> Mapping[str, Any]:

@@ -742,3 +742,24 @@ def test_verify_reports_a_missing_file_on_stderr(
     captured = capsys.readouterr()
     assert "cannot read" in captured.err
     assert captured.out == ""
+
+
+def test_a_status_relayed_by_a_coordinator_verifies_through_the_workers_own_job_id() -> None:
+    identity = WorkerIdentity.from_seed(bytes(range(32)))
+    result = {"job_id": "job-abc", "job_hash": "0" * 64, "worker_id": identity.worker_id,
+              "status": "completed", "reason": "completed", "exit_code": 0,
+              "cpu_seconds": 0.1, "memory_peak_bytes": 1, "wall_time_ms": 2.0,
+              "finished_at": "2026-01-01T00:00:00.000Z", "outputs": {}}
+    signed, signature = sign_result(identity, result)
+    status = {"job_id": "tag12345.1700000000.job-abc", "status": "completed",
+              "finished_at": result["finished_at"], "job_hash": result["job_hash"],
+              "execution_metadata": {k: result[k] for k in (
+                  "cpu_seconds", "memory_peak_bytes", "wall_time_ms", "exit_code", "reason")},
+              "output_files": {},
+              "worker_metadata": {"worker_id": identity.worker_id, "signature": signature,
+                                  "signed": signed, "job_id": "job-abc"}}
+    assert verify_result(status, identity.worker_id)
+    swapped = dict(status, job_id="tag12345.1700000000.job-other")
+    assert not verify_result(swapped, identity.worker_id)
+    unrelated = dict(status, worker_metadata=dict(status["worker_metadata"], job_id="job-x"))
+    assert not verify_result(unrelated, identity.worker_id)
