@@ -80,11 +80,14 @@ class WorkerService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        """Stop listening, kill every job, remove every mount."""
+        """Stop listening, close live streams (1001), kill every job, remove every mount."""
         yield super().stopService()
         if self.port is not None:
             yield self.port.stopListening()
             self.port = None
+        # Before the jobs end: a watcher learns the worker is going away, not that its
+        # job was deleted.
+        yield self.api.streams.close_all(1001, "worker shutting down")
         yield self._undo()
         log.info("sandrun worker stopped")
 

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 import sandrun
 from sandrun import identity as ident
-from sandrun.api import uploads
+from sandrun.api import stream, uploads
 from sandrun.api.errors import APIError, cors, to_api_error, write_error, write_json
 from sandrun.config import WorkerConfig
 from sandrun.jobs import storage as store
@@ -114,6 +114,7 @@ class WorkerAPI:
         self.identity = identity
         self.environments = environments or manager.environments.describe
         self.blocking = blocking or manager.blocking
+        self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
 
     def resource(self) -> Any:
         return _Utf8Guard(self.app.resource())
@@ -339,14 +340,13 @@ class WorkerAPI:
     # -- live output (the WebSocket itself is in stream.py) ------------------------
 
     @app.route("/logs/<string:job_id>/stream", methods=["GET"])
-    def stream(self, request: IRequest, job_id: str) -> Any:
-        from sandrun.api import stream
-
-        return stream.stream_resource(self.manager, job_id, request)
+    def live_output(self, request: IRequest, job_id: str) -> Any:
+        return stream.stream_resource(self.manager, job_id, request,
+                                      subscribers=self.streams)
 
     @app.route("/stream/<string:job_id>", methods=["GET"])
-    def stream_alias(self, request: IRequest, job_id: str) -> Any:
-        return self.stream(request, job_id)
+    def live_output_alias(self, request: IRequest, job_id: str) -> Any:
+        return self.live_output(request, job_id)
 
     # -- CORS and errors -----------------------------------------------------------
 

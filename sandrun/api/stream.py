@@ -26,8 +26,10 @@ The protocol (``shared/spec/api.md``, "Live output (WebSocket)"), as served here
   ``job completed`` or ``job failed: <reason>``); 4404 for an unknown job, or
   when the job's data is deleted while the client watches (``DELETE``, which
   also cancels a running job, a full download, retention); 1008 for a
-  subscriber that takes no data for ``stall_seconds`` while output waits.
-  When the worker itself shuts down, connections just end (no close frame).
+  subscriber that takes no data for ``stall_seconds`` while output waits;
+  1001 (going away, reason ``worker shutting down``) for every subscriber
+  when the worker shuts down, before its jobs are killed
+  (``Subscribers.close_all``).
 - Keepalive: the server pings every ``ping_interval`` seconds and drops a peer
   that does not answer within ``ping_timeout``. Messages from the client are
   read and thrown away, never buffered.
@@ -52,7 +54,7 @@ from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -67,6 +69,7 @@ from sandrun.wire import JobStatus
 log = Logger()
 
 CLOSE_DONE = 1000  # the job ended and everything was sent
+CLOSE_GOING_AWAY = 1001  # the worker is shutting down
 CLOSE_TOO_SLOW = 1008  # policy violation: the subscriber stopped taking data
 CLOSE_NO_JOB = 4404  # unknown job, or deleted while watched
 
@@ -90,9 +93,60 @@ class StreamSettings:
 DEFAULT_SETTINGS = StreamSettings()
 
 
+class Subscribers:
+    """The open stream connections of one worker, so that shutdown can close them cleanly."""
+
+    def __init__(self, clock: Any) -> None:  # IReactorTime
+        self.clock = clock
+        self.live: set[_StreamProtocol] = set()
+        self._emptied: list[defer.Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def add(self, protocol: _StreamProtocol) -> None:
+        self.live.add(protocol)
+
+    def discard(self, protocol: _StreamProtocol) -> None:
+        self.live.discard(protocol)
+        if not self.live:
+            waiters, self._emptied = self._emptied, []
+            for waiter in waiters:
+                if not waiter.called:
+                    waiter.callback(None)
+
+    def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "worker shutting down",
+                  grace: float = 2.0) -> defer.Deferred[None]:
+        """Send every subscriber a close frame; fires once all connections are gone, or
+        after ``grace`` seconds (a client that never answers is autobahn's to drop)."""
+        for protocol in list(self.live):
+            protocol.going_away(code, reason)
+        done: defer.Deferred[None] = defer.Deferred()
+        if not self.live:
+            done.callback(None)
+            return done
+        self._emptied.append(done)
+
+        def give_up() -> None:
+            if not done.called:
+                done.callback(None)
+
+        timer = self.clock.callLater(grace, give_up)
+
+        def cancel_timer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return done.addCallback(cancel_timer)
+
+
 def stream_resource(manager: JobManager, job_id: str, request: IRequest,
-                    settings: StreamSettings = DEFAULT_SETTINGS) -> IResource:
-    """The resource that answers one stream request: the WebSocket, or a JSON error."""
+                    settings: StreamSettings = DEFAULT_SETTINGS,
+                    subscribers: Subscribers | None = None) -> IResource:
+    """The resource that answers one stream request: the WebSocket, or a JSON error.
+
+    ``subscribers`` tracks the connection while it is open (for ``close_all``).
+    """
     fmt = request.args.get(b"format", [b"text"])[0]
     if fmt not in (b"text", b"json"):
         return cast(IResource, _ErrorResource(APIError(400, "Invalid format",
@@ -102,18 +156,18 @@ def stream_resource(manager: JobManager, job_id: str, request: IRequest,
         return cast(IResource, _ErrorResource(
             APIError(426, "Upgrade required", "this endpoint speaks WebSocket (RFC 6455)"),
             {b"Upgrade": b"websocket"}, b"Upgrade Required"))
-    return cast(IResource,
-                _StreamResource(_StreamFactory(manager, job_id, fmt == b"json", settings)))
+    return cast(IResource, _StreamResource(
+        _StreamFactory(manager, job_id, fmt == b"json", settings, subscribers)))
 
 
 class _StreamFactory(WebSocketServerFactory):
     """One per request: it carries the job id and format to the protocol."""
 
     def __init__(self, manager: JobManager, job_id: str, json_frames: bool,
-                 settings: StreamSettings) -> None:
+                 settings: StreamSettings, subscribers: Subscribers | None = None) -> None:
         super().__init__(reactor=manager.reactor)
         self.manager, self.job_id, self.json_frames = manager, job_id, json_frames
-        self.settings = settings
+        self.settings, self.subscribers = settings, subscribers
         self.setProtocolOptions(
             webStatus=False,
             allowedOrigins=["*"],  # anonymous public service; see the module docstring
@@ -133,6 +187,8 @@ class _StreamProtocol(WebSocketServerProtocol):  # type: ignore[misc]
             return
         self.subscriber = _Subscriber(self, job, factory.json_frames, factory.settings,
                                       factory.manager.reactor)
+        if factory.subscribers is not None:
+            factory.subscribers.add(self)
         self.subscriber.start()
 
     def onMessageFrameData(self, payload: bytes) -> None:
@@ -147,11 +203,21 @@ class _StreamProtocol(WebSocketServerProtocol):  # type: ignore[misc]
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.subscriber is not None:
             self.subscriber.stop()
+        if self.factory.subscribers is not None:
+            self.factory.subscribers.discard(self)
+
+    def going_away(self, code: int, reason: str) -> None:
+        """Shutdown: stop sending the job's output and close."""
+        if self.subscriber is not None:
+            self.subscriber.close(code, reason)
+        else:
+            self.close(code, reason)
 
     def close(self, code: int, reason: str) -> None:
-        if code == CLOSE_TOO_SLOW:
+        if code in (CLOSE_GOING_AWAY, CLOSE_TOO_SLOW):
             # autobahn's sendClose only lets applications use 1000 and 3000-4999;
-            # 1008 is the code the protocol defines for this, so send the frame as is.
+            # 1001 and 1008 are the codes the protocol defines for these, so send the
+            # frame as is.
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123])
         else:
             self.sendClose(code, reason)

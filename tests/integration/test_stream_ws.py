@@ -202,6 +202,24 @@ def test_output_over_the_cap_ends_with_output_limit_in_the_done_frame() -> None:
         assert got.code == 1000
 
 
+@pytest.mark.timeout(60)
+def test_a_worker_shutting_down_closes_each_stream_with_1001_going_away() -> None:
+    with run_worker(*GENEROUS_QUOTAS) as stopping:
+        job_id = submit_python(stopping, "import time\nprint('up', flush=True)\n"
+                                         "time.sleep(60)\n")
+        stopping.wait(job_id, until=("running",))
+        watchers = [start_receiving(ws_url(stopping, path)) for path in
+                    (f"/logs/{job_id}/stream", f"/stream/{job_id}?format=json")]
+        deadline = time.monotonic() + 10
+        while not all(got.messages for got, _ in watchers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stopping.stop() == 0
+        for got, thread in watchers:
+            finish(got, thread)
+            assert (got.code, got.reason) == (1001, "worker shutting down")
+        assert watchers[0][0].texts() == ["up\n"]
+
+
 @pytest.mark.timeout(30)
 def test_an_unknown_job_is_closed_with_4404_and_a_plain_get_is_told_to_upgrade(
         worker: Worker) -> None:

@@ -122,6 +122,7 @@ class Client(WebSocketClientProtocol):  # type: ignore[misc]
         self.binary = 0
         self.pings = 0
         self.opened: defer.Deferred[None] = defer.Deferred()
+        self.clean: bool | None = None  # whether the close handshake completed
         self.closed: defer.Deferred[tuple[int | None, str | None]] = defer.Deferred()
 
     def onOpen(self) -> None:
@@ -136,6 +137,7 @@ class Client(WebSocketClientProtocol):  # type: ignore[misc]
         super().onPing(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.clean = wasClean
         if not self.closed.called:
             self.closed.callback((code, reason))
 
@@ -320,6 +322,53 @@ async def test_subscribers_joining_before_during_and_after_each_see_everything_o
         assert client.messages == expected
     assert len(during) == 5
     assert subscribers(job) == 0 and job.end_listeners == []
+
+
+@pytest.mark.timeout(10)
+@pytest_twisted.ensureDeferred
+async def test_shutdown_closes_every_subscriber_with_1001_going_away_not_a_dropped_connection(
+        serve: Any) -> None:
+    running, finished = make_job("job-running"), make_job("job-finished")
+    running.log.append("stdout", b"one\n")
+    api = WorkerAPI(FakeManager(running, finished), WorkerConfig())  # type: ignore[arg-type]
+    port = serve(api.resource())
+    text = await connect(port, f"/logs/{running.id}/stream")
+    as_json = await connect(port, f"/stream/{running.id}?format=json")
+    await until(lambda: text.messages and len(as_json.messages) == 2, what="backlog")
+    assert len(api.streams) == 2
+    gone = api.streams.close_all(1001, "worker shutting down")
+    for client in (text, as_json):
+        assert await within(client.closed, 5) == (1001, "worker shutting down")
+        assert client.clean is True  # a close handshake, not a dropped connection
+    await within(gone, 5)
+    assert len(api.streams) == 0 and subscribers(running) == 0
+    assert running.end_listeners == []
+    # The job's end (shutdown kills it next) reaches no one.
+    running.log.append("stdout", b"two\n")
+    end(running, Reason.SHUTDOWN, None)
+    await turn(0.05)
+    assert text.messages == ["one\n"]
+    assert api.streams.close_all().called  # nobody left: done at once
+
+
+@pytest.mark.timeout(10)
+@pytest_twisted.ensureDeferred
+async def test_close_all_gives_up_on_a_client_that_never_answers(serve: Any) -> None:
+    job = make_job()
+    api = WorkerAPI(FakeManager(job), WorkerConfig())  # type: ignore[arg-type]
+    port = serve(api.resource())
+    client = await connect(port, f"/logs/{job.id}/stream")
+    await until(lambda: len(api.streams) == 1, what="subscribed")
+    client.transport.pauseProducing()  # reads nothing more: never answers the close
+    clock = task.Clock()
+    api.streams.clock = clock
+    gone = api.streams.close_all(1001, "worker shutting down", grace=2.0)
+    await turn(0.05)
+    assert not gone.called
+    clock.advance(2.0)
+    assert gone.called
+    client.transport.resumeProducing()
+    assert await within(client.closed, 5) == (1001, "worker shutting down")
 
 
 @pytest.mark.timeout(10)
