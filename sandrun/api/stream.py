@@ -55,7 +55,7 @@ from typing import Any, cast
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -250,8 +250,9 @@ class _Subscriber:
         self.checker.clock = clock
 
     def start(self) -> None:
-        transport = self.protocol.transport
-        assert transport is not None  # onOpen runs on a connected protocol
+        assert self.protocol.transport is not None  # onOpen runs on a connected protocol
+        # A connection's transport is also its consumer (ITCPTransport and TLS both are).
+        transport = cast(IConsumer, self.protocol.transport)
         # twisted.web's HTTP channel registered itself when the connection was
         # HTTP; the connection is ours now, and so is its flow control.
         transport.unregisterProducer()

@@ -114,7 +114,11 @@ def test_a_job_cancelled_as_its_own_run_starts_is_charged_for_the_install(
         h: Harness) -> None:
     job_id = h.submit(FILES, WITH_REQUIREMENTS)
     install = h.run_of(job_id)
-    h.sandbox.script = lambda run: h.manager.cancel(job_id)  # lands as the run is asked for
+
+    def cancel(run: Any) -> None:  # lands as the job's own run is asked for
+        h.manager.cancel(job_id)
+
+    h.sandbox.script = cancel
     install.finish(cpu_seconds=2.0)
     assert h.run_of(job_id) is not install
     assert h.sandbox.kills == [(job_id, Reason.CANCELLED)]
