@@ -213,9 +213,15 @@ class Sandbox:
             job_dir: str, policy: SandboxPolicy, on_output: OutputCallback,
             stdin: bytes = b"", ro_binds: tuple[tuple[str, str], ...] = ()
             ) -> defer.Deferred[SandboxResult]:
-        """Run one job; the Deferred fires with its result and never fails."""
+        """Run one job; the Deferred fires with its result and never fails.
+
+        Raises ``SandboxUnavailable`` at once, before anything is made, when
+        there is no launcher or every slot is taken.
+        """
         if self._sock is None or not self.free_slots:
             raise SandboxUnavailable("no launcher" if self._sock is None else "no free slot")
+        if job_id in self.jobs:
+            raise ValueError(f"job {job_id!r} is already running")
         slot = self.free_slots.pop()
         uid = gid = self.uid_base + slot
         job = _RunningJob(job_id, policy, on_output)
@@ -226,25 +232,30 @@ class Sandbox:
             return result
 
         job.done.addBoth(release)
+        theirs: list[int] = []  # the launcher's copies: ours to close once sent
+        ours: list[int] = []  # the read ends, kept only if the job starts
         try:
             _chown_tree(job_dir, uid, gid)
             request = LaunchRequest(argv=argv, env=env, job_dir=job_dir, uid=uid, gid=gid,
                                     policy=policy, ro_binds=ro_binds)
             assert self._netns is not None
-            netns = self._netns.take()
-            stdin_fd = _stdin_fd(stdin)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            try:
-                message = {"op": "spawn", "id": job_id, "request": request.to_wire()}
-                socket.send_fds(self._sock, [json.dumps(message).encode()],
-                                [stdin_fd, out_w, err_w, netns])
-            finally:
-                for fd in (stdin_fd, out_w, err_w, netns):
-                    os.close(fd)
+            theirs.append(_stdin_fd(stdin))
+            for _ in ("stdout", "stderr"):
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                ours.append(read_end)
+                theirs.append(write_end)
+            theirs.append(self._netns.take())
+            message = {"op": "spawn", "id": job_id, "request": request.to_wire()}
+            socket.send_fds(self._sock, [json.dumps(message).encode()], theirs)
         except OSError as e:
+            for fd in ours:
+                os.close(fd)
             self._finish(job, SandboxResult(Reason.SANDBOX_ERROR, message=f"spawn: {e}"))
             return job.done
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        out_r, err_r = ours
         for name, fd in (("stdout", out_r), ("stderr", err_r)):
             self._read_stream(job, name, fd)
         return job.done
@@ -349,7 +360,13 @@ class Sandbox:
         if "setup_failed" in event:
             result = SandboxResult(Reason.SANDBOX_ERROR, message=event["setup_failed"])
         else:
-            reason, code, sig = classify(event["wait_status"], job.kill_reason,
+            kill_reason = job.kill_reason
+            if kill_reason == Reason.TIMEOUT \
+                    and event["wall_time_ms"] < job.policy.timeout_seconds * 1000:
+                # It ended on its own within its time (the launcher's clock starts
+                # before the timer's): a busy reactor ran the timer first.
+                kill_reason = None
+            reason, code, sig = classify(event["wait_status"], kill_reason,
                                          event.get("oom_killed", False))
             if job.kill_reason == Reason.CPU_LIMIT or (
                     job.policy.cpu_seconds is not None

@@ -122,3 +122,16 @@ async def test_a_crashed_launcher_leaves_no_process_and_the_next_start_removes_i
         for directory in runner.cap.dirs.values():
             os.rmdir(os.path.join(directory, instance))
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_id_already_running_is_refused_and_the_running_job_unharmed(
+        runner: JobRunner) -> None:
+    job_id, first = runner.start(("bash", "-c", "sleep 0.5; echo first"))
+    await runner.wait_started(job_id)
+    with pytest.raises(ValueError):
+        runner.sandbox.run(job_id, ("/bin/true",), (), runner.new_dir(), SandboxPolicy(),
+                           lambda stream, data: None)
+    ran = await first
+    assert (ran.reason, ran.out) == (Reason.COMPLETED, "first\n"), ran.describe()
+    assert len(runner.sandbox.free_slots) == SLOTS

@@ -191,3 +191,33 @@ def test_the_loopback_request_sets_interface_1_up_and_asks_for_an_ack() -> None:
     # struct ifinfomsg: family, pad, type, index, flags, change
     _, _, _, index, if_flags, change = struct.unpack_from("=BBHiII", message, 16)
     assert (index, if_flags, change) == (1, 0x1, 0x1)  # lo, IFF_UP, only IFF_UP changes
+
+
+# -- a timer that fires late -------------------------------------------------------------------
+
+
+def _exited(sandbox: Sandbox, job: _RunningJob, wall_ms: float, status: int) -> None:
+    job.open_streams = 0
+    job.exit_event = {"event": "exited", "wait_status": status, "wall_time_ms": wall_ms,
+                      "cpu_seconds": 0.01, "memory_peak_bytes": 4096, "oom_killed": False}
+    sandbox._maybe_done(job)
+
+
+def test_a_job_that_ended_within_its_time_is_not_a_timeout_though_the_timer_ran_first() -> None:
+    sandbox = Sandbox(Clock(), "/nonexistent", "unit", 1)
+    job = _RunningJob("j", SandboxPolicy(timeout_seconds=5), lambda stream, data: None)
+    sandbox.jobs["j"] = job
+    job.kill_reason = Reason.TIMEOUT  # the reactor was busy past the deadline
+    _exited(sandbox, job, 2100.0, exited(0))
+    result = job.done.result
+    assert (result.reason, result.exit_code) == (Reason.COMPLETED, 0)
+
+
+def test_a_job_killed_at_its_timeout_is_a_timeout() -> None:
+    sandbox = Sandbox(Clock(), "/nonexistent", "unit", 1)
+    job = _RunningJob("j", SandboxPolicy(timeout_seconds=5), lambda stream, data: None)
+    sandbox.jobs["j"] = job
+    job.kill_reason = Reason.TIMEOUT
+    _exited(sandbox, job, 5003.0, killed(signal.SIGKILL))
+    result = job.done.result
+    assert (result.reason, result.signal) == (Reason.TIMEOUT, signal.SIGKILL)
