@@ -643,9 +643,18 @@ class CpuMeter:
 # Where a sample of the worker is spent, by the first matching frame in its stack (innermost
 # first wins): a coarse map of the per-job path.
 PROFILE_BUCKETS = (
-    ("netns pool (pyroute2)", "NetnsPool."),
-    ("launcher: fork, child setup, exec", "Launcher._spawn"),
-    ("launcher: reap, cgroup stats and removal", "Launcher._reap"),
+    ("netns pool (a fresh network namespace per job)", "NetnsPool."),
+    # The launcher's own names (they follow sandrun/sandbox/launcher.py as it changes).
+    ("job setup between fork and exec (child)", "Launcher._launch"),
+    ("job setup between fork and exec (child)", "Launcher._child"),
+    ("spare: warm-up and shared root (child)", "_warm_up ("),
+    ("spare: warm-up and shared root (child)", "Launcher._zygote"),
+    ("launcher: fork the next spare", "Launcher._fork_zygote"),
+    ("launcher: spawn (cgroup, hand-over)", "Launcher._spawn"),
+    ("launcher: reap, stats, clean-up", "Launcher._reap"),
+    ("launcher: reap, stats, clean-up", "Launcher._remove_doomed"),
+    ("launcher: reap, stats, clean-up", "Launcher._release_namespaces"),
+    ("launcher: reap, stats, clean-up", "Launcher._warm_up_stats"),
     ("launcher: other", "sandrun/sandbox/launcher.py"),
     ("submit: parse body, write files (thread)", "parse_submission"),
     ("submit: tmpfs mount per job", "Storage.create"),
@@ -654,6 +663,7 @@ PROFILE_BUCKETS = (
     ("sandbox.run: chown, pipes, send", "Sandbox.run"),
     ("job end: sign, log, release", "JobManager._end"),
     ("status/logs documents", "WorkerAPI.status"),
+    ("WebSocket handshake and stream", "sandrun/api/stream.py"),
     ("HTTP routing and handlers", "KleinResource.render"),
     ("logging", "twisted/logger/"),
     ("HTTP parse and write (twisted.web/tcp)", "twisted/"),
@@ -661,6 +671,10 @@ PROFILE_BUCKETS = (
 )
 
 
+# Innermost frames of a thread that waits rather than works (py-spy counts a thread blocked
+# on a lock or in poll() as active): such samples are left out of the CPU figures.
+IDLE_FRAMES = ("Condition.wait (", "Launcher.serve (", "EPollReactor.doPoll (",
+               "Event.wait (", "_wait_for_tstate_lock (")
 _GENERIC_BUCKETS = 3  # the last ones: only when no specific frame is in the stack
 
 
@@ -678,7 +692,7 @@ def _bucket(frames: list[str]) -> str:
 class Profiler:
     """``py-spy record`` of a worker and its launcher, raw collapsed stacks (when installed)."""
 
-    def __init__(self, pid: int, path: str, rate: int = 250) -> None:
+    def __init__(self, pid: int, path: str, rate: int = 100) -> None:
         self.pid, self.path, self.rate = pid, path, rate
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
@@ -690,8 +704,11 @@ class Profiler:
             print("py-spy not installed (pip install py-spy): no profile", flush=True)
             return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        # Blocking (the default): py-spy stops the process for each sample, which costs a
+        # little but tells a thread waiting in poll() from one that runs; --nonblocking
+        # counted the launcher's idle poll loop as work.
         self.proc = subprocess.Popen([spy, "record", "-p", str(self.pid), "--subprocesses",
-                                      "--nonblocking", "--threads", "-r", str(self.rate),
+                                      "--threads", "-r", str(self.rate),
                                       "-f", "raw", "-o", self.path],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # attached before the measured work starts
@@ -715,11 +732,14 @@ class Profiler:
             return {}
         per_bucket: dict[str, int] = {}
         threads: dict[str, int] = {}
-        total = 0
+        total = idle = 0
         with open(self.path) as f:
             for line in f:
                 stack, _, count = line.rstrip("\n").rpartition(" ")
                 n = int(count)
+                if stack.rsplit(";", 1)[-1].startswith(IDLE_FRAMES):
+                    idle += n
+                    continue
                 total += n
                 process = "launcher" if "sandrun.sandbox.launcher" in stack else "worker"
                 if process == "launcher":
@@ -735,7 +755,7 @@ class Profiler:
                 per_bucket[name] = per_bucket.get(name, 0) + n
         to_ms = 1000.0 / self.rate / max(1, jobs)
         return {"raw": self.path, "rate_hz": self.rate,
-                "seconds": self.seconds, "jobs": jobs, "samples": total,
+                "seconds": self.seconds, "jobs": jobs, "samples": total, "idle_samples": idle,
                 "cpu_ms_per_job": total * to_ms,
                 "by_thread_ms_per_job": {k: v * to_ms for k, v in
                                          sorted(threads.items(), key=lambda kv: -kv[1])},
@@ -750,6 +770,8 @@ def print_profile(title: str, profile: dict[str, Any]) -> None:
     rows += [(name, ms) for name, ms in profile["by_bucket_ms_per_job"].items()]
     print_table(title, ("where (py-spy samples, worker + launcher)", "CPU ms/job"), rows,
                 notes=[(f"{profile['samples']} samples at {profile['rate_hz']} Hz over "
-                        f"{profile['seconds']:.1f} s, {profile['jobs']} jobs; "
+                        f"{profile['seconds']:.1f} s, {profile['jobs']} jobs "
+                        f"({profile['idle_samples']} more in waits, left out); "
                         f"raw stacks: {profile['raw']}"),
-                       "a bucket is the innermost matching frame of each sample"])
+                       ("a bucket is the innermost matching frame of each sample; py-spy "
+                        "samples are wall time of threads not waiting, an upper bound on CPU")])
