@@ -6,17 +6,19 @@ memory).  Everything that is the same for every job (the seccomp BPF, compiled
 by the worker; the sandbox's /etc, root and /dev templates; an empty
 capability bounding set, which every child inherits) is prepared at start.
 
-A job's process is forked before its request arrives.  The launcher keeps one
-spare child (a "zygote") that has already entered its own PID, mount, IPC and
-UTS namespaces, built the part of its root every job shares, pivoted into it,
-and now waits on a socket of its own.  A request then costs only what depends
+A job's process is forked before its request arrives.  The launcher keeps a
+few spare children ("zygotes"), each of which has already entered its own PID,
+mount, IPC and UTS namespaces, built the part of its root every job shares,
+pivoted into it, and now waits on a socket of its own.  A request then costs only what depends
 on the job: the launcher makes the job's cgroup, moves the spare into it and
 hands it the request with its descriptors and the job directory as a detached
 mount; the spare applies the rest in security order (cgroup namespace,
 network namespace, job directory and scratch tmpfs, rlimits, uid and gid,
-capabilities, ``no_new_privs``, descriptors, seccomp) and execs.  The next
-spare is forked while the job runs.  A spare that cannot prepare a layer says
-so when it is given a job, which then fails closed.
+capabilities, ``no_new_privs``, descriptors, seccomp) and execs.  Spares are
+forked in batches when the launcher is idle: after a fork, every page the
+launcher writes is copied once, and a batch pays for that once, not once per
+job.  A spare that cannot prepare a layer says so when it is given a job,
+which then fails closed.
 
 Protocol, over a ``SOCK_SEQPACKET`` socket (one JSON object per message):
 
@@ -69,6 +71,8 @@ MAX_FDS = 16  # stdin, stdout, stderr, netns; then the job directory and extras,
 ZYGOTE_NAMESPACES = ns.CLONE_NEWNS | ns.CLONE_NEWIPC | ns.CLONE_NEWUTS
 CLEANUP_RETRY_MS = 5
 CLEANUP_GIVE_UP_SECONDS = 5.0
+SPARES = 4  # spare children kept ready...
+SPARES_LOW = 1  # ...refilled, when idle, once no more than this many are left
 MAX_SPARE_DEATHS = 3  # spares that died unused in a row before they are made on demand only
 # A request like the real ones, parsed after each fork to warm the pages up (see _warm_up).
 _SAMPLE_SPAWN = json.dumps({"op": "spawn", "id": "warm-up", "request": LaunchRequest(
@@ -114,7 +118,7 @@ class Launcher:
     state_dir: str
     instance: str
     seccomp_file: str
-    spare: _Zygote | None = None
+    spares: list[_Zygote] = field(default_factory=list)  # oldest first
     jobs: dict[int, _Job] = field(default_factory=dict)  # by pidfd
     by_id: dict[str, _Job] = field(default_factory=dict)
     doomed: list[_Doomed] = field(default_factory=list)
@@ -157,13 +161,8 @@ class Launcher:
         self.send({"event": "ready", "cgroup_version": self.cgroups.version,
                    "stale_cgroups": self.stale})
         while True:
-            if self.spare is None and self.spare_deaths < MAX_SPARE_DEATHS:
-                try:
-                    self.spare = self._fork_zygote()
-                except OSError:
-                    self.spare_deaths += 1
-                _warm_up()
-                self._warm_up_stats()
+            if len(self.spares) <= SPARES_LOW and self.spare_deaths < MAX_SPARE_DEATHS:
+                self._refill()
             events = self.poll.poll(0)
             if not events:
                 self._release_namespaces()  # nothing waits: pay for the teardown now
@@ -228,10 +227,23 @@ class Launcher:
         self._watch(zygote.pidfd, zygote)
         return zygote
 
+    def _refill(self) -> None:
+        """Fork spares up to ``SPARES``, stopping early if anything needs the launcher."""
+        while len(self.spares) < SPARES:
+            try:
+                self.spares.append(self._fork_zygote())
+            except OSError:
+                self.spare_deaths += 1
+                break
+            if self.poll.poll(0):
+                break
+        _warm_up()
+        self._warm_up_stats()
+
     def _spare_died(self, zygote: _Zygote) -> None:
         self._discard(zygote)
-        if self.spare is zygote:
-            self.spare = None
+        if zygote in self.spares:
+            self.spares.remove(zygote)
             self.spare_deaths += 1
 
     def _discard(self, zygote: _Zygote) -> None:
@@ -247,12 +259,13 @@ class Launcher:
         zygote.sock.close()
 
     def _take_spare(self) -> _Zygote:
-        zygote, self.spare = self.spare, None
-        if zygote is not None and os.waitid(os.P_PIDFD, zygote.pidfd, os.WEXITED | os.WNOHANG
-                                            | os.WNOWAIT) is not None:
+        while self.spares:
+            zygote = self.spares.pop(0)
+            if os.waitid(os.P_PIDFD, zygote.pidfd,
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                break
             self._discard(zygote)  # died unused; its exit event is still to come
-            zygote = None
-        if zygote is None:
+        else:
             zygote = self._fork_zygote()
         self._unwatch(zygote.pidfd)
         return zygote
@@ -423,9 +436,9 @@ class Launcher:
             self._kill(job)
         for job in list(self.jobs.values()):
             self._reap(job)
-        if self.spare is not None:
-            self._discard(self.spare)
-            self.spare = None
+        for zygote in self.spares:
+            self._discard(zygote)
+        self.spares = []
         for doomed in self.doomed:
             self._remove_now(doomed.group)
         self.doomed = []

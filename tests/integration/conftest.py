@@ -343,10 +343,17 @@ def no_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
     if "runner" not in request.fixturenames:
         return
     job_runner: JobRunner = request.getfixturevalue("runner")
+    # A test that failed half-way may leave jobs running: end them, so that the
+    # next test starts clean, and say so.
+    running = dict(job_runner.sandbox.jobs)
+    for job_id in running:
+        job_runner.sandbox.kill(job_id, Reason.CANCELLED)
+    if running:
+        pytest_twisted.blockon(defer.DeferredList([job.done for job in running.values()]))
     procs, groups = wait_until_clean(job_runner.uids, job_runner.cap)
     assert not procs, f"job processes outlived their job: {procs}"
     assert not groups, f"job cgroups outlived their job: {groups}"
-    assert not job_runner.sandbox.jobs, "the supervisor still tracks finished jobs"
+    assert not running, f"the test left jobs running: {sorted(running)}"
 
 
 @pytest.fixture

@@ -50,8 +50,11 @@ async def test_the_memory_limit_allows_what_fits_and_stops_what_does_not(
 async def test_a_shell_fork_bomb_hits_the_pids_limit_and_leaves_nothing(
         runner: JobRunner, proven_limits: None) -> None:
     policy = SandboxPolicy(pids_max=64, timeout_seconds=15)
-    # exec needs no new process: bash becomes sleep while the bomb runs against the limit.
-    ran = await runner.run(("bash", "-c", ":(){ :|:& };: ; exec sleep 2"), policy=policy)
+    # The bomb goes off in a background subshell, the shell's one fork while nothing
+    # else runs; then the shell becomes sleep (exec needs no new process) while the
+    # bomb runs against the limit.  (Called directly, the bomb's pipeline would need
+    # a second fork of the shell, which could find the limit already reached.)
+    ran = await runner.run(("bash", "-c", "( :(){ :|:& };: ) & exec sleep 2"), policy=policy)
     assert (ran.reason, ran.result.exit_code) == (Reason.COMPLETED, 0), ran.describe()
     assert b"Resource temporarily unavailable" in ran.stderr, ran.describe()
     assert 2 <= ran.ended - ran.started < 10
