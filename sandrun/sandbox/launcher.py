@@ -2,9 +2,11 @@
 
 Started once by the worker (``python -I -S``, stdlib and this package only,
 so the process that forks stays small: a fork costs in proportion to its
-memory).  Everything that is the same for every job (the seccomp BPF, compiled
-by the worker; the sandbox's /etc, root and /dev templates; an empty
-capability bounding set, which every child inherits) is prepared at start.
+memory).  Everything that is the same for every job is prepared once: the
+seccomp BPF and the sandbox's /etc, root and /dev templates by the worker
+before it starts the launcher (so the launcher need not load what that takes),
+and an empty capability bounding set, which every child inherits, by the
+launcher itself.
 
 A job's process is forked before its request arrives.  The launcher keeps a
 few spare children ("zygotes"), each of which has already entered its own PID,
@@ -550,8 +552,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, required=True, help="SOCK_SEQPACKET to the worker")
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--instance", required=True, help="cgroup directory name")
-    parser.add_argument("--slots", type=int, required=True, help="concurrent job slots")
-    parser.add_argument("--uid-base", type=int, default=60000)
     parser.add_argument("--seccomp", required=True, help="BPF programs from seccomp.py")
     args = parser.parse_args(argv)
     ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the worker
@@ -562,11 +562,6 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(fileno=args.fd)
     try:
         ns.drop_bounding_set(ns.last_capability())
-        uids = range(args.uid_base, args.uid_base + args.slots)
-        templates = os.path.join(args.state_dir, "templates")
-        mounts.prepare_etc(os.path.join(templates, "etc"), uids, {u: u for u in uids})
-        mounts.prepare_templates(os.path.join(templates, "rootfs"),
-                                 os.path.join(templates, "dev"))
         launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp)
     except Exception as e:
         sock.send(json.dumps({"event": "fatal", "message": f"{type(e).__name__}: {e}"}).encode(),

@@ -24,7 +24,6 @@ worker made since, and mounts the size-capped scratch tmpfs.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 
 from sandrun.sandbox import namespaces as ns
@@ -44,7 +43,13 @@ ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "nsswitch.conf", "lo
 
 
 def prepare_etc(dest: str, slot_uids: range, gid_of: dict[int, int]) -> None:
-    """Build the sandbox's /etc at ``dest``: a few host files and our own passwd."""
+    """Build the sandbox's /etc at ``dest``: a few host files and our own passwd.
+
+    Runs in the worker, at start; ``shutil`` is imported here so that the
+    launcher, which imports this module too, does not load it.
+    """
+    import shutil
+
     if os.path.isdir(dest):
         shutil.rmtree(dest)
     os.makedirs(dest, mode=0o755)
@@ -79,6 +84,8 @@ def prepare_templates(root_template: str, dev_template: str) -> None:
     and symlink calls.  The directories are only mount points: everything a
     job can write is a fresh tmpfs or its own job directory.
     """
+    import shutil
+
     for path in (root_template, dev_template):
         if os.path.isdir(path):
             shutil.rmtree(path)

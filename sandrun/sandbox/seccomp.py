@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import tempfile
 
 from sandrun.sandbox import namespaces
 
@@ -78,6 +77,8 @@ ALLOWED_PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 
 
 def _export(syscall_filter: object) -> bytes:
+    import tempfile  # in the worker only: the launcher would inherit random's fork hook
+
     with tempfile.TemporaryFile() as f:
         syscall_filter.export_bpf(f)  # type: ignore[attr-defined]
         f.seek(0)

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sandrun.sandbox import seccomp
+from sandrun.sandbox import mounts, seccomp
 from sandrun.sandbox.cgroups import JobCgroup
 from sandrun.sandbox.network import NetnsPool
 from sandrun.sandbox.policy import LaunchRequest, SandboxPolicy
@@ -151,10 +151,20 @@ class Sandbox:
 
     def start(self) -> defer.Deferred[None]:
         """Start the launcher; fires when it reports ready, fails if it cannot start."""
-        os.makedirs(self.state_dir, exist_ok=True)
-        bpf = os.path.join(self.state_dir, "seccomp.bpf")
-        with open(bpf, "wb") as f:
-            f.write(seccomp.join_programs(seccomp.build_filters()))
+        # Prepared here, once, so that the launcher, the process that forks every
+        # job, need not load what it takes to copy files (shutil, zlib, bz2, lzma).
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+            bpf = os.path.join(self.state_dir, "seccomp.bpf")
+            with open(bpf, "wb") as f:
+                f.write(seccomp.join_programs(seccomp.build_filters()))
+            uids = range(self.uid_base, self.uid_base + len(self.free_slots))
+            templates = os.path.join(self.state_dir, "templates")
+            mounts.prepare_etc(os.path.join(templates, "etc"), uids, {u: u for u in uids})
+            mounts.prepare_templates(os.path.join(templates, "rootfs"),
+                                     os.path.join(templates, "dev"))
+        except (OSError, ValueError) as e:
+            return defer.fail(SandboxUnavailable(f"preparing the sandbox: {e}"))
         self._netns = NetnsPool()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(seccomp.__file__)))
@@ -164,7 +174,6 @@ class Sandbox:
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", bootstrap, "--fd", str(theirs.fileno()),
              "--state-dir", self.state_dir, "--instance", self.instance,
-             "--slots", str(len(self.free_slots)), "--uid-base", str(self.uid_base),
              "--seccomp", bpf],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
