@@ -48,7 +48,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coordinator.config import CoordinatorConfig
-from coordinator.errors import APIError, cors, not_found, write_error, write_json
+from coordinator.errors import not_found
 from coordinator.jobids import JobRef, decode_job_id, encode_job_id
 from coordinator.quota import (
     ClientLocks,
@@ -71,6 +71,7 @@ from coordinator.worker_client import (
     read_body,
     read_json,
 )
+from sandrun.httpjson import APIError, cors, write_error, write_json
 from sandrun.identity import verify_result
 from sandrun.wire import JobStatus, Reason
 

@@ -1,7 +1,8 @@
 """The worker's HTTP API (``shared/spec/api.md``): thin Klein handlers.
 
 Each handler parses, calls the job manager, and serialises; every error is an
-``APIError`` turned into JSON in one place (``errors.py``).
+``APIError``, mapped from the domain's in one table (``errors.py``) and turned into
+JSON in one place (``sandrun.httpjson``, shared with the coordinator).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from zope.interface import implementer
 import sandrun
 from sandrun import identity as ident
 from sandrun.api import stream, uploads
-from sandrun.api.errors import APIError, cors, to_api_error, write_error, write_json
+from sandrun.api.errors import to_api_error
 from sandrun.config import WorkerConfig
+from sandrun.httpjson import APIError, cors, write_error, write_json
 from sandrun.jobs import storage as store
 from sandrun.jobs.manager import BlockingRunner, JobManager, new_job_id
 from sandrun.jobs.manifest import Manifest

@@ -1,26 +1,16 @@
-"""One error type for the HTTP API, and the one table that maps domain errors to it."""
+"""The one table that maps the worker's domain errors to the HTTP API's one error type.
+
+``APIError`` and its JSON form are ``sandrun.httpjson``'s, shared with the coordinator.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
-from twisted.web.iweb import IRequest
-
 from sandrun.environments import EnvironmentUnavailable
+from sandrun.httpjson import APIError
 from sandrun.jobs.manager import QueueFull, RateLimited
 from sandrun.jobs.manifest import ManifestError
 from sandrun.jobs.storage import StorageFull
 from sandrun.jobs.workspace import OutputNotFound, UploadError
-
-
-class APIError(Exception):
-    def __init__(self, status: int, error: str, details: str = "", **extra: Any) -> None:
-        super().__init__(error)
-        self.status, self.error, self.details, self.extra = status, error, details, extra
-
-    def body(self) -> dict[str, Any]:
-        return {"error": self.error, "details": self.details, **self.extra}
 
 
 def to_api_error(exc: BaseException) -> APIError:
@@ -48,19 +38,3 @@ def to_api_error(exc: BaseException) -> APIError:
                         "no output with that path matches the job's outputs")
     return APIError(500, "Internal error", "the worker could not handle this request")
 
-
-def cors(request: IRequest) -> None:
-    request.setHeader(b"Access-Control-Allow-Origin", b"*")
-
-
-def write_json(request: IRequest, value: Any, status: int = 200) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    cors(request)
-    return json.dumps(value).encode()
-
-
-def write_error(request: IRequest, error: APIError) -> bytes:
-    if error.status in (429, 503) and "retry_after" in error.extra:
-        request.setHeader(b"Retry-After", str(error.extra["retry_after"]).encode())
-    return write_json(request, error.body(), error.status)

@@ -61,7 +61,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
-from sandrun.api.errors import APIError, write_error
+from sandrun.httpjson import APIError, write_error
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.model import Job
 from sandrun.wire import JobStatus
