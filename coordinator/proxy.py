@@ -71,6 +71,7 @@ from coordinator.worker_client import (
     read_body,
     read_json,
 )
+from sandrun import httpjson
 from sandrun.httpjson import APIError, cors, write_error, write_json
 from sandrun.identity import verify_result
 from sandrun.wire import JobStatus, Reason
@@ -493,23 +494,11 @@ class CoordinatorAPI:
 
     @app.route("/", branch=True, methods=["OPTIONS"])
     def preflight(self, request: Request) -> bytes:
-        cors(request)
-        request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS")
-        request.setHeader(b"Access-Control-Allow-Headers", b"Content-Type, Accept")
-        request.setHeader(b"Access-Control-Max-Age", b"86400")
-        request.setResponseCode(204)
-        return b""
+        return httpjson.preflight(request)
 
-    @app.handle_errors(NotFound)
-    def not_found_handler(self, request: Any, failure: Any) -> bytes:
-        return write_error(request, APIError(404, "Not found", "no such endpoint"))
-
-    @app.handle_errors(MethodNotAllowed)
-    def not_allowed(self, request: Any, failure: Any) -> bytes:
-        if set(failure.value.valid_methods or ()) <= {"OPTIONS"}:
-            return write_error(request, APIError(404, "Not found", "no such endpoint"))
-        return write_error(request, APIError(405, "Method not allowed",
-                                             "see the API documentation"))
+    @app.handle_errors(NotFound, MethodNotAllowed)
+    def no_route(self, request: Any, failure: Any) -> bytes:
+        return httpjson.no_route(request, getattr(failure.value, "valid_methods", None))
 
 
 def _arg(request: Request, name: bytes) -> bytes:

@@ -10,6 +10,7 @@ answer readable from a browser page (``Access-Control-Allow-Origin: *``).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.web.iweb import IRequest
@@ -41,3 +42,25 @@ def write_error(request: IRequest, error: APIError) -> bytes:
     if error.status in (429, 503) and "retry_after" in error.extra:
         request.setHeader(b"Retry-After", str(error.extra["retry_after"]).encode())
     return write_json(request, error.body(), error.status)
+
+
+def preflight(request: IRequest) -> bytes:
+    """The answer to a CORS preflight (``OPTIONS`` on any path): every method the API has."""
+    cors(request)
+    request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS")
+    request.setHeader(b"Access-Control-Allow-Headers", b"Content-Type, Accept")
+    request.setHeader(b"Access-Control-Max-Age", b"86400")
+    request.setResponseCode(204)
+    return b""
+
+
+def no_route(request: IRequest, valid_methods: Iterable[str] | None = None) -> bytes:
+    """404 for a path no route has; 405 for a method its route lacks.
+
+    ``valid_methods`` is the router's list for a path that exists (werkzeug's
+    ``MethodNotAllowed.valid_methods``).  When only the catch-all preflight route
+    matched (``OPTIONS`` alone), the path does not exist: 404.
+    """
+    if set(valid_methods or ()) <= {"OPTIONS"}:
+        return write_error(request, APIError(404, "Not found", "no such endpoint"))
+    return write_error(request, APIError(405, "Method not allowed", "see the API documentation"))

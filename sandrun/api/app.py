@@ -26,6 +26,7 @@ from werkzeug.routing import PathConverter
 from zope.interface import implementer
 
 import sandrun
+from sandrun import httpjson
 from sandrun import identity as ident
 from sandrun.api import stream, uploads
 from sandrun.api.errors import to_api_error
@@ -354,24 +355,11 @@ class WorkerAPI:
 
     @app.route("/", branch=True, methods=["OPTIONS"])
     def preflight(self, request: IRequest) -> bytes:
-        cors(request)
-        request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS")
-        request.setHeader(b"Access-Control-Allow-Headers", b"Content-Type, Accept")
-        request.setHeader(b"Access-Control-Max-Age", b"86400")
-        request.setResponseCode(204)
-        return b""
+        return httpjson.preflight(request)
 
-    @app.handle_errors(NotFound)
-    def not_found(self, request: IRequest, failure: Any) -> bytes:
-        return write_error(request, APIError(404, "Not found", "no such endpoint"))
-
-    @app.handle_errors(MethodNotAllowed)
-    def not_allowed(self, request: IRequest, failure: Any) -> bytes:
-        if set(failure.value.valid_methods or ()) <= {"OPTIONS"}:
-            # Only the catch-all preflight route matched: the path does not exist.
-            return write_error(request, APIError(404, "Not found", "no such endpoint"))
-        return write_error(request, APIError(405, "Method not allowed",
-                                             "see the API documentation"))
+    @app.handle_errors(NotFound, MethodNotAllowed)
+    def no_route(self, request: IRequest, failure: Any) -> bytes:
+        return httpjson.no_route(request, getattr(failure.value, "valid_methods", None))
 
 
 SEND_CHUNK = 65536
