@@ -11,12 +11,13 @@ launcher itself.
 A job's process is forked before its request arrives.  The launcher keeps a
 few spare children ("zygotes"), each of which has already entered its own PID,
 mount, IPC and UTS namespaces, built the part of its root every job shares,
-pivoted into it, and now waits on a socket of its own.  A request then costs only what depends
-on the job: the launcher makes the job's cgroup, moves the spare into it and
-hands it the request with its descriptors and the job directory as a detached
-mount; the spare applies the rest in security order (cgroup namespace,
-network namespace, job directory and scratch tmpfs, rlimits, uid and gid,
-capabilities, ``no_new_privs``, descriptors, seccomp) and execs.  Spares are
+pivoted into it, and now waits on a socket of its own.  A request then costs
+only what depends on the job: the launcher makes the job's cgroup, moves the
+spare into it and hands it the request with its descriptors and the job
+directory as a detached mount; the spare applies the rest in security order
+(cgroup namespace, network namespace, host name, job directory and scratch
+tmpfs, rlimits, groups, gid and uid, capabilities, ``no_new_privs``,
+descriptors, seccomp) and execs.  Spares are
 forked in batches when the launcher is idle: after a fork, every page the
 launcher writes is copied once, and a batch pays for that once, not once per
 job.  A spare that cannot prepare a layer says so when it is given a job,
