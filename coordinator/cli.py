@@ -1,7 +1,8 @@
 """``sandrun-coordinator``: run a pool coordinator in front of Sandrun workers.
 
 The only module that touches ``sys.argv``, signals and the global reactor.
-SIGTERM and SIGINT stop it; SIGHUP reloads workers.json.
+SIGTERM and SIGINT stop it (``sandrun.daemon.stop_signal``, as for the worker);
+SIGHUP reloads workers.json.
 """
 
 from __future__ import annotations
@@ -13,17 +14,7 @@ from typing import Any
 
 from coordinator.config import CoordinatorConfig, PoolQuota, WorkersFileError, load_workers
 from coordinator.quota import parse_networks
-
-
-def listen_description(value: str) -> str:
-    """Accept ``HOST:PORT`` or a Twisted endpoint string (``tcp:9000:interface=...``)."""
-    if value.startswith(("tcp:", "tcp6:", "ssl:", "unix:")):
-        return value
-    host, _, port = value.rpartition(":")
-    if not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{value!r}: use HOST:PORT or an endpoint string")
-    host = host.strip("[]") or "127.0.0.1"
-    return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+from sandrun.daemon import listen_description, stop_signal
 
 
 def _positive(kind: Any) -> Any:
@@ -100,18 +91,7 @@ def serve(config: CoordinatorConfig) -> None:
         except Exception as e:  # noqa: BLE001 - one clear line (port in use, bad endpoint)
             print(f"sandrun-coordinator: cannot start: {e}", file=sys.stderr)
             raise SystemExit(1) from None
-        done: defer.Deferred[None] = defer.Deferred()
-
-        def stop() -> None:
-            if not done.called:
-                done.callback(None)
-
-        def on_signal(signum: int, frame: Any) -> None:
-            reactor.callFromThread(stop)
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        yield done
+        yield stop_signal(reactor)
         yield coordinator.stopService()
 
     task.react(lambda reactor: run(reactor))

@@ -7,23 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from typing import Any
 
 import sandrun
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
-
-
-def _listen_description(value: str) -> str:
-    """Accept ``HOST:PORT`` or a Twisted endpoint string (``tcp:8443:interface=...``)."""
-    if value.startswith(("tcp:", "tcp6:", "ssl:", "unix:")):
-        return value
-    host, _, port = value.rpartition(":")
-    if not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{value!r}: use HOST:PORT or an endpoint string")
-    host = host.strip("[]") or "127.0.0.1"
-    return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+from sandrun.daemon import listen_description, stop_signal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run a worker")
     d, q = Limits(), QuotaConfig()
-    serve.add_argument("--listen", type=_listen_description, default="127.0.0.1:8443",
+    serve.add_argument("--listen", type=listen_description, default="127.0.0.1:8443",
                        help="HOST:PORT or endpoint string (default 127.0.0.1:8443)")
     serve.add_argument("--max-concurrent", type=int, default=os.cpu_count() or 1,
                        help="jobs running at once (default: number of cores)")
@@ -106,18 +95,7 @@ def serve(config: WorkerConfig) -> None:
     def run(reactor: Any) -> Any:
         worker = WorkerService(reactor, config)
         yield worker.startService()
-        done: defer.Deferred[None] = defer.Deferred()
-
-        def stop() -> None:
-            if not done.called:
-                done.callback(None)
-
-        def on_signal(signum: int, frame: Any) -> None:
-            reactor.callFromThread(stop)
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        yield done
+        yield stop_signal(reactor)
         yield worker.stopService()
 
     task.react(lambda reactor: run(reactor))
