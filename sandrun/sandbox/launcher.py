@@ -126,6 +126,7 @@ class Launcher:
     by_id: dict[str, _Job] = field(default_factory=dict)
     doomed: list[_Doomed] = field(default_factory=list)
     held_namespaces: list[int] = field(default_factory=list)  # released when idle
+    cold: bool = False  # forked since the last warm-up
     spare_deaths: int = 0
 
     def __post_init__(self) -> None:
@@ -168,7 +169,12 @@ class Launcher:
                 self._refill()
             events = self.poll.poll(0)
             if not events:
-                self._release_namespaces()  # nothing waits: pay for the teardown now
+                # Nothing waits: pay now for what the last jobs and forks left.
+                self._release_namespaces()
+                if self.cold:
+                    self.cold = False
+                    _warm_up()
+                    self._warm_up_stats()
                 events = self.poll.poll(CLEANUP_RETRY_MS if self.doomed else None)
             snapshot = dict(self.watched)
             for fd, _ in events:
@@ -238,10 +244,9 @@ class Launcher:
             except OSError:
                 self.spare_deaths += 1
                 break
+            self.cold = True
             if self.poll.poll(0):
                 break
-        _warm_up()
-        self._warm_up_stats()
 
     def _spare_died(self, zygote: _Zygote) -> None:
         self._discard(zygote)
