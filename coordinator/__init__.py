@@ -2,9 +2,9 @@
 
 It imports from ``sandrun`` only the shared wire types and wire helpers, and
 ``sandrun.identity`` (to verify); ``sandrun`` never imports it.  The wire modules are
-``sandrun.wire`` (types) and ``sandrun.httpjson`` (JSON answers, errors, CORS), and
-``sandrun.daemon`` (the ``--listen`` option, stopping on SIGTERM/SIGINT) is shared the same
-way: leaves that import the standard library and Twisted, and from ``sandrun`` at most
-``sandrun.wire``.
+leaves that import the standard library and Twisted, and from ``sandrun`` at most
+``sandrun.wire``: ``sandrun.wire`` (types), ``sandrun.httpjson`` (JSON answers, errors,
+CORS), ``sandrun.netaddr`` (client addresses, X-Forwarded-For) and ``sandrun.daemon``
+(``--listen``, stopping on SIGTERM/SIGINT).
 ``service.py`` wires it together; ``proxy.py`` documents the API.
 """

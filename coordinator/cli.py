@@ -13,8 +13,8 @@ import sys
 from typing import Any
 
 from coordinator.config import CoordinatorConfig, PoolQuota, WorkersFileError, load_workers
-from coordinator.quota import parse_networks
 from sandrun.daemon import listen_description, stop_signal
+from sandrun.netaddr import parse_trusted_proxies
 
 
 def _positive(kind: Any) -> Any:
@@ -100,7 +100,7 @@ def serve(config: CoordinatorConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        parse_networks(tuple(args.trusted_proxy))
+        parse_trusted_proxies(tuple(args.trusted_proxy))
     except ValueError as e:
         sys.exit(f"sandrun-coordinator: bad --trusted-proxy: {e}")
     config = config_from(args)

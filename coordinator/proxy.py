@@ -50,15 +50,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import not_found
 from coordinator.jobids import JobRef, decode_job_id, encode_job_id
-from coordinator.quota import (
-    ClientLocks,
-    PoolDecision,
-    Usage,
-    client_address,
-    client_key,
-    decide,
-    parse_networks,
-)
+from coordinator.quota import ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
 from coordinator.scheduling import has_room, pick_worker, rank_workers
 from coordinator.stream import StreamRelay
@@ -74,6 +66,7 @@ from coordinator.worker_client import (
 from sandrun import httpjson
 from sandrun.httpjson import APIError, cors, write_error, write_json
 from sandrun.identity import verify_result
+from sandrun.netaddr import client_key, parse_trusted_proxies, trusted_client_address
 from sandrun.wire import JobStatus, Reason
 
 log = Logger()
@@ -148,7 +141,7 @@ class CoordinatorAPI:
         self.client = client
         self.config = config
         self.streams = streams if streams is not None else StreamRelay(reactor, registry)
-        self.trusted = parse_networks(config.trusted_proxies)
+        parse_trusted_proxies(config.trusted_proxies)  # a bad entry fails here, not per request
         self.locks = ClientLocks()
 
     def resource(self) -> Any:
@@ -159,8 +152,8 @@ class CoordinatorAPI:
     def client_address(self, request: Request) -> str:
         peer = getattr(request.getClientAddress(), "host", "unix")
         forwarded = request.getHeader(b"x-forwarded-for")
-        return client_address(peer, forwarded.decode("latin-1") if forwarded else None,
-                              self.trusted)
+        return trusted_client_address(peer, forwarded.decode("latin-1") if forwarded else None,
+                                      self.config.trusted_proxies)
 
     def forwarded(self, request: Request, **extra: bytes) -> dict[bytes, list[bytes]]:
         headers = {b"X-Forwarded-For": [self.client_address(request).encode("latin-1")]}

@@ -18,17 +18,12 @@ balancer can still race by one job each; each worker's own limits bound that.
 the time-based limits: the coordinator sees sums, not each submission's
 time, so it reports the window's length (or a worker's own larger answer).
 
-The client address: like the worker, the coordinator believes X-Forwarded-For
-only from its own trusted proxies (``--trusted-proxy``), taking the
-right-most address that is not one.  This mirrors
-``sandrun.jobs.ratelimit.trusted_client_address``/``client_key``, which the
-coordinator may not import (it depends only on ``sandrun.wire`` and
-``sandrun.identity``).
+The client, and its key, are the worker's: ``sandrun.netaddr`` (X-Forwarded-For
+believed only from the coordinator's own ``--trusted-proxy`` addresses).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -40,70 +35,6 @@ from coordinator.config import PoolQuota
 CPU_WINDOW_SECONDS = 60
 HOURLY_WINDOW_SECONDS = 3600
 CONCURRENCY_RETRY_AFTER = 5
-IPV6_CLIENT_PREFIX = 64
-
-_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-# -- who the client is -------------------------------------------------------------------
-
-
-def _parse_ip(text: str) -> _Address | None:
-    try:
-        addr = ipaddress.ip_address(text.strip())
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-def parse_networks(entries: tuple[str, ...]) -> tuple[_Network, ...]:
-    """Trusted proxies as networks; raises ValueError on an entry that is neither."""
-    return tuple(ipaddress.ip_network(e.strip(), strict=False) for e in entries)
-
-
-def _hop(text: str) -> _Address | None:
-    """One X-Forwarded-For element, with an optional port."""
-    text = text.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        return None if end == -1 else _parse_ip(text[1:end])
-    if text.count(":") == 1:
-        text = text.partition(":")[0]
-    return _parse_ip(text)
-
-
-def client_address(peer: str, forwarded_for: str | None,
-                   trusted: tuple[_Network, ...]) -> str:
-    """The address to charge for a request from ``peer`` (see the module docstring)."""
-    peer_addr = _parse_ip(peer)
-    if not trusted or not forwarded_for or peer_addr is None \
-            or not _in_any(peer_addr, trusted):
-        return peer
-    origin: _Address | None = None
-    for hop in reversed([h for h in forwarded_for.split(",") if h.strip()]):
-        origin = _hop(hop)
-        if origin is None:
-            return peer
-        if not _in_any(origin, trusted):
-            return str(origin)
-    return peer if origin is None else str(origin)
-
-
-def client_key(address: str) -> str:
-    """IPv4 as is, IPv6 by its /64: one subscriber's whole prefix is one client."""
-    addr = _parse_ip(address)
-    if addr is None:
-        return address
-    if isinstance(addr, ipaddress.IPv4Address):
-        return str(addr)
-    return str(ipaddress.IPv6Network((int(addr), IPV6_CLIENT_PREFIX), strict=False))
-
-
-def _in_any(addr: _Address, networks: tuple[_Network, ...]) -> bool:
-    return any(addr.version == n.version and addr in n for n in networks)
 
 
 # -- pool-wide usage -----------------------------------------------------------------------

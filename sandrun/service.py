@@ -16,8 +16,9 @@ from sandrun.api.uploads import WorkerSite, request_factory
 from sandrun.config import WorkerConfig
 from sandrun.environments import DependencyCache, Environments, Registry
 from sandrun.jobs.manager import JobManager
-from sandrun.jobs.ratelimit import RateLimiter, parse_trusted_proxies
+from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.storage import Storage
+from sandrun.netaddr import parse_trusted_proxies
 from sandrun.sandbox.supervisor import Sandbox
 
 log = Logger()

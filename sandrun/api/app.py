@@ -36,8 +36,8 @@ from sandrun.jobs import storage as store
 from sandrun.jobs.manager import BlockingRunner, JobManager, new_job_id
 from sandrun.jobs.manifest import Manifest
 from sandrun.jobs.model import Job, iso
-from sandrun.jobs.ratelimit import client_key, trusted_client_address
 from sandrun.jobs.workspace import OutputNotFound, open_output
+from sandrun.netaddr import client_key, trusted_client_address
 from sandrun.wire import JobStatus
 
 log = Logger()
