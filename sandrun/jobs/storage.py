@@ -14,8 +14,10 @@ crashed worker is unmounted and removed.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import time
 
 from twisted.logger import Logger
 
@@ -32,6 +34,13 @@ class StorageFull(Exception):
     pass
 
 
+class StateDirInUse(Exception):
+    """Another worker holds the state directory: starting would destroy its jobs."""
+
+
+USAGE_REFRESH_SECONDS = 1.0  # how stale the all-jobs usage figure may be
+
+
 class Storage:
     def __init__(self, state_dir: str, job_dir_bytes: int, total_bytes: int) -> None:
         self.state_dir = state_dir
@@ -39,10 +48,24 @@ class Storage:
         self.uploads_dir = os.path.join(state_dir, "uploads")
         self.job_dir_bytes = job_dir_bytes
         self.total_bytes = total_bytes or _quarter_of_ram()
+        self._lock: int | None = None
+        self._usage = (float("-inf"), 0)  # (when measured, bytes)
+
+    def _take_lock(self) -> None:
+        """One worker per state directory; the lock dies with the process."""
+        fd = os.open(self.state_dir.rstrip("/") + ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateDirInUse(f"another worker is using {self.state_dir}") from None
+        self._lock = fd
 
     def start(self) -> int:
         """Mount the state tmpfs if needed and clean leftovers; returns how many."""
         os.makedirs(self.state_dir, exist_ok=True)
+        self._take_lock()
         # Not nodev: the sandbox's /dev template holds device nodes.  Request
         # bodies in flight are spooled here, so it is as large as all job data
         # may be (pages are only used as they are written).
@@ -66,12 +89,27 @@ class Storage:
             self._remove(os.path.join(self.jobs_dir, name))
         if _is_mountpoint(self.state_dir):
             ns.umount(self.state_dir, ns.MNT_DETACH)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def used_bytes(self) -> int:
+        """Bytes held by all jobs' tmpfs, measured at most once a second.
+
+        Measuring walks every job mount, so a worker holding thousands of
+        finished jobs would pay it on every submission otherwise.
+        """
+        measured, used = self._usage
+        now = time.monotonic()
+        if now - measured < USAGE_REFRESH_SECONDS:
+            return used
         used = 0
         for name in os.listdir(self.jobs_dir):
-            st = os.statvfs(os.path.join(self.jobs_dir, name))
-            used += (st.f_blocks - st.f_bfree) * st.f_frsize
+            path = os.path.join(self.jobs_dir, name)
+            if os.path.isdir(path):
+                st = os.statvfs(path)
+                used += (st.f_blocks - st.f_bfree) * st.f_frsize
+        self._usage = (now, used)
         return used
 
     def create(self, job_id: str) -> str:

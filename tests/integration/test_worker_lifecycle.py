@@ -123,3 +123,17 @@ def test_a_state_dir_left_mounted_by_a_crashed_worker_is_cleaned_and_resized(
     finally:
         if mounts_under(state):
             subprocess.run(["umount", "-l", state], check=False)
+
+
+@pytest.mark.timeout(60)
+def test_a_second_worker_on_the_same_state_directory_refuses_to_start_and_harms_nothing() -> None:
+    with run_worker() as first:
+        job_id = first.submit({"main.py": "import time\ntime.sleep(2)\nprint('still here')\n"})
+        second = subprocess.run(
+            [sys.executable, "-m", "sandrun", "serve", "--state-dir", first.state_dir,
+             "--listen", "127.0.0.1:0"], cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert second.returncode != 0
+        assert f"another worker is using {first.state_dir}" in second.stderr + second.stdout
+        status = first.wait(job_id)
+        assert status["status"] == "completed"
+        assert "still here" in first.get(f"/logs/{job_id}").json()["stdout"]
