@@ -54,7 +54,6 @@ from coordinator.quota import ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
 from coordinator.scheduling import has_room, pick_worker, rank_workers
 from coordinator.stream import StreamRelay
-from coordinator.uploads import content_type
 from coordinator.worker_client import (
     BadWorkerResponse,
     WorkerClient,
@@ -64,7 +63,7 @@ from coordinator.worker_client import (
     read_json,
 )
 from sandrun import httpjson
-from sandrun.httpjson import APIError, cors, write_error, write_json
+from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.identity import verify_result
 from sandrun.netaddr import client_key, parse_trusted_proxies, trusted_client_address
 from sandrun.wire import JobStatus, Reason

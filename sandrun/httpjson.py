@@ -5,6 +5,11 @@ Twisted, nothing else from Sandrun, so the coordinator may import it too.  The
 bodies are the contract's (``shared/spec/api.md``): ``{"error", "details",
 ...}``, with ``Retry-After`` on a 429 or 503 that says when to retry, and every
 answer readable from a browser page (``Access-Control-Allow-Origin: *``).
+
+``RawBodyRequest`` is the request class both build on: twisted.web never parses
+its body (the worker parses uploads as a stream, the coordinator forwards them),
+and it can be answered before its body is read (``answer``), for a refusal that
+the headers alone decide.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from twisted.web import http, server
 from twisted.web.iweb import IRequest
 
 
@@ -64,3 +70,55 @@ def no_route(request: IRequest, valid_methods: Iterable[str] | None = None) -> b
     if set(valid_methods or ()) <= {"OPTIONS"}:
         return write_error(request, APIError(404, "Not found", "no such endpoint"))
     return write_error(request, APIError(405, "Method not allowed", "see the API documentation"))
+
+
+def json_response(status: int, document: dict[str, Any],
+                  headers: dict[str, str] | None = None) -> bytes:
+    """A whole HTTP response, for writing straight to the transport; the connection closes."""
+    body = json.dumps(document).encode()
+    phrase = http.RESPONSES.get(status, b"Error")
+    extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in (headers or {}).items())
+    return (b"HTTP/1.1 %d " % status + phrase + b"\r\nContent-Type: application/json\r\n"
+            b"Access-Control-Allow-Origin: *\r\nConnection: close\r\n" + extra
+            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+class RawBodyRequest(server.Request):
+    """A request whose body twisted.web leaves alone, and which may be answered early.
+
+    twisted.web would parse a multipart or form body into ``args``, whole and in
+    memory; the Content-Type is hidden from it (as ``application/octet-stream``)
+    and kept in ``original_content_type`` (read it with ``content_type``).
+    """
+
+    original_content_type: bytes | None = None
+    _refused = False
+
+    def answer(self, status: int, document: dict[str, Any],
+               headers: dict[str, str] | None = None) -> None:
+        """Answer at once and close; the rest of the body is never read."""
+        self._refused = True
+        # No "100 Continue" after the answer (twisted sends it after gotLength).
+        self.requestHeaders.removeHeader(b"expect")
+        transport: Any = self.channel.transport if self.channel else None
+        if transport is not None:
+            transport.write(json_response(status, document, headers))
+            transport.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return
+        types = self.requestHeaders.getRawHeaders(b"content-type")
+        if types:
+            self.original_content_type = types[0]
+            self.requestHeaders.setRawHeaders(b"content-type", [b"application/octet-stream"])
+        super().requestReceived(command, path, version)
+
+
+def content_type(request: Any) -> bytes | None:
+    """The client's Content-Type, whether or not ``RawBodyRequest`` hid it."""
+    original = getattr(request, "original_content_type", None)
+    if original:
+        return bytes(original)
+    value = request.getHeader(b"content-type")
+    return value.encode("latin-1") if isinstance(value, str) else value

@@ -31,7 +31,7 @@ from sandrun import identity as ident
 from sandrun.api import stream, uploads
 from sandrun.api.errors import to_api_error
 from sandrun.config import WorkerConfig
-from sandrun.httpjson import APIError, cors, write_error, write_json
+from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.jobs import storage as store
 from sandrun.jobs.manager import BlockingRunner, JobManager, new_job_id
 from sandrun.jobs.manifest import Manifest
@@ -206,14 +206,13 @@ class WorkerAPI:
             # UploadRequest refuses these before reading; this guards any other request type.
             raise APIError(413, "Upload too large",
                            f"the limit is {self.config.limits.max_upload_bytes} bytes")
-        content_type = getattr(request, "original_content_type", None) or \
-            request.getHeader(b"content-type")
+        kind = content_type(request)
         self.manager.admit(client)
         job_id = new_job_id()
         base = self.manager.create_workspace(job_id)
 
         def parse() -> uploads.Submission:
-            return uploads.parse_submission(content_type, body, store.work_dir(base),
+            return uploads.parse_submission(kind, body, store.work_dir(base),
                                             store.staging_dir(base), self.config.limits)
 
         def queued(submission: uploads.Submission) -> bytes:

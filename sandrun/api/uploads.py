@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 
 from sandrun.config import Limits
+from sandrun.httpjson import RawBodyRequest, json_response
 from sandrun.jobs import workspace
 from sandrun.jobs.manifest import Manifest, ManifestError, parse_manifest, parse_manifest_json
 from sandrun.jobs.workspace import InputFiles, UploadError
@@ -49,22 +50,7 @@ SPOOL_IN_MEMORY = 64 * 1024  # bodies up to this stay in memory (GETs, small JSO
 Refusal = tuple[int, dict[str, Any], dict[str, str]]
 
 
-def _json_response(status: int, document: dict[str, Any],
-                   headers: dict[str, str] | None = None) -> bytes:
-    """A whole HTTP response written straight to the transport, then the connection closes."""
-    body = json.dumps(document).encode()
-    phrase = http.RESPONSES.get(status, b"Error")
-    extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in (headers or {}).items())
-    return (b"HTTP/1.1 %d " % status + phrase + b"\r\nContent-Type: application/json\r\n"
-            b"Access-Control-Allow-Origin: *\r\nConnection: close\r\n" + extra
-            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-
-
-def _json_error(status: int, error: str, details: str) -> bytes:
-    return _json_response(status, {"error": error, "details": details})
-
-
-class UploadRequest(server.Request):
+class UploadRequest(RawBodyRequest):
     """A request whose body is capped and spooled to the worker's tmpfs."""
 
     max_body_bytes = 100 * 1000 * 1000
@@ -72,9 +58,7 @@ class UploadRequest(server.Request):
     # Asked from the headers of POST /submit whether the job could be taken at all.
     admission: Callable[[Any], Refusal | None] | None = None
 
-    original_content_type: bytes | None = None
     _received = 0
-    _refused = False
 
     def _body_limit(self) -> int:
         kind, _ = parse_options_header(self.requestHeaders.getRawHeaders(b"content-type",
@@ -95,7 +79,7 @@ class UploadRequest(server.Request):
         if admission is not None and self._is_submission():
             refusal = admission(self)
             if refusal is not None:
-                self._answer(*refusal)
+                self.answer(*refusal)
 
     def _is_submission(self) -> bool:
         # Method and path are the channel's until requestReceived copies them over;
@@ -115,33 +99,12 @@ class UploadRequest(server.Request):
         try:
             super().handleContentChunk(data)
         except OSError:  # the spool tmpfs is full: too many uploads at once
-            self._answer(503, {"error": "Storage full", "retry_after": 30,
+            self.answer(503, {"error": "Storage full", "retry_after": 30,
                                "details": "the worker cannot take this upload now"},
                          {"Retry-After": "30"})
 
     def _refuse(self, status: int, error: str, details: str) -> None:
-        self._answer(status, {"error": error, "details": details})
-
-    def _answer(self, status: int, document: dict[str, Any],
-                headers: dict[str, str] | None = None) -> None:
-        """Answer at once and close; the rest of the body is never read."""
-        self._refused = True
-        # No "100 Continue" after the refusal (twisted sends it after gotLength).
-        self.requestHeaders.removeHeader(b"expect")
-        transport = self.channel.transport if self.channel else None
-        if transport is not None:
-            transport.write(_json_response(status, document, headers))
-            transport.loseConnection()
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._refused:
-            return
-        # Hide multipart bodies from twisted.web's in-memory parser.
-        types = self.requestHeaders.getRawHeaders(b"content-type")
-        if types:
-            self.original_content_type = types[0]
-            self.requestHeaders.setRawHeaders(b"content-type", [b"application/octet-stream"])
-        super().requestReceived(command, path, version)
+        self.answer(status, {"error": error, "details": details})
 
 
 class WorkerChannel(http.HTTPChannel):
@@ -149,10 +112,10 @@ class WorkerChannel(http.HTTPChannel):
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         if self.transport is not None:
-            self.transport.write(_json_error(
-                400, "Bad request",
-                "malformed HTTP: request line, headers (too many or too large), "
-                "Content-Length or chunked encoding"))
+            self.transport.write(json_response(400, {
+                "error": "Bad request",
+                "details": "malformed HTTP: request line, headers (too many or too large), "
+                           "Content-Length or chunked encoding"}))
         self.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:

@@ -10,7 +10,8 @@ import pytest_twisted
 from twisted.internet import defer, endpoints, reactor, threads
 from twisted.web import resource, server
 
-from coordinator.uploads import content_type, request_factory
+from coordinator.uploads import request_factory
+from sandrun.httpjson import content_type
 
 
 class Echo(resource.Resource):
@@ -51,9 +52,11 @@ def test_a_declared_length_over_the_limit_gets_413_before_the_body_is_sent() -> 
     port = yield listen(1000)
     try:
         head = (b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 5000000\r\n\r\n")
+                b"Expect: 100-continue\r\nContent-Length: 5000000\r\n\r\n")
         answer = yield threads.deferToThread(exchange, port.getHost().port, head)
         assert answer.startswith(b"HTTP/1.1 413")
+        # The 413 is the whole answer: no "100 Continue" after it.
+        assert answer.endswith(b'"details": "the limit is 1000 bytes"}')
         assert b'"error": "Upload too large"' in answer
     finally:
         yield port.stopListening()
