@@ -10,6 +10,16 @@ hierarchy with ``memory``, ``pids`` and ``cpu`` enabled.  On v2 the launcher
 moves itself into a ``supervisor`` leaf first, because a cgroup that holds
 processes may not enable controllers for its children.
 
+A job's cgroup is made before the job is known, for the spare process that
+will run it (see ``launcher``), and the spare moves itself in (through
+``cgroup.procs`` descriptors the launcher opened, so a rename cannot race it): moving a
+process takes a lock whose write side waits for an RCU grace period, now and
+then several milliseconds, which a spare can afford and a launch cannot.
+When the job arrives its limits are set and, on v1, the directory is renamed
+``job-<id>`` (v2 cannot rename cgroups; there it keeps its ``spare-<n>``
+name).  Its statistics start from what the spare used: on v1 they are reset,
+on v2 the CPU time so far is subtracted.
+
 No Twisted: this module runs in the launcher.
 """
 
@@ -92,12 +102,16 @@ class JobCgroup:
 
     version: int
     dirs: dict[str, str]  # controller ("memory", "pids", "cpu") -> directory
+    cpu_base: float = 0.0  # CPU seconds used before the job started (v2 cannot reset)
 
     @property
     def procs_files(self) -> list[str]:
         return sorted({os.path.join(d, "cgroup.procs") for d in self.dirs.values()})
 
     def cpu_seconds(self) -> float:
+        return max(self._cpu_total() - self.cpu_base, 0.0)
+
+    def _cpu_total(self) -> float:
         if self.version == 1:
             return int(_read(os.path.join(self.dirs["cpu"], "cpuacct.usage"))) / 1e9
         for line in _read(os.path.join(self.dirs["cpu"], "cpu.stat")).splitlines():
@@ -120,11 +134,6 @@ class JobCgroup:
             if key == "oom_kill" and int(value) > 0:
                 return True
         return False
-
-    def adopt(self, pid: int) -> None:
-        """Move a process (not yet running the job) into this cgroup."""
-        for procs in self.procs_files:
-            _write(procs, str(pid))
 
     def kill(self) -> None:
         if self.version == 2:
@@ -218,37 +227,55 @@ class CgroupManager:
         return {"memory": base, "pids": base, "cpu": base}
 
     def cleanup_stale(self) -> int:
-        """Kill and remove every job cgroup left by an earlier run; returns how many."""
+        """Kill and remove every job and spare cgroup left by an earlier run; how many."""
         removed = 0
         for base in set(self.bases.values()):
             for name in os.listdir(base):
                 path = os.path.join(base, name)
-                if os.path.isdir(path) and name.startswith("job-"):
+                if os.path.isdir(path) and name.startswith(("job-", "spare-")):
                     _kill_procs(os.path.join(path, "cgroup.procs"))
                     _rmdir(path)
                     removed += 1
         return removed
 
-    def create(self, name: str, memory_bytes: int, pids_max: int) -> JobCgroup:
-        """Make ``job-<name>`` with its limits set; fails closed on any write."""
-        dirs = {key: os.path.join(base, f"job-{name}") for key, base in self.bases.items()}
+    def create_spare(self, number: int) -> JobCgroup:
+        """Make ``spare-<number>``, without limits yet, for a spare to join."""
+        dirs = {key: os.path.join(base, f"spare-{number}") for key, base in self.bases.items()}
         for d in set(dirs.values()):
             os.mkdir(d)
         group = JobCgroup(self.version, dirs)
         try:
             mem = dirs["memory"]
-            if self.version == 1:
-                _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
-                if self.v1_memsw:
-                    _write(os.path.join(mem, "memory.memsw.limit_in_bytes"), str(memory_bytes))
-                else:
-                    _write(os.path.join(mem, "memory.swappiness"), "0")
-            else:
-                _write(os.path.join(mem, "memory.max"), str(memory_bytes))
-                if self.v2_swap:
-                    _write(os.path.join(mem, "memory.swap.max"), "0")
-            _write(os.path.join(dirs["pids"], "pids.max"), str(pids_max))
+            if self.version == 1 and not self.v1_memsw:
+                _write(os.path.join(mem, "memory.swappiness"), "0")
+            if self.v2_swap:
+                _write(os.path.join(mem, "memory.swap.max"), "0")
         except BaseException:
             group.remove()
             raise
         return group
+
+    def assign(self, group: JobCgroup, job_id: str, memory_bytes: int,
+               pids_max: int) -> JobCgroup:
+        """Give a spare's cgroup to a job: its limits, fresh statistics, its name.
+
+        Fails closed: on any error the caller must not run the job.  Returns
+        the group as it is now (renamed on v1).
+        """
+        mem = group.dirs["memory"]
+        if self.version == 1:
+            _write(os.path.join(mem, "memory.limit_in_bytes"), str(memory_bytes))
+            if self.v1_memsw:
+                _write(os.path.join(mem, "memory.memsw.limit_in_bytes"), str(memory_bytes))
+        else:
+            _write(os.path.join(mem, "memory.max"), str(memory_bytes))
+        _write(os.path.join(group.dirs["pids"], "pids.max"), str(pids_max))
+        if self.version == 2:
+            return JobCgroup(2, group.dirs, cpu_base=group._cpu_total())
+        _write(os.path.join(group.dirs["cpu"], "cpuacct.usage"), "0")
+        _write(os.path.join(mem, "memory.max_usage_in_bytes"), "0")  # to the current usage
+        for key, d in list(group.dirs.items()):
+            target = os.path.join(os.path.dirname(d), f"job-{job_id}")
+            os.rename(d, target)
+            group.dirs[key] = target  # so that a failure half-way still removes all
+        return JobCgroup(1, dict(group.dirs))

@@ -11,10 +11,11 @@ launcher itself.
 A job's process is forked before its request arrives.  The launcher keeps a
 few spare children ("zygotes"), each of which has already entered its own PID,
 mount, IPC and UTS namespaces, built the part of its root every job shares,
-pivoted into it, and now waits on a socket of its own.  A request then costs
-only what depends on the job: the launcher makes the job's cgroup, moves the
-spare into it and hands it the request with its descriptors and the job
-directory as a detached mount; the spare applies the rest in security order
+pivoted into it, and now waits on a socket of its own.  Each has also moved
+itself into a cgroup made for it (see ``cgroups``).  A request then costs only
+what depends on the job: the launcher sets the cgroup's limits and hands the
+spare the request with its descriptors and the job directory as a detached
+mount; the spare applies the rest in security order
 (cgroup namespace, network namespace, host name, job directory and scratch
 tmpfs, rlimits, groups, gid and uid, capabilities, ``no_new_privs``,
 descriptors, seccomp) and execs.  Spares are
@@ -94,6 +95,7 @@ class _Zygote:
     pid: int
     pidfd: int
     sock: socket.socket  # ours; the child holds the other end, close-on-exec
+    cgroup: cgroups.JobCgroup  # made for it, joined by it; the job's once it is given one
 
 
 @dataclass
@@ -128,6 +130,7 @@ class Launcher:
     held_namespaces: list[int] = field(default_factory=list)  # released when idle
     cold: bool = False  # forked since the last warm-up
     spare_deaths: int = 0
+    spares_made: int = 0  # numbers the spares' cgroups
 
     def __post_init__(self) -> None:
         self.root_dir = os.path.join(self.state_dir, "root")
@@ -215,6 +218,18 @@ class Launcher:
     # -- spares -------------------------------------------------------------------------------
 
     def _fork_zygote(self) -> _Zygote:
+        self.spares_made += 1
+        group = self.cgroups.create_spare(self.spares_made)
+        try:
+            return self._fork_into(group)
+        except BaseException:
+            self._remove_now(group)
+            raise
+
+    def _fork_into(self, group: cgroups.JobCgroup) -> _Zygote:
+        # Opened here: the spare writes itself in through these even if the group
+        # has been renamed by then (a job may come before the spare has joined).
+        procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in group.procs_files]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             ns.unshare(ns.CLONE_NEWPID)  # affects only the children forked from now on
@@ -222,7 +237,7 @@ class Launcher:
                 pid = os.fork()
                 if pid == 0:
                     try:
-                        self._zygote(theirs.fileno())
+                        self._zygote(theirs.fileno(), procs)
                     finally:
                         os._exit(127)
             finally:
@@ -232,7 +247,9 @@ class Launcher:
             raise
         finally:
             theirs.close()
-        zygote = _Zygote(pid, os.pidfd_open(pid), ours)
+            for fd in procs:
+                os.close(fd)
+        zygote = _Zygote(pid, os.pidfd_open(pid), ours, group)
         self._watch(zygote.pidfd, zygote)
         return zygote
 
@@ -241,7 +258,7 @@ class Launcher:
         while len(self.spares) < SPARES:
             try:
                 self.spares.append(self._fork_zygote())
-            except OSError:
+            except (OSError, cgroups.CgroupError):
                 self.spare_deaths += 1
                 break
             self.cold = True
@@ -265,6 +282,7 @@ class Launcher:
         os.waitpid(zygote.pid, 0)
         os.close(zygote.pidfd)
         zygote.sock.close()
+        self._remove_now(zygote.cgroup)
 
     def _take_spare(self) -> _Zygote:
         while self.spares:
@@ -299,13 +317,12 @@ class Launcher:
                 raise SetupError("filesystem", e) from None
             try:
                 zygote = self._take_spare()
-            except OSError as e:
+            except (OSError, cgroups.CgroupError) as e:
                 raise SetupError("fork", e) from None
             mntns = _open_mount_namespace(zygote.pid)
             try:
-                group = self.cgroups.create(job_id, request.policy.memory_bytes,
+                group = self.cgroups.assign(zygote.cgroup, job_id, request.policy.memory_bytes,
                                             request.policy.pids_max)
-                group.adopt(zygote.pid)
             except (OSError, cgroups.CgroupError) as e:
                 raise SetupError("cgroup", e) from None
             try:
@@ -321,9 +338,7 @@ class Launcher:
             if mntns >= 0:
                 os.close(mntns)
             if zygote is not None:
-                self._discard(zygote)
-            if group is not None:
-                self._remove_now(group)
+                self._discard(zygote)  # and its cgroup, whatever its name by now
             self.send({"id": job_id, "event": "setup_failed", "message": str(e)})
             return
         finally:
@@ -353,7 +368,8 @@ class Launcher:
         else:
             self.spare_deaths = 0
             self.send({"id": job.id, "event": "started", "pid": job.pid,
-                       "cgroup": {"version": job.cgroup.version, "dirs": job.cgroup.dirs}})
+                       "cgroup": {"version": job.cgroup.version, "dirs": job.cgroup.dirs,
+                                  "cpu_base": job.cgroup.cpu_base}})
 
     def _kill(self, job: _Job) -> None:
         # The job is not reaped until its pidfd fires, so its pid cannot have been reused.
@@ -454,12 +470,15 @@ class Launcher:
 
     # -- in the child -------------------------------------------------------------------------
 
-    def _zygote(self, control: int) -> NoReturn:
+    def _zygote(self, control: int, cgroup_procs: list[int]) -> NoReturn:
         """The spare: prepare what every job shares, wait for a job, launch it."""
-        step = "descriptors"
+        step = "cgroup"
         error: str | None = None
         try:
             ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)
+            for fd in cgroup_procs:
+                os.write(fd, b"0")
+            step = "descriptors"
             ns.close_all_but(control)  # nothing of other jobs, nor the worker's socket
             step = "namespaces"
             ns.unshare(ZYGOTE_NAMESPACES)
@@ -498,7 +517,7 @@ class Launcher:
             for target, fd in enumerate(fds[:3]):
                 os.dup2(fd, target)
             step = "cgroup"
-            ns.unshare(ns.CLONE_NEWCGROUP)  # the launcher moved us into the job's cgroup
+            ns.unshare(ns.CLONE_NEWCGROUP)  # rooted at the cgroup joined before
             step = "network namespace"
             ns.setns(fds[3], ns.CLONE_NEWNET)
             step = "namespaces"

@@ -339,7 +339,8 @@ class Sandbox:
         if job is None:
             return
         if kind == "started":
-            job.cgroup = JobCgroup(event["cgroup"]["version"], event["cgroup"]["dirs"])
+            job.cgroup = JobCgroup(event["cgroup"]["version"], event["cgroup"]["dirs"],
+                                   event["cgroup"].get("cpu_base", 0.0))
             job.timers.append(self.reactor.callLater(job.policy.timeout_seconds, self.kill,
                                                      job.job_id, Reason.TIMEOUT))
             if job.policy.cpu_seconds is not None:

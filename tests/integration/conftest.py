@@ -164,13 +164,17 @@ def processes_of(uids: range) -> list[tuple[int, int, str]]:
     return found
 
 
-def job_cgroups(cap: OuterCap) -> list[str]:
-    """Every ``job-*`` cgroup directory under this suite's instance directories."""
+def job_cgroups(cap: OuterCap, prefixes: tuple[str, ...] = ("job-",)) -> list[str]:
+    """Every ``job-*`` cgroup directory under this suite's instance directories.
+
+    Between jobs the launcher also keeps ``spare-*`` groups for its spare
+    processes; at the end of the session none may be left either.
+    """
     found = []
     for directory in cap.instance_dirs():
         if os.path.isdir(directory):
             found += [os.path.join(directory, n) for n in os.listdir(directory)
-                      if n.startswith("job-")]
+                      if n.startswith(prefixes)]
     return sorted(found)
 
 
@@ -312,6 +316,7 @@ def sandbox(outer_cap: OuterCap, twisted_greenlet: Any) -> Iterator[Sandbox]:
     shutil.rmtree(state_dir, ignore_errors=True)
     uids = range(60000, 60100)
     procs, groups = wait_until_clean(uids, outer_cap, within=2.0)
+    groups += job_cgroups(outer_cap, ("spare-",))
     ours = [p for p in procs if p[1] in range(UID_BASE, UID_BASE + SLOTS)
             or outer_cap.instance in _cgroup_text(p[0])]
     assert not ours, f"processes of job uids left at the end of the session: {ours}"
