@@ -19,7 +19,6 @@ endpoint, the job id and the status, never output file names or queries.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import tempfile
@@ -35,7 +34,13 @@ from twisted.web import http, server
 from sandrun.config import Limits
 from sandrun.httpjson import RawBodyRequest, json_response
 from sandrun.jobs import workspace
-from sandrun.jobs.manifest import Manifest, ManifestError, parse_manifest, parse_manifest_json
+from sandrun.jobs.manifest import (
+    Manifest,
+    ManifestError,
+    loads_strict,
+    parse_manifest,
+    parse_manifest_json,
+)
 from sandrun.jobs.workspace import InputFiles, UploadError
 
 log = Logger()
@@ -218,17 +223,7 @@ def _parse_json(body: BinaryIO, work: str, limits: Limits, inputs: InputFiles) -
     if len(data) > MAX_JSON_BODY_BYTES:
         raise UploadError("body", f"a JSON body is at most {MAX_JSON_BODY_BYTES} bytes; "
                                   "send larger uploads as multipart/form-data")
-    try:
-        document = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
-                              parse_constant=_no_constant)
-    except _DuplicateKey as e:
-        raise ManifestError("body", f"duplicate key {e.args[0]!r}") from None
-    except UnicodeDecodeError as e:
-        raise ManifestError("body", f"not valid UTF-8 (byte {e.start})") from None
-    except ValueError as e:
-        raise ManifestError("body", f"not valid JSON: {e}") from None
-    except RecursionError:
-        raise ManifestError("body", "nested too deeply") from None
+    document = loads_strict(data, "body")
     if not isinstance(document, dict):
         raise ManifestError("body", "must be a JSON object with manifest and files")
     unknown = sorted(set(document) - {"manifest", "files"})
@@ -241,23 +236,6 @@ def _parse_json(body: BinaryIO, work: str, limits: Limits, inputs: InputFiles) -
     manifest = parse_manifest(document.get("manifest", {}), limits, default_entrypoint=single)
     _check_entrypoint(manifest, inputs)
     return Submission(manifest, inputs)
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 def _header_text(value: bytes, what: str) -> str:

@@ -35,6 +35,7 @@ __all__ = [
     "MAX_ARGV_ENV_BYTES",
     "MAX_OUTPUT_PATTERNS",
     "ManifestError",
+    "loads_strict",
     "parse_manifest",
     "parse_manifest_json",
     "relative_path_problem",
@@ -229,24 +230,31 @@ def parse_manifest_json(
     """Parse a manifest given as JSON text (the form field or ``job.json``).
 
     Invalid UTF-8, invalid JSON, ``NaN``/``Infinity`` and duplicate keys
-    (which parsers disagree on) are all ``ManifestError(field="manifest")``.
+    are all ``ManifestError(field="manifest")`` (see ``loads_strict``).
+    """
+    raw = loads_strict(text, "manifest")
+    return parse_manifest(raw, limits, default_entrypoint=default_entrypoint)
+
+
+def loads_strict(text: bytes | str, field: str) -> Any:
+    """JSON as the API takes it (a manifest, a JSON submission), else ``ManifestError(field)``.
+
+    Refused: invalid UTF-8, invalid JSON, ``NaN``/``Infinity``, duplicate keys
+    (which parsers disagree on) and nesting deeper than Python's recursion limit.
     """
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ManifestError("manifest", f"not valid UTF-8 (byte {e.start})") from None
+            raise ManifestError(field, f"not valid UTF-8 (byte {e.start})") from None
     try:
-        raw = json.loads(
-            text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant
-        )
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
     except _DuplicateKey as e:
-        raise ManifestError("manifest", f"duplicate key {e.args[0]!r}") from None
+        raise ManifestError(field, f"duplicate key {e.args[0]!r}") from None
     except ValueError as e:  # JSONDecodeError and the NaN/Infinity refusal
-        raise ManifestError("manifest", f"not valid JSON: {e}") from None
+        raise ManifestError(field, f"not valid JSON: {e}") from None
     except RecursionError:
-        raise ManifestError("manifest", "nested too deeply") from None
-    return parse_manifest(raw, limits, default_entrypoint=default_entrypoint)
+        raise ManifestError(field, "nested too deeply") from None
 
 
 class _DuplicateKey(Exception):
