@@ -20,6 +20,8 @@ __all__ = [
     "LANGUAGES",
     "MultipartBody",
     "Part",
+    "archive_parts",
+    "code_document",
     "files_document",
     "snippet_document",
 ]
@@ -49,6 +51,24 @@ def snippet_document(code: str, language: str = "python",
         raise ValueError(f"unknown language {language!r}; use one of: {known}")
     fields = {"entrypoint": filename, **(manifest or {})}
     return {"manifest": fields, "files": {filename: code}}
+
+
+def code_document(code: str, language: str = "python", *, args: list[str] | None = None,
+                  stdin: str | None = None, timeout: int | None = None,
+                  manifest: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``snippet_document`` with ``args``, ``stdin`` and ``timeout`` where given.
+
+    ``manifest`` adds fields or overrides those three; ``submit_code`` of both clients.
+    """
+    fields: dict[str, Any] = {}
+    if args is not None:
+        fields["args"] = list(args)
+    if stdin is not None:
+        fields["stdin"] = stdin
+    if timeout is not None:
+        fields["timeout"] = timeout
+    fields.update(manifest or {})
+    return snippet_document(code, language, fields)
 
 
 def files_document(files: Mapping[str, Content],
@@ -128,6 +148,18 @@ class MultipartBody:
 
 def manifest_part(manifest: Mapping[str, Any]) -> Part:
     return Part("manifest", json.dumps(dict(manifest)).encode(), content_type="application/json")
+
+
+def archive_parts(archive_path: str, manifest: Mapping[str, Any] | None = None) -> list[Part]:
+    """The form of a packed directory: the ``.tar.gz`` at ``archive_path``, and ``manifest``.
+
+    Without ``manifest``, the worker reads ``job.json`` from the archive.
+    """
+    parts = [Part("files", filename="job.tar.gz", path=archive_path,
+                  content_type="application/gzip")]
+    if manifest is not None:
+        parts.append(manifest_part(manifest))
+    return parts
 
 
 def _quote(value: str) -> str:

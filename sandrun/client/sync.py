@@ -29,9 +29,19 @@ from typing import Any
 
 from sandrun import __version__
 from sandrun.client import body as bodies
+from sandrun.client.calls import (
+    DEFAULT_URL,
+    Polling,
+    default_port,
+    json_answer,
+    output_path,
+    parse_server_url,
+    segment,
+    server_url_from_env,
+    stream_url,
+)
 from sandrun.client.errors import (
     NotFoundError,
-    ProtocolError,
     SandrunConnectionError,
     SandrunError,
     StreamUnavailableError,
@@ -52,22 +62,15 @@ from sandrun.client.pack import (
     PackResult,
     extract_archive,
     pack_directory,
-    safe_relative_path,
     write_output,
 )
 
 __all__ = ["DEFAULT_URL", "SandrunClient", "server_url_from_env"]
 
-DEFAULT_URL = "http://127.0.0.1:8443"
 Progress = Callable[[int, int], None]
 _READ_CHUNK = 256 * 1024
 # Errors of the connection while a body is read (local file errors are other OSErrors).
 _NETWORK_ERRORS = (ConnectionError, TimeoutError, http.client.HTTPException)
-
-
-def server_url_from_env(explicit: str | None = None) -> str:
-    """``explicit``, else ``$SANDRUN_URL``, else the default worker address."""
-    return explicit or os.environ.get("SANDRUN_URL") or DEFAULT_URL
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,7 @@ class _Response:
     body: bytes
 
     def json(self) -> Any:
-        try:
-            return json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise ProtocolError("Unexpected response",
-                                f"HTTP {self.status} with a body that is not JSON") from None
+        return json_answer(self.status, self.body)
 
 
 class SandrunClient:
@@ -92,14 +91,11 @@ class SandrunClient:
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         """``timeout`` bounds each network operation (connect, one read), not a whole job."""
-        self.server_url = server_url_from_env(server_url).rstrip("/")
-        parsed = urllib.parse.urlsplit(self.server_url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"{self.server_url!r}: the server URL must be http:// or https://")
-        self._scheme = parsed.scheme
-        self._host = parsed.hostname
-        self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        self._prefix = parsed.path.rstrip("/")
+        self.server_url, self._parsed = parse_server_url(server_url)
+        self._scheme = self._parsed.scheme
+        self._host = self._parsed.hostname or ""
+        self._port = default_port(self._parsed)
+        self._prefix = self._parsed.path.rstrip("/")
         self.timeout = timeout
         self._ssl = ssl_context
         self._clock = clock
@@ -131,15 +127,8 @@ class SandrunClient:
                     timeout: int | None = None,
                     manifest: Mapping[str, Any] | None = None) -> Submitted:
         """Run ``code`` as a one-file job; ``manifest`` adds or overrides manifest fields."""
-        fields: dict[str, Any] = {}
-        if args is not None:
-            fields["args"] = list(args)
-        if stdin is not None:
-            fields["stdin"] = stdin
-        if timeout is not None:
-            fields["timeout"] = timeout
-        fields.update(manifest or {})
-        return self.submit_json(bodies.snippet_document(code, language, fields))
+        return self.submit_json(bodies.code_document(code, language, args=args, stdin=stdin,
+                                                     timeout=timeout, manifest=manifest))
 
     def submit_files(self, files: Mapping[str, str | bytes],
                      manifest: Mapping[str, Any] | None = None) -> Submitted:
@@ -173,10 +162,7 @@ class SandrunClient:
         with tempfile.NamedTemporaryFile(prefix="sandrun-", suffix=".tar.gz") as archive:
             packed = pack_directory(path, archive, ignore)
             archive.flush()
-            parts = [bodies.Part("files", filename="job.tar.gz", path=archive.name,
-                                 content_type="application/gzip")]
-            if manifest is not None:
-                parts.append(bodies.manifest_part(manifest))
+            parts = bodies.archive_parts(archive.name, manifest)
             return self._submit_multipart(parts, progress), packed
 
     def submit_file(self, path: str, manifest: Mapping[str, Any] | None = None, *,
@@ -197,7 +183,7 @@ class SandrunClient:
     # -- following a job ------------------------------------------------------------------
 
     def status(self, job_id: str) -> Job:
-        return Job.from_json(self._json("GET", f"/status/{_segment(job_id)}"))
+        return Job.from_json(self._json("GET", f"/status/{segment(job_id)}"))
 
     def wait(self, job_id: str, timeout: float | None = None, *, poll_interval: float = 0.2,
              max_interval: float = 2.0) -> Job:
@@ -205,26 +191,20 @@ class SandrunClient:
 
         Raises ``WaitTimeoutError`` after ``timeout`` seconds (the job goes on).
         """
-        deadline = None if timeout is None else self._clock() + timeout
-        interval = poll_interval
+        polling = Polling(job_id, timeout, self._clock(), poll_interval=poll_interval,
+                          max_interval=max_interval)
         while True:
             job = self.status(job_id)
             if job.finished:
                 return job
-            now = self._clock()
-            if deadline is not None and now >= deadline:
-                raise WaitTimeoutError("Wait timed out",
-                                       f"{job_id} is still {job.status} after {timeout} s")
-            pause = interval if deadline is None else min(interval, deadline - now)
-            self._sleep(max(pause, 0.0))
-            interval = min(interval * 1.5, max_interval)
+            self._sleep(polling.pause(job, self._clock()))
 
     def logs(self, job_id: str) -> Logs:
-        return Logs.from_json(self._json("GET", f"/logs/{_segment(job_id)}"))
+        return Logs.from_json(self._json("GET", f"/logs/{segment(job_id)}"))
 
     def logs_text(self, job_id: str) -> str:
         """stdout and stderr combined, in the order they arrived."""
-        response = self._call("GET", f"/logs/{_segment(job_id)}", query={"format": "text"})
+        response = self._call("GET", f"/logs/{segment(job_id)}", query={"format": "text"})
         return response.body.decode("utf-8", "replace")
 
     def stream(self, job_id: str, *, timeout: float | None = None) -> Iterator[StreamEvent]:
@@ -246,7 +226,7 @@ class SandrunClient:
         except ImportError:
             raise StreamUnavailableError("Streaming unavailable",
                                          "install the 'websockets' package") from None
-        url = self._ws_url(f"/logs/{_segment(job_id)}/stream", {"format": "json"})
+        url = stream_url(self._parsed, job_id)
         try:
             ws = connect(url, open_timeout=self.timeout, ssl=self._ssl_for_ws(), proxy=None,
                          max_size=16 * 1024 * 1024, compression=None,
@@ -283,15 +263,15 @@ class SandrunClient:
                     yield event
 
     def outputs(self, job_id: str) -> Outputs:
-        return Outputs.from_json(self._json("GET", f"/outputs/{_segment(job_id)}"))
+        return Outputs.from_json(self._json("GET", f"/outputs/{segment(job_id)}"))
 
     def download(self, job_id: str, path: str) -> bytes:
         """One output file's bytes (the job's data stays on the server)."""
-        return self._call("GET", f"/download/{_segment(job_id)}/{_path(path)}").body
+        return self._call("GET", f"/download/{segment(job_id)}/{output_path(path)}").body
 
     def download_to(self, job_id: str, path: str, dest_dir: str) -> str:
         """Stream one output to ``dest_dir/path`` (no ``..``, no links); the file written."""
-        with self._open("GET", f"/download/{_segment(job_id)}/{_path(path)}") as response:
+        with self._open("GET", f"/download/{segment(job_id)}/{output_path(path)}") as response:
             try:
                 return write_output(dest_dir, path, _read_chunks(response))
             except _NETWORK_ERRORS as e:
@@ -304,7 +284,7 @@ class SandrunClient:
         The server deletes the job's data once the archive is sent, so ask for
         ``status`` first if you need it.
         """
-        with self._open("GET", f"/download/{_segment(job_id)}") as response:
+        with self._open("GET", f"/download/{segment(job_id)}") as response:
             try:
                 return extract_archive(response, dest_dir, max_bytes)
             except _NETWORK_ERRORS as e:
@@ -312,7 +292,7 @@ class SandrunClient:
 
     def cancel(self, job_id: str) -> Cancelled:
         """Cancel a queued or running job and delete its data (a finished one: just delete)."""
-        return Cancelled.from_json(self._json("DELETE", f"/jobs/{_segment(job_id)}"))
+        return Cancelled.from_json(self._json("DELETE", f"/jobs/{segment(job_id)}"))
 
     def verify(self, job: Job | Mapping[str, Any] | str, worker_id: str) -> bool:
         """Whether the job's result is signed by ``worker_id`` and matches what /status shows.
@@ -404,28 +384,10 @@ class SandrunClient:
         why = getattr(e, "strerror", None) or str(e) or type(e).__name__
         return SandrunConnectionError(f"Cannot reach {self.server_url}", why)
 
-    def _ws_url(self, path: str, query: Mapping[str, str]) -> str:
-        scheme = "wss" if self._scheme == "https" else "ws"
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return (f"{scheme}://{host}:{self._port}{self._prefix}{path}?"
-                f"{urllib.parse.urlencode(query)}")
-
     def _ssl_for_ws(self) -> ssl.SSLContext | None:
         if self._scheme != "https":
             return None
         return self._ssl or ssl.create_default_context()
-
-
-def _segment(value: str) -> str:
-    """A job id as one URL path segment: it can never add a segment or a query."""
-    if not value:
-        raise ValueError("a job id cannot be empty")
-    return urllib.parse.quote(value, safe="")
-
-
-def _path(value: str) -> str:
-    """An output path for a URL; one that could leave the job (``..``, absolute) is refused."""
-    return urllib.parse.quote("/".join(safe_relative_path(value)), safe="/")
 
 
 def _headers(response: http.client.HTTPResponse) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """``TxSandrunClient``: the Sandrun client for Twisted programs (treq and autobahn).
 
 The same calls as ``SandrunClient``, each returning a ``Deferred``; the
-request bodies (``body.py``), the typed results (``models.py``), the error
-table (``errors.py``) and packing (``pack.py``) are shared with it, so the two
+request bodies (``body.py``), URLs, JSON answers and ``wait``'s polling
+(``calls.py``), the typed results (``models.py``), the error table
+(``errors.py``) and packing (``pack.py``) are shared with it, so the two
 clients speak exactly the same protocol.  Blocking work (packing a directory,
 extracting an archive) runs in the reactor's thread pool.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,13 +34,21 @@ from zope.interface import implementer
 
 from sandrun import __version__
 from sandrun.client import body as bodies
+from sandrun.client.calls import (
+    Polling,
+    default_port,
+    json_answer,
+    output_path,
+    parse_server_url,
+    segment,
+    stream_url,
+)
 from sandrun.client.errors import (
     NotFoundError,
     ProtocolError,
     SandrunConnectionError,
     SandrunError,
     StreamUnavailableError,
-    WaitTimeoutError,
     error_from_response,
 )
 from sandrun.client.models import (
@@ -53,8 +61,7 @@ from sandrun.client.models import (
     Submitted,
     parse_frame,
 )
-from sandrun.client.pack import IgnoreRules, extract_archive, pack_directory, safe_relative_path
-from sandrun.client.sync import server_url_from_env
+from sandrun.client.pack import IgnoreRules, extract_archive, pack_directory
 
 __all__ = ["TxSandrunClient"]
 
@@ -71,11 +78,7 @@ class TxSandrunClient:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        self.server_url = server_url_from_env(server_url).rstrip("/")
-        parsed = urllib.parse.urlsplit(self.server_url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"{self.server_url!r}: the server URL must be http:// or https://")
-        self._parsed = parsed
+        self.server_url, self._parsed = parse_server_url(server_url)
         self.reactor = reactor
         self.timeout = timeout
         if http is None:
@@ -96,16 +99,9 @@ class TxSandrunClient:
                     args: list[str] | None = None, stdin: str | None = None,
                     timeout: int | None = None,
                     manifest: Mapping[str, Any] | None = None) -> defer.Deferred[Submitted]:
-        fields: dict[str, Any] = {}
-        if args is not None:
-            fields["args"] = list(args)
-        if stdin is not None:
-            fields["stdin"] = stdin
-        if timeout is not None:
-            fields["timeout"] = timeout
-        fields.update(manifest or {})
         try:
-            document = bodies.snippet_document(code, language, fields)
+            document = bodies.code_document(code, language, args=args, stdin=stdin,
+                                            timeout=timeout, manifest=manifest)
         except ValueError:
             return defer.fail()
         return self.submit_json(document)
@@ -127,11 +123,7 @@ class TxSandrunClient:
         with tempfile.NamedTemporaryFile(prefix="sandrun-", suffix=".tar.gz") as archive:
             yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                             _pack, path, archive, ignore)
-            parts = [bodies.Part("files", filename="job.tar.gz", path=archive.name,
-                                 content_type="application/gzip")]
-            if manifest is not None:
-                parts.append(bodies.manifest_part(manifest))
-            form = bodies.MultipartBody(parts)
+            form = bodies.MultipartBody(bodies.archive_parts(archive.name, manifest))
             response = yield self._request(
                 "POST", "/submit", data=_MultipartProducer(form),
                 headers={"Content-Type": [form.content_type]})
@@ -141,34 +133,29 @@ class TxSandrunClient:
     # -- following a job --------------------------------------------------------------------
 
     def status(self, job_id: str) -> defer.Deferred[Job]:
-        return self._json("GET", f"/status/{_segment(job_id)}").addCallback(Job.from_json)
+        return self._json("GET", f"/status/{segment(job_id)}").addCallback(Job.from_json)
 
     @defer.inlineCallbacks
     def wait(self, job_id: str, timeout: float | None = None, *, poll_interval: float = 0.2,
              max_interval: float = 2.0) -> Any:
         """Poll ``/status`` (on the reactor's clock) until the job has finished."""
-        deadline = None if timeout is None else self.reactor.seconds() + timeout
-        interval = poll_interval
+        polling = Polling(job_id, timeout, self.reactor.seconds(), poll_interval=poll_interval,
+                          max_interval=max_interval)
         while True:
             job = yield self.status(job_id)
             if job.finished:
                 return job
-            now = self.reactor.seconds()
-            if deadline is not None and now >= deadline:
-                raise WaitTimeoutError("Wait timed out",
-                                       f"{job_id} is still {job.status} after {timeout} s")
-            pause = interval if deadline is None else min(interval, deadline - now)
-            yield task.deferLater(self.reactor, max(pause, 0.0), lambda: None)
-            interval = min(interval * 1.5, max_interval)
+            pause = polling.pause(job, self.reactor.seconds())
+            yield task.deferLater(self.reactor, pause, lambda: None)
 
     def logs(self, job_id: str) -> defer.Deferred[Logs]:
-        return self._json("GET", f"/logs/{_segment(job_id)}").addCallback(Logs.from_json)
+        return self._json("GET", f"/logs/{segment(job_id)}").addCallback(Logs.from_json)
 
     def outputs(self, job_id: str) -> defer.Deferred[Outputs]:
-        return self._json("GET", f"/outputs/{_segment(job_id)}").addCallback(Outputs.from_json)
+        return self._json("GET", f"/outputs/{segment(job_id)}").addCallback(Outputs.from_json)
 
     def download(self, job_id: str, path: str) -> defer.Deferred[bytes]:
-        d = self._request("GET", f"/download/{_segment(job_id)}/{_path(path)}")
+        d = self._request("GET", f"/download/{segment(job_id)}/{output_path(path)}")
         return d.addCallback(lambda response: response.content())
 
     @defer.inlineCallbacks
@@ -176,7 +163,7 @@ class TxSandrunClient:
         """Every output, extracted safely (in a thread) into ``dest_dir``; the paths written."""
         import treq
 
-        response = yield self._request("GET", f"/download/{_segment(job_id)}")
+        response = yield self._request("GET", f"/download/{segment(job_id)}")
         with tempfile.TemporaryFile() as spool:
 
             def save(data: bytes) -> None:
@@ -190,7 +177,7 @@ class TxSandrunClient:
         return written
 
     def cancel(self, job_id: str) -> defer.Deferred[Cancelled]:
-        d = self._json("DELETE", f"/jobs/{_segment(job_id)}")
+        d = self._json("DELETE", f"/jobs/{segment(job_id)}")
         return d.addCallback(Cancelled.from_json)
 
     def verify(self, job: Job | str, worker_id: str) -> defer.Deferred[bool]:
@@ -206,16 +193,12 @@ class TxSandrunClient:
         Fails with ``NotFoundError`` (close code 4404), ``StreamUnavailableError``
         (the server did not upgrade) or ``SandrunConnectionError``.
         """
-        scheme = "wss" if self._parsed.scheme == "https" else "ws"
-        port = self._parsed.port or (443 if scheme == "wss" else 80)
         host = self._parsed.hostname or "127.0.0.1"
-        query = urllib.parse.urlencode({"format": "json"})
-        url = (f"{scheme}://{_host(host)}:{port}{self._parsed.path.rstrip('/')}"
-               f"/logs/{_segment(job_id)}/stream?{query}")
         finished: defer.Deferred[Done | None] = defer.Deferred()
-        factory = _StreamFactory(url, on_event, finished)
-        endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=self.timeout)
-        if scheme == "wss":
+        factory = _StreamFactory(stream_url(self._parsed, job_id), on_event, finished)
+        endpoint: Any = HostnameEndpoint(self.reactor, host, default_port(self._parsed),
+                                         timeout=self.timeout)
+        if self._parsed.scheme == "https":
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
 
         def unreachable(failure: Any) -> None:
@@ -264,36 +247,14 @@ def _pack(path: str, archive: Any, ignore: IgnoreRules | None) -> None:
 
 
 def _json_body(response: Any) -> defer.Deferred[Any]:
-    def decode(data: bytes) -> Any:
-        try:
-            return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise ProtocolError("Unexpected response",
-                                f"HTTP {response.code} with a body that is not JSON") from None
-
     d: defer.Deferred[Any] = response.content()
-    return d.addCallback(decode)
+    return d.addCallback(lambda data: json_answer(response.code, data))
 
 
 def _connection_error(url: str, e: BaseException) -> SandrunError:
     if isinstance(e, ResponseFailed) and e.reasons:
         e = e.reasons[0].value
     return SandrunConnectionError(f"Cannot reach {url}", str(e) or type(e).__name__)
-
-
-def _segment(value: str) -> str:
-    if not value:
-        raise ValueError("a job id cannot be empty")
-    return urllib.parse.quote(value, safe="")
-
-
-def _path(value: str) -> str:
-    """An output path for a URL; one that could leave the job (``..``, absolute) is refused."""
-    return urllib.parse.quote("/".join(safe_relative_path(value)), safe="/")
-
-
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 @implementer(IBodyProducer)
