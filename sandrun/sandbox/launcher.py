@@ -10,14 +10,13 @@ launcher itself.
 
 A job's process is forked before its request arrives.  The launcher keeps a
 few spare children ("zygotes"), each of which has already entered its own PID,
-mount, IPC and UTS namespaces, built the part of its root every job shares,
+mount, IPC, UTS and network namespaces (``lo`` up, see ``network``), built the part of its root every job shares,
 pivoted into it, and now waits on a socket of its own.  Each has also moved
 itself into a cgroup made for it (see ``cgroups``).  A request then costs only
 what depends on the job: the launcher sets the cgroup's limits and hands the
 spare the request with its descriptors and the job directory as a detached
 mount; the spare applies the rest in security order
-(cgroup namespace, network namespace, host name, job directory and scratch
-tmpfs, rlimits, groups, gid and uid, capabilities, ``no_new_privs``,
+(cgroup namespace, host name, job directory and scratch tmpfs, rlimits, groups, gid and uid, capabilities, ``no_new_privs``,
 descriptors, seccomp) and execs.  Spares are
 forked in batches when the launcher is idle: after a fork, every page the
 launcher writes is copied once, and a batch pays for that once, not once per
@@ -27,9 +26,8 @@ which then fails closed.
 Protocol, over a ``SOCK_SEQPACKET`` socket (one JSON object per message):
 
 worker -> launcher
-    ``{"op": "spawn", "id": ID, "request": LaunchRequest}`` with four
-    descriptors attached (stdin, stdout, stderr, and a fresh network namespace
-    with loopback up, prepared by the worker);
+    ``{"op": "spawn", "id": ID, "request": LaunchRequest}`` with three
+    descriptors attached (stdin, stdout, stderr);
     ``{"op": "kill", "id": ID}``: SIGKILL the job's PID namespace.
 launcher -> worker
     ``{"event": "ready", "cgroup_version", "stale_cgroups"}`` once, or
@@ -65,14 +63,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from sandrun.sandbox import cgroups, mounts, seccomp
+from sandrun.sandbox import cgroups, mounts, network, seccomp
 from sandrun.sandbox import namespaces as ns
 from sandrun.sandbox.limits import apply_rlimits
 from sandrun.sandbox.policy import LaunchRequest
 
 MAX_MESSAGE = 1 << 20
-MAX_FDS = 16  # stdin, stdout, stderr, netns; then the job directory and extras, as mounts
-ZYGOTE_NAMESPACES = ns.CLONE_NEWNS | ns.CLONE_NEWIPC | ns.CLONE_NEWUTS
+MAX_FDS = 16  # stdin, stdout, stderr; then the job directory and extras, as mounts
+ZYGOTE_NAMESPACES = ns.CLONE_NEWNS | ns.CLONE_NEWIPC | ns.CLONE_NEWUTS | ns.CLONE_NEWNET
 CLEANUP_RETRY_MS = 5
 CLEANUP_GIVE_UP_SECONDS = 5.0
 SPARES = 4  # spare children kept ready...
@@ -123,6 +121,7 @@ class Launcher:
     state_dir: str
     instance: str
     seccomp_file: str
+    loopback_file: str  # the netlink request that sets lo up, from network.py
     spares: list[_Zygote] = field(default_factory=list)  # oldest first
     jobs: dict[int, _Job] = field(default_factory=dict)  # by pidfd
     by_id: dict[str, _Job] = field(default_factory=dict)
@@ -141,6 +140,8 @@ class Launcher:
         self.stale = self.cgroups.cleanup_stale()
         with open(self.seccomp_file, "rb") as f:
             self.filters = seccomp.PreparedFilters(seccomp.split_programs(f.read()))
+        with open(self.loopback_file, "rb") as f:
+            self.loopback_up = f.read()
         self.pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.poll = select.poll()
         # fd -> what it belongs to; an event is only acted on if the same object is
@@ -199,7 +200,7 @@ class Launcher:
                 self._remove_doomed()
 
     def _handle_message(self) -> bool:
-        data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 4, socket.MSG_CMSG_CLOEXEC)
+        data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 3, socket.MSG_CMSG_CLOEXEC)
         if not data:
             return False
         try:
@@ -305,8 +306,8 @@ class Launcher:
         zygote: _Zygote | None = None
         mntns = -1
         try:
-            if len(fds) != 4:
-                raise SetupError("spawn", "needs stdin, stdout, stderr and netns descriptors")
+            if len(fds) != 3:
+                raise SetupError("spawn", "needs stdin, stdout and stderr descriptors")
             try:
                 request = LaunchRequest.from_wire(json.loads(data)["request"])
             except (KeyError, TypeError, ValueError) as e:
@@ -482,6 +483,8 @@ class Launcher:
             ns.close_all_but(control)  # nothing of other jobs, nor the worker's socket
             step = "namespaces"
             ns.unshare(ZYGOTE_NAMESPACES)
+            step = "network namespace"
+            network.send_netlink(self.loopback_up)
             step = "filesystem"
             mounts.prepare_root(self.root_dir, self.templates, self.lib_dirs)
             step = "capabilities"
@@ -511,21 +514,19 @@ class Launcher:
         step = "request"
         try:
             request = LaunchRequest.from_wire(json.loads(data)["request"])
-            if len(fds) != 5 + len(request.ro_binds):
+            if len(fds) != 4 + len(request.ro_binds):
                 raise ValueError(f"{len(fds)} descriptors")
             step = "stdio"
             for target, fd in enumerate(fds[:3]):
                 os.dup2(fd, target)
             step = "cgroup"
             ns.unshare(ns.CLONE_NEWCGROUP)  # rooted at the cgroup joined before
-            step = "network namespace"
-            ns.setns(fds[3], ns.CLONE_NEWNET)
             step = "namespaces"
             socket.sethostname(request.policy.hostname)
             step = "filesystem"
-            mounts.finish_root(request.policy, fds[4],
+            mounts.finish_root(request.policy, fds[3],
                                [(fd, inside) for fd, (_, inside)
-                                in zip(fds[5:], request.ro_binds)])
+                                in zip(fds[4:], request.ro_binds)])
             step = "rlimits"
             apply_rlimits(request.policy)
             step = "capabilities"
@@ -578,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--instance", required=True, help="cgroup directory name")
     parser.add_argument("--seccomp", required=True, help="BPF programs from seccomp.py")
+    parser.add_argument("--loopback", required=True, help="netlink request from network.py")
     args = parser.parse_args(argv)
     ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the worker
     # Python ignores these; an ignored signal stays ignored across exec, and the
@@ -587,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(fileno=args.fd)
     try:
         ns.drop_bounding_set(ns.last_capability())
-        launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp)
+        launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp, args.loopback)
     except Exception as e:
         sock.send(json.dumps({"event": "fatal", "message": f"{type(e).__name__}: {e}"}).encode(),
                   socket.MSG_NOSIGNAL)

@@ -1,28 +1,23 @@
-"""Network namespaces prepared ahead of time: loopback up, nothing else.
+"""The job's network: a namespace of its own with loopback up, and nothing else.
 
-Creating a namespace and bringing ``lo`` up over netlink costs a good part
-of a millisecond, and importing pyroute2 far more, so neither happens on the
-per-job path: a background thread in the worker keeps a small pool of fresh
-namespaces, each held only by a file descriptor and handed to exactly one job
-(which the launcher passes on).  A namespace that no descriptor or process
-holds any more is freed by the kernel, so a crash leaves none behind.
+Each spare process (see ``launcher``) makes its network namespace before its
+job is known, so neither creating it nor setting ``lo`` up is on the way of a
+launch, and every namespace serves exactly one job: a port one job bound, a
+socket it left, are gone for the next.  The namespace dies with the job's
+last process.
 
-The ``RTM_NEWLINK`` request that sets ``lo`` up is encoded once with
-pyroute2's message classes and sent on a plain netlink socket opened inside
-each new namespace: a pyroute2 ``IPRoute`` per namespace costs three times
-as much (about 1 ms of the worker's CPU against 0.35 here), and the pool must
-keep up with hundreds of jobs a second.
+``lo`` is set up with one ``RTM_NEWLINK`` request, encoded once with
+pyroute2's message classes by the worker (importing pyroute2 takes longer
+than a launch, and the launcher must stay small) and sent on a plain netlink
+socket in each new namespace: a pyroute2 ``IPRoute`` per namespace costs
+three times as much (about 1 ms of CPU against 0.35 here).
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import socket
 import struct
-import threading
-
-from sandrun.sandbox import namespaces as ns
 
 LOOPBACK_INDEX = 1  # lo is always the first interface of a new namespace
 NLMSG_ERROR = 2
@@ -46,7 +41,10 @@ def loopback_up_request() -> bytes:
 
 
 def send_netlink(request: bytes) -> None:
-    """Send one rtnetlink request in the current namespace; raise unless it is ACKed."""
+    """Send one rtnetlink request in the current namespace; raise unless it is ACKed.
+
+    Stdlib only: this runs in the launcher's spares.
+    """
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
         sock.bind((0, 0))
         sock.send(request)
@@ -60,63 +58,3 @@ def send_netlink(request: bytes) -> None:
         raise OSError(f"unexpected netlink reply type {kind}")
     if error:
         raise OSError(error, f"setting lo up: {os.strerror(error)}")
-
-
-class NetnsPool:
-    def __init__(self, size: int = 16) -> None:
-        self.size = size
-        self._ready: collections.deque[int] = collections.deque()
-        self._cond = threading.Condition()
-        self._home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        self._error: BaseException | None = None
-        self._closed = False
-        self._request: bytes | None = None
-        self._thread = threading.Thread(target=self._fill, name="netns-pool", daemon=True)
-        self._thread.start()
-
-    def _make(self) -> int:
-        if self._request is None:  # pyroute2 is imported in the thread, off the launch path
-            self._request = loopback_up_request()
-        # unshare() moves only the calling thread into the new namespace.
-        ns.unshare(ns.CLONE_NEWNET)
-        try:
-            send_netlink(self._request)
-            return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        finally:
-            ns.setns(self._home, ns.CLONE_NEWNET)
-
-    def _fill(self) -> None:
-        while True:
-            with self._cond:
-                while len(self._ready) >= self.size and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-            try:
-                fd = self._make()
-            except BaseException as e:  # reported to the next job, which then fails closed
-                with self._cond:
-                    self._error = e
-                    self._cond.notify_all()
-                return
-            with self._cond:
-                self._ready.append(fd)
-                self._cond.notify_all()
-
-    def take(self, timeout: float = 5.0) -> int:
-        """A fresh namespace's descriptor, owned by the caller from now on."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._ready or self._error, timeout):
-                raise OSError("no network namespace ready")
-            if not self._ready:
-                raise OSError(f"network namespace setup failed: {self._error}")
-            fd = self._ready.popleft()
-            self._cond.notify_all()
-            return fd
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            while self._ready:
-                os.close(self._ready.popleft())
-            self._cond.notify_all()

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from sandrun.sandbox import mounts, seccomp
 from sandrun.sandbox.cgroups import JobCgroup
-from sandrun.sandbox.network import NetnsPool
+from sandrun.sandbox.network import loopback_up_request
 from sandrun.sandbox.policy import LaunchRequest, SandboxPolicy
 from sandrun.wire import Reason
 
@@ -145,7 +145,6 @@ class Sandbox:
         self._sock: socket.socket | None = None
         self._ready: defer.Deferred[None] | None = None
         self._reader: _Reader | None = None
-        self._netns: NetnsPool | None = None
 
     # -- launcher process -------------------------------------------------
 
@@ -158,6 +157,9 @@ class Sandbox:
             bpf = os.path.join(self.state_dir, "seccomp.bpf")
             with open(bpf, "wb") as f:
                 f.write(seccomp.join_programs(seccomp.build_filters()))
+            loopback = os.path.join(self.state_dir, "loopback.nl")
+            with open(loopback, "wb") as f:
+                f.write(loopback_up_request())
             uids = range(self.uid_base, self.uid_base + len(self.free_slots))
             templates = os.path.join(self.state_dir, "templates")
             mounts.prepare_etc(os.path.join(templates, "etc"), uids, {u: u for u in uids})
@@ -165,7 +167,6 @@ class Sandbox:
                                      os.path.join(templates, "dev"))
         except (OSError, ValueError) as e:
             return defer.fail(SandboxUnavailable(f"preparing the sandbox: {e}"))
-        self._netns = NetnsPool()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(seccomp.__file__)))
         bootstrap = (f"import sys; sys.path.insert(0, {os.path.dirname(package_root)!r}); "
@@ -174,7 +175,7 @@ class Sandbox:
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", bootstrap, "--fd", str(theirs.fileno()),
              "--state-dir", self.state_dir, "--instance", self.instance,
-             "--seccomp", bpf],
+             "--seccomp", bpf, "--loopback", loopback],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         self._sock = ours
@@ -213,8 +214,6 @@ class Sandbox:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
-        if self._netns is not None:
-            self._netns.close()
 
     # -- jobs --------------------------------------------------------------
 
@@ -247,13 +246,11 @@ class Sandbox:
             _chown_tree(job_dir, uid, gid)
             request = LaunchRequest(argv=argv, env=env, job_dir=job_dir, uid=uid, gid=gid,
                                     policy=policy, ro_binds=ro_binds)
-            assert self._netns is not None
             theirs.append(_stdin_fd(stdin))
             for _ in ("stdout", "stderr"):
                 read_end, write_end = os.pipe2(os.O_CLOEXEC)
                 ours.append(read_end)
                 theirs.append(write_end)
-            theirs.append(self._netns.take())
             message = {"op": "spawn", "id": job_id, "request": request.to_wire()}
             socket.send_fds(self._sock, [json.dumps(message).encode()], theirs)
         except OSError as e:

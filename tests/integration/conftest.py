@@ -146,8 +146,17 @@ def _rmdir_retry(path: str) -> None:
 # -- what a test can observe on the host ----------------------------------------------------
 
 
+# The name of this session's outer cgroup, once made: another session of this suite
+# may run at the same time on the host, with the same uids, and is none of ours.
+_SUITE: list[str] = []
+
+
 def processes_of(uids: range) -> list[tuple[int, int, str]]:
-    """(pid, uid, command) of every host process whose real uid is in ``uids``."""
+    """(pid, uid, command) of every process of this session whose real uid is in ``uids``.
+
+    "Of this session": inside its outer cgroup, which no job can leave, or
+    outside every session's (an escape, which must show up too).
+    """
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -159,9 +168,15 @@ def processes_of(uids: range) -> list[tuple[int, int, str]]:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         uid = int(fields["Uid"].split()[0])
-        if uid in uids:
+        if uid in uids and _ours(int(entry)):
             found.append((int(entry), uid, fields["Name"].strip()))
     return found
+
+
+def _ours(pid: int) -> bool:
+    """In this session's cgroup, or in no session's at all (which no job should be)."""
+    groups = _cgroup_text(pid)
+    return not _SUITE or _SUITE[0] in groups or "sandrun-suite-" not in groups
 
 
 def job_cgroups(cap: OuterCap, prefixes: tuple[str, ...] = ("job-",)) -> list[str]:
@@ -300,6 +315,7 @@ def outer_cap() -> Iterator[OuterCap]:
     if why:
         pytest.skip(why)
     cap = _make_outer_cap(f"sandrun-test-{uuid.uuid4().hex[:8]}")
+    _SUITE.append(os.path.basename(next(iter(cap.dirs.values()))))
     yield cap
     _remove_outer_cap(cap)
 
@@ -314,12 +330,9 @@ def sandbox(outer_cap: OuterCap, twisted_greenlet: Any) -> Iterator[Sandbox]:
     yield sb
     sb.stop()
     shutil.rmtree(state_dir, ignore_errors=True)
-    uids = range(60000, 60100)
-    procs, groups = wait_until_clean(uids, outer_cap, within=2.0)
+    procs, groups = wait_until_clean(range(60000, 60100), outer_cap, within=2.0)
     groups += job_cgroups(outer_cap, ("spare-",))
-    ours = [p for p in procs if p[1] in range(UID_BASE, UID_BASE + SLOTS)
-            or outer_cap.instance in _cgroup_text(p[0])]
-    assert not ours, f"processes of job uids left at the end of the session: {ours}"
+    assert not procs, f"processes of job uids left at the end of the session: {procs}"
     assert not groups, f"job cgroups left at the end of the session: {groups}"
 
 
