@@ -9,19 +9,19 @@ and an empty capability bounding set, which every child inherits, by the
 launcher itself.
 
 A job's process is forked before its request arrives.  The launcher keeps a
-few spare children ("zygotes"), each of which has already entered its own PID,
-mount, IPC, UTS and network namespaces (``lo`` up, see ``network``), built the part of its root every job shares,
-pivoted into it, and now waits on a socket of its own.  Each has also moved
-itself into a cgroup made for it (see ``cgroups``).  A request then costs only
-what depends on the job: the launcher sets the cgroup's limits and hands the
-spare the request with its descriptors and the job directory as a detached
-mount; the spare applies the rest in security order
-(cgroup namespace, host name, job directory and scratch tmpfs, rlimits, groups, gid and uid, capabilities, ``no_new_privs``,
-descriptors, seccomp) and execs.  Spares are
-forked in batches when the launcher is idle: after a fork, every page the
-launcher writes is copied once, and a batch pays for that once, not once per
-job.  A spare that cannot prepare a layer says so when it is given a job,
-which then fails closed.
+few spare children ("zygotes"), each of which has already moved itself into a
+cgroup made for it (see ``cgroups``), entered its own PID, mount, IPC, UTS and
+network namespaces (``lo`` up, see ``network``), built the part of its root
+every job shares, pivoted into it, dropped its supplementary groups, and now
+waits on a socket of its own.  A request then costs only what depends on the
+job: the launcher sets the cgroup's limits and hands the spare the request
+with its descriptors and the job directory as a detached mount; the spare
+applies the rest in security order (cgroup namespace, host name, job
+directory and scratch tmpfs, rlimits, gid and uid, capabilities,
+``no_new_privs``, descriptors, seccomp) and execs.  Spares are forked in
+batches: after a fork, every page the launcher writes is copied once, and a
+batch pays for that once, not once per job.  A spare that could not prepare a
+layer says so when it is given a job, which then fails closed.
 
 Protocol, over a ``SOCK_SEQPACKET`` socket (one JSON object per message):
 
