@@ -226,6 +226,18 @@ class CgroupManager:
         _write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids +cpu")
         return {"memory": base, "pids": base, "cpu": base}
 
+    def remove_bases(self) -> None:
+        """Remove the instance's own directories, if nothing is left in them (at exit).
+
+        Otherwise every worker that ever ran on the host would leave an empty
+        group behind, and the kernel keeps and walks every one of them.
+        """
+        for base in sorted(set(self.bases.values())):
+            try:
+                os.rmdir(base)
+            except OSError:
+                pass  # not empty (left for the next start) or already gone
+
     def cleanup_stale(self) -> int:
         """Kill and remove every job and spare cgroup left by an earlier run; how many."""
         removed = 0

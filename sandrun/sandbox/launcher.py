@@ -468,6 +468,7 @@ class Launcher:
             self._remove_now(doomed.group)
         self.doomed = []
         self._release_namespaces()
+        self.cgroups.remove_bases()
 
     # -- in the child -------------------------------------------------------------------------
 

@@ -119,9 +119,9 @@ async def test_a_crashed_launcher_leaves_no_process_and_the_next_start_removes_i
         assert ran.reason == Reason.COMPLETED
     finally:
         second.stop()
-        for directory in runner.cap.dirs.values():
-            os.rmdir(os.path.join(directory, instance))
         shutil.rmtree(state_dir, ignore_errors=True)
+    # A clean stop leaves not even the instance's own (empty) directories.
+    assert not any(os.path.exists(os.path.join(d, instance)) for d in runner.cap.dirs.values())
 
 
 @pytest_twisted.ensureDeferred
