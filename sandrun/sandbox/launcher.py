@@ -9,11 +9,11 @@ and an empty capability bounding set, which every child inherits, by the
 launcher itself.
 
 A job's process is forked before its request arrives.  The launcher keeps a
-few spare children ("zygotes"), each of which has already moved itself into a
-cgroup made for it (see ``cgroups``), entered its own PID, mount, IPC, UTS and
-network namespaces (``lo`` up, see ``network``), built the part of its root
-every job shares, pivoted into it, dropped its supplementary groups, and now
-waits on a socket of its own.  A request then costs only what depends on the
+few spare children ("zygotes"), each of which has already entered its own PID,
+mount, IPC, UTS and network namespaces (``lo`` up, see ``network``), built
+the part of its root every job shares, pivoted into it, dropped its
+supplementary groups, moved itself into a cgroup made for it (see
+``cgroups``), and now waits on a socket of its own.  A request then costs only what depends on the
 job: the launcher sets the cgroup's limits and hands the spare the request
 with its descriptors and the job directory as a detached mount; the spare
 applies the rest in security order (cgroup namespace, host name, job
@@ -474,14 +474,12 @@ class Launcher:
 
     def _zygote(self, control: int, cgroup_procs: list[int]) -> NoReturn:
         """The spare: prepare what every job shares, wait for a job, launch it."""
-        step = "cgroup"
+        step = "descriptors"
         error: str | None = None
         try:
             ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)
-            for fd in cgroup_procs:
-                os.write(fd, b"0")
-            step = "descriptors"
-            ns.close_all_but(control)  # nothing of other jobs, nor the worker's socket
+            # Nothing of other jobs, nor the worker's socket.
+            ns.close_all_but(control, *cgroup_procs)
             step = "namespaces"
             ns.unshare(ZYGOTE_NAMESPACES)
             step = "network namespace"
@@ -492,6 +490,12 @@ class Launcher:
             os.setgroups([])  # the same for every job, so done here
             ns.warm_up()
             _warm_up()
+            # Last: while a process moves into a cgroup, forks wait (see cgroups), and
+            # by now the launcher is likely done forking this spare's batch.
+            step = "cgroup"
+            for fd in cgroup_procs:
+                os.write(fd, b"0")
+                os.close(fd)
         except BaseException as e:  # noqa: B036 - reported when a job arrives
             error = f"{step}: {e}"
         # Held until exec or exit: a dropped socket object would close ``control``.

@@ -144,13 +144,15 @@ def close_range_cloexec(first: int) -> None:
                          ctypes.c_uint(CLOSE_RANGE_CLOEXEC)), "close_range")
 
 
-def close_all_but(keep: int) -> None:
-    """Close every descriptor from 3 up except ``keep``."""
-    if keep > 3:
-        _check(_libc.syscall(_SYS_CLOSE_RANGE, ctypes.c_uint(3), ctypes.c_uint(keep - 1),
-                             ctypes.c_uint(0)), "close_range")
-    _check(_libc.syscall(_SYS_CLOSE_RANGE, ctypes.c_uint(max(keep + 1, 3)),
-                         ctypes.c_uint(MAX_FD), ctypes.c_uint(0)), "close_range")
+def close_all_but(*keep: int) -> None:
+    """Close every descriptor from 3 up except those in ``keep``."""
+    first = 3
+    for fd in sorted(set(keep)) + [MAX_FD + 1]:
+        if fd > first:
+            _check(_libc.syscall(_SYS_CLOSE_RANGE, ctypes.c_uint(first),
+                                 ctypes.c_uint(min(fd - 1, MAX_FD)), ctypes.c_uint(0)),
+                   "close_range")
+        first = max(first, fd + 1)
 
 
 class _CapHeader(ctypes.Structure):
