@@ -74,7 +74,7 @@ ZYGOTE_NAMESPACES = ns.CLONE_NEWNS | ns.CLONE_NEWIPC | ns.CLONE_NEWUTS | ns.CLON
 CLEANUP_RETRY_MS = 5
 CLEANUP_GIVE_UP_SECONDS = 5.0
 SPARES = 4  # spare children kept ready...
-SPARES_LOW = 1  # ...refilled, when idle, once no more than this many are left
+SPARES_LOW = 1  # ...and forked again, in a batch, once no more than this many are left
 MAX_SPARE_DEATHS = 3  # spares that died unused in a row before they are made on demand only
 # A request like the real ones, parsed after each fork to warm the pages up (see _warm_up).
 _SAMPLE_SPAWN = json.dumps({"op": "spawn", "id": "warm-up", "request": LaunchRequest(
