@@ -127,11 +127,12 @@ def test_a_worker_killed_mid_load_takes_its_jobs_along_and_a_restart_cleans_up_a
         t.join(10)
     assert 200 in seen, seen
 
-    # A crash leaves what only a worker can remove: job tmpfs mounts and job cgroups.
+    # A crash leaves what only a worker can remove: job tmpfs mounts, and job cgroups
+    # unless the dying launcher read the closed socket and removed them before its own
+    # SIGKILL landed (a race, so their number is not asserted; their absence after the
+    # restart is).
     stale_mounts = [m for m in worker.mounts() if m != worker.state_dir]
-    stale_groups = worker.job_cgroups()
     assert len(stale_mounts) >= 8, stale_mounts
-    assert len(stale_groups) >= 4, stale_groups
 
     restarted = Worker(*RAISED_QUOTAS, "--max-concurrent", "4",
                        state_dir=worker.state_dir).start()
