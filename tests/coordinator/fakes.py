@@ -41,6 +41,7 @@ from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.sandbox.supervisor import SandboxResult
 from sandrun.wire import Reason
+from tests.unit.worker_fakes import FakeStorage
 
 START = 1_700_000_000.0
 BIG_BYTES = 3 * 1024 * 1024
@@ -100,28 +101,6 @@ def _read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
-
-
-class FakeStorage:
-    """``Storage`` over plain directories (no tmpfs, no root)."""
-
-    def __init__(self, root: str) -> None:
-        self.jobs_dir = os.path.join(root, "jobs")
-        self.uploads_dir = os.path.join(root, "uploads")
-        os.makedirs(self.jobs_dir, exist_ok=True)
-        os.makedirs(self.uploads_dir, exist_ok=True)
-
-    def create(self, job_id: str) -> str:
-        base = os.path.join(self.jobs_dir, job_id)
-        for sub in ("", "work", "staging"):
-            os.mkdir(os.path.join(base, sub))
-        return base
-
-    def delete(self, job_id: str) -> None:
-        shutil.rmtree(os.path.join(self.jobs_dir, job_id), ignore_errors=True)
-
-    def used_bytes(self) -> int:
-        return 0
 
 
 ROOMY = QuotaConfig(cpu_seconds_per_minute=1000.0, max_active_jobs=100, jobs_per_hour=1000)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.worker import Worker, run_worker, tar_bytes
+from tests.integration.worker import Worker, job_processes, run_worker, tar_bytes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -191,20 +191,6 @@ def test_download_all_then_the_job_is_deleted(worker: Worker) -> None:
 
 
 # -- cancel, queue --------------------------------------------------------------------------------
-
-
-def job_processes(worker: Worker) -> list[int]:
-    """The worker's descendants that run as a sandbox uid (the jobs' processes)."""
-    found = []
-    for pid in worker.children():
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-        except (OSError, StopIteration):
-            continue
-        if uid != 0:
-            found.append(pid)
-    return found
 
 
 def test_cancel_of_a_running_job_kills_all_its_processes_and_deletes_it(

@@ -15,22 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.worker import REPO, Worker, mounts_under, run_worker, why_no_worker
+from tests.integration.worker import REPO, job_processes, mounts_under, run_worker, why_no_worker
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def job_processes(worker: Worker) -> list[int]:
-    found = []
-    for pid in worker.children():
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-        except (OSError, StopIteration):
-            continue
-        if uid != 0:
-            found.append(pid)
-    return found
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import io
 import json
 import os
 import re
@@ -35,13 +34,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LISTENING = re.compile(r"sandrun worker listening on (\S+):(\d+) ")
@@ -276,34 +276,15 @@ def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-# -- bodies ---------------------------------------------------------------------------------
-
-
-def multipart(fields: dict[str, str], files: list[tuple[str, bytes]],
-              boundary: str = "sandrun-test-boundary-7d1c") -> tuple[bytes, str]:
-    """A multipart/form-data body: text ``fields`` and ``files`` parts (all named ``files``)."""
-    out = io.BytesIO()
-    b = boundary.encode()
-    for name, value in fields.items():
-        out.write(b"--" + b + b"\r\nContent-Disposition: form-data; name=\"" + name.encode()
-                  + b"\"\r\n\r\n" + value.encode() + b"\r\n")
-    for filename, data in files:
-        out.write(b"--" + b + b"\r\nContent-Disposition: form-data; name=\"files\"; "
-                  b"filename=\"" + filename.encode("utf-8", "surrogateescape") + b"\"\r\n"
-                  b"Content-Type: application/octet-stream\r\n\r\n" + data + b"\r\n")
-    out.write(b"--" + b + b"--\r\n")
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
-def tar_bytes(members: dict[str, bytes | str], gz: bool = True,
-              executable: tuple[str, ...] = ()) -> bytes:
-    """A tar (gzip by default) of regular files ``name -> content``."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz" if gz else "w") as tar:
-        for name, content in members.items():
-            data = content.encode() if isinstance(content, str) else content
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o755 if name in executable else 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+def job_processes(worker: Worker) -> list[int]:
+    """The worker's descendants that run as a sandbox uid (the jobs' processes)."""
+    found = []
+    for pid in worker.children():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if uid != 0:
+            found.append(pid)
+    return found

@@ -11,11 +11,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -35,6 +33,7 @@ from sandrun.jobs.storage import StorageFull
 from sandrun.sandbox.policy import SandboxPolicy
 from sandrun.sandbox.supervisor import SandboxResult, SandboxUnavailable
 from sandrun.wire import Reason
+from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
 
 
 def synchronous(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
@@ -270,28 +269,3 @@ class Harness:
         assert reply.status == 200, (reply.status, reply.body)
         result: dict[str, Any] = reply.json()
         return result
-
-
-def multipart(fields: dict[str, str], files: list[tuple[str, bytes]],
-              boundary: str = "b0undary") -> tuple[bytes, str]:
-    out = io.BytesIO()
-    b = boundary.encode()
-    for name, value in fields.items():
-        out.write(b"--" + b + b'\r\nContent-Disposition: form-data; name="' + name.encode()
-                  + b'"\r\n\r\n' + value.encode() + b"\r\n")
-    for filename, data in files:
-        out.write(b"--" + b + b'\r\nContent-Disposition: form-data; name="files"; filename="'
-                  + filename.encode("utf-8", "surrogateescape") + b'"\r\n\r\n' + data + b"\r\n")
-    out.write(b"--" + b + b"--\r\n")
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
-def tar_bytes(members: dict[str, bytes | str], gz: bool = True) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz" if gz else "w") as tar:
-        for name, content in members.items():
-            data = content.encode() if isinstance(content, str) else content
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
