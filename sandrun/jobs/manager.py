@@ -230,7 +230,7 @@ class JobManager:
             try:
                 # The job's installed dependencies are not its outputs.
                 job.outputs = yield self.blocking(
-                    list_outputs, store.work_dir(job.base_dir), manifest_outputs(job),
+                    list_outputs, store.work_dir(job.base_dir), job.manifest.outputs,
                     exclude=(DEPS_OUTPUT,))
             except Exception as e:  # noqa: BLE001 (the job ends regardless)
                 # The type only: a message could carry a file name (job content).
@@ -363,7 +363,3 @@ class JobManager:
             return result
 
         return drained.addBoth(cancel_timer)
-
-
-def manifest_outputs(job: Job) -> tuple[str, ...]:
-    return job.manifest.outputs
