@@ -87,6 +87,7 @@ def serve(config: WorkerConfig) -> None:
     from twisted.internet import defer, task
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    from sandrun.sandbox.supervisor import SandboxUnavailable
     from sandrun.service import WorkerService
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])  # type: ignore[list-item]
@@ -94,7 +95,10 @@ def serve(config: WorkerConfig) -> None:
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
         worker = WorkerService(reactor, config)
-        yield worker.startService()
+        try:
+            yield worker.startService()
+        except SandboxUnavailable as e:  # one line, not a traceback
+            raise SystemExit(f"sandrun: cannot start: {e}") from None
         yield stop_signal(reactor)
         yield worker.stopService()
 
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.geteuid() != 0:
             sys.exit("sandrun serve must run as root: it creates namespaces, cgroups and mounts")
         config = config_from(args)
+        _check_cgroup(sys.argv[1:] if argv is None else argv)
         if config.worker_key:
             from sandrun.identity import IdentityError, WorkerIdentity
 
@@ -129,6 +134,42 @@ def main(argv: list[str] | None = None) -> None:
         from sandrun.client.cli import run_client_command
 
         sys.exit(run_client_command(args))
+
+
+# Set in the environment of a worker that re-ran itself in a Delegate=yes scope.
+IN_SCOPE = "SANDRUN_IN_DELEGATED_SCOPE"
+
+
+def _check_cgroup(argv: list[str]) -> None:
+    """On cgroup v2, start only where the worker may make its own child cgroups.
+
+    From a cgroup that also holds other processes (a login shell's session
+    scope) the worker re-runs itself, same arguments, in a ``Delegate=yes``
+    scope of its own through ``systemd-run`` when systemd runs the host;
+    otherwise one line says what to do and it exits.  See ``sandbox.cgroups``.
+    """
+    import shutil
+
+    from sandrun.sandbox import cgroups
+
+    if not os.path.exists(os.path.join(cgroups.ROOT, "cgroup.controllers")):
+        return  # cgroup v1: the launcher checks its hierarchies
+    try:
+        cgroups.locate_v2(ours=frozenset({os.getpid()}))
+        return
+    except cgroups.DelegationError as e:
+        problem = str(e)
+    except (OSError, cgroups.CgroupError) as e:
+        sys.exit(f"sandrun: cannot start: cgroup v2: {e}")
+    systemd_run = shutil.which("systemd-run")
+    if systemd_run and os.path.isdir("/run/systemd/system") and IN_SCOPE not in os.environ:
+        print(f"sandrun: {problem.split(';')[0]}: re-running in a scope of its own "
+              "(systemd-run --scope -p Delegate=yes)", file=sys.stderr)
+        os.environ[IN_SCOPE] = "1"
+        os.execv(systemd_run, [systemd_run, "--scope", "--quiet", "--collect",
+                               "-p", "Delegate=yes", "--description=Sandrun worker", "--",
+                               sys.executable, "-m", "sandrun", *argv])
+    sys.exit(f"sandrun: cannot start: {problem}")
 
 
 def _verify(target: str, worker_id: str, server: str | None) -> int:

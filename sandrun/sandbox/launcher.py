@@ -136,7 +136,9 @@ class Launcher:
         self.templates = os.path.join(self.state_dir, "templates")
         os.makedirs(self.root_dir, exist_ok=True)
         self.lib_dirs = mounts.host_lib_dirs()
-        self.cgroups = cgroups.CgroupManager(self.instance)
+        # Ours: the launcher and the worker that started it, nothing else.
+        self.cgroups = cgroups.CgroupManager(self.instance,
+                                             ours=frozenset({os.getpid(), os.getppid()}))
         self.stale = self.cgroups.cleanup_stale()
         with open(self.seccomp_file, "rb") as f:
             self.filters = seccomp.PreparedFilters(seccomp.split_programs(f.read()))
@@ -596,7 +598,9 @@ def main(argv: list[str] | None = None) -> None:
         ns.drop_bounding_set(ns.last_capability())
         launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp, args.loopback)
     except Exception as e:
-        sock.send(json.dumps({"event": "fatal", "message": f"{type(e).__name__}: {e}"}).encode(),
+        # A DelegationError is already the one line that says what to do.
+        message = str(e) if isinstance(e, cgroups.DelegationError) else f"{type(e).__name__}: {e}"
+        sock.send(json.dumps({"event": "fatal", "message": message}).encode(),
                   socket.MSG_NOSIGNAL)
         sys.exit(1)
     launcher.serve()
