@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from coordinator.config import CoordinatorConfig, PoolQuota, WorkersFileError, load_workers
-from sandrun.daemon import listen_description, stop_signal
+from sandrun.daemon import listen_description, start_logging, stop_signal
 from sandrun.netaddr import parse_trusted_proxies
 
 
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="submissions per client IP per rolling hour, pool-wide")
     parser.add_argument("--drain-seconds", type=_positive(float), default=d.drain_seconds,
                         help="how long a worker removed by a reload stays reachable")
+    parser.add_argument("--worker-cacert", metavar="PEM",
+                        help="CA certificate(s) that sign the https:// workers' certificates "
+                             "(default: the system's trust store)")
     return parser
 
 
@@ -69,16 +72,15 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
         quotas=PoolQuota(cpu_seconds_per_minute=args.cpu_quota,
                          max_active_jobs=args.max_active_per_ip,
                          jobs_per_hour=args.jobs_per_hour),
-        drain_seconds=args.drain_seconds)
+        drain_seconds=args.drain_seconds, worker_cacert=args.worker_cacert)
 
 
 def serve(config: CoordinatorConfig) -> None:
     from twisted.internet import defer, task
-    from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from coordinator.service import CoordinatorService
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])  # type: ignore[list-item]
+    start_logging()
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
@@ -108,4 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         load_workers(config.workers_path)  # refuse a bad file with its message, not a traceback
     except WorkersFileError as e:
         sys.exit(f"sandrun-coordinator: cannot start: {e}")
+    if config.worker_cacert is not None:
+        from coordinator.tls import TLSConfigError, load_trust_root
+
+        try:
+            load_trust_root(config.worker_cacert)
+        except TLSConfigError as e:
+            sys.exit(f"sandrun-coordinator: cannot start: {e}")
     serve(config)

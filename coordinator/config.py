@@ -85,6 +85,9 @@ class CoordinatorConfig:
     trusted_proxies: tuple[str, ...] = ()  # whose X-Forwarded-For the coordinator believes
     quotas: PoolQuota = field(default_factory=PoolQuota)
     drain_seconds: float = 3600.0  # how long a worker removed by a reload stays reachable
+    # PEM file of the CA certificate(s) that sign the https:// workers' certificates;
+    # None = the system's trust store.
+    worker_cacert: str | None = None
 
 
 def parse_workers(text: str | bytes) -> tuple[WorkerEntry, ...]:

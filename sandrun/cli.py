@@ -12,7 +12,7 @@ from typing import Any
 
 import sandrun
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
-from sandrun.daemon import listen_description, stop_signal
+from sandrun.daemon import listen_description, start_logging, stop_signal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--server", help="worker or coordinator URL for a job id "
                         "(default: $SANDRUN_URL or http://127.0.0.1:8443)")
 
+    install = commands.add_parser(
+        "install-service", help="install and start the systemd unit (Delegate=yes)")
+    install.add_argument("--coordinator", action="store_true",
+                         help="the coordinator's unit (sandrun-coordinator.service) instead")
+    install.add_argument("--no-start", action="store_true",
+                         help="write the unit and reload systemd, but do not enable or start it")
+
     from sandrun.client.cli import add_client_commands
 
     add_client_commands(commands)
@@ -85,12 +92,11 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
 
 def serve(config: WorkerConfig) -> None:
     from twisted.internet import defer, task
-    from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from sandrun.sandbox.supervisor import SandboxUnavailable
     from sandrun.service import WorkerService
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])  # type: ignore[list-item]
+    start_logging()
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
@@ -124,6 +130,12 @@ def main(argv: list[str] | None = None) -> None:
         from sandrun.identity import keygen_main
 
         sys.exit(keygen_main(args.out, args.force))
+    elif args.command == "install-service":
+        from sandrun.deploy import install_service
+
+        if os.geteuid() != 0:
+            sys.exit("sandrun install-service must run as root")
+        sys.exit(install_service(args.coordinator, start=not args.no_start))
     elif args.command == "verify":
         sys.exit(_verify(args.status, args.worker_id, args.server))
     elif args.command == "env":
