@@ -111,7 +111,8 @@ def _load(value: Any) -> Load | None:
     queue = value.get("queue_capacity")
     if queue is not None and (isinstance(queue, bool) or not isinstance(queue, int) or queue < 0):
         return None
-    return Load(*numbers, queue_capacity=queue)
+    active, queued, capacity = numbers
+    return Load(active, queued, capacity, queue_capacity=queue)
 
 
 class HealthChecker:
