@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from functools import wraps
 from importlib import metadata
 from typing import Any
@@ -48,10 +49,11 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coordinator.config import CoordinatorConfig
-from coordinator.errors import not_found
-from coordinator.jobids import JobRef, decode_job_id, encode_job_id
+from coordinator.errors import WorkerLost, not_found
+from coordinator.jobids import JobRef, decode_job_id, decode_replicas, encode_job_id
 from coordinator.quota import ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
+from coordinator.replication import Replication
 from coordinator.scheduling import (
     drain_retry_after,
     free_slots,
@@ -60,6 +62,8 @@ from coordinator.scheduling import (
     pick_worker,
     rank_workers,
 )
+from coordinator.statusdocs import iso as _iso
+from coordinator.statusdocs import lost_status
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
     BadWorkerResponse,
@@ -73,7 +77,7 @@ from sandrun import httpjson
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.identity import verify_result
 from sandrun.netaddr import client_key, parse_trusted_proxies, trusted_client_address
-from sandrun.wire import JobStatus, Reason
+from sandrun.wire import Reason
 
 log = Logger()
 
@@ -95,8 +99,30 @@ def _version() -> str:
         return "unknown"
 
 
-class WorkerLost(Exception):
-    """The job's worker is gone; the message says how we know."""
+@dataclass
+class Placement:
+    """Where a submission went: ``state`` took it, or nobody did (``response`` says why,
+    when a worker's answer is to be relayed)."""
+
+    state: WorkerState | None
+    response: Any = None
+    doc: Any = None
+    dispatched_at: float = 0.0
+
+    def ref(self) -> JobRef:
+        assert self.state is not None
+        cid = self.job_id()
+        ref = decode_job_id(cid)
+        assert ref is not None
+        return ref
+
+    def job_id(self) -> str:
+        """The coordinator's id for the job; ``BadWorkerResponse`` for a malformed one."""
+        assert self.state is not None
+        try:
+            return encode_job_id(self.state.entry.tag, self.dispatched_at, self.doc["job_id"])
+        except ValueError as e:
+            raise BadWorkerResponse(str(e)) from None
 
 
 def _api(handler: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
@@ -149,6 +175,8 @@ class CoordinatorAPI:
         self.streams = streams if streams is not None else StreamRelay(reactor, registry)
         parse_trusted_proxies(config.trusted_proxies)  # a bad entry fails here, not per request
         self.locks = ClientLocks()
+        self.replication = Replication(reactor, registry, client, config, self.place,
+                                       self.forward)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -168,11 +196,16 @@ class CoordinatorAPI:
         return headers
 
     def locate(self, job_id: str) -> tuple[JobRef, WorkerState]:
-        ref = decode_job_id(job_id)
+        """The job's worker; for a replicated job, its first replica's (see ``replication.py``)."""
+        refs = decode_replicas(job_id)
+        ref = refs[0] if refs else None
         state = self.registry.by_tag(ref.tag) if ref is not None else None
         if ref is None or state is None:
             raise not_found()
         return ref, state
+
+    def replicas_of(self, job_id: str) -> list[JobRef]:
+        return decode_replicas(job_id) or []
 
     async def forward(self, ref: JobRef, state: WorkerState, method: str, path: str,
                       headers: dict[bytes, list[bytes]], timeout: float | None = None) -> Any:
@@ -331,11 +364,36 @@ class CoordinatorAPI:
         headers = {b"X-Forwarded-For": [address.encode("latin-1")]}
         if kind:
             headers[b"Content-Type"] = [kind]
-        tried: set[str] = set()
-        refusal: tuple[Any, Any] | None = None
+        # The first replica (the only one, for most jobs) always goes to a listed worker.
+        placed = await self.place(body, headers, set(), open_ok=False)
+        if placed.state is None:
+            if placed.response is not None:
+                return self.relay_json(request, placed.response, placed.doc)
+            raise APIError(503, "No worker available",
+                           "every worker's queue is full, refused the job, or is unavailable",
+                           retry_after=self.retry_after_full())
+        replicas = placed.doc.get("replicas", 1)
+        if isinstance(replicas, int) and not isinstance(replicas, bool) and replicas > 1:
+            answer = await self.replication.submit(placed, replicas, body, headers)
+            return write_json(request, answer)
+        log.info("job dispatched to {worker}", worker=placed.state.entry.label)
+        return self.relay_json(request, placed.response, placed.doc, placed.job_id())
+
+    def retry_after_full(self) -> int:
+        return drain_retry_after(self.registry.workers(), self.config.health_interval)
+
+    async def place(self, body: Any, headers: dict[bytes, list[bytes]], tried: set[str],
+                    open_ok: bool) -> Placement:
+        """Send a submission to the best worker that takes it, skipping those in ``tried``.
+
+        Adds every worker tried to ``tried``.  A worker that refuses (429,
+        503) or cannot be reached is skipped for the next; one that answers
+        400, 413, 415... is relayed (no worker would take the submission).
+        """
+        refusal: Placement | None = None
         refreshed = False
         while True:
-            state = pick_worker(self.registry.workers(), self.registry.cursor, tried)
+            state = pick_worker(self.registry.workers(), self.registry.cursor, tried, open_ok)
             if state is None and not refreshed and self.refresh is not None:
                 # Every worker looks full, but by loads up to a health interval old (plus
                 # what was sent since): jobs may have ended.  Ask again now rather than
@@ -368,24 +426,18 @@ class CoordinatorAPI:
             if response.code == 200 and isinstance(doc, dict) \
                     and isinstance(doc.get("job_id"), str):
                 self.registry.cursor += 1
-                try:
-                    cid = encode_job_id(state.entry.tag, dispatched_at, doc["job_id"])
-                except ValueError as e:
-                    raise BadWorkerResponse(str(e)) from None
-                log.info("job dispatched to {worker}", worker=state.entry.label)
-                return self.relay_json(request, response, doc, cid)
+                placed = Placement(state, response, doc, dispatched_at)
+                placed.job_id()  # a malformed id is a bad answer, before anything else
+                return placed
             self.registry.undo_dispatch(state)
             if response.code in (429, 503):
-                refusal = (response, doc)
+                refusal = Placement(None, response, doc)
                 continue
             # 400, 413, 415...: the submission itself is at fault; no worker would take it.
-            return self.relay_json(request, response, doc)
-        if refusal is not None and refusal[0].code == 429:
-            return self.relay_json(request, refusal[0], refusal[1])
-        raise APIError(503, "No worker available",
-                       "every worker's queue is full, refused the job, or is unavailable",
-                       retry_after=drain_retry_after(self.registry.workers(),
-                                                     self.config.health_interval))
+            return Placement(None, response, doc)
+        if refusal is not None and refusal.response.code == 429:
+            return refusal
+        return Placement(None)
 
     # -- one job ----------------------------------------------------------------------
 
@@ -393,11 +445,17 @@ class CoordinatorAPI:
     @_api
     async def status(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
+        refs = self.replicas_of(job_id)
+        if len(refs) > 1:
+            doc = await self.replication.status(job_id, refs, self.forwarded(request))
+            return write_json(request, doc)
         try:
             response = await self.forward(ref, state, "GET", _job_path("status", ref),
                                           self.forwarded(request))
         except WorkerLost as e:
-            return write_json(request, lost_status(job_id, ref, state, str(e)))
+            if self.replication.ledger.first_time(job_id):
+                self.registry.record_lost(state)
+            return write_json(request, lost_status(job_id, ref, state.worker_id, str(e)))
         doc = await read_json(response)
         if response.code != 200 or not isinstance(doc, dict):
             return self.relay_json(request, response, doc, job_id)
@@ -431,6 +489,9 @@ class CoordinatorAPI:
     @_api
     async def outputs(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
+        refs = self.replicas_of(job_id)
+        if len(refs) > 1:
+            await self.replication.require_agreement(job_id, refs, self.forwarded(request))
         response = await self.forward(ref, state, "GET", _job_path("outputs", ref),
                                       self.forwarded(request))
         doc = await read_json(response)
@@ -453,6 +514,9 @@ class CoordinatorAPI:
 
     async def download(self, request: Request, job_id: str, path: str | None) -> Any:
         ref, state = self.locate(job_id)
+        refs = self.replicas_of(job_id)
+        if len(refs) > 1:
+            await self.replication.require_agreement(job_id, refs, self.forwarded(request))
         target = _job_path("download", ref)
         if path is not None:
             target += "/" + quote(path, safe="/")
@@ -481,6 +545,7 @@ class CoordinatorAPI:
     @_api
     async def delete(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
+        await self.replication.delete(self.replicas_of(job_id), self.forwarded(request))
         response = await self.forward(ref, state, "DELETE", _job_path("jobs", ref),
                                       self.forwarded(request))
         return self.relay_json(request, response, await read_json(response), job_id)
@@ -489,7 +554,8 @@ class CoordinatorAPI:
 
     @app.route("/logs/<string:job_id>/stream", methods=["GET"])
     def stream(self, request: Request, job_id: str) -> Any:
-        ref = decode_job_id(job_id)
+        refs = decode_replicas(job_id)
+        ref = refs[0] if refs else None  # a replicated job streams its first replica
         state = self.registry.by_tag(ref.tag) if ref is not None else None
         fmt = _arg(request, b"format").decode("latin-1") or None
         return self.streams.resource(state, ref, fmt)
@@ -527,31 +593,6 @@ def _arg(request: Request, name: bytes) -> bytes:
 
 def _job_path(endpoint: str, ref: JobRef) -> str:
     return f"/{endpoint}/{quote(ref.worker_job_id, safe='')}"
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    import datetime
-
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
-
-
-def lost_status(job_id: str, ref: JobRef, state: WorkerState, why: str) -> dict[str, Any]:
-    """The /status of a job whose worker is gone: failed, ``worker_lost``, nothing signed."""
-    return {
-        "job_id": job_id, "status": JobStatus.FAILED.value, "queue_position": 0,
-        "submitted_at": _iso(ref.dispatched_at), "started_at": None, "finished_at": None,
-        "execution_metadata": {"cpu_seconds": None, "memory_peak_bytes": None,
-                               "wall_time_ms": None, "exit_code": None, "signal": None,
-                               "reason": Reason.WORKER_LOST.value, "message": why,
-                               "environment": None, "interpreter": None},
-        "job_hash": None, "output_files": {},
-        "worker_metadata": {"worker_id": state.worker_id, "signature": None, "signed": None,
-                            "job_id": ref.worker_job_id},
-        "signature_verified": False,
-    }
 
 
 _DONE = Failure(ResponseDone())

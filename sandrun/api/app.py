@@ -225,8 +225,12 @@ class WorkerAPI:
                       log=self.manager.new_log(base))
             position = self.manager.submit(job)
             # "queued" means accepted; position 0 says it is already running.
-            return write_json(request, {"job_id": job_id, "status": JobStatus.QUEUED.value,
-                                        "position": position})
+            answer: dict[str, Any] = {"job_id": job_id, "status": JobStatus.QUEUED.value,
+                                      "position": position}
+            if submission.manifest.replicas > 1:
+                # For a coordinator, which does not parse submissions: how many to run.
+                answer["replicas"] = submission.manifest.replicas
+            return write_json(request, answer)
 
         def failed(failure: Any) -> Any:
             if self.manager.get(job_id) is None:
