@@ -176,8 +176,9 @@ class WorkerAPI:
     @_api
     def health(self, request: IRequest) -> bytes:
         stats = self.manager.stats()
+        # queue_capacity: a coordinator places up to capacity + queue_capacity jobs here.
         load = {"active_jobs": stats["active_jobs"], "queued_jobs": stats["queue_length"],
-                "capacity": stats["capacity"]}
+                "capacity": stats["capacity"], "queue_capacity": stats["queue_capacity"]}
         body: dict[str, Any] = {"status": "healthy", "worker_id": self.manager.worker_id,
                                 "version": sandrun.__version__, "load": load}
         nonce = request.args.get(b"nonce")
