@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from typing import Any
 
 import pytest
@@ -36,7 +37,10 @@ def test_a_tree_deeper_than_the_recursion_limit_is_chowned_entry_by_entry(
         deep_tree(".", 1200)
     finally:
         os.chdir(old)
-    assert chown_tree(root, os.getuid(), os.getgid()) == 1 + 1200 + 1
+    try:
+        assert chown_tree(root, os.getuid(), os.getgid()) == 1 + 1200 + 1
+    finally:
+        subprocess.run(["rm", "-rf", root], check=True)  # shutil.rmtree recurses
 
 
 def test_a_symlink_is_chowned_itself_and_never_followed(tmp_path: Any) -> None:
