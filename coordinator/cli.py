@@ -69,7 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address or network to which no pool-wide quota applies "
                              "(repeatable; default: none); give the workers the same")
     parser.add_argument("--drain-seconds", type=_positive(float), default=d.drain_seconds,
-                        help="how long a worker removed by a reload stays reachable")
+                        help="how long a worker removed by a reload stays reachable "
+                             f"(default {d.drain_seconds:g})")
+    parser.add_argument("--max-replicas", type=_positive(int), default=d.max_replicas,
+                        help="the most replicas a manifest may ask for "
+                             f"(default {d.max_replicas})")
+    parser.add_argument("--max-disagreements", type=_positive(int),
+                        default=d.max_disagreements,
+                        help="disagreements with other replicas after which a worker gets no "
+                             "jobs until a reload re-admits it "
+                             f"(default {d.max_disagreements})")
+    parser.add_argument("--open-enrollment", action="store_true",
+                        help="let workers not in workers.json join by proving their key; they "
+                             "only run extra replicas next to a listed worker (default off)")
+    parser.add_argument("--max-open-workers", type=_positive(int), default=d.max_open_workers,
+                        help=f"open workers enrolled at once (default {d.max_open_workers})")
     return parser
 
 
@@ -83,7 +97,9 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
                          max_active_jobs=args.max_active_per_ip,
                          jobs_per_hour=args.jobs_per_hour,
                          exempt=tuple(args.quota_exempt)),
-        drain_seconds=args.drain_seconds)
+        drain_seconds=args.drain_seconds, max_replicas=args.max_replicas,
+        max_disagreements=args.max_disagreements, open_enrollment=args.open_enrollment,
+        max_open_workers=args.max_open_workers)
 
 
 def serve(config: CoordinatorConfig) -> None:

@@ -52,7 +52,14 @@ from coordinator.errors import not_found
 from coordinator.jobids import JobRef, decode_job_id, encode_job_id
 from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
-from coordinator.scheduling import has_room, pick_worker, rank_workers
+from coordinator.scheduling import (
+    drain_retry_after,
+    free_slots,
+    has_room,
+    job_limit,
+    pick_worker,
+    rank_workers,
+)
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
     BadWorkerResponse,
@@ -241,9 +248,7 @@ class CoordinatorAPI:
     @_api
     async def health(self, request: Request) -> bytes:
         routable = self.registry.routable()
-        load = {"active_jobs": sum(w.load.active_jobs for w in routable if w.load),
-                "queued_jobs": sum(w.load.queued_jobs for w in routable if w.load),
-                "capacity": sum(w.entry.max_concurrent_jobs for w in routable)}
+        load = pool_load(routable)
         body = {"status": "healthy" if routable else "unhealthy", "service": SERVICE,
                 "worker_id": None, "version": _version(), "load": load,
                 "workers": {"healthy": len(routable), "total": len(self.registry.workers())}}
@@ -253,10 +258,18 @@ class CoordinatorAPI:
     @_api
     async def pool(self, request: Request) -> bytes:
         workers = self.registry.workers()
+        configured = self.registry.configured()
+        drain = self.registry.drain_seconds
         return write_json(request, {
-            "workers": [w.as_json(_iso) for w in workers],
-            "healthy": sum(1 for w in workers if w.healthy), "total": len(workers),
-            "health_interval": self.config.health_interval})
+            "workers": [w.as_json(_iso, drain) for w in workers],
+            "healthy": sum(1 for w in configured if w.healthy), "total": len(configured),
+            "draining": sum(1 for w in workers if w.draining_since is not None),
+            "open": len(self.registry.open_workers()),
+            "load": pool_load(self.registry.routable()),
+            "health_interval": self.config.health_interval,
+            "drain_seconds": drain, "max_replicas": self.config.max_replicas,
+            "max_disagreements": self.registry.max_disagreements,
+            "open_enrollment": self.config.open_enrollment})
 
     @app.route("/environments", methods=["GET"])
     @_api
@@ -270,9 +283,11 @@ class CoordinatorAPI:
     @_api
     async def stats(self, request: Request) -> bytes:
         decision, systems = await self.pool_usage(self.client_address(request))
+        # Pool-wide: every healthy worker's own figures, summed.
         system = {name: sum(int(s.get(name, 0)) for s in systems
                             if isinstance(s.get(name, 0), int))
-                  for name in ("queue_length", "active_jobs", "capacity")}
+                  for name in ("queue_length", "active_jobs", "capacity", "queue_capacity")}
+        system["free_slots"] = free_slots(self.registry.workers())
         system["workers_healthy"] = len(self.registry.routable())
         system["workers_total"] = len(self.registry.workers())
         return write_json(request, {"your_quota": decision.your_quota(), "system": system})
@@ -371,8 +386,9 @@ class CoordinatorAPI:
         if refusal is not None and refusal[0].code == 429:
             return self.relay_json(request, refusal[0], refusal[1])
         raise APIError(503, "No worker available",
-                       "every worker is full, refused the job, or is unavailable",
-                       retry_after=self.retry_after())
+                       "every worker's queue is full, refused the job, or is unavailable",
+                       retry_after=drain_retry_after(self.registry.workers(),
+                                                     self.config.health_interval))
 
     # -- one job ----------------------------------------------------------------------
 
@@ -494,6 +510,16 @@ class CoordinatorAPI:
     @app.handle_errors(NotFound, MethodNotAllowed)
     def no_route(self, request: Any, failure: Any) -> bytes:
         return httpjson.no_route(request, getattr(failure.value, "valid_methods", None))
+
+
+def pool_load(workers: list[WorkerState]) -> dict[str, int]:
+    """What ``workers`` hold and can hold, summed, as their signed loads say."""
+    loads = [w.load for w in workers if w.load is not None]
+    return {"active_jobs": sum(load.active_jobs for load in loads),
+            "queued_jobs": sum(load.queued_jobs for load in loads),
+            "capacity": sum(load.capacity for load in loads),
+            "queue_capacity": sum(load.queue_capacity or 0 for load in loads),
+            "job_limit": sum(job_limit(w) for w in workers)}
 
 
 def _arg(request: Request, name: bytes) -> bytes:

@@ -122,7 +122,8 @@ class CoordinatorService(service.MultiService):
         self.reactor = reactor
         self.config = config
         entries = load_workers(config.workers_path)
-        self.registry = WorkerRegistry(entries, drain_seconds=config.drain_seconds)
+        self.registry = WorkerRegistry(entries, drain_seconds=config.drain_seconds,
+                                       max_disagreements=config.max_disagreements)
         self.pool: HTTPConnectionPool | None = None
         if http is None:
             http, self.pool = http_client(reactor)

@@ -68,6 +68,7 @@ class WorkerService(service.MultiService):
             self._started.append("sandbox")
             yield self.sandbox.start()
             self.manager.start()
+            self.api.runtime_list.start()  # asks each interpreter its version, in a thread
             self._started.append("manager")
             self.port = yield serverFromString(self.reactor, self.config.listen).listen(
                 self.site)

@@ -157,7 +157,8 @@ class JobManager:
 
     def stats(self) -> dict[str, int]:
         return {"queue_length": len(self.queue), "active_jobs": len(self.running),
-                "capacity": self.config.max_concurrent}
+                "capacity": self.config.max_concurrent,
+                "queue_capacity": self.config.queue_size}
 
     # -- running -----------------------------------------------------------
 

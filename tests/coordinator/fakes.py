@@ -178,7 +178,7 @@ def endpoint(index: int) -> str:
 class Pool:
     """Workers, network and coordinator; worker ``i`` listens at ``endpoint(i)``."""
 
-    def __init__(self, root: str, count: int = 3, *, max_concurrent_jobs: int = 4,
+    def __init__(self, root: str, count: int = 3, *, max_concurrent_jobs: int | None = None,
                  quotas: PoolQuota | None = None, worker_quotas: QuotaConfig = ROOMY,
                  identities: list[ident.WorkerIdentity | None] | None = None,
                  configured_ids: list[str] | None = None, queue_size: int = 10) -> None:

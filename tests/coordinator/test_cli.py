@@ -32,6 +32,24 @@ def test_every_flag_reaches_the_config() -> None:
             config.quotas.cpu_seconds_per_minute) == (3, 40, 20.0)
 
 
+def test_help_shows_the_defaults_of_draining_replicas_and_enrollment(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "stays reachable (default 3600)" in text
+    assert "(default 3)" in text and "(default off)" in text
+
+
+def test_pool_flags_reach_the_config() -> None:
+    config = config_from(build_parser().parse_args([
+        "--max-replicas", "5", "--max-disagreements", "2", "--open-enrollment",
+        "--max-open-workers", "4"]))
+    assert (config.max_replicas, config.max_disagreements) == (5, 2)
+    assert config.open_enrollment is True and config.max_open_workers == 4
+    assert config_from(build_parser().parse_args([])).open_enrollment is False
+
+
 def test_listen_takes_host_port_ipv6_or_an_endpoint_string() -> None:
     assert listen_description("[::1]:9000") == "tcp:9000:interface=\\:\\:1"
     assert listen_description("unix:/run/c.sock") == "unix:/run/c.sock"

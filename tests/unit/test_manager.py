@@ -90,7 +90,7 @@ def test_jobs_beyond_the_concurrency_limit_wait_and_start_in_order(tmp_path: Any
     assert list(h.sandbox.running) == ids[:2]
     assert [h.status(i)["queue_position"] for i in ids] == [0, 0, 1, 2]
     assert h.get("/stats").json()["system"] == {"queue_length": 2, "active_jobs": 2,
-                                                "capacity": 2}
+                                                "capacity": 2, "queue_capacity": 10}
     h.run_of(ids[1]).finish()
     assert list(h.sandbox.running) == [ids[0], ids[2]]
     assert h.status(ids[2])["status"] == "running"

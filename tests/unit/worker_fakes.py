@@ -217,9 +217,34 @@ class Harness:
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> Reply:
+        return self.reply(self.begin(method, path, body, headers))
+
+    def begin(self, method: str, path: str, body: bytes | None = None,
+              headers: dict[str, str] | None = None) -> defer.Deferred[Any]:
+        """Send a request and return at once: ``reply`` waits for its answer.
+
+        For requests answered later (``/run``, ``?wait=``): the test acts on
+        the job or the clock in between.
+        """
         hdrs = {k: [v] for k, v in (headers or {}).items()}
-        d = self.stub.request(  # type: ignore[attr-defined]  # set up by StubTreq
+        d: defer.Deferred[Any] = self.stub.request(  # type: ignore[attr-defined]
             method, "http://worker.test" + path, data=body, headers=hdrs)
+        self.stub.flush()
+        return d
+
+    def answered(self, d: defer.Deferred[Any]) -> bool:
+        """Whether the response to a ``begin`` request has come (its headers, at least)."""
+        self.stub.flush()
+        seen: list[Any] = []
+
+        def note(result: Any) -> Any:
+            seen.append(result)
+            return result
+
+        d.addBoth(note)
+        return bool(seen)
+
+    def reply(self, d: defer.Deferred[Any]) -> Reply:
         response = self._settle(d)
         content = self._settle(response.content())
         return Reply(response.code,
