@@ -186,8 +186,14 @@ class WorkerAPI:
         # queue_capacity: a coordinator places up to capacity + queue_capacity jobs here.
         load = {"active_jobs": stats["active_jobs"], "queued_jobs": stats["queue_length"],
                 "capacity": stats["capacity"], "queue_capacity": stats["queue_capacity"]}
-        body: dict[str, Any] = {"status": "healthy", "worker_id": self.manager.worker_id,
+        # A worker that cannot run jobs (launcher gone, slots lost) must not be
+        # chosen: 503, and a status other than "healthy" for the coordinator.
+        problem = self.manager.problem()
+        body: dict[str, Any] = {"status": "healthy" if problem is None else "unhealthy",
+                                "worker_id": self.manager.worker_id,
                                 "version": sandrun.__version__, "load": load}
+        if problem is not None:
+            body["problem"] = problem
         nonce = request.args.get(b"nonce")
         if nonce and self.identity is not None:
             text = nonce[0].decode("utf-8", "replace")
@@ -196,7 +202,7 @@ class WorkerAPI:
             # The wall clock on purpose: a coordinator compares it with its own.
             body.update(ident.health_response(self.identity, text, load,
                                               self.manager.reactor.seconds()))
-        return write_json(request, body)
+        return write_json(request, body, 200 if problem is None else 503)
 
     @app.route("/stats", methods=["GET"])
     @_api

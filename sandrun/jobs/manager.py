@@ -155,6 +155,12 @@ class JobManager:
         except ValueError:
             return 0
 
+    def problem(self) -> str | None:
+        """Why this worker cannot run jobs now (``/health`` says so), or None."""
+        if self._stopping:
+            return "the worker is shutting down"
+        return self.sandbox.problem()
+
     def stats(self) -> dict[str, int]:
         return {"queue_length": len(self.queue), "active_jobs": len(self.running),
                 "capacity": self.config.max_concurrent,

@@ -39,7 +39,7 @@ from sandrun.api.uploads import request_factory
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
-from sandrun.sandbox.supervisor import SandboxResult
+from sandrun.sandbox.supervisor import SandboxResult, Slot
 from sandrun.wire import Reason
 from tests.unit.worker_fakes import FakeStorage
 
@@ -66,10 +66,21 @@ class FakeRun:
 class FakeSandbox:
     def __init__(self) -> None:
         self.runs: dict[str, FakeRun] = {}
+        self._slots = 0
+
+    def take_slot(self) -> Slot:
+        self._slots += 1
+        return Slot(self._slots, os.getuid(), os.getgid())
+
+    def return_slot(self, slot: Slot) -> None:
+        pass
+
+    def problem(self) -> str | None:
+        return None
 
     def run(self, job_id: str, argv: tuple[str, ...], env: Any, job_dir: str, policy: Any,
             on_output: Callable[[str, bytes], None], stdin: bytes = b"",
-            ro_binds: Any = ()) -> defer.Deferred[SandboxResult]:
+            ro_binds: Any = (), slot: Slot | None = None) -> defer.Deferred[SandboxResult]:
         run = FakeRun(job_id, job_dir, on_output)
         self.runs[job_id] = run
         code = _read(os.path.join(job_dir, argv[-1])) if argv else ""

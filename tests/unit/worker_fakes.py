@@ -31,7 +31,7 @@ from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.storage import StorageFull
 from sandrun.sandbox.policy import SandboxPolicy
-from sandrun.sandbox.supervisor import SandboxResult, SandboxUnavailable
+from sandrun.sandbox.supervisor import SandboxResult, SandboxUnavailable, Slot
 from sandrun.wire import Reason
 from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
 
@@ -95,13 +95,30 @@ class FakeSandbox:
         self.script: Callable[[FakeRun], None] | None = None
         self.unavailable = False
         self.kills_take_effect = True
+        self.slots_held: set[int] = set()  # taken and not yet returned
+        self.slot_uses: list[tuple[str, int]] = []  # (job id, slot) of each run
+
+    def take_slot(self) -> Slot:
+        if self.unavailable:
+            raise SandboxUnavailable("no launcher")
+        number = next(n for n in range(1000) if n not in self.slots_held)
+        self.slots_held.add(number)
+        return Slot(number, os.getuid(), os.getgid())
+
+    def return_slot(self, slot: Slot) -> None:
+        self.slots_held.discard(slot.number)
+
+    def problem(self) -> str | None:
+        return "the sandbox launcher is not running" if self.unavailable else None
 
     def run(self, job_id: str, argv: tuple[str, ...], env: tuple[tuple[str, str], ...],
             job_dir: str, policy: SandboxPolicy, on_output: Callable[[str, bytes], None],
-            stdin: bytes = b"", ro_binds: tuple[tuple[str, str], ...] = ()
-            ) -> defer.Deferred[SandboxResult]:
+            stdin: bytes = b"", ro_binds: tuple[tuple[str, str], ...] = (),
+            slot: Slot | None = None) -> defer.Deferred[SandboxResult]:
         if self.unavailable:
             raise SandboxUnavailable("no launcher")
+        if slot is not None:
+            self.slot_uses.append((job_id, slot.number))
         run = FakeRun(job_id, argv, env, job_dir, policy, stdin, on_output, self)
         self.runs[job_id] = run
         self.running[job_id] = run
