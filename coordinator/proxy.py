@@ -57,7 +57,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import not_found
 from coordinator.jobids import JobRef, decode_job_id, encode_job_id
-from coordinator.quota import ClientLocks, PoolDecision, Usage, decide
+from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
 from coordinator.scheduling import (
     drain_retry_after,
@@ -79,7 +79,8 @@ from coordinator.worker_client import (
 from sandrun import httpjson
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.identity import verify_result
-from sandrun.netaddr import client_key, parse_trusted_proxies, trusted_client_address
+from sandrun.netaddr import (address_in, client_key, parse_trusted_proxies,
+                             trusted_client_address)
 from sandrun.wire import JobStatus, Reason
 
 log = Logger()
@@ -158,6 +159,7 @@ class CoordinatorAPI:
         self.config = config
         self.streams = streams if streams is not None else StreamRelay(reactor, registry)
         parse_trusted_proxies(config.trusted_proxies)  # a bad entry fails here, not per request
+        parse_trusted_proxies(config.quotas.exempt)
         self.locks = ClientLocks()
 
     def resource(self) -> Any:
@@ -343,10 +345,11 @@ class CoordinatorAPI:
 
     async def _place(self, request: Request, address: str) -> Placed | bytes:
         """Send a submission to a worker that takes it; an error answer (bytes) if none does."""
-        decision, _ = await self.pool_usage(address)
-        if not decision.allowed:
-            raise APIError(429, "Rate limit exceeded", decision.reason or "",
-                           **decision.error_extra())
+        if not address_in(address, self.config.quotas.exempt):
+            decision, _ = await self.pool_usage(address)
+            if not decision.allowed:
+                raise APIError(429, "Rate limit exceeded", f"{decision.reason}. {LIFT_QUOTA}",
+                               **decision.error_extra())
         body = request.content
         kind = content_type(request)
         headers = {b"X-Forwarded-For": [address.encode("latin-1")]}
