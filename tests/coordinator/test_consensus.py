@@ -237,3 +237,27 @@ def test_deleting_a_replicated_job_deletes_every_replica(tmp_path: Any) -> None:
     job = replicated(pool, 3, HOLD)
     assert pool.request("DELETE", f"/jobs/{job}").status == 200
     assert all(not w.sandbox.holding() for w in pool.workers)
+
+
+def run_replicated(pool: Pool, replicas: int, query: str = "") -> Any:
+    document = {"manifest": {"entrypoint": "main.py", "outputs": ["*.txt"],
+                             "replicas": replicas}, "files": {"main.py": "print(1)"}}
+    return pool.reply(pool.begin("POST", "/run" + query, json.dumps(document).encode(),
+                                 {"Content-Type": "application/json",
+                                  "X-Forwarded-For": "192.0.2.10"}))
+
+
+def test_run_of_a_replicated_job_answers_the_consensus_with_the_result(tmp_path: Any) -> None:
+    pool = ready(tmp_path)
+    doc = run_replicated(pool, 2, "?keep=false").json()
+    assert doc["status"] == "completed" and doc["consensus"]["agreed"] is True
+    assert doc["stdout"] == "hello\n" and [o["path"] for o in doc["outputs"]] == ["out.txt"]
+    assert all(not w.manager.jobs for w in pool.workers)  # every replica deleted
+
+
+def test_run_of_a_disagreeing_job_hands_out_no_outputs(tmp_path: Any) -> None:
+    pool = ready(tmp_path, 2)
+    pool.workers[1].sandbox.tamper = "output"
+    doc = run_replicated(pool, 2).json()
+    assert doc["status"] == "failed" and doc["outputs"] == []
+    assert doc["execution_metadata"]["reason"] == "replica_disagreement"
