@@ -35,6 +35,7 @@ from coordinator.stream import StreamRelay
 from coordinator.tls import load_trust_root
 from coordinator.uploads import default_spool_dir, request_factory
 from coordinator.worker_client import WorkerClient
+from sandrun.daemon import address_text
 
 log = Logger()
 
@@ -127,7 +128,8 @@ class CoordinatorService(service.MultiService):
         self.reactor = reactor
         self.config = config
         entries = load_workers(config.workers_path)
-        self.registry = WorkerRegistry(entries, drain_seconds=config.drain_seconds)
+        self.registry = WorkerRegistry(entries, drain_seconds=config.drain_seconds,
+                                       max_disagreements=config.max_disagreements)
         self.pool: HTTPConnectionPool | None = None
         trust_root = load_trust_root(config.worker_cacert) if config.worker_cacert else None
         if http is None:
@@ -151,7 +153,7 @@ class CoordinatorService(service.MultiService):
         self.port = yield serverFromString(self.reactor, self.config.listen).listen(self.site)
         healthy = len(self.registry.healthy())
         log.info("sandrun coordinator listening on {address}: {healthy} of {total} workers "
-                 "healthy", address=self.port.getHost(), healthy=healthy,
+                 "healthy", address=address_text(self.port.getHost()), healthy=healthy,
                  total=len(self.registry.workers()))
         self.health.start(now=False)
         super().startService()
