@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"(default {WorkerConfig.env_dir})")
     serve.add_argument("--deps-dir", default=WorkerConfig.deps_dir,
                        help=f"cache of fetched job dependencies (default {WorkerConfig.deps_dir})")
+    serve.add_argument("--allow-unlimited-swap", action="store_true",
+                       help="start even where the host has swap on and cannot cap a job's "
+                            "swap use (otherwise the worker refuses to start)")
     serve.add_argument("--worker-key", help="Ed25519 PKCS#8 PEM private key (sandrun keygen)")
     serve.add_argument("--trusted-proxy", action="append", default=[],
                        help="address or CIDR whose X-Forwarded-For is believed (repeatable)")
@@ -42,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-memory-mb", type=int, default=d.max_memory_mb)
     serve.add_argument("--output-cap-mb", type=float, default=d.output_cap_bytes / 2**20)
     serve.add_argument("--max-pids", type=int, default=d.max_pids)
+    serve.add_argument("--max-cpus", type=float, default=d.max_cpus,
+                       help="most CPU bandwidth (cores) a manifest's cpus may ask for; a job "
+                            f"gets {d.default_cpus:g} core by default (default: {d.max_cpus:g})")
     serve.add_argument("--cpu-quota", type=float, default=q.cpu_seconds_per_minute,
                        help="CPU-seconds per client IP per rolling minute")
     serve.add_argument("--max-active-per-ip", type=int, default=q.max_active_jobs)
@@ -71,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from(args: argparse.Namespace) -> WorkerConfig:
     limits = Limits(max_upload_bytes=args.max_upload_mb * 10**6, max_timeout=args.max_timeout,
                     max_memory_mb=args.max_memory_mb,
-                    output_cap_bytes=int(args.output_cap_mb * 2**20), max_pids=args.max_pids)
+                    output_cap_bytes=int(args.output_cap_mb * 2**20), max_pids=args.max_pids,
+                    max_cpus=args.max_cpus,
+                    default_cpus=min(Limits.default_cpus, args.max_cpus))
     quotas = QuotaConfig(cpu_seconds_per_minute=args.cpu_quota,
                          max_active_jobs=args.max_active_per_ip,
                          jobs_per_hour=args.jobs_per_hour)
@@ -80,7 +88,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
-                        trusted_proxies=tuple(args.trusted_proxy))
+                        trusted_proxies=tuple(args.trusted_proxy),
+                        allow_unlimited_swap=args.allow_unlimited_swap)
 
 
 def serve(config: WorkerConfig) -> None:
