@@ -70,6 +70,7 @@ class PoolQuota:
     cpu_seconds_per_minute: float = 10.0  # CPU-seconds, summed over every worker
     max_active_jobs: int = 2  # queued or running, anywhere in the pool
     jobs_per_hour: int = 20  # accepted submissions, anywhere in the pool
+    exempt: tuple[str, ...] = ()  # addresses or CIDR networks no pool quota applies to
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from coordinator.registry import WorkerRegistry
 from coordinator.stream import StreamRelay
 from coordinator.uploads import default_spool_dir, request_factory
 from coordinator.worker_client import WorkerClient
+from sandrun.daemon import address_text
 
 log = Logger()
 
@@ -145,7 +146,7 @@ class CoordinatorService(service.MultiService):
         self.port = yield serverFromString(self.reactor, self.config.listen).listen(self.site)
         healthy = len(self.registry.healthy())
         log.info("sandrun coordinator listening on {address}: {healthy} of {total} workers "
-                 "healthy", address=self.port.getHost(), healthy=healthy,
+                 "healthy", address=address_text(self.port.getHost()), healthy=healthy,
                  total=len(self.registry.workers()))
         self.health.start(now=False)
         super().startService()

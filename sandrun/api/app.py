@@ -38,7 +38,7 @@ from sandrun.jobs.manifest import Manifest
 from sandrun.jobs.model import Job, iso
 from sandrun.jobs.runtimes import Runtime, RuntimeList
 from sandrun.jobs.workspace import OutputNotFound, open_output
-from sandrun.netaddr import client_key, trusted_client_address
+from sandrun.netaddr import address_in, client_key, trusted_client_address
 from sandrun.wire import JobStatus
 
 log = Logger()
@@ -132,13 +132,20 @@ class WorkerAPI:
     # -- helpers -------------------------------------------------------------
 
     def client(self, request: IRequest) -> str:
+        return client_key(self.client_address(request))
+
+    def client_address(self, request: IRequest) -> str:
         peer = request.getClientAddress()
         host = getattr(peer, "host", "unix")
         # Every X-Forwarded-For line, in order: a proxy may add its own line.
         lines = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
         forwarded = b",".join(lines).decode("latin-1") if lines else None
-        address = trusted_client_address(host, forwarded, self.config.trusted_proxies)
-        return client_key(address)
+        return trusted_client_address(host, forwarded, self.config.trusted_proxies)
+
+    def quota_exempt(self, request: IRequest) -> bool:
+        """Whether the request comes from a ``--quota-exempt`` address (the one
+        ``client`` charges, so a trusted proxy's X-Forwarded-For counts)."""
+        return address_in(self.client_address(request), self.config.quotas.exempt)
 
     def early_refusal(self, request: IRequest) -> uploads.Refusal | None:
         """For ``UploadRequest``: refuse a submission from its headers, before its body.
@@ -146,7 +153,7 @@ class WorkerAPI:
         The same checks run again once the upload is in (things change meanwhile).
         """
         try:
-            self.manager.admit(self.client(request))
+            self.manager.admit(self.client(request), self.quota_exempt(request))
         except Exception as e:  # noqa: BLE001 (mapped, and anything unexpected is left to the route)
             error = to_api_error(e)
             if error.status >= 500 and error.status != 503:
@@ -201,6 +208,9 @@ class WorkerAPI:
     @_api
     def stats(self, request: IRequest) -> bytes:
         quota = self.manager.limiter.quota(self.client(request), self.manager.reactor.seconds())
+        quota["exempt"] = self.quota_exempt(request)
+        if quota["exempt"]:
+            quota.update(can_submit=True, reason=None, retry_after=0)
         return write_json(request, {"your_quota": quota, "system": self.manager.stats()})
 
     @app.route("/runtimes", methods=["GET"])
@@ -264,7 +274,8 @@ class WorkerAPI:
             raise APIError(413, "Upload too large",
                            f"the limit is {self.config.limits.max_upload_bytes} bytes")
         kind = content_type(request)
-        self.manager.admit(client)
+        exempt = self.quota_exempt(request)
+        self.manager.admit(client, exempt)
         job_id = new_job_id()
         base = self.manager.create_workspace(job_id)
 
@@ -278,7 +289,7 @@ class WorkerAPI:
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
                       submitted_at=self.manager.reactor.seconds(),
-                      log=self.manager.new_log(base))
+                      log=self.manager.new_log(base), quota_exempt=exempt)
             return job, self.manager.submit(job)
 
         def failed(failure: Any) -> Any:

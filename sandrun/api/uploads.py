@@ -158,6 +158,7 @@ class WorkerSite(server.Site):
     """The worker's site: our channel, and an access log with no job content."""
 
     protocol = WorkerChannel  # type: ignore[assignment]
+    noisy = False  # no "Starting factory <...WorkerSite object at 0x...>" line
 
     def log(self, request: Any) -> None:
         log.info("{method} {route} {code} {length}",

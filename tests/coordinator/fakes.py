@@ -39,6 +39,7 @@ from sandrun.api.uploads import request_factory
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
+from sandrun.jobs.runtimes import Runtime, RuntimeList
 from sandrun.sandbox.supervisor import SandboxResult, Slot
 from sandrun.wire import Reason
 from tests.unit.worker_fakes import FakeStorage
@@ -114,6 +115,7 @@ def _read(path: str) -> str:
         return ""
 
 
+RUNTIMES = (Runtime("python3", "python", "3.11.2", "/usr/bin/python3", (".py",), ("python",)),)
 ROOMY = QuotaConfig(cpu_seconds_per_minute=1000.0, max_active_jobs=100, jobs_per_hour=1000)
 
 
@@ -138,7 +140,8 @@ class FakeWorker:
                                   config, RateLimiter(self.quotas), self.identity,
                                   blocking=synchronous)
         self.manager.start()
-        self.api = WorkerAPI(self.manager, config, self.identity)
+        self.api = WorkerAPI(self.manager, config, self.identity,
+                             runtimes=RuntimeList(synchronous, lambda: RUNTIMES))
         self.agent = RequestTraversalAgent(self.api.resource())
         self.agent._serverFactory.requestFactory = request_factory(
             config.limits, self.storage.uploads_dir)
@@ -262,6 +265,39 @@ class Pool:
 
     def get(self, path: str, **kwargs: Any) -> Reply:
         return self.request("GET", path, **kwargs)
+
+    def begin(self, method: str, path: str, body: bytes | None = None,
+              headers: dict[str, str] | None = None) -> defer.Deferred[Any]:
+        """Send a request and return at once (``/run``, ``?wait=``); ``reply`` waits."""
+        hdrs = {k: [v] for k, v in (headers or {}).items()}
+        d: defer.Deferred[Any] = self.stub.request(method, "http://coordinator.test" + path,
+                                                   data=body, headers=hdrs)
+        self.pump()
+        return d
+
+    def pump(self) -> None:
+        for _ in range(50):
+            self.stub.flush()
+            self.network.flush()
+            self.clock.advance(0)
+
+    def answered(self, d: defer.Deferred[Any]) -> bool:
+        self.pump()
+        seen: list[Any] = []
+
+        def note(result: Any) -> Any:
+            seen.append(result)
+            return result
+
+        d.addBoth(note)
+        return bool(seen)
+
+    def reply(self, d: defer.Deferred[Any]) -> Reply:
+        response = self.settle(d)
+        content = self.settle(response.content())
+        return Reply(response.code,
+                     {k.decode().lower(): [v.decode("latin-1") for v in vs]
+                      for k, vs in response.headers.getAllRawHeaders()}, content)
 
     def post_submit(self, code: str = "print(1)", client: str = "192.0.2.10",
                     manifest: dict[str, Any] | None = None) -> Reply:

@@ -78,3 +78,20 @@ def test_a_bad_trusted_proxy_is_refused() -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--trusted-proxy", "not-an-address"])
     assert "--trusted-proxy" in str(exit_.value)
+
+
+def test_quota_exempt_reaches_the_config_and_a_bad_entry_is_refused() -> None:
+    config = config_from(build_parser().parse_args(
+        ["--quota-exempt", "10.0.0.0/8", "--quota-exempt", "::1"]))
+    assert config.quotas.exempt == ("10.0.0.0/8", "::1")
+    assert config_from(build_parser().parse_args([])).quotas.exempt == ()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--quota-exempt", "nowhere"])
+    assert "bad --quota-exempt" in str(exit_.value)
+
+
+def test_version_is_printed_like_the_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("sandrun-coordinator ")

@@ -426,3 +426,16 @@ def test_a_download_registers_the_worker_connection_as_the_clients_producer() ->
     d2.cancel()
     d2.addErrback(lambda f: f.trap(defer.CancelledError))
     assert transport2.stopped
+
+
+def test_an_exempt_client_passes_the_pool_quota_and_a_refusal_says_how_to_lift_it(
+        tmp_path: Any) -> None:
+    exempt = "198.51.100.0/24"
+    pool = ready(tmp_path, 2, quotas=PoolQuota(100.0, 1, 100, exempt=(exempt,)),
+                 worker_quotas=QuotaConfig(100.0, 1, 100, exempt=(exempt,)))
+    for _ in range(3):  # three jobs at once where the quota allows one
+        assert pool.post_submit(HOLD, client="198.51.100.7").status == 200
+    pool.submit(HOLD)
+    refused = pool.post_submit(HOLD)
+    assert refused.status == 429
+    assert "--quota-exempt" in refused.json()["details"]

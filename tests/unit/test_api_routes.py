@@ -100,7 +100,8 @@ def test_stats_show_the_callers_own_quota_and_the_system(tmp_path: Any) -> None:
     body = h.get("/stats").json()
     assert set(body["your_quota"]) == {"used", "limit", "available", "active_jobs",
                                        "max_concurrent", "jobs_this_hour", "hourly_limit",
-                                       "can_submit", "reason", "retry_after"}
+                                       "can_submit", "reason", "retry_after", "exempt"}
+    assert body["your_quota"]["exempt"] is False
     assert body["your_quota"]["active_jobs"] == 2
     assert body["your_quota"]["jobs_this_hour"] == 2
     assert body["your_quota"]["can_submit"] is True

@@ -412,6 +412,6 @@ def test_a_submission_refused_after_its_upload_leaves_no_log_file(
     h.submit()
     # As when another submission of the same client won the race while this one
     # uploaded: the early checks pass, the final one in manager.submit refuses.
-    monkeypatch.setattr(h.manager, "admit", lambda client: None)
+    monkeypatch.setattr(h.manager, "admit", lambda client, exempt=False: None)
     assert h.post_json({"files": {"a.py": ""}}).status == 429
     assert len(h.storage.logs()) == 1 and len(h.storage.job_ids()) == 1
