@@ -84,6 +84,7 @@ MAX_ARGV_ENV_BYTES = 256 * 1024  # all arguments and env strings together, in UT
 # bytes): one message on the launcher's socket holds about 208 KiB, the policy included.
 MAX_LAUNCH_ARGV_ENV_BYTES = 192 * 1024
 MAX_OUTPUT_PATTERNS = 256  # every listed output is matched against every pattern
+MAX_REPLICAS = 16  # a coordinator's --max-replicas is lower; a worker runs one copy regardless
 
 _FIELDS = frozenset(
     {
@@ -100,6 +101,7 @@ _FIELDS = frozenset(
         "cpu_seconds",
         "cpus",
         "gpu",
+        "replicas",
     }
 )
 _GPU_FIELDS = frozenset(
@@ -166,6 +168,9 @@ class Manifest:
     cpu_seconds: float | None = None  # total CPU time allowed, None = no cap but timeout
     cpus: float = 1.0  # CPU bandwidth: cores' worth of CPU time per wall second
     gpu: GpuRequest | None = None
+    # How many workers a coordinator runs the job on, comparing their signed results;
+    # a worker alone runs it once whatever this says.
+    replicas: int = 1
 
     def as_json(self) -> dict[str, Any]:
         """The canonical dict (every field, defaults filled): what ``job_hash`` covers.
@@ -187,6 +192,7 @@ class Manifest:
             "cpu_seconds": self.cpu_seconds,
             "cpus": self.cpus,
             "gpu": None if self.gpu is None else self.gpu.as_json(),
+            "replicas": self.replicas,
         }
 
     def env_dict(self) -> dict[str, str]:
@@ -357,6 +363,7 @@ def parse_manifest(
         raise ManifestError("cpus", f"between {MIN_CPUS:g} and {limits.max_cpus:g}")
 
     gpu = raw.get("gpu")
+    replicas = _int(raw.get("replicas", 1), "replicas", 1, MAX_REPLICAS)
     return Manifest(
         entrypoint=entrypoint,
         interpreter=interpreter,
@@ -371,6 +378,7 @@ def parse_manifest(
         cpu_seconds=cpu_seconds,
         cpus=cpus,
         gpu=None if gpu is None else _gpu(gpu),
+        replicas=replicas,
     )
 
 

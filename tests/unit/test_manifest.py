@@ -121,7 +121,7 @@ def test_the_canonical_json_holds_every_field_and_parses_back_to_the_same_manife
     assert sorted(canonical) == sorted(
         [
             "entrypoint", "interpreter", "args", "env", "stdin", "outputs", "requirements",
-            "environment", "timeout", "memory_mb", "cpu_seconds", "cpus", "gpu",
+            "environment", "timeout", "memory_mb", "cpu_seconds", "cpus", "gpu", "replicas",
         ]
     )
     assert canonical["env"] == {"A": "2", "Z": "1"}
@@ -555,3 +555,12 @@ def test_args_or_env_too_large_for_the_launch_request_are_refused_naming_the_fie
         parse_manifest({"entrypoint": "a.py", **manifest}, LIMITS)
     assert caught.value.field == field
     assert "as JSON" in caught.value.message
+
+
+def test_replicas_default_to_one_and_take_a_bounded_integer() -> None:
+    assert parse().replicas == 1
+    assert parse(replicas=3).replicas == 3
+    for bad in (0, 17, "2", 2.0, True):
+        with pytest.raises(ManifestError) as caught:
+            parse(replicas=bad)
+        assert caught.value.field == "replicas"
