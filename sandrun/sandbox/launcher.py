@@ -127,6 +127,7 @@ class Launcher:
     instance: str
     seccomp_file: str
     loopback_file: str  # the netlink request that sets lo up, from network.py
+    allow_unlimited_swap: bool = False  # start even where a job's swap cannot be capped
     spares: list[_Zygote] = field(default_factory=list)  # oldest first
     jobs: dict[int, _Job] = field(default_factory=dict)  # by pidfd
     by_id: dict[str, _Job] = field(default_factory=dict)
@@ -143,6 +144,12 @@ class Launcher:
         self.lib_dirs = mounts.host_lib_dirs()
         self.arg_area = pid1.arg_area()
         self.cgroups = cgroups.CgroupManager(self.instance)
+        if not self.allow_unlimited_swap and self.cgroups.swap_unlimited():
+            # Fail closed: a job's memory limit would not bound what it swaps out.
+            raise cgroups.CgroupError(
+                "swap is on and this host cannot limit a job's swap (no memory.memsw on "
+                "cgroup v1, no memory.swap.max on v2); turn swap off, enable swap "
+                "accounting, or start with --allow-unlimited-swap")
         self.stale = self.cgroups.cleanup_stale()
         with open(self.seccomp_file, "rb") as f:
             self.filters = seccomp.PreparedFilters(seccomp.split_programs(f.read()))
@@ -329,7 +336,7 @@ class Launcher:
             mntns = _open_mount_namespace(zygote.pid)
             try:
                 group = self.cgroups.assign(zygote.cgroup, job_id, request.policy.memory_bytes,
-                                            request.policy.pids_max)
+                                            request.policy.pids_max, request.policy.cpus)
             except (OSError, cgroups.CgroupError) as e:
                 raise SetupError("cgroup", e) from None
             try:
@@ -624,6 +631,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instance", required=True, help="cgroup directory name")
     parser.add_argument("--seccomp", required=True, help="BPF programs from seccomp.py")
     parser.add_argument("--loopback", required=True, help="netlink request from network.py")
+    parser.add_argument("--allow-unlimited-swap", action="store_true",
+                        help="start even where a job's swap use cannot be capped")
     args = parser.parse_args(argv)
     ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the worker
     # Python ignores these; an ignored signal stays ignored across exec, and the
@@ -633,7 +642,8 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(fileno=args.fd)
     try:
         ns.drop_bounding_set(ns.last_capability())
-        launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp, args.loopback)
+        launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp, args.loopback,
+                            allow_unlimited_swap=args.allow_unlimited_swap)
     except Exception as e:
         sock.send(json.dumps({"event": "fatal", "message": f"{type(e).__name__}: {e}"}).encode(),
                   socket.MSG_NOSIGNAL)
