@@ -71,6 +71,12 @@ def add_serve_command(commands: Any) -> None:
     flag("--worker-key", metavar="PEM",
          help="Ed25519 PKCS#8 PEM private key, from sandrun keygen (default: none, "
               "results are not signed)")
+    flag("--join", metavar="URL",
+         help="announce this worker to the coordinator at URL, which must run with "
+              "--open-enrollment; needs --worker-key (default: none)")
+    flag("--advertise", metavar="URL",
+         help="this worker's URL as the coordinator reaches it, for --join (default: "
+              "http:// and the --listen address)")
     flag("--trusted-proxy", action="append", default=None, metavar="CIDR",
          help="address or network whose X-Forwarded-For is believed (repeatable; "
               "default: none)")
@@ -185,7 +191,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
-                        trusted_proxies=tuple(args.trusted_proxy or ()))
+                        trusted_proxies=tuple(args.trusted_proxy or ()),
+                        join=args.join, advertise=args.advertise)
 
 
 def check_config(config: WorkerConfig) -> str | None:
@@ -198,6 +205,11 @@ def check_config(config: WorkerConfig) -> str | None:
             parse_trusted_proxies(tuple(entries))
         except ValueError as e:
             return f"bad {flag}: {e}"
+    if config.join and not config.worker_key:
+        return "--join needs --worker-key: joining a pool means proving the key"
+    for flag, url in (("--join", config.join), ("--advertise", config.advertise)):
+        if url and not url.startswith(("http://", "https://")):
+            return f"bad {flag}: {url!r} is not an http:// or https:// URL"
     limits = config.limits
     if not 1 <= limits.default_timeout <= limits.max_timeout:
         return "--default-timeout must be between 1 and --max-timeout"
