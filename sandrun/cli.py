@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="verify a signed result")
     verify.add_argument("status", help="a job id (its /status is fetched from --server), "
                         "a file with the /status JSON, or - for stdin")
-    verify.add_argument("--worker-id", required=True, help="the worker's base64 public key")
+    verify.add_argument("--worker-id",
+                        help="the worker's base64 public key (optional for a coordinator's "
+                             "consensus answer: each replica is checked under its own key, "
+                             "and a given id must be one of them)")
     verify.add_argument("--server", help="worker or coordinator URL for a job id "
                         "(default: $SANDRUN_URL or http://127.0.0.1:8443)")
 
@@ -291,11 +294,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_client_command(args))
 
 
-def _verify(target: str, worker_id: str, server: str | None) -> int:
+def _verify(target: str, worker_id: str | None, server: str | None) -> int:
     """``sandrun verify``: a saved /status document, or a job id fetched from a server."""
     from sandrun.identity import verify_main
 
-    if not (target.startswith("job-") and not os.path.exists(target)):
+    # A worker's job id, or a coordinator's (``<tag>.<time>.job-...``, ``~`` between replicas).
+    is_job_id = target.startswith("job-") or ".job-" in target
+    if not is_job_id or os.path.exists(target):
         return verify_main(target, worker_id)
     import json
     import tempfile
