@@ -7,6 +7,7 @@ coordinator (``coordinator.proxy``) answer alike.
 - ``client_key``: IPv4 as is, IPv6 by its /64, IPv4-mapped IPv6 as the IPv4.
 - ``trusted_client_address``: X-Forwarded-For is believed only from a trusted
   proxy (``--trusted-proxy``), and then its right-most hop that is not one.
+- ``address_in``: whether that address is in a list of networks (``--quota-exempt``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def parse_trusted_proxies(entries: tuple[str, ...]) -> tuple[_Network, ...]:
 
 def _is_trusted(addr: _Address, networks: tuple[_Network, ...]) -> bool:
     return any(addr.version == net.version and addr in net for net in networks)
+
+
+def address_in(address: str, entries: tuple[str, ...]) -> bool:
+    """Whether *address* (as ``trusted_client_address`` gives it) lies in one of *entries*,
+    addresses or CIDR networks (``--quota-exempt``); a non-IP peer is in none."""
+    if not entries:
+        return False
+    addr = _parse_ip(address)
+    return addr is not None and _is_trusted(addr, parse_trusted_proxies(tuple(entries)))
 
 
 def _parse_forwarded_hop(hop: str) -> _Address | None:

@@ -80,6 +80,7 @@ MIN_MEMORY_MB = 16  # below this no interpreter starts
 MAX_ARG_BYTES = 128 * 1024 - 1  # one argument, or one NAME=value, in UTF-8 bytes
 MAX_ARGV_ENV_BYTES = 256 * 1024  # all arguments and env strings together, in UTF-8 bytes
 MAX_OUTPUT_PATTERNS = 256  # every listed output is matched against every pattern
+MAX_REPLICAS = 16  # a coordinator's --max-replicas is lower; a worker runs one copy regardless
 
 _FIELDS = frozenset(
     {
@@ -95,6 +96,7 @@ _FIELDS = frozenset(
         "memory_mb",
         "cpu_seconds",
         "gpu",
+        "replicas",
     }
 )
 _GPU_FIELDS = frozenset(
@@ -160,6 +162,9 @@ class Manifest:
     memory_mb: int = 512  # MB of RAM
     cpu_seconds: float | None = None  # total CPU time allowed, None = no cap but timeout
     gpu: GpuRequest | None = None
+    # How many workers a coordinator runs the job on, comparing their signed results;
+    # a worker alone runs it once whatever this says.
+    replicas: int = 1
 
     def as_json(self) -> dict[str, Any]:
         """The canonical dict (every field, defaults filled): what ``job_hash`` covers.
@@ -180,6 +185,7 @@ class Manifest:
             "memory_mb": self.memory_mb,
             "cpu_seconds": self.cpu_seconds,
             "gpu": None if self.gpu is None else self.gpu.as_json(),
+            "replicas": self.replicas,
         }
 
     def env_dict(self) -> dict[str, str]:
@@ -347,6 +353,7 @@ def parse_manifest(
             raise ManifestError("cpu_seconds", f"at most {limits.max_cpu_seconds:g}")
 
     gpu = raw.get("gpu")
+    replicas = _int(raw.get("replicas", 1), "replicas", 1, MAX_REPLICAS)
     return Manifest(
         entrypoint=entrypoint,
         interpreter=interpreter,
@@ -360,6 +367,7 @@ def parse_manifest(
         memory_mb=memory_mb,
         cpu_seconds=cpu_seconds,
         gpu=None if gpu is None else _gpu(gpu),
+        replicas=replicas,
     )
 
 

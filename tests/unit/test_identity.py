@@ -23,6 +23,7 @@ from sandrun.identity import (
     health_response,
     job_hash,
     keygen_main,
+    show_key_main,
     sign_result,
     status_result,
     verify_health,
@@ -91,6 +92,8 @@ def signed_status(identity: WorkerIdentity) -> dict[str, Any]:
         "wall_time_ms": 412,
         "finished_at": "2025-01-02T03:04:05Z",
         "outputs": {"out/result.csv": SHA_A, "plot.png": SHA_B},
+        "stdout_sha256": SHA_A,
+        "stderr_sha256": SHA_B,
     }
     signed, signature = sign_result(identity, result)
     status = {
@@ -109,6 +112,8 @@ def signed_status(identity: WorkerIdentity) -> dict[str, Any]:
             "reason": result["reason"],
             "environment": "default",
             "interpreter": "python3",
+            "stdout_sha256": result["stdout_sha256"],
+            "stderr_sha256": result["stderr_sha256"],
         },
         "job_hash": result["job_hash"],
         "output_files": {
@@ -400,6 +405,7 @@ def test_result_fields_are_the_ones_the_contract_names() -> None:
     assert set(RESULT_FIELDS) == {
         "job_id", "job_hash", "worker_id", "status", "reason", "exit_code",
         "cpu_seconds", "memory_peak_bytes", "wall_time_ms", "finished_at", "outputs",
+        "stdout_sha256", "stderr_sha256",
     }  # fmt: skip
 
 
@@ -478,6 +484,8 @@ TAMPERINGS: dict[str, Callable[[dict[str, Any]], None]] = {
     "cpu_seconds": _set("execution_metadata", "cpu_seconds", value=0.5),
     "memory_peak_bytes": _set("execution_metadata", "memory_peak_bytes", value=1),
     "wall_time_ms": _set("execution_metadata", "wall_time_ms", value=413),
+    "stdout_sha256": _set("execution_metadata", "stdout_sha256", value="0" * 64),
+    "stderr_sha256": _set("execution_metadata", "stderr_sha256", value="0" * 64),
     "finished_at": _set("finished_at", value="2025-01-02T03:04:06Z"),
     "job_hash": _set("job_hash", value="e" * 64),
     "an output's sha256": _set("output_files", "plot.png", "sha256", value=SHA_C),
@@ -656,6 +664,19 @@ def test_keygen_writes_a_0600_key_and_prints_its_worker_id(
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_keygen_show_prints_the_worker_id_of_an_existing_key_and_refuses_a_missing_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "w.pem"
+    keygen_main(str(path), force=False)
+    made = capsys.readouterr().out
+    assert show_key_main(str(path)) == 0
+    assert capsys.readouterr().out == made
+    assert show_key_main(str(tmp_path / "absent.pem")) == 1
+    captured = capsys.readouterr()
+    assert "does not exist" in captured.err and captured.out == ""
+
+
 def test_keygen_writes_sandrun_worker_pem_in_the_current_directory_by_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -708,7 +729,7 @@ def test_verify_names_the_tampered_field(
     status["execution_metadata"]["exit_code"] = 0
     path = tmp_path / "status.json"
     path.write_text(json.dumps(status))
-    assert verify_main(str(path), identity.worker_id) == 1
+    assert verify_main(str(path), identity.worker_id) == 76
     out = capsys.readouterr().out
     assert out.startswith("INVALID: ")
     assert "exit_code" in out
@@ -722,7 +743,7 @@ def test_verify_rejects_another_workers_id(
 ) -> None:
     path = tmp_path / "status.json"
     path.write_text(json.dumps(signed_status(identity)))
-    assert verify_main(str(path), other.worker_id) == 1
+    assert verify_main(str(path), other.worker_id) == 76
     assert capsys.readouterr().out.startswith("INVALID: ")
 
 
@@ -731,14 +752,14 @@ def test_verify_rejects_a_file_that_is_not_json(
 ) -> None:
     path = tmp_path / "status.json"
     path.write_text("<html>")
-    assert verify_main(str(path), identity.worker_id) == 1
+    assert verify_main(str(path), identity.worker_id) == 76
     assert capsys.readouterr().out == "INVALID: the status document is not JSON\n"
 
 
 def test_verify_reports_a_missing_file_on_stderr(
     identity: WorkerIdentity, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert verify_main(str(tmp_path / "absent.json"), identity.worker_id) == 1
+    assert verify_main(str(tmp_path / "absent.json"), identity.worker_id) == 66
     captured = capsys.readouterr()
     assert "cannot read" in captured.err
     assert captured.out == ""
@@ -749,12 +770,14 @@ def test_a_status_relayed_by_a_coordinator_verifies_through_the_workers_own_job_
     result = {"job_id": "job-abc", "job_hash": "0" * 64, "worker_id": identity.worker_id,
               "status": "completed", "reason": "completed", "exit_code": 0,
               "cpu_seconds": 0.1, "memory_peak_bytes": 1, "wall_time_ms": 2.0,
-              "finished_at": "2026-01-01T00:00:00.000Z", "outputs": {}}
+              "finished_at": "2026-01-01T00:00:00.000Z", "outputs": {},
+              "stdout_sha256": "1" * 64, "stderr_sha256": "2" * 64}
     signed, signature = sign_result(identity, result)
     status = {"job_id": "tag12345.1700000000.job-abc", "status": "completed",
               "finished_at": result["finished_at"], "job_hash": result["job_hash"],
               "execution_metadata": {k: result[k] for k in (
-                  "cpu_seconds", "memory_peak_bytes", "wall_time_ms", "exit_code", "reason")},
+                  "cpu_seconds", "memory_peak_bytes", "wall_time_ms", "exit_code", "reason",
+                  "stdout_sha256", "stderr_sha256")},
               "output_files": {},
               "worker_metadata": {"worker_id": identity.worker_id, "signature": signature,
                                   "signed": signed, "job_id": "job-abc"}}

@@ -121,7 +121,7 @@ def test_the_canonical_json_holds_every_field_and_parses_back_to_the_same_manife
     assert sorted(canonical) == sorted(
         [
             "entrypoint", "interpreter", "args", "env", "stdin", "outputs", "requirements",
-            "environment", "timeout", "memory_mb", "cpu_seconds", "gpu",
+            "environment", "timeout", "memory_mb", "cpu_seconds", "gpu", "replicas",
         ]
     )
     assert canonical["env"] == {"A": "2", "Z": "1"}
@@ -532,3 +532,12 @@ def test_a_json_manifest_with_a_wrong_field_names_that_field() -> None:
 def test_a_manifest_error_reads_as_field_and_message() -> None:
     error = ManifestError("env.LD_PRELOAD", "LD_* variables are not allowed")
     assert str(error) == "env.LD_PRELOAD: LD_* variables are not allowed"
+
+
+def test_replicas_default_to_one_and_take_a_bounded_integer() -> None:
+    assert parse().replicas == 1
+    assert parse(replicas=3).replicas == 3
+    for bad in (0, 17, "2", 2.0, True):
+        with pytest.raises(ManifestError) as caught:
+            parse(replicas=bad)
+        assert caught.value.field == "replicas"
