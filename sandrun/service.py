@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from sandrun import identity as ident
 from sandrun.announce import Announcer
 from sandrun.api.app import WorkerAPI
+from sandrun.api.unpacker import Unpacker
 from sandrun.api.uploads import WorkerSite, request_factory
 from sandrun.config import WorkerConfig
 from sandrun.environments import DependencyCache, Environments, Registry
@@ -59,8 +60,10 @@ class WorkerService(service.MultiService):
                                          DependencyCache(config.deps_dir))
         self.manager = JobManager(reactor, self.sandbox, self.storage, config, self.limiter,
                                   self.identity, environments=self.environments)
+        self.unpacker = Unpacker(config.limits)  # uploads are parsed in its children
         self.api = WorkerAPI(self.manager, config, self.identity,
-                             environments=self.environments.describe)
+                             environments=self.environments.describe,
+                             unpack=self.unpacker.parse)
         self.site = WorkerSite(self.api.resource())
         self.site.displayTracebacks = False
         self.port: Any = None
@@ -73,6 +76,8 @@ class WorkerService(service.MultiService):
         try:
             stale = self.storage.start()
             self._started.append("storage")
+            self.unpacker.start()
+            self._started.append("unpacker")
             self.site.requestFactory = request_factory(self.config.limits,
                                                        self.storage.uploads_dir,
                                                        self.api.early_refusal)
@@ -118,6 +123,8 @@ class WorkerService(service.MultiService):
             yield self.manager.stop()
         if "sandbox" in self._started:
             self.sandbox.stop()
+        if "unpacker" in self._started:
+            self.unpacker.stop()
         if "storage" in self._started:
             self.storage.stop()
         self._started.clear()
