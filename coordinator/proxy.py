@@ -8,6 +8,12 @@ What differs, and why:
   that refuses (429, 503) or cannot be reached is skipped for the next one;
   when none takes it the answer is 503 with ``retry_after`` (or the workers'
   429).  The answer's ``job_id`` is the coordinator's (``jobids.py``).
+- ``POST /run`` places the job as ``/submit`` does (the client's lock is held
+  only for that), then waits with the worker's long poll (``/status?wait=``)
+  and answers with the status, the worker's ``/logs`` and its ``/outputs``
+  (our URLs); ``?keep=0`` deletes the job on its worker once answered, and a
+  client that goes away has its job deleted.  ``/status?wait=S`` is forwarded
+  with a timeout of ``S`` plus the usual one.
 - Job endpoints find the worker from the job id and forward to it, with the
   client's address in X-Forwarded-For.  Every ``job_id`` and
   ``download_url`` in an answer is rewritten to the coordinator's id.
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from functools import wraps
 from importlib import metadata
 from typing import Any
@@ -48,10 +55,11 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coordinator.config import CoordinatorConfig
-from coordinator.errors import not_found
-from coordinator.jobids import JobRef, decode_job_id, encode_job_id
+from coordinator.errors import WorkerLost, not_found
+from coordinator.jobids import JobRef, decode_job_id, decode_replicas, encode_job_id
 from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
+from coordinator.replication import Replication
 from coordinator.scheduling import (
     drain_retry_after,
     free_slots,
@@ -60,6 +68,8 @@ from coordinator.scheduling import (
     pick_worker,
     rank_workers,
 )
+from coordinator.statusdocs import iso as _iso
+from coordinator.statusdocs import lost_status
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
     BadWorkerResponse,
@@ -72,8 +82,7 @@ from coordinator.worker_client import (
 from sandrun import httpjson
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.identity import verify_result
-from sandrun.netaddr import (address_in, client_key, parse_trusted_proxies,
-                             trusted_client_address)
+from sandrun.netaddr import address_in, client_key, parse_trusted_proxies, trusted_client_address
 from sandrun.wire import JobStatus, Reason
 
 log = Logger()
@@ -86,6 +95,9 @@ PRIVACY = ("No accounts and no logs of job content. The coordinator keeps no job
 REFRESH_AFTER = 0.1
 # Response headers of a worker that the client gets too.
 # (Twisted's client keeps Content-Length in ``response.length``, not in the headers.)
+# How long one long poll of a worker is held while a /run waits (the worker caps at 60).
+RUN_POLL_SECONDS = 30.0
+MAX_WAIT_SECONDS = 60.0  # the longest /status?wait= is held, as on a worker
 _PASSED_HEADERS = (b"content-type", b"content-disposition", b"retry-after")
 
 
@@ -96,8 +108,30 @@ def _version() -> str:
         return "unknown"
 
 
-class WorkerLost(Exception):
-    """The job's worker is gone; the message says how we know."""
+@dataclass
+class Placement:
+    """Where a submission went: ``state`` took it, or nobody did (``response`` says why,
+    when a worker's answer is to be relayed)."""
+
+    state: WorkerState | None
+    response: Any = None
+    doc: Any = None
+    dispatched_at: float = 0.0
+
+    def ref(self) -> JobRef:
+        assert self.state is not None
+        cid = self.job_id()
+        ref = decode_job_id(cid)
+        assert ref is not None
+        return ref
+
+    def job_id(self) -> str:
+        """The coordinator's id for the job; ``BadWorkerResponse`` for a malformed one."""
+        assert self.state is not None
+        try:
+            return encode_job_id(self.state.entry.tag, self.dispatched_at, self.doc["job_id"])
+        except ValueError as e:
+            raise BadWorkerResponse(str(e)) from None
 
 
 def _api(handler: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
@@ -151,6 +185,8 @@ class CoordinatorAPI:
         parse_trusted_proxies(config.trusted_proxies)  # a bad entry fails here, not per request
         parse_trusted_proxies(config.quotas.exempt)
         self.locks = ClientLocks()
+        self.replication = Replication(reactor, registry, client, config, self.place,
+                                       self.forward)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -170,11 +206,16 @@ class CoordinatorAPI:
         return headers
 
     def locate(self, job_id: str) -> tuple[JobRef, WorkerState]:
-        ref = decode_job_id(job_id)
+        """The job's worker; for a replicated job, its first replica's (see ``replication.py``)."""
+        refs = decode_replicas(job_id)
+        ref = refs[0] if refs else None
         state = self.registry.by_tag(ref.tag) if ref is not None else None
         if ref is None or state is None:
             raise not_found()
         return ref, state
+
+    def replicas_of(self, job_id: str) -> list[JobRef]:
+        return decode_replicas(job_id) or []
 
     async def forward(self, ref: JobRef, state: WorkerState, method: str, path: str,
                       headers: dict[bytes, list[bytes]], timeout: float | None = None) -> Any:
@@ -279,6 +320,14 @@ class CoordinatorAPI:
                                                 self.config.request_timeout)
         return write_json(request, body, code)
 
+    @app.route("/runtimes", methods=["GET"])
+    @_api
+    async def runtimes(self, request: Request) -> bytes:
+        state = self.pick_healthy()
+        code, body = await self.client.get_json(state.entry.endpoint + "/runtimes",
+                                                self.config.request_timeout)
+        return write_json(request, body, code)
+
     @app.route("/stats", methods=["GET"])
     @_api
     async def stats(self, request: Request) -> bytes:
@@ -319,11 +368,14 @@ class CoordinatorAPI:
     @_api
     async def submit(self, request: Request) -> bytes:
         address = self.client_address(request)
-        result: bytes = await self.locks.run(
-            client_key(address), lambda: defer.ensureDeferred(self._submit(request, address)))
-        return result
+        placed: Placed | bytes = await self.locks.run(
+            client_key(address), lambda: defer.ensureDeferred(self._place(request, address)))
+        if isinstance(placed, bytes):
+            return placed
+        return self.relay_json(request, placed.response, placed.doc, placed.job_id)
 
-    async def _submit(self, request: Request, address: str) -> bytes:
+    async def _place(self, request: Request, address: str) -> Placed | bytes:
+        """Send a submission to a worker that takes it; an error answer (bytes) if none does."""
         if not address_in(address, self.config.quotas.exempt):
             decision, _ = await self.pool_usage(address)
             if not decision.allowed:
@@ -334,11 +386,36 @@ class CoordinatorAPI:
         headers = {b"X-Forwarded-For": [address.encode("latin-1")]}
         if kind:
             headers[b"Content-Type"] = [kind]
-        tried: set[str] = set()
-        refusal: tuple[Any, Any] | None = None
+        # The first replica (the only one, for most jobs) always goes to a listed worker.
+        placed = await self.place(body, headers, set(), open_ok=False)
+        if placed.state is None:
+            if placed.response is not None:
+                return self.relay_json(request, placed.response, placed.doc)
+            raise APIError(503, "No worker available",
+                           "every worker's queue is full, refused the job, or is unavailable",
+                           retry_after=self.retry_after_full())
+        replicas = placed.doc.get("replicas", 1)
+        if isinstance(replicas, int) and not isinstance(replicas, bool) and replicas > 1:
+            answer = await self.replication.submit(placed, replicas, body, headers)
+            return Placed(answer["job_id"], placed.response, answer)
+        log.info("job dispatched to {worker}", worker=placed.state.entry.label)
+        return Placed(placed.job_id(), placed.response, placed.doc)
+
+    def retry_after_full(self) -> int:
+        return drain_retry_after(self.registry.workers(), self.config.health_interval)
+
+    async def place(self, body: Any, headers: dict[bytes, list[bytes]], tried: set[str],
+                    open_ok: bool) -> Placement:
+        """Send a submission to the best worker that takes it, skipping those in ``tried``.
+
+        Adds every worker tried to ``tried``.  A worker that refuses (429,
+        503) or cannot be reached is skipped for the next; one that answers
+        400, 413, 415... is relayed (no worker would take the submission).
+        """
+        refusal: Placement | None = None
         refreshed = False
         while True:
-            state = pick_worker(self.registry.workers(), self.registry.cursor, tried)
+            state = pick_worker(self.registry.workers(), self.registry.cursor, tried, open_ok)
             if state is None and not refreshed and self.refresh is not None:
                 # Every worker looks full, but by loads up to a health interval old (plus
                 # what was sent since): jobs may have ended.  Ask again now rather than
@@ -371,24 +448,135 @@ class CoordinatorAPI:
             if response.code == 200 and isinstance(doc, dict) \
                     and isinstance(doc.get("job_id"), str):
                 self.registry.cursor += 1
-                try:
-                    cid = encode_job_id(state.entry.tag, dispatched_at, doc["job_id"])
-                except ValueError as e:
-                    raise BadWorkerResponse(str(e)) from None
-                log.info("job dispatched to {worker}", worker=state.entry.label)
-                return self.relay_json(request, response, doc, cid)
+                placed = Placement(state, response, doc, dispatched_at)
+                placed.job_id()  # a malformed id is a bad answer, before anything else
+                return placed
             self.registry.undo_dispatch(state)
             if response.code in (429, 503):
-                refusal = (response, doc)
+                refusal = Placement(None, response, doc)
                 continue
             # 400, 413, 415...: the submission itself is at fault; no worker would take it.
-            return self.relay_json(request, response, doc)
-        if refusal is not None and refusal[0].code == 429:
-            return self.relay_json(request, refusal[0], refusal[1])
-        raise APIError(503, "No worker available",
-                       "every worker's queue is full, refused the job, or is unavailable",
-                       retry_after=drain_retry_after(self.registry.workers(),
-                                                     self.config.health_interval))
+            return Placement(None, response, doc)
+        if refusal is not None and refusal.response.code == 429:
+            return refusal
+        return Placement(None)
+
+    @app.route("/run", methods=["POST"])
+    @_api
+    async def run(self, request: Request) -> bytes:
+        """Submit as ``/submit`` does, then answer with the whole result at the job's end.
+
+        The wait is the worker's long poll (``/status?wait=``), then its ``/logs`` and
+        ``/outputs``: the per-client lock is held only while the job is placed.  A
+        client that goes away first (Klein cancels this) has its job deleted.
+        """
+        keep = _keep_arg(request)
+        address = self.client_address(request)
+        placed: Placed | bytes = await self.locks.run(
+            client_key(address), lambda: defer.ensureDeferred(self._place(request, address)))
+        if isinstance(placed, bytes):
+            return placed
+        job_id = placed.job_id
+        ref, state = self.locate(job_id)
+        headers = self.forwarded(request)
+        refs = self.replicas_of(job_id)
+        if len(refs) > 1:
+            return write_json(request, await self.run_replicated(job_id, refs, headers, keep))
+        try:
+            status = await self.final_status(ref, state, headers)
+        except defer.CancelledError:
+            self.forget_quietly(ref, state, headers)
+            raise
+        except WorkerLost as e:
+            doc = lost_status(job_id, ref, state.worker_id, str(e))
+            doc.update(stdout="", stderr="", truncated={"stdout": False, "stderr": False},
+                       outputs=[], kept=False)
+            return write_json(request, doc)
+        if status is None:  # deleted meanwhile (by a DELETE with its id)
+            raise not_found()
+        logs = await self.forward_json(ref, state, "logs", headers)
+        listing = await self.forward_json(ref, state, "outputs", headers)
+        if not keep:
+            await self.forward_json(ref, state, "jobs", headers, method="DELETE")
+        doc = self.status_answer(job_id, state, status)
+        doc["stdout"] = logs.get("stdout", "")
+        doc["stderr"] = logs.get("stderr", "")
+        doc["truncated"] = logs.get("truncated", {"stdout": False, "stderr": False})
+        files = listing.get("files")
+        doc["outputs"] = self.rewrite_outputs(job_id, files if isinstance(files, list) else [],
+                                              keep)
+        doc["kept"] = keep
+        return write_json(request, doc)
+
+    async def run_replicated(self, job_id: str, refs: list[JobRef],
+                             headers: dict[bytes, list[bytes]], keep: bool) -> dict[str, Any]:
+        """``/run`` of a replicated job: every replica's end, then the consensus answer.
+
+        Logs come from the first replica; outputs only when the replicas agree.
+        """
+        try:
+            for replica in refs:
+                worker = self.registry.by_tag(replica.tag)
+                if worker is not None:
+                    try:
+                        await self.final_status(replica, worker, headers)
+                    except WorkerLost:
+                        pass  # the consensus below reports it
+        except defer.CancelledError:
+            for replica in refs:
+                worker = self.registry.by_tag(replica.tag)
+                if worker is not None:
+                    self.forget_quietly(replica, worker, headers)
+            raise
+        doc = await self.replication.status(job_id, refs, headers)
+        ref, state = refs[0], self.registry.by_tag(refs[0].tag)
+        logs: dict[str, Any] = {}
+        listing: dict[str, Any] = {}
+        if state is not None and not state.down:
+            logs = await self.forward_json(ref, state, "logs", headers)
+            if doc["consensus"]["agreed"] is True:
+                listing = await self.forward_json(ref, state, "outputs", headers)
+            if not keep:
+                await self.replication.delete(refs, headers)
+                await self.forward_json(ref, state, "jobs", headers, method="DELETE")
+        doc["stdout"] = logs.get("stdout", "")
+        doc["stderr"] = logs.get("stderr", "")
+        doc["truncated"] = logs.get("truncated", {"stdout": False, "stderr": False})
+        files = listing.get("files")
+        doc["outputs"] = self.rewrite_outputs(job_id, files if isinstance(files, list) else [],
+                                              keep)
+        doc["kept"] = keep
+        return doc
+
+    async def final_status(self, ref: JobRef, state: WorkerState,
+                           headers: dict[bytes, list[bytes]]) -> dict[str, Any] | None:
+        """The worker's /status once the job is finished (long polls); None once it is gone."""
+        while True:
+            response = await self.forward(
+                ref, state, "GET", f"{_job_path('status', ref)}?wait={RUN_POLL_SECONDS:g}",
+                headers, timeout=RUN_POLL_SECONDS + self.config.request_timeout)
+            doc = await read_json(response)
+            if response.code == 404:
+                return None
+            if response.code != 200 or not isinstance(doc, dict):
+                raise BadWorkerResponse(f"the worker answered /status with {response.code}")
+            if doc.get("status") in (JobStatus.COMPLETED.value, JobStatus.FAILED.value):
+                return doc
+
+    async def forward_json(self, ref: JobRef, state: WorkerState, endpoint: str,
+                           headers: dict[bytes, list[bytes]], method: str = "GET"
+                           ) -> dict[str, Any]:
+        response = await self.forward(ref, state, method, _job_path(endpoint, ref), headers)
+        doc = await read_json(response)
+        return doc if response.code == 200 and isinstance(doc, dict) else {}
+
+    def forget_quietly(self, ref: JobRef, state: WorkerState,
+                       headers: dict[bytes, list[bytes]]) -> None:
+        """Delete a job whose /run client went away; nobody waits for the answer."""
+        d = defer.ensureDeferred(self.forward_json(ref, state, "jobs", headers,
+                                                   method="DELETE"))
+        d.addErrback(lambda f: log.warn("cancelling an abandoned job failed: {error}",  # noqa: G010
+                                        error=f.getErrorMessage()))
 
     # -- one job ----------------------------------------------------------------------
 
@@ -396,20 +584,35 @@ class CoordinatorAPI:
     @_api
     async def status(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
+        refs = self.replicas_of(job_id)
+        if len(refs) > 1:
+            doc = await self.replication.status(job_id, refs, self.forwarded(request))
+            return write_json(request, doc)
+        wait = _wait_arg(request)
+        path = _job_path("status", ref)
+        if wait:
+            path += f"?wait={wait:g}"
         try:
-            response = await self.forward(ref, state, "GET", _job_path("status", ref),
-                                          self.forwarded(request))
+            response = await self.forward(ref, state, "GET", path, self.forwarded(request),
+                                          timeout=wait + self.config.request_timeout)
         except WorkerLost as e:
-            return write_json(request, lost_status(job_id, ref, state, str(e)))
+            if self.replication.ledger.first_time(job_id):
+                self.registry.record_lost(state)
+            return write_json(request, lost_status(job_id, ref, state.worker_id, str(e)))
         doc = await read_json(response)
         if response.code != 200 or not isinstance(doc, dict):
             return self.relay_json(request, response, doc, job_id)
+        return write_json(request, self.status_answer(job_id, state, doc))
+
+    def status_answer(self, job_id: str, state: WorkerState,
+                      doc: dict[str, Any]) -> dict[str, Any]:
+        """A worker's /status document as the client gets it: verified, with our id."""
         doc["signature_verified"] = verify_result(doc, state.worker_id)
         worker = doc.get("worker_metadata")
         if isinstance(worker, dict):
             worker["job_id"] = doc.get("job_id")
         doc["job_id"] = job_id
-        return write_json(request, doc)
+        return doc
 
     @app.route("/logs/<string:job_id>", methods=["GET"])
     @_api
@@ -434,15 +637,23 @@ class CoordinatorAPI:
     @_api
     async def outputs(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
+        refs = self.replicas_of(job_id)
+        if len(refs) > 1:
+            await self.replication.require_agreement(job_id, refs, self.forwarded(request))
         response = await self.forward(ref, state, "GET", _job_path("outputs", ref),
                                       self.forwarded(request))
         doc = await read_json(response)
         if response.code == 200 and isinstance(doc, dict) and isinstance(doc.get("files"), list):
-            for entry in doc["files"]:
-                if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                    entry["download_url"] = \
-                        f"/download/{job_id}/{quote(entry['path'], safe='/')}"
+            doc["files"] = self.rewrite_outputs(job_id, doc["files"])
         return self.relay_json(request, response, doc, job_id)
+
+    def rewrite_outputs(self, job_id: str, files: list[Any], kept: bool = True) -> list[Any]:
+        """A worker's outputs listing with our download URLs (none when not kept)."""
+        for entry in files:
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                entry["download_url"] = \
+                    f"/download/{job_id}/{quote(entry['path'], safe='/')}" if kept else None
+        return files
 
     @app.route("/download/<string:job_id>", methods=["GET"])
     @_api
@@ -456,6 +667,9 @@ class CoordinatorAPI:
 
     async def download(self, request: Request, job_id: str, path: str | None) -> Any:
         ref, state = self.locate(job_id)
+        refs = self.replicas_of(job_id)
+        if len(refs) > 1:
+            await self.replication.require_agreement(job_id, refs, self.forwarded(request))
         target = _job_path("download", ref)
         if path is not None:
             target += "/" + quote(path, safe="/")
@@ -484,6 +698,7 @@ class CoordinatorAPI:
     @_api
     async def delete(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
+        await self.replication.delete(self.replicas_of(job_id), self.forwarded(request))
         response = await self.forward(ref, state, "DELETE", _job_path("jobs", ref),
                                       self.forwarded(request))
         return self.relay_json(request, response, await read_json(response), job_id)
@@ -492,7 +707,8 @@ class CoordinatorAPI:
 
     @app.route("/logs/<string:job_id>/stream", methods=["GET"])
     def stream(self, request: Request, job_id: str) -> Any:
-        ref = decode_job_id(job_id)
+        refs = decode_replicas(job_id)
+        ref = refs[0] if refs else None  # a replicated job streams its first replica
         state = self.registry.by_tag(ref.tag) if ref is not None else None
         fmt = _arg(request, b"format").decode("latin-1") or None
         return self.streams.resource(state, ref, fmt)
@@ -522,6 +738,39 @@ def pool_load(workers: list[WorkerState]) -> dict[str, int]:
             "job_limit": sum(job_limit(w) for w in workers)}
 
 
+@dataclass(frozen=True)
+class Placed:
+    """A submission a worker took: our job id and the worker's answer."""
+
+    job_id: str
+    response: Any
+    doc: dict[str, Any]
+
+
+def _wait_arg(request: Request) -> float:
+    """``?wait=S`` for a long poll (the worker caps it too), 0 without it."""
+    raw = _arg(request, b"wait")
+    if not raw:
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise APIError(400, "Invalid wait",
+                       f"wait is a number of seconds, 0 to {MAX_WAIT_SECONDS:g}", field="wait")
+    return min(seconds, MAX_WAIT_SECONDS)
+
+
+def _keep_arg(request: Request) -> bool:
+    raw = _arg(request, b"keep").lower()
+    if raw in (b"", b"1", b"true", b"yes"):
+        return True
+    if raw in (b"0", b"false", b"no"):
+        return False
+    raise APIError(400, "Invalid keep", "keep is 1 or 0 (true or false)", field="keep")
+
+
 def _arg(request: Request, name: bytes) -> bytes:
     args: dict[bytes, list[bytes]] = request.args or {}
     values = args.get(name) or []
@@ -530,31 +779,6 @@ def _arg(request: Request, name: bytes) -> bytes:
 
 def _job_path(endpoint: str, ref: JobRef) -> str:
     return f"/{endpoint}/{quote(ref.worker_job_id, safe='')}"
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    import datetime
-
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
-
-
-def lost_status(job_id: str, ref: JobRef, state: WorkerState, why: str) -> dict[str, Any]:
-    """The /status of a job whose worker is gone: failed, ``worker_lost``, nothing signed."""
-    return {
-        "job_id": job_id, "status": JobStatus.FAILED.value, "queue_position": 0,
-        "submitted_at": _iso(ref.dispatched_at), "started_at": None, "finished_at": None,
-        "execution_metadata": {"cpu_seconds": None, "memory_peak_bytes": None,
-                               "wall_time_ms": None, "exit_code": None, "signal": None,
-                               "reason": Reason.WORKER_LOST.value, "message": why,
-                               "environment": None, "interpreter": None},
-        "job_hash": None, "output_files": {},
-        "worker_metadata": {"worker_id": state.worker_id, "signature": None, "signed": None,
-                            "job_id": ref.worker_job_id},
-        "signature_verified": False,
-    }
 
 
 _DONE = Failure(ResponseDone())

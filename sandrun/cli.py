@@ -89,6 +89,13 @@ def add_serve_command(commands: Any) -> None:
               "output_limit, MiB (default %(default)g)")
     flag("--max-pids", type=int, metavar="N", default=d.max_pids,
          help="processes and threads per job (default %(default)s)")
+    flag("--max-cpus", type=float, metavar="CORES", default=d.max_cpus,
+         help="most CPU bandwidth a manifest's cpus may ask for, in cores; a job gets "
+              f"{d.default_cpus:g} core unless it asks (default: the number of cores, "
+              "here %(default)g)")
+    flag("--allow-unlimited-swap", action="store_true",
+         help="start even where the host has swap on and cannot cap a job's swap use "
+              "(default: refuse to start there)")
     flag("--cpu-quota", type=float, default=q.cpu_seconds_per_minute, metavar="SECONDS",
          help="CPU-seconds per client IP per rolling minute (default %(default)g)")
     flag("--max-active-per-ip", type=int, default=q.max_active_jobs, metavar="N",
@@ -175,7 +182,9 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
     limits = Limits(max_upload_bytes=args.max_upload_mb * 10**6,
                     default_timeout=args.default_timeout, max_timeout=args.max_timeout,
                     default_memory_mb=args.default_memory_mb, max_memory_mb=args.max_memory_mb,
-                    output_cap_bytes=int(args.output_cap_mb * 2**20), max_pids=args.max_pids)
+                    output_cap_bytes=int(args.output_cap_mb * 2**20), max_pids=args.max_pids,
+                    max_cpus=args.max_cpus,
+                    default_cpus=min(Limits.default_cpus, args.max_cpus))
     quotas = QuotaConfig(cpu_seconds_per_minute=args.cpu_quota,
                          max_active_jobs=args.max_active_per_ip,
                          jobs_per_hour=args.jobs_per_hour,
@@ -185,7 +194,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
-                        trusted_proxies=tuple(args.trusted_proxy or ()))
+                        trusted_proxies=tuple(args.trusted_proxy or ()),
+                        allow_unlimited_swap=args.allow_unlimited_swap)
 
 
 def check_config(config: WorkerConfig) -> str | None:
@@ -203,6 +213,8 @@ def check_config(config: WorkerConfig) -> str | None:
         return "--default-timeout must be between 1 and --max-timeout"
     if not 16 <= limits.default_memory_mb <= limits.max_memory_mb:
         return "--default-memory-mb must be between 16 and --max-memory-mb"
+    if not limits.max_cpus >= 0.01:
+        return "--max-cpus must be at least 0.01"
     return None
 
 

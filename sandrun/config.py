@@ -23,6 +23,8 @@ class Limits:
     default_memory_mb: int = 512  # MB of RAM, swap off
     max_memory_mb: int = 2048  # MB; more is a 400
     max_cpu_seconds: float = 3600.0  # largest cpu_seconds a manifest may ask for
+    default_cpus: float = 1.0  # CPU bandwidth of a job (cores), when the manifest gives none
+    max_cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1))  # most cpus
     max_pids: int = 128  # processes and threads per job
     max_open_files: int = 1024  # RLIMIT_NOFILE, hard
     output_cap_bytes: int = 10 * MiB  # captured per stream, then output_limit
@@ -59,3 +61,4 @@ class WorkerConfig:
     trusted_proxies: tuple[str, ...] = ()
     env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
     deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash
+    allow_unlimited_swap: bool = False  # start where a job's swap cannot be capped at 0

@@ -64,7 +64,9 @@ __all__ = [
 DEFAULT_KEY_PATH = "./sandrun-worker.pem"
 
 # The fields a signed result covers, in no particular order (canonical JSON
-# sorts them).  ``outputs`` maps each output path to its sha256 hex.
+# sorts them).  ``outputs`` maps each output path to its sha256 hex;
+# ``stdout_sha256`` and ``stderr_sha256`` are the sha256 hex of the bytes the
+# worker kept of each stream (what /logs returns, after any output limit).
 RESULT_FIELDS: tuple[str, ...] = (
     "job_id",
     "job_hash",
@@ -77,10 +79,13 @@ RESULT_FIELDS: tuple[str, ...] = (
     "wall_time_ms",
     "finished_at",
     "outputs",
+    "stdout_sha256",
+    "stderr_sha256",
 )
 
 # Fields of a result that /status shows inside ``execution_metadata``.
-_METADATA_FIELDS = ("reason", "exit_code", "cpu_seconds", "memory_peak_bytes", "wall_time_ms")
+_METADATA_FIELDS = ("reason", "exit_code", "cpu_seconds", "memory_peak_bytes", "wall_time_ms",
+                    "stdout_sha256", "stderr_sha256")
 
 # A PEM Ed25519 key is about 120 bytes; anything far larger is not a key.
 _MAX_KEY_FILE_BYTES = 64 * 1024

@@ -43,7 +43,8 @@ class WorkerService(service.MultiService):
         self.storage = Storage(config.state_dir, config.limits.job_dir_mb * 1024 * 1024,
                                config.storage_bytes)
         self.sandbox = Sandbox(reactor, config.state_dir + "/sandbox",
-                               instance_name(config.state_dir), config.max_concurrent)
+                               instance_name(config.state_dir), config.max_concurrent,
+                               allow_unlimited_swap=config.allow_unlimited_swap)
         self.limiter = RateLimiter(config.quotas)
         self.environments = Environments(Registry(config.env_dir),
                                          DependencyCache(config.deps_dir))

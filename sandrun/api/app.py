@@ -234,8 +234,12 @@ class WorkerAPI:
         def queued(accepted: tuple[Job, int]) -> bytes:
             job, position = accepted
             # "queued" means accepted; position 0 says it is already running.
-            return write_json(request, {"job_id": job.id, "status": JobStatus.QUEUED.value,
-                                        "position": position})
+            answer: dict[str, Any] = {"job_id": job.id, "status": JobStatus.QUEUED.value,
+                                      "position": position}
+            if job.manifest.replicas > 1:
+                # For a coordinator, which does not parse submissions: how many to run.
+                answer["replicas"] = job.manifest.replicas
+            return write_json(request, answer)
 
         return self.accept(request).addCallback(queued)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import datetime
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,9 @@ class JobLog:
     def __init__(self, path: str | None = None, clock: Any = None) -> None:  # IReactorTime
         self.chunks = LogChunks(path)
         self.sizes = {"stdout": 0, "stderr": 0, "install": 0}
+        # Of every byte kept, per stream: signed in the result (identity.RESULT_FIELDS).
+        self.digests = {"stdout": hashlib.sha256(), "stderr": hashlib.sha256(),
+                        "install": hashlib.sha256()}
         self.listeners: list[LogListener] = []
         self._clock = clock
         self._pending = bytearray()
@@ -150,6 +154,7 @@ class JobLog:
 
     def append(self, stream: str, data: bytes) -> None:
         self.sizes[stream] += len(data)
+        self.digests[stream].update(data)
         if self._clock is None:
             self._publish(stream, data)
             return
@@ -180,6 +185,10 @@ class JobLog:
         self.chunks.append(stream, data)
         for listener in list(self.listeners):
             listener(stream, data)
+
+    def sha256(self, stream: str) -> str:
+        """The sha256 hex of everything ``stream`` kept so far."""
+        return self.digests[stream].hexdigest()
 
     def text(self, stream: str | None = None) -> str:
         """One stream's text; None: the program's stdout and stderr, in arrival order."""
@@ -252,7 +261,9 @@ class Job:
                 "reason": self.reason.value if self.reason else None,
                 "message": self.message,
                 "environment": self.environment or "none",
-                "interpreter": self.manifest.interpreter}
+                "interpreter": self.manifest.interpreter,
+                "stdout_sha256": self.log.sha256("stdout") if self.finished else None,
+                "stderr_sha256": self.log.sha256("stderr") if self.finished else None}
 
     def signed_result(self, worker_id: str | None) -> dict[str, Any]:
         """The fields a signature covers (see ``identity.RESULT_FIELDS``)."""
@@ -263,4 +274,6 @@ class Job:
                 "memory_peak_bytes": self.memory_peak_bytes,
                 "wall_time_ms": round(self.wall_time_ms, 3),
                 "finished_at": iso(self.finished_at),
-                "outputs": {o.path: o.sha256 for o in self.outputs}}
+                "outputs": {o.path: o.sha256 for o in self.outputs},
+                "stdout_sha256": self.log.sha256("stdout"),
+                "stderr_sha256": self.log.sha256("stderr")}

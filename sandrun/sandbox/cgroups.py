@@ -5,8 +5,9 @@ directory named after the worker instance, so an outer cap around the worker
 (a test suite's own cgroup, a systemd slice) also caps its jobs, and two
 workers on one host never clean up each other's jobs.
 
-v1 uses the ``memory``, ``pids`` and ``cpuacct`` hierarchies; v2 the unified
-hierarchy with ``memory``, ``pids`` and ``cpu`` enabled.  On v2 the launcher
+v1 uses the ``memory``, ``pids``, ``cpuacct`` and ``cpu`` hierarchies (the last
+two are often one, co-mounted); v2 the unified hierarchy with ``memory``,
+``pids`` and ``cpu`` enabled.  A job's CPU bandwidth is capped (``set_cpu_limit``).  On v2 the launcher
 moves itself into a ``supervisor`` leaf first, because a cgroup that holds
 processes may not enable controllers for its children.
 
@@ -32,7 +33,8 @@ import time
 from dataclasses import dataclass
 
 ROOT = "/sys/fs/cgroup"
-V1_CONTROLLERS = ("memory", "pids", "cpuacct")
+V1_CONTROLLERS = ("memory", "pids", "cpuacct", "cpu")
+CPU_PERIOD_US = 100_000  # the bandwidth period; a job gets cpus x this much CPU time in each
 
 
 class CgroupError(Exception):
@@ -175,6 +177,21 @@ class JobCgroup:
             _rmdir(d)
 
 
+def set_cpu_limit(version: int, directory: str, cpus: float) -> None:
+    """Cap a cgroup's CPU bandwidth at ``cpus`` cores (``cpu.max`` or CFS quota/period)."""
+    quota = max(1000, round(cpus * CPU_PERIOD_US))  # the kernel's floor is 1 ms
+    if version == 2:
+        _write(os.path.join(directory, "cpu.max"), f"{quota} {CPU_PERIOD_US}")
+        return
+    _write(os.path.join(directory, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+    _write(os.path.join(directory, "cpu.cfs_quota_us"), str(quota))
+
+
+def swap_on(proc_swaps: str) -> bool:
+    """Whether ``/proc/swaps`` lists any active swap area (its first line is a header)."""
+    return len([line for line in proc_swaps.splitlines()[1:] if line.strip()]) > 0
+
+
 class CgroupManager:
     """Creates, limits and removes job cgroups for one worker instance."""
 
@@ -188,6 +205,15 @@ class CgroupManager:
         self.v1_memsw = self.version == 1 and os.path.exists(
             os.path.join(mem, "memory.memsw.limit_in_bytes"))
         self.v2_swap = self.version == 2 and os.path.exists(os.path.join(mem, "memory.swap.max"))
+
+    def swap_unlimited(self) -> bool:
+        """True when the host has swap on and a job's swap use cannot be capped at 0."""
+        if self.v1_memsw or self.v2_swap:
+            return False
+        try:
+            return swap_on(_read("/proc/swaps"))
+        except FileNotFoundError:  # no swap support in the kernel
+            return False
 
     def _detect(self) -> int:
         controllers = os.path.join(self.root, "cgroup.controllers")
@@ -205,11 +231,13 @@ class CgroupManager:
     def _prepare_bases(self) -> dict[str, str]:
         if self.version == 1:
             bases = {}
-            for controller, key in (("memory", "memory"), ("pids", "pids"), ("cpuacct", "cpu")):
+            for controller, key in (("memory", "memory"), ("pids", "pids"), ("cpuacct", "cpu"),
+                                    ("cpu", "cpu_limit")):
                 own = _own_cgroup(controller).lstrip("/")
                 base = os.path.join(self.root, controller, own, self.instance)
                 os.makedirs(base, exist_ok=True)
-                bases[key] = base
+                # Resolved: co-mounted cpu,cpuacct is one directory, made once per job.
+                bases[key] = os.path.realpath(base)
             return bases
         own = os.path.join(self.root, _own_cgroup(None).lstrip("/"))
         base = os.path.join(own, self.instance)
@@ -268,7 +296,7 @@ class CgroupManager:
         return group
 
     def assign(self, group: JobCgroup, job_id: str, memory_bytes: int,
-               pids_max: int) -> JobCgroup:
+               pids_max: int, cpus: float | None = None) -> JobCgroup:
         """Give a spare's cgroup to a job: its limits, fresh statistics, its name.
 
         Fails closed: on any error the caller must not run the job.  Returns
@@ -282,12 +310,16 @@ class CgroupManager:
         else:
             _write(os.path.join(mem, "memory.max"), str(memory_bytes))
         _write(os.path.join(group.dirs["pids"], "pids.max"), str(pids_max))
+        if cpus is not None:
+            set_cpu_limit(self.version, group.dirs.get("cpu_limit", group.dirs["cpu"]), cpus)
         if self.version == 2:
             return JobCgroup(2, group.dirs, cpu_base=group._cpu_total())
         _write(os.path.join(group.dirs["cpu"], "cpuacct.usage"), "0")
         _write(os.path.join(mem, "memory.max_usage_in_bytes"), "0")  # to the current usage
+        renamed: dict[str, str] = {}  # co-mounted hierarchies share one directory
         for key, d in list(group.dirs.items()):
-            target = os.path.join(os.path.dirname(d), f"job-{job_id}")
-            os.rename(d, target)
-            group.dirs[key] = target  # so that a failure half-way still removes all
+            if d not in renamed:
+                renamed[d] = os.path.join(os.path.dirname(d), f"job-{job_id}")
+                os.rename(d, renamed[d])
+            group.dirs[key] = renamed[d]  # so that a failure half-way still removes all
         return JobCgroup(1, dict(group.dirs))

@@ -4,6 +4,9 @@ sandbox, wired to a real coordinator app through in-memory HTTP, all on one ``Cl
 - ``FakeSandbox`` runs nothing. A job whose entrypoint contains ``HOLD`` stays running
   until the test calls ``finish``; any other job prints ``hello``, writes
   ``out.txt`` (and ``big.bin`` when the code says ``BIG``) and completes at once.
+  A sandbox with ``tamper`` set does one thing differently ("stdout": prints
+  ``HELLO``; "output": writes another ``out.txt``; "exit_code": exits 1), and its
+  worker signs that result with its own key, as a faulty or dishonest worker would.
 - ``FakeNetwork`` is an ``IAgent`` that sends each request to the worker app at the
   URL's host and port, or fails with "connection refused" for one that is down.
 - ``Pool`` builds the workers, the network and the coordinator (its real
@@ -39,6 +42,7 @@ from sandrun.api.uploads import request_factory
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
+from sandrun.jobs.runtimes import Runtime, RuntimeList
 from sandrun.sandbox.supervisor import SandboxResult, Slot
 from sandrun.wire import Reason
 from tests.unit.worker_fakes import FakeStorage
@@ -66,6 +70,7 @@ class FakeRun:
 class FakeSandbox:
     def __init__(self) -> None:
         self.runs: dict[str, FakeRun] = {}
+        self.tamper: str | None = None  # "stdout", "output" or "exit_code"
         self._slots = 0
 
     def take_slot(self) -> Slot:
@@ -85,13 +90,16 @@ class FakeSandbox:
         self.runs[job_id] = run
         code = _read(os.path.join(job_dir, argv[-1])) if argv else ""
         if "HOLD" not in code:
-            on_output("stdout", b"hello\n")
+            on_output("stdout", b"HELLO\n" if self.tamper == "stdout" else b"hello\n")
             with open(os.path.join(job_dir, "out.txt"), "w") as f:
-                f.write("result")
+                f.write("forged" if self.tamper == "output" else "result")
             if "BIG" in code:
                 with open(os.path.join(job_dir, "big.bin"), "wb") as f:
                     f.write(bytes(range(256)) * (BIG_BYTES // 256))
-            run.finish()
+            if self.tamper == "exit_code":
+                run.finish(Reason.EXIT_NONZERO, 1)
+            else:
+                run.finish()
         return run.done
 
     def kill(self, job_id: str, reason: Reason) -> None:
@@ -114,6 +122,7 @@ def _read(path: str) -> str:
         return ""
 
 
+RUNTIMES = (Runtime("python3", "python", "3.11.2", "/usr/bin/python3", (".py",), ("python",)),)
 ROOMY = QuotaConfig(cpu_seconds_per_minute=1000.0, max_active_jobs=100, jobs_per_hour=1000)
 
 
@@ -138,7 +147,8 @@ class FakeWorker:
                                   config, RateLimiter(self.quotas), self.identity,
                                   blocking=synchronous)
         self.manager.start()
-        self.api = WorkerAPI(self.manager, config, self.identity)
+        self.api = WorkerAPI(self.manager, config, self.identity,
+                             runtimes=RuntimeList(synchronous, lambda: RUNTIMES))
         self.agent = RequestTraversalAgent(self.api.resource())
         self.agent._serverFactory.requestFactory = request_factory(
             config.limits, self.storage.uploads_dir)
@@ -192,7 +202,8 @@ class Pool:
     def __init__(self, root: str, count: int = 3, *, max_concurrent_jobs: int | None = None,
                  quotas: PoolQuota | None = None, worker_quotas: QuotaConfig = ROOMY,
                  identities: list[ident.WorkerIdentity | None] | None = None,
-                 configured_ids: list[str] | None = None, queue_size: int = 10) -> None:
+                 configured_ids: list[str] | None = None, queue_size: int = 10,
+                 **config: Any) -> None:
         self.root = root
         self.clock = task.Clock()
         self.clock.advance(START)
@@ -210,13 +221,15 @@ class Pool:
                              for i, worker_id in enumerate(ids))
         self.config = CoordinatorConfig(health_interval=5.0, health_timeout=2.0,
                                         trusted_proxies=("127.0.0.1",),
-                                        quotas=quotas or PoolQuota(1000.0, 100, 1000))
+                                        quotas=quotas or PoolQuota(1000.0, 100, 1000),
+                                        **config)
         self.cooperator = task.Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
         self.start_coordinator()
 
     def start_coordinator(self) -> None:
         """A fresh coordinator process: new registry, nothing remembered."""
-        self.registry = WorkerRegistry(self.entries)
+        self.registry = WorkerRegistry(self.entries,
+                                       max_disagreements=self.config.max_disagreements)
         self.client = WorkerClient(self.clock, HTTPClient(self.network),
                                    cooperator=self.cooperator)
         self.health = HealthChecker(self.clock, self.registry, self.client,
@@ -228,6 +241,10 @@ class Pool:
     def worker_for(self, job_id: str) -> int:
         tag = job_id.split(".")[0]
         return next(i for i, e in enumerate(self.entries) if e.tag == tag)
+
+    def workers_for(self, job_id: str) -> list[int]:
+        """Where each replica of a (replicated) job runs, first replica first."""
+        return [self.worker_for(part) for part in job_id.split("~")]
 
     # -- driving -------------------------------------------------------------------
 
@@ -263,6 +280,39 @@ class Pool:
     def get(self, path: str, **kwargs: Any) -> Reply:
         return self.request("GET", path, **kwargs)
 
+    def begin(self, method: str, path: str, body: bytes | None = None,
+              headers: dict[str, str] | None = None) -> defer.Deferred[Any]:
+        """Send a request and return at once (``/run``, ``?wait=``); ``reply`` waits."""
+        hdrs = {k: [v] for k, v in (headers or {}).items()}
+        d: defer.Deferred[Any] = self.stub.request(method, "http://coordinator.test" + path,
+                                                   data=body, headers=hdrs)
+        self.pump()
+        return d
+
+    def pump(self) -> None:
+        for _ in range(50):
+            self.stub.flush()
+            self.network.flush()
+            self.clock.advance(0)
+
+    def answered(self, d: defer.Deferred[Any]) -> bool:
+        self.pump()
+        seen: list[Any] = []
+
+        def note(result: Any) -> Any:
+            seen.append(result)
+            return result
+
+        d.addBoth(note)
+        return bool(seen)
+
+    def reply(self, d: defer.Deferred[Any]) -> Reply:
+        response = self.settle(d)
+        content = self.settle(response.content())
+        return Reply(response.code,
+                     {k.decode().lower(): [v.decode("latin-1") for v in vs]
+                      for k, vs in response.headers.getAllRawHeaders()}, content)
+
     def post_submit(self, code: str = "print(1)", client: str = "192.0.2.10",
                     manifest: dict[str, Any] | None = None) -> Reply:
         document = {"manifest": manifest or {"entrypoint": "main.py"},
@@ -270,8 +320,9 @@ class Pool:
         return self.request("POST", "/submit", json.dumps(document).encode(),
                             {"Content-Type": "application/json", "X-Forwarded-For": client})
 
-    def submit(self, code: str = "print(1)", client: str = "192.0.2.10") -> str:
-        reply = self.post_submit(code, client)
+    def submit(self, code: str = "print(1)", client: str = "192.0.2.10",
+               manifest: dict[str, Any] | None = None) -> str:
+        reply = self.post_submit(code, client, manifest)
         assert reply.status == 200, (reply.status, reply.body)
         job_id: str = reply.json()["job_id"]
         return job_id

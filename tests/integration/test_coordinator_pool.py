@@ -338,6 +338,27 @@ def test_status_outputs_download_and_live_output_through_the_coordinator(pool: P
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
 
 
+def test_run_long_polls_and_runtimes_through_the_coordinator(pool: Pool) -> None:
+    body = json.dumps({"manifest": {"entrypoint": "main.py", "outputs": ["*.txt"]},
+                       "files": {"main.py": "import time\ntime.sleep(0.3)\nprint('ran')\n"
+                                            "open('r.txt', 'w').write('x')\n"}}).encode()
+    reply = request(pool.coordinator.url, "POST", "/run", body,
+                    {"Content-Type": "application/json"})
+    assert reply.status == 200, reply.body
+    doc = reply.json()
+    assert doc["status"] == "completed" and doc["stdout"] == "ran\n"
+    assert doc["signature_verified"] is True
+    (output,) = doc["outputs"]
+    assert pool.coordinator.get(output["download_url"]).body == b"x"
+    # A long poll ends with the job, well before its 30 s.
+    job = pool.coordinator.accepted("import time\ntime.sleep(0.5)\n")
+    started = time.monotonic()
+    status = pool.coordinator.get(f"/status/{job}?wait=30", timeout=40).json()
+    assert status["status"] == "completed" and time.monotonic() - started < 20
+    runtimes = pool.coordinator.get("/runtimes").json()["runtimes"]
+    assert "python3" in {r["interpreter"] for r in runtimes}
+
+
 def test_a_multipart_upload_with_an_archive_passes_through_intact(pool: Pool) -> None:
     from tests.integration.worker import multipart, tar_bytes
 
