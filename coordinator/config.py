@@ -91,6 +91,9 @@ class CoordinatorConfig:
     max_disagreements: int = 3  # disagreements with other replicas that suspend a worker
     open_enrollment: bool = False  # whether workers not in workers.json may join (POST /pool/join)
     max_open_workers: int = 32  # open workers enrolled at once; more joins are 503
+    # PEM file of the CA certificate(s) that sign the https:// workers' certificates;
+    # None = the system's trust store.
+    worker_cacert: str | None = None
 
 
 def parse_workers(text: str | bytes) -> tuple[WorkerEntry, ...]:

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from sandrun import identity as ident
 from sandrun.api.app import WorkerAPI
+from sandrun.api.unpacker import Unpacker
 from sandrun.api.uploads import WorkerSite, request_factory
 from sandrun.config import WorkerConfig
 from sandrun.environments import DependencyCache, Environments, Registry
@@ -50,8 +51,10 @@ class WorkerService(service.MultiService):
                                          DependencyCache(config.deps_dir))
         self.manager = JobManager(reactor, self.sandbox, self.storage, config, self.limiter,
                                   self.identity, environments=self.environments)
+        self.unpacker = Unpacker(config.limits)  # uploads are parsed in its children
         self.api = WorkerAPI(self.manager, config, self.identity,
-                             environments=self.environments.describe)
+                             environments=self.environments.describe,
+                             unpack=self.unpacker.parse)
         self.site = WorkerSite(self.api.resource())
         self.site.displayTracebacks = False
         self.port: Any = None
@@ -63,6 +66,8 @@ class WorkerService(service.MultiService):
         try:
             stale = self.storage.start()
             self._started.append("storage")
+            self.unpacker.start()
+            self._started.append("unpacker")
             self.site.requestFactory = request_factory(self.config.limits,
                                                        self.storage.uploads_dir,
                                                        self.api.early_refusal)
@@ -102,6 +107,8 @@ class WorkerService(service.MultiService):
             yield self.manager.stop()
         if "sandbox" in self._started:
             self.sandbox.stop()
+        if "unpacker" in self._started:
+            self.unpacker.stop()
         if "storage" in self._started:
             self.storage.stop()
         self._started.clear()

@@ -97,6 +97,8 @@ class _AnyPath(PathConverter):
 
 
 MAX_NONCE_CHARS = 256
+# Parses a submission body into the job directory: (content type, body, work, staging).
+Unpack = Callable[[bytes | None, Any, str, str], uploads.Submission]
 
 
 class WorkerAPI:
@@ -107,6 +109,9 @@ class WorkerAPI:
     ``runtimes`` answers ``/runtimes``.
     ``environments`` answers ``/environments`` (by default the manager's own
     ``Environments``, which also checks each manifest's template).
+    ``unpack`` parses a submission's body into the job directory (the worker
+    passes ``Unpacker.parse``, a child process with its own limits; by default
+    ``uploads.parse_submission`` in the calling thread).
     """
 
     app = Klein()
@@ -116,7 +121,8 @@ class WorkerAPI:
                  identity: ident.WorkerIdentity | None = None,
                  environments: Callable[[], dict[str, Any]] | None = None,
                  blocking: BlockingRunner | None = None,
-                 runtimes: RuntimeList | None = None) -> None:
+                 runtimes: RuntimeList | None = None,
+                 unpack: Unpack | None = None) -> None:
         self.manager = manager
         self.config = config
         self.identity = identity
@@ -124,6 +130,7 @@ class WorkerAPI:
         self.blocking = blocking or manager.blocking
         # GET /runtimes; the worker starts the probe when it starts (service.py).
         self.runtime_list = runtimes or RuntimeList(self.blocking)
+        self.unpack: Unpack = unpack or self._unpack_here
         self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
 
     def resource(self) -> Any:
@@ -162,6 +169,10 @@ class WorkerAPI:
                 if "retry_after" in error.extra else {}
             return error.status, error.body(), headers
         return None
+
+    def _unpack_here(self, kind: bytes | None, body: Any, work: str,
+                     staging: str) -> uploads.Submission:
+        return uploads.parse_submission(kind, body, work, staging, self.config.limits)
 
     def job(self, job_id: str) -> Job:
         job = self.manager.get(job_id)
@@ -284,8 +295,7 @@ class WorkerAPI:
         base = self.manager.create_workspace(job_id)
 
         def parse() -> uploads.Submission:
-            return uploads.parse_submission(kind, body, store.work_dir(base),
-                                            store.staging_dir(base), self.config.limits)
+            return self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
 
         def queued(submission: uploads.Submission) -> tuple[Job, int]:
             environment = self.check_environment(submission.manifest)
