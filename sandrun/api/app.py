@@ -298,12 +298,13 @@ class WorkerAPI:
             return self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
 
         def queued(submission: uploads.Submission) -> tuple[Job, int]:
-            self.check_environment(submission.manifest)
+            environment = self.check_environment(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
                       submitted_at=self.manager.reactor.seconds(),
-                      log=self.manager.new_log(base), quota_exempt=exempt)
+                      log=self.manager.new_log(base), quota_exempt=exempt,
+                      environment=environment)
             return job, self.manager.submit(job)
 
         def failed(failure: Any) -> Any:
@@ -321,9 +322,10 @@ class WorkerAPI:
         d.addErrback(failed)
         return d
 
-    def check_environment(self, manifest: Manifest) -> None:
-        """400 (``EnvironmentUnavailable``) for an unknown or unbuilt template."""
-        self.manager.environments.check(manifest)
+    def check_environment(self, manifest: Manifest) -> str | None:
+        """400 (``EnvironmentUnavailable``) for an unknown or unbuilt template; else the
+        template the job gets (None: the host's interpreters alone)."""
+        return self.manager.environments.check(manifest)
 
     @app.route("/status/<string:job_id>", methods=["GET"])
     @_api
@@ -363,6 +365,7 @@ class WorkerAPI:
             return job.log.text().encode()
         return write_json(request, {"job_id": job.id, "stdout": job.log.text("stdout"),
                                     "stderr": job.log.text("stderr"),
+                                    "install": job.log.text("install"),
                                     "truncated": job.truncated})
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
