@@ -161,7 +161,7 @@ def test_three_replicas_on_real_workers_agree_and_sandrun_verify_accepts_the_ans
     saved = os.path.join(pool.scratch, "consensus.json")
     with open(saved, "w") as f:
         json.dump(status, f)
-    checked = subprocess.run([sys.executable, "-m", "sandrun", "verify", saved],
+    checked = subprocess.run([sys.executable, "-m", "sandrun", "verify", saved], check=False,
                              capture_output=True, text=True, cwd=REPO, env=environment())
     assert checked.returncode == 0, (checked.stdout, checked.stderr)
     assert checked.stdout.startswith("valid: 3 replicas agree")
