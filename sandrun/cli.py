@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="verify a signed result")
     verify.add_argument("status", help="a job id (its /status is fetched from --server), "
                         "a file with the /status JSON, or - for stdin")
-    verify.add_argument("--worker-id", required=True, help="the worker's base64 public key")
+    verify.add_argument("--worker-id",
+                        help="the worker's base64 public key (optional for a coordinator's "
+                             "consensus answer: each replica is checked under its own key, "
+                             "and a given id must be one of them)")
     verify.add_argument("--server", help="worker or coordinator URL for a job id "
                         "(default: $SANDRUN_URL or http://127.0.0.1:8443)")
 
@@ -78,6 +81,12 @@ def add_serve_command(commands: Any) -> None:
     flag("--worker-key", metavar="PEM",
          help="Ed25519 PKCS#8 PEM private key, from sandrun keygen (default: none, "
               "results are not signed)")
+    flag("--join", metavar="URL",
+         help="announce this worker to the coordinator at URL, which must run with "
+              "--open-enrollment; needs --worker-key (default: none)")
+    flag("--advertise", metavar="URL",
+         help="this worker's URL as the coordinator reaches it, for --join (default: "
+              "http:// and the --listen address)")
     flag("--trusted-proxy", action="append", default=None, metavar="CIDR",
          help="address or network whose X-Forwarded-For is believed (repeatable; "
               "default: none)")
@@ -202,7 +211,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
                         trusted_proxies=tuple(args.trusted_proxy or ()),
-                        allow_unlimited_swap=args.allow_unlimited_swap)
+                        allow_unlimited_swap=args.allow_unlimited_swap,
+                        join=args.join, advertise=args.advertise)
 
 
 def check_config(config: WorkerConfig) -> str | None:
@@ -215,6 +225,11 @@ def check_config(config: WorkerConfig) -> str | None:
             parse_trusted_proxies(tuple(entries))
         except ValueError as e:
             return f"bad {flag}: {e}"
+    if config.join and not config.worker_key:
+        return "--join needs --worker-key: joining a pool means proving the key"
+    for flag, url in (("--join", config.join), ("--advertise", config.advertise)):
+        if url and not url.startswith(("http://", "https://")):
+            return f"bad {flag}: {url!r} is not an http:// or https:// URL"
     limits = config.limits
     if not 1 <= limits.default_timeout <= limits.max_timeout:
         return "--default-timeout must be between 1 and --max-timeout"
@@ -344,11 +359,13 @@ def _check_cgroup(argv: list[str]) -> None:
     sys.exit(f"sandrun: cannot start: {problem}")
 
 
-def _verify(target: str, worker_id: str, server: str | None) -> int:
+def _verify(target: str, worker_id: str | None, server: str | None) -> int:
     """``sandrun verify``: a saved /status document, or a job id fetched from a server."""
     from sandrun.identity import verify_main
 
-    if not (target.startswith("job-") and not os.path.exists(target)):
+    # A worker's job id, or a coordinator's (``<tag>.<time>.job-...``, ``~`` between replicas).
+    is_job_id = target.startswith("job-") or ".job-" in target
+    if not is_job_id or os.path.exists(target):
         return verify_main(target, worker_id)
     import json
     import tempfile
