@@ -59,6 +59,8 @@ class WorkerConfig:
     state_dir: str = "/run/sandrun"  # tmpfs for job data is mounted beneath
     storage_bytes: int = 0  # all job data at once; 0 = a quarter of RAM
     worker_key: str | None = None
+    join: str | None = None  # a coordinator URL to announce this worker to (open enrollment)
+    advertise: str | None = None  # this worker's URL as the coordinator reaches it
     trusted_proxies: tuple[str, ...] = ()
     env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
     deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash

@@ -11,7 +11,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from sandrun import identity as ident
+from sandrun.announce import Announcer
 from sandrun.api.app import WorkerAPI
+from sandrun.api.unpacker import Unpacker
 from sandrun.api.uploads import WorkerSite, request_factory
 from sandrun.config import WorkerConfig
 from sandrun.environments import DependencyCache, Environments, Registry
@@ -27,6 +29,14 @@ log = Logger()
 def instance_name(state_dir: str) -> str:
     """The cgroup directory of this worker: distinct per state directory."""
     return "sandrun-" + hashlib.sha256(state_dir.encode()).hexdigest()[:12]
+
+
+def _listen_url(host: Any) -> str:
+    """``http://HOST:PORT`` of the listening socket (give --advertise for a wildcard one)."""
+    address = getattr(host, "host", "127.0.0.1")
+    if ":" in address:
+        address = f"[{address}]"
+    return f"http://{address}:{getattr(host, 'port', 0)}"
 
 
 class WorkerService(service.MultiService):
@@ -51,11 +61,14 @@ class WorkerService(service.MultiService):
                                          DependencyCache(config.deps_dir))
         self.manager = JobManager(reactor, self.sandbox, self.storage, config, self.limiter,
                                   self.identity, environments=self.environments)
+        self.unpacker = Unpacker(config.limits)  # uploads are parsed in its children
         self.api = WorkerAPI(self.manager, config, self.identity,
-                             environments=self.environments.describe)
+                             environments=self.environments.describe,
+                             unpack=self.unpacker.parse)
         self.site = WorkerSite(self.api.resource())
         self.site.displayTracebacks = False
         self.port: Any = None
+        self.announcer: Announcer | None = None
         self._started: list[str] = []  # what stopService must undo, in start order
 
     @defer.inlineCallbacks
@@ -64,6 +77,8 @@ class WorkerService(service.MultiService):
         try:
             stale = self.storage.start()
             self._started.append("storage")
+            self.unpacker.start()
+            self._started.append("unpacker")
             self.site.requestFactory = request_factory(self.config.limits,
                                                        self.storage.uploads_dir,
                                                        self.api.early_refusal)
@@ -81,12 +96,18 @@ class WorkerService(service.MultiService):
         log.info("sandrun worker listening on {host}:{port} (worker id {worker_id}, "
                  "{stale} stale job directories removed)", host=getattr(host, "host", host),
                  port=getattr(host, "port", ""), worker_id=self.manager.worker_id, stale=stale)
+        if self.config.join and self.identity is not None:
+            self.announcer = Announcer(self.reactor, self.config.join, self.identity.worker_id,
+                                       self.config.advertise or _listen_url(host))
+            self.announcer.start()
         super().startService()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         """Stop listening, close live streams (1001), kill every job, remove every mount."""
         yield super().stopService()
+        if self.announcer is not None:
+            self.announcer.stop()
         if self.port is not None:
             yield self.port.stopListening()
             self.port = None
@@ -103,6 +124,8 @@ class WorkerService(service.MultiService):
             yield self.manager.stop()
         if "sandbox" in self._started:
             self.sandbox.stop()
+        if "unpacker" in self._started:
+            self.unpacker.stop()
         if "storage" in self._started:
             self.storage.stop()
         self._started.clear()

@@ -97,6 +97,8 @@ class _AnyPath(PathConverter):
 
 
 MAX_NONCE_CHARS = 256
+# Parses a submission body into the job directory: (content type, body, work, staging).
+Unpack = Callable[[bytes | None, Any, str, str], uploads.Submission]
 
 
 class WorkerAPI:
@@ -107,6 +109,9 @@ class WorkerAPI:
     ``runtimes`` answers ``/runtimes``.
     ``environments`` answers ``/environments`` (by default the manager's own
     ``Environments``, which also checks each manifest's template).
+    ``unpack`` parses a submission's body into the job directory (the worker
+    passes ``Unpacker.parse``, a child process with its own limits; by default
+    ``uploads.parse_submission`` in the calling thread).
     """
 
     app = Klein()
@@ -116,7 +121,8 @@ class WorkerAPI:
                  identity: ident.WorkerIdentity | None = None,
                  environments: Callable[[], dict[str, Any]] | None = None,
                  blocking: BlockingRunner | None = None,
-                 runtimes: RuntimeList | None = None) -> None:
+                 runtimes: RuntimeList | None = None,
+                 unpack: Unpack | None = None) -> None:
         self.manager = manager
         self.config = config
         self.identity = identity
@@ -124,6 +130,7 @@ class WorkerAPI:
         self.blocking = blocking or manager.blocking
         # GET /runtimes; the worker starts the probe when it starts (service.py).
         self.runtime_list = runtimes or RuntimeList(self.blocking)
+        self.unpack: Unpack = unpack or self._unpack_here
         self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
         self.packs = PackOnce(self.blocking, pack_outputs,
                               lambda job_id: manager.storage.pack_path(job_id),
@@ -165,6 +172,10 @@ class WorkerAPI:
                 if "retry_after" in error.extra else {}
             return error.status, error.body(), headers
         return None
+
+    def _unpack_here(self, kind: bytes | None, body: Any, work: str,
+                     staging: str) -> uploads.Submission:
+        return uploads.parse_submission(kind, body, work, staging, self.config.limits)
 
     def job(self, job_id: str) -> Job:
         job = self.manager.get(job_id)
@@ -287,16 +298,16 @@ class WorkerAPI:
         base = self.manager.create_workspace(job_id)
 
         def parse() -> uploads.Submission:
-            return uploads.parse_submission(kind, body, store.work_dir(base),
-                                            store.staging_dir(base), self.config.limits)
+            return self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
 
         def queued(submission: uploads.Submission) -> tuple[Job, int]:
-            self.check_environment(submission.manifest)
+            environment = self.check_environment(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
                       submitted_at=self.manager.reactor.seconds(),
-                      log=self.manager.new_log(base), quota_exempt=exempt)
+                      log=self.manager.new_log(base), quota_exempt=exempt,
+                      environment=environment)
             return job, self.manager.submit(job)
 
         def failed(failure: Any) -> Any:
@@ -314,9 +325,10 @@ class WorkerAPI:
         d.addErrback(failed)
         return d
 
-    def check_environment(self, manifest: Manifest) -> None:
-        """400 (``EnvironmentUnavailable``) for an unknown or unbuilt template."""
-        self.manager.environments.check(manifest)
+    def check_environment(self, manifest: Manifest) -> str | None:
+        """400 (``EnvironmentUnavailable``) for an unknown or unbuilt template; else the
+        template the job gets (None: the host's interpreters alone)."""
+        return self.manager.environments.check(manifest)
 
     @app.route("/status/<string:job_id>", methods=["GET"])
     @_api
@@ -356,6 +368,7 @@ class WorkerAPI:
             return job.log.text().encode()
         return write_json(request, {"job_id": job.id, "stdout": job.log.text("stdout"),
                                     "stderr": job.log.text("stderr"),
+                                    "install": job.log.text("install"),
                                     "truncated": job.truncated})
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
