@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-import tempfile
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +28,7 @@ import sandrun
 from sandrun import httpjson
 from sandrun import identity as ident
 from sandrun.api import results, stream, uploads
+from sandrun.api.packs import PackOnce
 from sandrun.api.errors import to_api_error
 from sandrun.config import WorkerConfig
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
@@ -132,6 +132,9 @@ class WorkerAPI:
         self.runtime_list = runtimes or RuntimeList(self.blocking)
         self.unpack: Unpack = unpack or self._unpack_here
         self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
+        self.packs = PackOnce(self.blocking, pack_outputs,
+                              lambda job_id: manager.storage.pack_path(job_id),
+                              lambda job_id: manager.get(job_id) is not None)
 
     def resource(self) -> Any:
         return _Utf8Guard(self.app.resource())
@@ -394,9 +397,10 @@ class WorkerAPI:
     @_api
     def download_all(self, request: IRequest, job_id: str) -> Any:
         job = self.finished_job(job_id)
-        d = self.blocking(pack_outputs, job, self.manager.storage.uploads_dir)
+        d = self.packs.get(job)
 
-        def send(f: Any) -> Any:
+        def send(path: str) -> Any:
+            f = open(path, "rb")  # noqa: SIM115 (closed by the producer)
             request.setHeader(b"Content-Type", b"application/gzip")
             request.setHeader(b"Content-Disposition",
                               f'attachment; filename="{job.id}-outputs.tar.gz"'.encode())
@@ -518,14 +522,13 @@ def content_disposition(name: str) -> bytes:
             f"filename*=UTF-8''{urllib.parse.quote(name, safe='')}").encode("ascii")
 
 
-def pack_outputs(job: Job, spool_dir: str) -> Any:
-    """Every listed output in one .tar.gz (an unlinked file on the worker's tmpfs).
+def pack_outputs(job: Job, path: str) -> None:
+    """Every listed output in one .tar.gz at ``path`` (blocking).
 
     Not on the job's own tmpfs: a job that filled it could not be downloaded.
     """
     work = store.work_dir(job.base_dir)
-    out = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (returned open, to be sent)
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+    with open(path, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
         for output in job.outputs:
             try:
                 f, size = open_output(work, output.path, job.manifest.outputs)
@@ -535,6 +538,4 @@ def pack_outputs(job: Job, spool_dir: str) -> Any:
                 info = tarfile.TarInfo(output.path)
                 info.size, info.mode = size, 0o644
                 tar.addfile(info, f)
-    out.seek(0)
-    return out
 
