@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="jobs queued or running per client IP, pool-wide")
     parser.add_argument("--jobs-per-hour", type=_positive(int), default=q.jobs_per_hour,
                         help="submissions per client IP per rolling hour, pool-wide")
+    parser.add_argument("--metrics-listen", type=listen_description, default=None,
+                        help="serve Prometheus /metrics on this HOST:PORT or endpoint only, and not "
+                             "on --listen (default: on --listen, to --metrics-allow addresses)")
+    parser.add_argument("--metrics-allow", action="append", default=None,
+                        help="address or CIDR that may read /metrics on --listen (repeatable; "
+                             "default 127.0.0.0/8 and ::1)")
     parser.add_argument("--drain-seconds", type=_positive(float), default=d.drain_seconds,
                         help="how long a worker removed by a reload stays reachable")
     return parser
@@ -69,7 +75,9 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
         quotas=PoolQuota(cpu_seconds_per_minute=args.cpu_quota,
                          max_active_jobs=args.max_active_per_ip,
                          jobs_per_hour=args.jobs_per_hour),
-        drain_seconds=args.drain_seconds)
+        drain_seconds=args.drain_seconds, metrics_listen=args.metrics_listen,
+        metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
+        else CoordinatorConfig.metrics_allow)
 
 
 def serve(config: CoordinatorConfig) -> None:

@@ -85,6 +85,10 @@ class CoordinatorConfig:
     trusted_proxies: tuple[str, ...] = ()  # whose X-Forwarded-For the coordinator believes
     quotas: PoolQuota = field(default_factory=PoolQuota)
     drain_seconds: float = 3600.0  # how long a worker removed by a reload stays reachable
+    # Prometheus metrics: on their own listener (an endpoint string) when set, and then
+    # never on the API's; otherwise at the API's /metrics, to these addresses or networks.
+    metrics_listen: str | None = None
+    metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1")
 
 
 def parse_workers(text: str | bytes) -> tuple[WorkerEntry, ...]:

@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-key", help="Ed25519 PKCS#8 PEM private key (sandrun keygen)")
     serve.add_argument("--trusted-proxy", action="append", default=[],
                        help="address or CIDR whose X-Forwarded-For is believed (repeatable)")
+    serve.add_argument("--metrics-listen", type=listen_description, default=None,
+                       help="serve Prometheus /metrics on this HOST:PORT or endpoint only, and not "
+                            "on --listen (default: on --listen, to --metrics-allow addresses)")
+    serve.add_argument("--metrics-allow", action="append", default=None,
+                       help="address or CIDR that may read /metrics on --listen (repeatable; "
+                            "default 127.0.0.0/8 and ::1)")
     serve.add_argument("--max-upload-mb", type=int, default=d.max_upload_bytes // 10**6)
     serve.add_argument("--max-timeout", type=int, default=d.max_timeout)
     serve.add_argument("--max-memory-mb", type=int, default=d.max_memory_mb)
@@ -80,7 +86,10 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
-                        trusted_proxies=tuple(args.trusted_proxy))
+                        trusted_proxies=tuple(args.trusted_proxy),
+                        metrics_listen=args.metrics_listen,
+                        metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
+                        else WorkerConfig.metrics_allow)
 
 
 def serve(config: WorkerConfig) -> None:

@@ -56,5 +56,9 @@ class WorkerConfig:
     storage_bytes: int = 0  # all job data at once; 0 = a quarter of RAM
     worker_key: str | None = None
     trusted_proxies: tuple[str, ...] = ()
+    # Prometheus metrics: on their own listener (an endpoint string) when set, and then
+    # never on the API's; otherwise at the API's /metrics, to these addresses or networks.
+    metrics_listen: str | None = None
+    metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1")
     env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
     deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash

@@ -117,3 +117,13 @@ def trusted_client_address(
         if not _is_trusted(origin, networks):
             return str(origin)
     return peer if origin is None else str(origin)
+
+
+def address_allowed(address: str, entries: tuple[str, ...]) -> bool:
+    """Whether *address* (an IP, as ``trusted_client_address`` gives it) is in *entries*.
+
+    *entries* are addresses or CIDR networks, as for ``parse_trusted_proxies`` (call that once
+    at start-up to refuse a bad entry). Anything that is not an IP address is never allowed.
+    """
+    addr = _parse_ip(address)
+    return addr is not None and _is_trusted(addr, parse_trusted_proxies(tuple(entries)))

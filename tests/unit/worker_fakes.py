@@ -34,6 +34,7 @@ from sandrun.sandbox.policy import SandboxPolicy
 from sandrun.sandbox.supervisor import SandboxResult, SandboxUnavailable
 from sandrun.wire import Reason
 from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
+from tests.contract import check_response
 
 
 def synchronous(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
@@ -222,9 +223,13 @@ class Harness:
             method, "http://worker.test" + path, data=body, headers=hdrs)
         response = self._settle(d)
         content = self._settle(response.content())
-        return Reply(response.code,
+        reply = Reply(response.code,
                      {k.decode().lower(): [v.decode("latin-1") for v in vs]
                       for k, vs in response.headers.getAllRawHeaders()}, content)
+        # Every answer a test sees is checked against the OpenAPI document.
+        check_response("worker", method, path, reply.status, reply.header("content-type"),
+                       reply.body)
+        return reply
 
     def _settle(self, d: defer.Deferred[Any]) -> Any:
         results: list[Any] = []
