@@ -27,11 +27,21 @@ def _positive(kind: Any) -> Any:
     return parse
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("sandrun")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     d, q = CoordinatorConfig(), PoolQuota()
     parser = argparse.ArgumentParser(
         prog="sandrun-coordinator",
         description="Route Sandrun jobs to a pool of authenticated workers.")
+    parser.add_argument("--version", action="version", version=f"sandrun-coordinator {_version()}")
     parser.add_argument("--workers", default=d.workers_path,
                         help="the workers.json file (default ./workers.json)")
     parser.add_argument("--listen", type=listen_description, default="127.0.0.1:9000",
@@ -55,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="jobs queued or running per client IP, pool-wide")
     parser.add_argument("--jobs-per-hour", type=_positive(int), default=q.jobs_per_hour,
                         help="submissions per client IP per rolling hour, pool-wide")
+    parser.add_argument("--quota-exempt", action="append", default=[], metavar="CIDR",
+                        help="address or network to which no pool-wide quota applies "
+                             "(repeatable; default: none); give the workers the same")
     parser.add_argument("--metrics-listen", type=listen_description, default=None,
                         help="serve Prometheus /metrics on this HOST:PORT or endpoint only, and not "
                              "on --listen (default: on --listen, to --metrics-allow addresses)")
@@ -62,7 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address or CIDR that may read /metrics on --listen (repeatable; "
                              "default 127.0.0.0/8 and ::1)")
     parser.add_argument("--drain-seconds", type=_positive(float), default=d.drain_seconds,
-                        help="how long a worker removed by a reload stays reachable")
+                        help="how long a worker removed by a reload stays reachable "
+                             f"(default {d.drain_seconds:g})")
+    parser.add_argument("--max-replicas", type=_positive(int), default=d.max_replicas,
+                        help="the most replicas a manifest may ask for "
+                             f"(default {d.max_replicas})")
+    parser.add_argument("--max-disagreements", type=_positive(int),
+                        default=d.max_disagreements,
+                        help="disagreements with other replicas after which a worker gets no "
+                             "jobs until a reload re-admits it "
+                             f"(default {d.max_disagreements})")
+    parser.add_argument("--open-enrollment", action="store_true",
+                        help="let workers not in workers.json join by proving their key; they "
+                             "only run extra replicas next to a listed worker (default off)")
+    parser.add_argument("--max-open-workers", type=_positive(int), default=d.max_open_workers,
+                        help=f"open workers enrolled at once (default {d.max_open_workers})")
     return parser
 
 
@@ -74,8 +101,11 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
         spool_dir=args.spool_dir, trusted_proxies=tuple(args.trusted_proxy),
         quotas=PoolQuota(cpu_seconds_per_minute=args.cpu_quota,
                          max_active_jobs=args.max_active_per_ip,
-                         jobs_per_hour=args.jobs_per_hour),
-        drain_seconds=args.drain_seconds, metrics_listen=args.metrics_listen,
+                         jobs_per_hour=args.jobs_per_hour,
+                         exempt=tuple(args.quota_exempt)),
+        drain_seconds=args.drain_seconds, max_replicas=args.max_replicas,
+        max_disagreements=args.max_disagreements, open_enrollment=args.open_enrollment,
+        max_open_workers=args.max_open_workers, metrics_listen=args.metrics_listen,
         metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
         else CoordinatorConfig.metrics_allow)
 
@@ -97,7 +127,7 @@ def serve(config: CoordinatorConfig) -> None:
         try:
             yield coordinator.startService()
         except Exception as e:  # noqa: BLE001 - one clear line (port in use, bad endpoint)
-            print(f"sandrun-coordinator: cannot start: {e}", file=sys.stderr)
+            print(f"sandrun-coordinator: cannot start: {e}", file=sys.__stderr__)
             raise SystemExit(1) from None
         yield stop_signal(reactor)
         yield coordinator.stopService()
@@ -107,10 +137,12 @@ def serve(config: CoordinatorConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        parse_trusted_proxies(tuple(args.trusted_proxy))
-    except ValueError as e:
-        sys.exit(f"sandrun-coordinator: bad --trusted-proxy: {e}")
+    for flag, entries in (("--trusted-proxy", args.trusted_proxy),
+                          ("--quota-exempt", args.quota_exempt)):
+        try:
+            parse_trusted_proxies(tuple(entries))
+        except ValueError as e:
+            sys.exit(f"sandrun-coordinator: bad {flag}: {e}")
     config = config_from(args)
     try:
         load_workers(config.workers_path)  # refuse a bad file with its message, not a traceback

@@ -12,8 +12,10 @@ workers.json is a JSON list with one object per worker::
   worker; the endpoint alone proves nothing.
 - ``endpoint`` (required): ``http://`` or ``https://``, host and optional
   port, nothing after it.
-- ``max_concurrent_jobs`` (optional, default 4): the most jobs (queued or
-  running) the coordinator will have on this worker at once.
+- ``max_concurrent_jobs`` (optional): how many jobs the coordinator counts
+  this worker as running at once, in place of the ``capacity`` the worker
+  signs in its health answers.  The worker's queue (its signed
+  ``queue_capacity``) always comes on top: see ``scheduling.job_limit``.
 - ``name`` (optional): a label for ``/pool`` and the log.
 - ``comment`` (optional): ignored; JSON has no comments.
 
@@ -35,7 +37,6 @@ from urllib.parse import urlsplit
 
 from coordinator.jobids import worker_tag
 
-DEFAULT_MAX_CONCURRENT_JOBS = 4
 MAX_WORKERS_FILE_BYTES = 1024 * 1024
 _ENTRY_KEYS = {"worker_id", "endpoint", "max_concurrent_jobs", "name", "comment"}
 
@@ -50,7 +51,7 @@ class WorkerEntry:
 
     worker_id: str  # standard base64 of the raw Ed25519 public key
     endpoint: str  # normalised "scheme://host:port", no trailing slash
-    max_concurrent_jobs: int = DEFAULT_MAX_CONCURRENT_JOBS
+    max_concurrent_jobs: int | None = None  # None: what the worker signs as its capacity
     name: str | None = None
 
     @property
@@ -69,6 +70,7 @@ class PoolQuota:
     cpu_seconds_per_minute: float = 10.0  # CPU-seconds, summed over every worker
     max_active_jobs: int = 2  # queued or running, anywhere in the pool
     jobs_per_hour: int = 20  # accepted submissions, anywhere in the pool
+    exempt: tuple[str, ...] = ()  # addresses or CIDR networks no pool quota applies to
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,10 @@ class CoordinatorConfig:
     trusted_proxies: tuple[str, ...] = ()  # whose X-Forwarded-For the coordinator believes
     quotas: PoolQuota = field(default_factory=PoolQuota)
     drain_seconds: float = 3600.0  # how long a worker removed by a reload stays reachable
+    max_replicas: int = 3  # the most ``replicas`` a manifest may ask for; more is 400
+    max_disagreements: int = 3  # disagreements with other replicas that suspend a worker
+    open_enrollment: bool = False  # whether workers not in workers.json may join (POST /pool/join)
+    max_open_workers: int = 32  # open workers enrolled at once; more joins are 503
     # Prometheus metrics: on their own listener (an endpoint string) when set, and then
     # never on the API's; otherwise at the API's /metrics, to these addresses or networks.
     metrics_listen: str | None = None
@@ -161,8 +167,9 @@ def _parse_entry(index: int, raw: Any) -> WorkerEntry:
         raise WorkersFileError(
             f"{where}: endpoint {endpoint!r} must be http:// or https://, a host and an "
             "optional port, and nothing after it")
-    limit = raw.get("max_concurrent_jobs", DEFAULT_MAX_CONCURRENT_JOBS)
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
+    limit = raw.get("max_concurrent_jobs")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or not 1 <= limit <= 100_000):
         raise WorkersFileError(f"{where}: max_concurrent_jobs must be an integer from 1")
     name = raw.get("name")
     if name is not None and (not isinstance(name, str) or not name or len(name) > 100):

@@ -108,7 +108,11 @@ def _load(value: Any) -> Load | None:
         if isinstance(number, bool) or not isinstance(number, int) or number < 0:
             return None
         numbers.append(number)
-    return Load(*numbers)
+    queue = value.get("queue_capacity")
+    if queue is not None and (isinstance(queue, bool) or not isinstance(queue, int) or queue < 0):
+        return None
+    active, queued, capacity = numbers
+    return Load(active, queued, capacity, queue_capacity=queue)
 
 
 class HealthChecker:

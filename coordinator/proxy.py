@@ -8,6 +8,12 @@ What differs, and why:
   that refuses (429, 503) or cannot be reached is skipped for the next one;
   when none takes it the answer is 503 with ``retry_after`` (or the workers'
   429).  The answer's ``job_id`` is the coordinator's (``jobids.py``).
+- ``POST /run`` places the job as ``/submit`` does (the client's lock is held
+  only for that), then waits with the worker's long poll (``/status?wait=``)
+  and answers with the status, the worker's ``/logs`` and its ``/outputs``
+  (our URLs); ``?keep=0`` deletes the job on its worker once answered, and a
+  client that goes away has its job deleted.  ``/status?wait=S`` is forwarded
+  with a timeout of ``S`` plus the usual one.
 - Job endpoints find the worker from the job id and forward to it, with the
   client's address in X-Forwarded-For.  Every ``job_id`` and
   ``download_url`` in an answer is rewritten to the coordinator's id.
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from functools import wraps
 from importlib import metadata
 from typing import Any
@@ -52,9 +59,16 @@ from coordinator.errors import not_found
 from coordinator.jobids import JobRef, decode_job_id, encode_job_id
 from coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.quota import ClientLocks, PoolDecision, Usage, decide
+from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
-from coordinator.scheduling import has_room, pick_worker, rank_workers
+from coordinator.scheduling import (
+    drain_retry_after,
+    free_slots,
+    has_room,
+    job_limit,
+    pick_worker,
+    rank_workers,
+)
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
     BadWorkerResponse,
@@ -67,12 +81,8 @@ from coordinator.worker_client import (
 from sandrun import httpjson, pages
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.identity import verify_result
-from sandrun.netaddr import (
-    address_allowed,
-    client_key,
-    parse_trusted_proxies,
-    trusted_client_address,
-)
+from sandrun.netaddr import (address_in, client_key, parse_trusted_proxies,
+                             trusted_client_address)
 from sandrun.wire import JobStatus, Reason
 
 log = Logger()
@@ -85,6 +95,9 @@ PRIVACY = ("No accounts and no logs of job content. The coordinator keeps no job
 REFRESH_AFTER = 0.1
 # Response headers of a worker that the client gets too.
 # (Twisted's client keeps Content-Length in ``response.length``, not in the headers.)
+# How long one long poll of a worker is held while a /run waits (the worker caps at 60).
+RUN_POLL_SECONDS = 30.0
+MAX_WAIT_SECONDS = 60.0  # the longest /status?wait= is held, as on a worker
 _PASSED_HEADERS = (b"content-type", b"content-disposition", b"retry-after")
 
 
@@ -151,6 +164,7 @@ class CoordinatorAPI:
             CoordinatorMetrics(registry, self.streams.open_count)
         parse_trusted_proxies(config.metrics_allow)
         parse_trusted_proxies(config.trusted_proxies)  # a bad entry fails here, not per request
+        parse_trusted_proxies(config.quotas.exempt)
         self.locks = ClientLocks()
 
     def resource(self) -> Any:
@@ -257,9 +271,7 @@ class CoordinatorAPI:
     @_api
     async def health(self, request: Request) -> bytes:
         routable = self.registry.routable()
-        load = {"active_jobs": sum(w.load.active_jobs for w in routable if w.load),
-                "queued_jobs": sum(w.load.queued_jobs for w in routable if w.load),
-                "capacity": sum(w.entry.max_concurrent_jobs for w in routable)}
+        load = pool_load(routable)
         body = {"status": "healthy" if routable else "unhealthy", "service": SERVICE,
                 "worker_id": None, "version": _version(), "load": load,
                 "workers": {"healthy": len(routable), "total": len(self.registry.workers())}}
@@ -269,10 +281,18 @@ class CoordinatorAPI:
     @_api
     async def pool(self, request: Request) -> bytes:
         workers = self.registry.workers()
+        configured = self.registry.configured()
+        drain = self.registry.drain_seconds
         return write_json(request, {
-            "workers": [w.as_json(_iso) for w in workers],
-            "healthy": sum(1 for w in workers if w.healthy), "total": len(workers),
-            "health_interval": self.config.health_interval})
+            "workers": [w.as_json(_iso, drain) for w in workers],
+            "healthy": sum(1 for w in configured if w.healthy), "total": len(configured),
+            "draining": sum(1 for w in workers if w.draining_since is not None),
+            "open": len(self.registry.open_workers()),
+            "load": pool_load(self.registry.routable()),
+            "health_interval": self.config.health_interval,
+            "drain_seconds": drain, "max_replicas": self.config.max_replicas,
+            "max_disagreements": self.registry.max_disagreements,
+            "open_enrollment": self.config.open_enrollment})
 
     @app.route("/environments", methods=["GET"])
     @_api
@@ -282,13 +302,23 @@ class CoordinatorAPI:
                                                 self.config.request_timeout)
         return write_json(request, body, code)
 
+    @app.route("/runtimes", methods=["GET"])
+    @_api
+    async def runtimes(self, request: Request) -> bytes:
+        state = self.pick_healthy()
+        code, body = await self.client.get_json(state.entry.endpoint + "/runtimes",
+                                                self.config.request_timeout)
+        return write_json(request, body, code)
+
     @app.route("/stats", methods=["GET"])
     @_api
     async def stats(self, request: Request) -> bytes:
         decision, systems = await self.pool_usage(self.client_address(request))
+        # Pool-wide: every healthy worker's own figures, summed.
         system = {name: sum(int(s.get(name, 0)) for s in systems
                             if isinstance(s.get(name, 0), int))
-                  for name in ("queue_length", "active_jobs", "capacity")}
+                  for name in ("queue_length", "active_jobs", "capacity", "queue_capacity")}
+        system["free_slots"] = free_slots(self.registry.workers())
         system["workers_healthy"] = len(self.registry.routable())
         system["workers_total"] = len(self.registry.workers())
         return write_json(request, {"your_quota": decision.your_quota(), "system": system})
@@ -320,16 +350,20 @@ class CoordinatorAPI:
     @_api
     async def submit(self, request: Request) -> bytes:
         address = self.client_address(request)
-        result: bytes = await self.locks.run(
-            client_key(address), lambda: defer.ensureDeferred(self._submit(request, address)))
-        return result
+        placed: Placed | bytes = await self.locks.run(
+            client_key(address), lambda: defer.ensureDeferred(self._place(request, address)))
+        if isinstance(placed, bytes):
+            return placed
+        return self.relay_json(request, placed.response, placed.doc, placed.job_id)
 
-    async def _submit(self, request: Request, address: str) -> bytes:
-        decision, _ = await self.pool_usage(address)
-        if not decision.allowed:
-            self.metrics.refused(decision.reason)
-            raise APIError(429, "Rate limit exceeded", decision.reason or "",
-                           **decision.error_extra())
+    async def _place(self, request: Request, address: str) -> Placed | bytes:
+        """Send a submission to a worker that takes it; an error answer (bytes) if none does."""
+        if not address_in(address, self.config.quotas.exempt):
+            decision, _ = await self.pool_usage(address)
+            if not decision.allowed:
+                self.metrics.refused(decision.reason)
+                raise APIError(429, "Rate limit exceeded", f"{decision.reason}. {LIFT_QUOTA}",
+                               **decision.error_extra())
         body = request.content
         kind = content_type(request)
         headers = {b"X-Forwarded-For": [address.encode("latin-1")]}
@@ -379,7 +413,7 @@ class CoordinatorAPI:
                     raise BadWorkerResponse(str(e)) from None
                 log.info("job dispatched to {worker}", worker=state.entry.label)
                 self.metrics.routed.labels(state.entry.label).inc()
-                return self.relay_json(request, response, doc, cid)
+                return Placed(cid, response, doc)
             self.registry.undo_dispatch(state)
             if response.code in (429, 503):
                 self.metrics.worker_refused.labels(state.entry.label).inc()
@@ -392,8 +426,83 @@ class CoordinatorAPI:
             return self.relay_json(request, refusal[0], refusal[1])
         self.metrics.refusals.labels("no_worker").inc()
         raise APIError(503, "No worker available",
-                       "every worker is full, refused the job, or is unavailable",
-                       retry_after=self.retry_after())
+                       "every worker's queue is full, refused the job, or is unavailable",
+                       retry_after=drain_retry_after(self.registry.workers(),
+                                                     self.config.health_interval))
+
+    @app.route("/run", methods=["POST"])
+    @_api
+    async def run(self, request: Request) -> bytes:
+        """Submit as ``/submit`` does, then answer with the whole result at the job's end.
+
+        The wait is the worker's long poll (``/status?wait=``), then its ``/logs`` and
+        ``/outputs``: the per-client lock is held only while the job is placed.  A
+        client that goes away first (Klein cancels this) has its job deleted.
+        """
+        keep = _keep_arg(request)
+        address = self.client_address(request)
+        placed: Placed | bytes = await self.locks.run(
+            client_key(address), lambda: defer.ensureDeferred(self._place(request, address)))
+        if isinstance(placed, bytes):
+            return placed
+        job_id = placed.job_id
+        ref, state = self.locate(job_id)
+        headers = self.forwarded(request)
+        try:
+            status = await self.final_status(ref, state, headers)
+        except defer.CancelledError:
+            self.forget_quietly(ref, state, headers)
+            raise
+        except WorkerLost as e:
+            doc = lost_status(job_id, ref, state, str(e))
+            doc.update(stdout="", stderr="", truncated={"stdout": False, "stderr": False},
+                       outputs=[], kept=False)
+            return write_json(request, doc)
+        if status is None:  # deleted meanwhile (by a DELETE with its id)
+            raise not_found()
+        logs = await self.forward_json(ref, state, "logs", headers)
+        listing = await self.forward_json(ref, state, "outputs", headers)
+        if not keep:
+            await self.forward_json(ref, state, "jobs", headers, method="DELETE")
+        doc = self.status_answer(job_id, state, status)
+        doc["stdout"] = logs.get("stdout", "")
+        doc["stderr"] = logs.get("stderr", "")
+        doc["truncated"] = logs.get("truncated", {"stdout": False, "stderr": False})
+        files = listing.get("files")
+        doc["outputs"] = self.rewrite_outputs(job_id, files if isinstance(files, list) else [],
+                                              keep)
+        doc["kept"] = keep
+        return write_json(request, doc)
+
+    async def final_status(self, ref: JobRef, state: WorkerState,
+                           headers: dict[bytes, list[bytes]]) -> dict[str, Any] | None:
+        """The worker's /status once the job is finished (long polls); None once it is gone."""
+        while True:
+            response = await self.forward(
+                ref, state, "GET", f"{_job_path('status', ref)}?wait={RUN_POLL_SECONDS:g}",
+                headers, timeout=RUN_POLL_SECONDS + self.config.request_timeout)
+            doc = await read_json(response)
+            if response.code == 404:
+                return None
+            if response.code != 200 or not isinstance(doc, dict):
+                raise BadWorkerResponse(f"the worker answered /status with {response.code}")
+            if doc.get("status") in (JobStatus.COMPLETED.value, JobStatus.FAILED.value):
+                return doc
+
+    async def forward_json(self, ref: JobRef, state: WorkerState, endpoint: str,
+                           headers: dict[bytes, list[bytes]], method: str = "GET"
+                           ) -> dict[str, Any]:
+        response = await self.forward(ref, state, method, _job_path(endpoint, ref), headers)
+        doc = await read_json(response)
+        return doc if response.code == 200 and isinstance(doc, dict) else {}
+
+    def forget_quietly(self, ref: JobRef, state: WorkerState,
+                       headers: dict[bytes, list[bytes]]) -> None:
+        """Delete a job whose /run client went away; nobody waits for the answer."""
+        d = defer.ensureDeferred(self.forward_json(ref, state, "jobs", headers,
+                                                   method="DELETE"))
+        d.addErrback(lambda f: log.warn("cancelling an abandoned job failed: {error}",  # noqa: G010
+                                        error=f.getErrorMessage()))
 
     # -- one job ----------------------------------------------------------------------
 
@@ -401,20 +510,29 @@ class CoordinatorAPI:
     @_api
     async def status(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
+        wait = _wait_arg(request)
+        path = _job_path("status", ref)
+        if wait:
+            path += f"?wait={wait:g}"
         try:
-            response = await self.forward(ref, state, "GET", _job_path("status", ref),
-                                          self.forwarded(request))
+            response = await self.forward(ref, state, "GET", path, self.forwarded(request),
+                                          timeout=wait + self.config.request_timeout)
         except WorkerLost as e:
             return write_json(request, lost_status(job_id, ref, state, str(e)))
         doc = await read_json(response)
         if response.code != 200 or not isinstance(doc, dict):
             return self.relay_json(request, response, doc, job_id)
+        return write_json(request, self.status_answer(job_id, state, doc))
+
+    def status_answer(self, job_id: str, state: WorkerState,
+                      doc: dict[str, Any]) -> dict[str, Any]:
+        """A worker's /status document as the client gets it: verified, with our id."""
         doc["signature_verified"] = verify_result(doc, state.worker_id)
         worker = doc.get("worker_metadata")
         if isinstance(worker, dict):
             worker["job_id"] = doc.get("job_id")
         doc["job_id"] = job_id
-        return write_json(request, doc)
+        return doc
 
     @app.route("/logs/<string:job_id>", methods=["GET"])
     @_api
@@ -443,11 +561,16 @@ class CoordinatorAPI:
                                       self.forwarded(request))
         doc = await read_json(response)
         if response.code == 200 and isinstance(doc, dict) and isinstance(doc.get("files"), list):
-            for entry in doc["files"]:
-                if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                    entry["download_url"] = \
-                        f"/download/{job_id}/{quote(entry['path'], safe='/')}"
+            doc["files"] = self.rewrite_outputs(job_id, doc["files"])
         return self.relay_json(request, response, doc, job_id)
+
+    def rewrite_outputs(self, job_id: str, files: list[Any], kept: bool = True) -> list[Any]:
+        """A worker's outputs listing with our download URLs (none when not kept)."""
+        for entry in files:
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                entry["download_url"] = \
+                    f"/download/{job_id}/{quote(entry['path'], safe='/')}" if kept else None
+        return files
 
     @app.route("/download/<string:job_id>", methods=["GET"])
     @_api
@@ -511,7 +634,7 @@ class CoordinatorAPI:
     @app.route("/metrics", methods=["GET"])
     def metrics_text(self, request: Request) -> bytes:
         """Prometheus metrics, unless they have a listener of their own (``metrics_listen``)."""
-        if self.config.metrics_listen is not None or not address_allowed(
+        if self.config.metrics_listen is not None or not address_in(
                 self.client_address(request), self.config.metrics_allow):
             return write_error(request, APIError(404, "Not found", "no such endpoint"))
         request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode())
@@ -538,6 +661,49 @@ class CoordinatorAPI:
     @app.handle_errors(NotFound, MethodNotAllowed)
     def no_route(self, request: Any, failure: Any) -> bytes:
         return httpjson.no_route(request, getattr(failure.value, "valid_methods", None))
+
+
+def pool_load(workers: list[WorkerState]) -> dict[str, int]:
+    """What ``workers`` hold and can hold, summed, as their signed loads say."""
+    loads = [w.load for w in workers if w.load is not None]
+    return {"active_jobs": sum(load.active_jobs for load in loads),
+            "queued_jobs": sum(load.queued_jobs for load in loads),
+            "capacity": sum(load.capacity for load in loads),
+            "queue_capacity": sum(load.queue_capacity or 0 for load in loads),
+            "job_limit": sum(job_limit(w) for w in workers)}
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A submission a worker took: our job id and the worker's answer."""
+
+    job_id: str
+    response: Any
+    doc: dict[str, Any]
+
+
+def _wait_arg(request: Request) -> float:
+    """``?wait=S`` for a long poll (the worker caps it too), 0 without it."""
+    raw = _arg(request, b"wait")
+    if not raw:
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise APIError(400, "Invalid wait",
+                       f"wait is a number of seconds, 0 to {MAX_WAIT_SECONDS:g}", field="wait")
+    return min(seconds, MAX_WAIT_SECONDS)
+
+
+def _keep_arg(request: Request) -> bool:
+    raw = _arg(request, b"keep").lower()
+    if raw in (b"", b"1", b"true", b"yes"):
+        return True
+    if raw in (b"0", b"false", b"no"):
+        return False
+    raise APIError(400, "Invalid keep", "keep is 1 or 0 (true or false)", field="keep")
 
 
 def _arg(request: Request, name: bytes) -> bytes:

@@ -35,6 +35,10 @@ from coordinator.config import PoolQuota
 CPU_WINDOW_SECONDS = 60
 HOURLY_WINDOW_SECONDS = 3600
 CONCURRENCY_RETRY_AFTER = 5
+# Told with every 429: the quotas protect a public pool; its operator can lift them.
+LIFT_QUOTA = ("The pool's operator can exempt trusted addresses (sandrun-coordinator "
+              "--quota-exempt CIDR, and sandrun serve --quota-exempt on its workers) or raise "
+              "the limits (--jobs-per-hour, --cpu-quota, --max-active-per-ip)")
 
 
 # -- pool-wide usage -----------------------------------------------------------------------

@@ -36,6 +36,7 @@ from coordinator.registry import WorkerRegistry
 from coordinator.stream import StreamRelay
 from coordinator.uploads import default_spool_dir, request_factory
 from coordinator.worker_client import WorkerClient
+from sandrun.daemon import address_text
 
 log = Logger()
 
@@ -132,7 +133,8 @@ class CoordinatorService(service.MultiService):
         self.reactor = reactor
         self.config = config
         entries = load_workers(config.workers_path)
-        self.registry = WorkerRegistry(entries, drain_seconds=config.drain_seconds)
+        self.registry = WorkerRegistry(entries, drain_seconds=config.drain_seconds,
+                                       max_disagreements=config.max_disagreements)
         self.pool: HTTPConnectionPool | None = None
         if http is None:
             http, self.pool = http_client(reactor)
@@ -164,7 +166,7 @@ class CoordinatorService(service.MultiService):
                 raise
         healthy = len(self.registry.healthy())
         log.info("sandrun coordinator listening on {address}: {healthy} of {total} workers "
-                 "healthy", address=self.port.getHost(), healthy=healthy,
+                 "healthy", address=address_text(self.port.getHost()), healthy=healthy,
                  total=len(self.registry.workers()))
         self.health.start(now=False)
         super().startService()

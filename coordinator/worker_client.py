@@ -149,15 +149,25 @@ class WorkerClient:
             return result
 
         d.addTimeout(timeout, self.reactor, onTimeoutCancel=on_timeout)
+        # Cancelled by us (our client went away): not a worker that cannot be reached.
+        cancelled: list[bool] = []
+
+        def cancel(_: defer.Deferred[Any]) -> None:
+            cancelled.append(True)
+            d.cancel()
 
         def translate(failure: Failure) -> Failure:
+            if cancelled:
+                return Failure(defer.CancelledError())
             if timed_out or failure.check(defer.TimeoutError):
                 raise WorkerTimeout(f"no answer within {timeout:g} s")
             if failure.check(*_UNREACHABLE):
                 raise WorkerUnreachable(describe(failure))
             return failure
 
-        return d.addErrback(translate)
+        answer: defer.Deferred[Any] = defer.Deferred(cancel)
+        d.addErrback(translate).chainDeferred(answer)
+        return answer
 
     @defer.inlineCallbacks
     def get_json(self, url: str, timeout: float,

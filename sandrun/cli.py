@@ -6,6 +6,7 @@ The only module that touches ``sys.argv`` and the global reactor.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from typing import Any
@@ -20,42 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sandrun {sandrun.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run a worker")
-    d, q = Limits(), QuotaConfig()
-    serve.add_argument("--listen", type=listen_description, default="127.0.0.1:8443",
-                       help="HOST:PORT or endpoint string (default 127.0.0.1:8443)")
-    serve.add_argument("--max-concurrent", type=int, default=os.cpu_count() or 1,
-                       help="jobs running at once (default: number of cores)")
-    serve.add_argument("--queue-size", type=int, default=100, help="jobs waiting (default 100)")
-    serve.add_argument("--state-dir", default="/run/sandrun",
-                       help="where the worker mounts its tmpfs (default /run/sandrun)")
-    serve.add_argument("--env-dir", default=WorkerConfig.env_dir,
-                       help="built templates, as sandrun env --root "
-                            f"(default {WorkerConfig.env_dir})")
-    serve.add_argument("--deps-dir", default=WorkerConfig.deps_dir,
-                       help=f"cache of fetched job dependencies (default {WorkerConfig.deps_dir})")
-    serve.add_argument("--worker-key", help="Ed25519 PKCS#8 PEM private key (sandrun keygen)")
-    serve.add_argument("--trusted-proxy", action="append", default=[],
-                       help="address or CIDR whose X-Forwarded-For is believed (repeatable)")
-    serve.add_argument("--metrics-listen", type=listen_description, default=None,
-                       help="serve Prometheus /metrics on this HOST:PORT or endpoint only, and not "
-                            "on --listen (default: on --listen, to --metrics-allow addresses)")
-    serve.add_argument("--metrics-allow", action="append", default=None,
-                       help="address or CIDR that may read /metrics on --listen (repeatable; "
-                            "default 127.0.0.0/8 and ::1)")
-    serve.add_argument("--max-upload-mb", type=int, default=d.max_upload_bytes // 10**6)
-    serve.add_argument("--max-timeout", type=int, default=d.max_timeout)
-    serve.add_argument("--max-memory-mb", type=int, default=d.max_memory_mb)
-    serve.add_argument("--output-cap-mb", type=float, default=d.output_cap_bytes / 2**20)
-    serve.add_argument("--max-pids", type=int, default=d.max_pids)
-    serve.add_argument("--cpu-quota", type=float, default=q.cpu_seconds_per_minute,
-                       help="CPU-seconds per client IP per rolling minute")
-    serve.add_argument("--max-active-per-ip", type=int, default=q.max_active_jobs)
-    serve.add_argument("--jobs-per-hour", type=int, default=q.jobs_per_hour)
+    add_serve_command(commands)
 
     keygen = commands.add_parser("keygen", help="create a worker identity key")
     keygen.add_argument("--out", help="where to write the key (default ./sandrun-worker.pem)")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
+    keygen.add_argument("--show", metavar="FILE",
+                        help="print the worker id of an existing key instead of making one")
 
     verify = commands.add_parser("verify", help="verify a signed result")
     verify.add_argument("status", help="a job id (its /status is fetched from --server), "
@@ -74,26 +46,179 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_serve_command(commands: Any) -> None:
+    """``sandrun serve``: every flag says what it does and shows its default; a TOML
+    ``--config`` file may set any of them (the flag's long name, dashes or underscores)."""
+    d, q = Limits(), QuotaConfig()
+    serve = commands.add_parser(
+        "serve", help="run a worker",
+        description="Run a Sandrun worker. Every option can also be set in a TOML file given "
+                    "with --config (keys are the option names, e.g. jobs-per-hour = 100, "
+                    "quota-exempt = [\"10.0.0.0/8\"]); options on the command line win.")
+    flag = serve.add_argument
+    flag("--config", metavar="FILE", help="TOML file holding any of these options")
+    flag("--listen", type=listen_description, metavar="ADDRESS", default="127.0.0.1:8443",
+         help="HOST:PORT or endpoint string (default 127.0.0.1:8443)")
+    flag("--max-concurrent", type=int, metavar="N", default=os.cpu_count() or 1,
+         help="jobs running at once (default: number of cores, here %(default)s)")
+    flag("--queue-size", type=int, metavar="N", default=100, help="jobs waiting (default %(default)s)")
+    flag("--state-dir", metavar="DIR", default="/run/sandrun",
+         help="where the worker mounts its tmpfs (default %(default)s)")
+    flag("--env-dir", metavar="DIR", default=WorkerConfig.env_dir,
+         help="built templates, as sandrun env --root (default %(default)s)")
+    flag("--deps-dir", metavar="DIR", default=WorkerConfig.deps_dir,
+         help="cache of fetched job dependencies (default %(default)s)")
+    flag("--worker-key", metavar="PEM",
+         help="Ed25519 PKCS#8 PEM private key, from sandrun keygen (default: none, "
+              "results are not signed)")
+    flag("--trusted-proxy", action="append", default=None, metavar="CIDR",
+         help="address or network whose X-Forwarded-For is believed (repeatable; "
+              "default: none)")
+    flag("--metrics-listen", type=listen_description, default=None, metavar="ADDRESS",
+         help="serve Prometheus /metrics on this HOST:PORT or endpoint only, and not on "
+              "--listen (default: on --listen, to --metrics-allow addresses)")
+    flag("--metrics-allow", action="append", default=None, metavar="CIDR",
+         help="address or network that may read /metrics on --listen (repeatable; "
+              "default 127.0.0.0/8 and ::1)")
+    flag("--max-upload-mb", type=int, metavar="MB", default=d.max_upload_bytes // 10**6,
+         help="largest request body, MB (default %(default)s)")
+    flag("--default-timeout", type=int, default=d.default_timeout, metavar="SECONDS",
+         help="wall-clock limit of a job whose manifest gives none (default %(default)s)")
+    flag("--max-timeout", type=int, default=d.max_timeout, metavar="SECONDS",
+         help="largest timeout a manifest may ask for; more is a 400 (default %(default)s)")
+    flag("--default-memory-mb", type=int, default=d.default_memory_mb, metavar="MB",
+         help="memory of a job whose manifest gives none (default %(default)s)")
+    flag("--max-memory-mb", type=int, default=d.max_memory_mb, metavar="MB",
+         help="largest memory_mb a manifest may ask for; more is a 400 (default %(default)s)")
+    flag("--output-cap-mb", type=float, default=d.output_cap_bytes / 2**20, metavar="MIB",
+         help="output kept per stream (stdout, stderr) before the job is stopped with "
+              "output_limit, MiB (default %(default)g)")
+    flag("--max-pids", type=int, metavar="N", default=d.max_pids,
+         help="processes and threads per job (default %(default)s)")
+    flag("--cpu-quota", type=float, default=q.cpu_seconds_per_minute, metavar="SECONDS",
+         help="CPU-seconds per client IP per rolling minute (default %(default)g)")
+    flag("--max-active-per-ip", type=int, default=q.max_active_jobs, metavar="N",
+         help="jobs queued or running at once per client IP (default %(default)s)")
+    flag("--jobs-per-hour", type=int, default=q.jobs_per_hour, metavar="N",
+         help="submissions per client IP per rolling hour (default %(default)s)")
+    flag("--quota-exempt", action="append", default=None, metavar="CIDR",
+         help="address or network to which no per-IP quota applies, e.g. 127.0.0.1 or "
+              "10.0.0.0/8 (repeatable; default: none)")
+
+
+# ``serve`` options that take a list (repeatable flags; a list in the TOML file).
+_LIST_OPTIONS = ("trusted_proxy", "quota_exempt", "metrics_allow")
+
+
+class ConfigFileError(Exception):
+    """A ``--config`` file that cannot be read, is not TOML, or names an unknown option."""
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``sandrun serve`` arguments over the defaults of a ``--config`` TOML file."""
+    args = parser.parse_args(argv)
+    settings: dict[str, Any] = {}
+    if args.command == "serve" and args.config:
+        settings = load_config_file(args.config, _serve_parser(parser))
+        serve = _serve_parser(parser)
+        serve.set_defaults(**{k: v for k, v in settings.items() if k not in _LIST_OPTIONS})
+        args = parser.parse_args(argv)
+    if args.command == "serve":
+        for name in _LIST_OPTIONS:
+            if getattr(args, name) is None:  # not on the command line: the file's, or none
+                setattr(args, name, list(settings.get(name, [])))
+    return args
+
+
+def _serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices["serve"]  # type: ignore[no-any-return]
+    raise AssertionError("no serve command")
+
+
+def load_config_file(path: str, serve: argparse.ArgumentParser) -> dict[str, Any]:
+    """The options a TOML file sets, by ``dest``, each checked as its flag would be."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ConfigFileError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError(f"{path}: not valid TOML: {e}") from None
+    actions = {a.dest: a for a in serve._actions if a.option_strings and a.dest != "help"}
+    settings: dict[str, Any] = {}
+    for key, value in document.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest == "config":
+            known = sorted(a.option_strings[-1][2:] for a in actions.values()
+                           if a.dest not in ("config", "help"))
+            close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigFileError(f"{path}: unknown option {key!r}{hint}")
+        values = value if dest in _LIST_OPTIONS else [value]
+        if not isinstance(values, list) or isinstance(value, (dict, bool)) or \
+                any(isinstance(v, (dict, list, bool)) for v in values):
+            kind = "a list of strings" if dest in _LIST_OPTIONS else "a number or a string"
+            raise ConfigFileError(f"{path}: {key} must be {kind}")
+        converted = []
+        for item in values:
+            try:
+                converted.append(action.type(str(item)) if action.type else str(item))
+            except argparse.ArgumentTypeError as e:
+                raise ConfigFileError(f"{path}: {key}: {e}") from None
+            except ValueError:
+                kind = {int: "an integer", float: "a number"}.get(action.type, "valid")
+                raise ConfigFileError(f"{path}: {key}: {item!r} is not {kind}") from None
+        settings[dest] = converted if dest in _LIST_OPTIONS else converted[0]
+    return settings
+
+
 def config_from(args: argparse.Namespace) -> WorkerConfig:
-    limits = Limits(max_upload_bytes=args.max_upload_mb * 10**6, max_timeout=args.max_timeout,
-                    max_memory_mb=args.max_memory_mb,
+    limits = Limits(max_upload_bytes=args.max_upload_mb * 10**6,
+                    default_timeout=args.default_timeout, max_timeout=args.max_timeout,
+                    default_memory_mb=args.default_memory_mb, max_memory_mb=args.max_memory_mb,
                     output_cap_bytes=int(args.output_cap_mb * 2**20), max_pids=args.max_pids)
     quotas = QuotaConfig(cpu_seconds_per_minute=args.cpu_quota,
                          max_active_jobs=args.max_active_per_ip,
-                         jobs_per_hour=args.jobs_per_hour)
+                         jobs_per_hour=args.jobs_per_hour,
+                         exempt=tuple(args.quota_exempt or ()))
     return WorkerConfig(listen=args.listen, max_concurrent=args.max_concurrent,
                         queue_size=args.queue_size, limits=limits, quotas=quotas,
                         state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
-                        trusted_proxies=tuple(args.trusted_proxy),
+                        trusted_proxies=tuple(args.trusted_proxy or ()),
                         metrics_listen=args.metrics_listen,
                         metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
                         else WorkerConfig.metrics_allow)
 
 
+def check_config(config: WorkerConfig) -> str | None:
+    """What is wrong with a configuration, in one line, before anything starts; or None."""
+    from sandrun.netaddr import parse_trusted_proxies
+
+    for flag, entries in (("--trusted-proxy", config.trusted_proxies),
+                          ("--quota-exempt", config.quotas.exempt),
+                          ("--metrics-allow", config.metrics_allow)):
+        try:
+            parse_trusted_proxies(tuple(entries))
+        except ValueError as e:
+            return f"bad {flag}: {e}"
+    limits = config.limits
+    if not 1 <= limits.default_timeout <= limits.max_timeout:
+        return "--default-timeout must be between 1 and --max-timeout"
+    if not 16 <= limits.default_memory_mb <= limits.max_memory_mb:
+        return "--default-memory-mb must be between 16 and --max-memory-mb"
+    return None
+
+
 def serve(config: WorkerConfig) -> None:
     from twisted.internet import defer, task
+    from twisted.internet.error import CannotListenError
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from sandrun.service import WorkerService
@@ -103,19 +228,41 @@ def serve(config: WorkerConfig) -> None:
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
         worker = WorkerService(reactor, config)
-        yield worker.startService()
+        try:
+            yield worker.startService()
+        except CannotListenError as e:  # one clear line: the port is taken, or not ours
+            print(f"sandrun: cannot start: cannot listen on {_where(e)}: "
+                  f"{_strerror(e.socketError)}", file=sys.__stderr__)  # not the log's prefix
+            raise SystemExit(1) from None
         yield stop_signal(reactor)
         yield worker.stopService()
 
     task.react(lambda reactor: run(reactor))
 
 
+def _where(e: Any) -> str:
+    """``CannotListenError``'s interface and port as an address: ``127.0.0.1:8443``."""
+    host = e.interface or "0.0.0.0"
+    return f"[{host}]:{e.port}" if ":" in host else f"{host}:{e.port}"
+
+
+def _strerror(error: Any) -> str:
+    return getattr(error, "strerror", None) or str(error)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = apply_config_file(parser, sys.argv[1:] if argv is None else argv)
+    except ConfigFileError as e:
+        sys.exit(f"sandrun: cannot start: {e}")
     if args.command == "serve":
+        config = config_from(args)
+        problem = check_config(config)
+        if problem:
+            sys.exit(f"sandrun: cannot start: {problem}")
         if os.geteuid() != 0:
             sys.exit("sandrun serve must run as root: it creates namespaces, cgroups and mounts")
-        config = config_from(args)
         if config.worker_key:
             from sandrun.identity import IdentityError, WorkerIdentity
 
@@ -125,8 +272,10 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(f"sandrun: cannot start: worker key: {e}")
         serve(config)
     elif args.command == "keygen":
-        from sandrun.identity import keygen_main
+        from sandrun.identity import keygen_main, show_key_main
 
+        if args.show:
+            sys.exit(show_key_main(args.show))
         sys.exit(keygen_main(args.out, args.force))
     elif args.command == "verify":
         sys.exit(_verify(args.status, args.worker_id, args.server))
@@ -155,8 +304,10 @@ def _verify(target: str, worker_id: str, server: str | None) -> int:
     try:
         document = SandrunClient(server).status(target).raw
     except SandrunError as e:
+        from sandrun.client.cli import error_exit_code
+
         print(f"sandrun verify: cannot fetch {target}: {e}", file=sys.stderr)
-        return 1
+        return error_exit_code(e)
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(document, f)
         f.flush()

@@ -43,6 +43,7 @@ class QuotaConfig:
     max_active_jobs: int = 2
     jobs_per_hour: int = 20
     idle_reset_seconds: float = 3600.0
+    exempt: tuple[str, ...] = ()  # addresses or CIDR networks no quota applies to
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,18 @@ def listen_description(value: str) -> str:
     return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
 
 
+def address_text(address: Any) -> str:
+    """A listening or peer address as people write it: ``127.0.0.1:8443``, ``[::1]:8443``,
+    a Unix socket's path; never a Python repr."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+    return str(address)
+
+
 def stop_signal(reactor: Any) -> defer.Deferred[None]:
     """Handle SIGTERM and SIGINT from now on; fires (in the reactor) on the first of them."""
     done: defer.Deferred[None] = defer.Deferred()

@@ -496,12 +496,30 @@ def keygen_main(out: str | None, force: bool) -> int:
     return 0
 
 
+def show_key_main(path: str) -> int:
+    """``sandrun keygen --show FILE``: print the worker id of an existing key (exit 0),
+    or why it cannot be read (stderr, exit 1)."""
+    try:
+        identity = WorkerIdentity.load(path)
+    except IdentityError as e:
+        print(f"sandrun keygen: {e}", file=sys.stderr)
+        return 1
+    print(identity.worker_id)
+    return 0
+
+
+# ``sandrun verify``'s exit statuses: the same as ``sandrun status --worker-id``'s
+# (``sandrun.client.cli``: 66 cannot read the input, 76 the signature does not verify).
+EXIT_NOINPUT = 66
+EXIT_NOT_VERIFIED = 76
+
+
 def verify_main(status_path: str, worker_id: str) -> int:
     """``sandrun verify``: check a saved /status document against a worker id.
 
     Reads ``status_path``, or stdin when it is ``-``.  Prints ``valid`` (exit
-    0) or ``INVALID: <why>`` (exit 1) on stdout; a file that cannot be read
-    is an error on stderr, exit 1.
+    0) or ``INVALID: <why>`` (exit 76) on stdout; a file that cannot be read
+    is an error on stderr, exit 66.
     """
     try:
         if status_path == "-":
@@ -511,16 +529,16 @@ def verify_main(status_path: str, worker_id: str) -> int:
                 text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         print(f"sandrun verify: cannot read {status_path!r}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_NOINPUT
     try:
         status = json.loads(text)
     except ValueError:
         print("INVALID: the status document is not JSON")
-        return 1
+        return EXIT_NOT_VERIFIED
     problem = _result_problem(status, worker_id)
     if problem is not None:
         print(f"INVALID: {problem}")
-        return 1
+        return EXIT_NOT_VERIFIED
     print("valid")
     return 0
 

@@ -7,6 +7,7 @@ coordinator (``coordinator.proxy``) answer alike.
 - ``client_key``: IPv4 as is, IPv6 by its /64, IPv4-mapped IPv6 as the IPv4.
 - ``trusted_client_address``: X-Forwarded-For is believed only from a trusted
   proxy (``--trusted-proxy``), and then its right-most hop that is not one.
+- ``address_in``: whether that address is in a list of networks (``--quota-exempt``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ def _is_trusted(addr: _Address, networks: tuple[_Network, ...]) -> bool:
     return any(addr.version == net.version and addr in net for net in networks)
 
 
+def address_in(address: str, entries: tuple[str, ...]) -> bool:
+    """Whether *address* (as ``trusted_client_address`` gives it) lies in one of *entries*,
+    addresses or CIDR networks (``--quota-exempt``); a non-IP peer is in none."""
+    if not entries:
+        return False
+    addr = _parse_ip(address)
+    return addr is not None and _is_trusted(addr, parse_trusted_proxies(tuple(entries)))
+
+
 def _parse_forwarded_hop(hop: str) -> _Address | None:
     """One X-Forwarded-For element: an address, optionally ``1.2.3.4:port``/``[v6]:port``."""
     if hop.startswith("["):
@@ -118,12 +128,3 @@ def trusted_client_address(
             return str(origin)
     return peer if origin is None else str(origin)
 
-
-def address_allowed(address: str, entries: tuple[str, ...]) -> bool:
-    """Whether *address* (an IP, as ``trusted_client_address`` gives it) is in *entries*.
-
-    *entries* are addresses or CIDR networks, as for ``parse_trusted_proxies`` (call that once
-    at start-up to refuse a bad entry). Anything that is not an IP address is never allowed.
-    """
-    addr = _parse_ip(address)
-    return addr is not None and _is_trusted(addr, parse_trusted_proxies(tuple(entries)))

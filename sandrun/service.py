@@ -49,6 +49,7 @@ class WorkerService(service.MultiService):
         self.reactor = reactor
         self.config = config
         parse_trusted_proxies(config.trusted_proxies)  # a bad entry fails at start
+        parse_trusted_proxies(config.quotas.exempt)
         parse_trusted_proxies(config.metrics_allow)
         self.identity = ident.WorkerIdentity.load(config.worker_key) if config.worker_key \
             else None
@@ -83,6 +84,7 @@ class WorkerService(service.MultiService):
             self._started.append("sandbox")
             yield self.sandbox.start()
             self.manager.start()
+            self.api.runtime_list.start()  # asks each interpreter its version, in a thread
             self._started.append("manager")
             self.port = yield serverFromString(self.reactor, self.config.listen).listen(
                 self.site)

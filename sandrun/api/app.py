@@ -28,7 +28,7 @@ from zope.interface import implementer
 import sandrun
 from sandrun import httpjson, pages
 from sandrun import identity as ident
-from sandrun.api import stream, uploads
+from sandrun.api import results, stream, uploads
 from sandrun.api.errors import refusal_kind, to_api_error
 from sandrun.config import WorkerConfig
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
@@ -37,8 +37,9 @@ from sandrun.jobs.manager import BlockingRunner, JobManager, new_job_id
 from sandrun.jobs.manifest import Manifest
 from sandrun.jobs.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandrun.jobs.model import Job, iso
+from sandrun.jobs.runtimes import Runtime, RuntimeList
 from sandrun.jobs.workspace import OutputNotFound, open_output
-from sandrun.netaddr import address_allowed, client_key, trusted_client_address
+from sandrun.netaddr import address_in, client_key, trusted_client_address
 from sandrun.wire import JobStatus
 
 log = Logger()
@@ -52,6 +53,8 @@ def _api(handler: Callable[..., Any]) -> Callable[..., Any]:
 
     def wrapped(self: WorkerAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
         def fail(failure: Any) -> bytes:
+            if failure.check(defer.CancelledError):  # the client went away (Klein cancels)
+                return b""
             self.count_refusal(failure.value)
             error = to_api_error(failure.value)
             if error.status == 500:
@@ -103,6 +106,7 @@ class WorkerAPI:
 
     ``blocking`` runs file-heavy work (upload extraction, packing outputs)
     off the reactor thread; tests pass a synchronous runner.
+    ``runtimes`` answers ``/runtimes``.
     ``environments`` answers ``/environments`` (by default the manager's own
     ``Environments``, which also checks each manifest's template).
     """
@@ -113,12 +117,15 @@ class WorkerAPI:
     def __init__(self, manager: JobManager, config: WorkerConfig,
                  identity: ident.WorkerIdentity | None = None,
                  environments: Callable[[], dict[str, Any]] | None = None,
-                 blocking: BlockingRunner | None = None) -> None:
+                 blocking: BlockingRunner | None = None,
+                 runtimes: RuntimeList | None = None) -> None:
         self.manager = manager
         self.config = config
         self.identity = identity
         self.environments = environments or manager.environments.describe
         self.blocking = blocking or manager.blocking
+        # GET /runtimes; the worker starts the probe when it starts (service.py).
+        self.runtime_list = runtimes or RuntimeList(self.blocking)
         self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
         self.metrics = manager.metrics
         self.metrics.watch(streams=lambda: len(self.streams))
@@ -144,13 +151,18 @@ class WorkerAPI:
         if kind is not None:
             self.metrics.refused(kind)
 
+    def quota_exempt(self, request: IRequest) -> bool:
+        """Whether the request comes from a ``--quota-exempt`` address (the one
+        ``client`` charges, so a trusted proxy's X-Forwarded-For counts)."""
+        return address_in(self.client_address(request), self.config.quotas.exempt)
+
     def early_refusal(self, request: IRequest) -> uploads.Refusal | None:
         """For ``UploadRequest``: refuse a submission from its headers, before its body.
 
         The same checks run again once the upload is in (things change meanwhile).
         """
         try:
-            self.manager.admit(self.client(request))
+            self.manager.admit(self.client(request), self.quota_exempt(request))
         except Exception as e:  # noqa: BLE001 (mapped, and anything unexpected is left to the route)
             self.count_refusal(e)
             error = to_api_error(e)
@@ -181,10 +193,17 @@ class WorkerAPI:
     @_api
     def health(self, request: IRequest) -> bytes:
         stats = self.manager.stats()
+        # queue_capacity: a coordinator places up to capacity + queue_capacity jobs here.
         load = {"active_jobs": stats["active_jobs"], "queued_jobs": stats["queue_length"],
-                "capacity": stats["capacity"]}
-        body: dict[str, Any] = {"status": "healthy", "worker_id": self.manager.worker_id,
+                "capacity": stats["capacity"], "queue_capacity": stats["queue_capacity"]}
+        # A worker that cannot run jobs (launcher gone, slots lost) must not be
+        # chosen: 503, and a status other than "healthy" for the coordinator.
+        problem = self.manager.problem()
+        body: dict[str, Any] = {"status": "healthy" if problem is None else "unhealthy",
+                                "worker_id": self.manager.worker_id,
                                 "version": sandrun.__version__, "load": load}
+        if problem is not None:
+            body["problem"] = problem
         nonce = request.args.get(b"nonce")
         if nonce and self.identity is not None:
             text = nonce[0].decode("utf-8", "replace")
@@ -193,13 +212,24 @@ class WorkerAPI:
             # The wall clock on purpose: a coordinator compares it with its own.
             body.update(ident.health_response(self.identity, text, load,
                                               self.manager.reactor.seconds()))
-        return write_json(request, body)
+        return write_json(request, body, 200 if problem is None else 503)
 
     @app.route("/stats", methods=["GET"])
     @_api
     def stats(self, request: IRequest) -> bytes:
         quota = self.manager.limiter.quota(self.client(request), self.manager.reactor.seconds())
+        quota["exempt"] = self.quota_exempt(request)
+        if quota["exempt"]:
+            quota.update(can_submit=True, reason=None, retry_after=0)
         return write_json(request, {"your_quota": quota, "system": self.manager.stats()})
+
+    @app.route("/runtimes", methods=["GET"])
+    @_api
+    def runtimes_list(self, request: IRequest) -> Any:
+        def answer(found: tuple[Runtime, ...]) -> bytes:
+            return write_json(request, {"runtimes": [r.as_json() for r in found]})
+
+        return self.runtime_list.get().addCallback(answer)
 
     @app.route("/environments", methods=["GET"])
     @_api
@@ -211,6 +241,41 @@ class WorkerAPI:
     @app.route("/submit", methods=["POST"])
     @_api
     def submit(self, request: IRequest) -> Any:
+        def queued(accepted: tuple[Job, int]) -> bytes:
+            job, position = accepted
+            # "queued" means accepted; position 0 says it is already running.
+            return write_json(request, {"job_id": job.id, "status": JobStatus.QUEUED.value,
+                                        "position": position})
+
+        return self.accept(request).addCallback(queued)
+
+    @app.route("/run", methods=["POST"])
+    @_api
+    def run(self, request: IRequest) -> Any:
+        """Submit, wait for the end, answer with the whole result (``results.py``).
+
+        A client that goes away first cancels its job: Klein cancels the
+        Deferred this returns, which cancels the wait, which cancels the job.
+        """
+        keep = results.keep_arg(request.args)
+
+        def wait(accepted: tuple[Job, int]) -> defer.Deferred[Job]:
+            job = accepted[0]
+            ended = results.job_ended(job, self.manager.reactor,
+                                      on_cancel=lambda: self.manager.cancel(job.id))
+            return ended.addCallback(lambda _: job)
+
+        def answer(job: Job) -> bytes:
+            body = write_json(request, results.run_document(
+                self.status_document(job), job, keep=keep))
+            if not keep:
+                self.manager.delete(job.id)
+            return body
+
+        return self.accept(request).addCallback(wait).addCallback(answer)
+
+    def accept(self, request: IRequest) -> defer.Deferred[tuple[Job, int]]:
+        """Take a submission (``/submit``, ``/run``): the job and its queue position."""
         client = self.client(request)
         body = request.content
         body.seek(0, os.SEEK_END)
@@ -220,7 +285,8 @@ class WorkerAPI:
             raise APIError(413, "Upload too large",
                            f"the limit is {self.config.limits.max_upload_bytes} bytes")
         kind = content_type(request)
-        self.manager.admit(client)
+        exempt = self.quota_exempt(request)
+        self.manager.admit(client, exempt)
         job_id = new_job_id()
         base = self.manager.create_workspace(job_id)
 
@@ -228,18 +294,16 @@ class WorkerAPI:
             return uploads.parse_submission(kind, body, store.work_dir(base),
                                             store.staging_dir(base), self.config.limits)
 
-        def queued(submission: uploads.Submission) -> bytes:
+        def queued(submission: uploads.Submission) -> tuple[Job, int]:
             self.check_environment(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
                       submitted_at=self.manager.reactor.seconds(),
-                      log=self.manager.new_log(base))
+                      log=self.manager.new_log(base), quota_exempt=exempt)
             position = self.manager.submit(job)
             self.metrics.upload_accepted(size)
-            # "queued" means accepted; position 0 says it is already running.
-            return write_json(request, {"job_id": job_id, "status": JobStatus.QUEUED.value,
-                                        "position": position})
+            return job, position
 
         def failed(failure: Any) -> Any:
             if self.manager.get(job_id) is None:
@@ -262,8 +326,16 @@ class WorkerAPI:
 
     @app.route("/status/<string:job_id>", methods=["GET"])
     @_api
-    def status(self, request: IRequest, job_id: str) -> bytes:
-        return write_json(request, self.status_document(self.job(job_id)))
+    def status(self, request: IRequest, job_id: str) -> Any:
+        job = self.job(job_id)
+        wait = results.wait_arg(request.args)
+        if not wait or job.finished:
+            return write_json(request, self.status_document(job))
+        # A long poll: answered at the job's end or after ``wait`` seconds, whichever is
+        # first; a job deleted meanwhile is a 404 like any unknown one.
+        ended = results.job_ended(job, self.manager.reactor, timeout=wait)
+        return ended.addCallback(
+            lambda _: write_json(request, self.status_document(self.job(job_id))))
 
     def status_document(self, job: Job) -> dict[str, Any]:
         return {
@@ -296,10 +368,7 @@ class WorkerAPI:
     @_api
     def outputs(self, request: IRequest, job_id: str) -> bytes:
         job = self.job(job_id)
-        files = [{"path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256,
-                  "mime_type": o.mime_type,
-                  "download_url": f"/download/{job.id}/{urllib.parse.quote(o.path)}"}
-                 for o in job.outputs]
+        files = results.output_listing(job)
         return write_json(request, {"job_id": job.id, "status": job.status.value,
                                     "total_files": len(files), "files": files})
 
@@ -369,7 +438,7 @@ class WorkerAPI:
     @app.route("/metrics", methods=["GET"])
     def metrics_text(self, request: IRequest) -> bytes:
         """Prometheus metrics, unless they have a listener of their own (``metrics_listen``)."""
-        if self.config.metrics_listen is not None or not address_allowed(
+        if self.config.metrics_listen is not None or not address_in(
                 self.client_address(request), self.config.metrics_allow):
             return write_error(request, APIError(404, "Not found", "no such endpoint"))
         request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode())

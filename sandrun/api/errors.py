@@ -13,6 +13,11 @@ from sandrun.jobs.storage import StorageFull
 from sandrun.jobs.workspace import OutputNotFound, UploadError
 
 
+# Told with every 429: the quotas protect a public worker; its operator can lift them.
+LIFT_QUOTA = ("The worker's operator can exempt trusted addresses (sandrun serve --quota-exempt "
+              "CIDR) or raise the limits (--jobs-per-hour, --cpu-quota, --max-active-per-ip)")
+
+
 def to_api_error(exc: BaseException) -> APIError:
     """Map a domain exception to its HTTP form; unknown ones are a 500 with no internals."""
     if isinstance(exc, APIError):
@@ -26,7 +31,8 @@ def to_api_error(exc: BaseException) -> APIError:
                         member=exc.member)
     if isinstance(exc, RateLimited):
         d = exc.decision
-        return APIError(429, "Rate limit exceeded", d.reason or "", reason=d.reason,
+        return APIError(429, "Rate limit exceeded", f"{d.reason or 'over quota'}. {LIFT_QUOTA}",
+                        reason=d.reason,
                         retry_after=d.retry_after, cpu_available=d.cpu_available,
                         active_jobs=d.active_jobs)
     if isinstance(exc, QueueFull):

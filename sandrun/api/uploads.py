@@ -51,6 +51,8 @@ READ_CHUNK = 65536
 SPOOL_IN_MEMORY = 64 * 1024  # bodies up to this stay in memory (GETs, small JSON)
 
 
+SUBMISSION_PATHS = frozenset({b"/submit", b"/run"})  # admitted from their headers
+
 # An early answer to a request: (status, JSON body, extra headers).
 Refusal = tuple[int, dict[str, Any], dict[str, str]]
 
@@ -60,7 +62,7 @@ class UploadRequest(RawBodyRequest):
 
     max_body_bytes = 100 * 1000 * 1000
     spool_dir: str | None = None
-    # Asked from the headers of POST /submit whether the job could be taken at all.
+    # Asked from the headers of POST /submit and /run whether the job could be taken at all.
     admission: Callable[[Any], Refusal | None] | None = None
 
     _received = 0
@@ -91,7 +93,7 @@ class UploadRequest(RawBodyRequest):
         # without them (another twisted) the route refuses later, after the body.
         command = getattr(self.channel, "_command", None)
         path = getattr(self.channel, "_path", None) or b""
-        return command == b"POST" and path.split(b"?", 1)[0] == b"/submit"
+        return command == b"POST" and path.split(b"?", 1)[0] in SUBMISSION_PATHS
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -130,7 +132,8 @@ class WorkerChannel(http.HTTPChannel):
 
 # Endpoints whose second path segment is a job id; anything after it (an
 # output's file name) is job content and never logged.
-_LOGGED_ENDPOINTS = frozenset({"", "submit", "status", "logs", "outputs", "download", "jobs",
+_LOGGED_ENDPOINTS = frozenset({"", "submit", "run", "runtimes", "status", "logs", "outputs",
+                               "download", "jobs",
                                "stats", "environments", "health", "stream"})
 
 
@@ -155,6 +158,7 @@ class WorkerSite(server.Site):
     """The worker's site: our channel, and an access log with no job content."""
 
     protocol = WorkerChannel  # type: ignore[assignment]
+    noisy = False  # no "Starting factory <...WorkerSite object at 0x...>" line
 
     def log(self, request: Any) -> None:
         log.info("{method} {route} {code} {length}",

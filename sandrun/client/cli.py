@@ -39,7 +39,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
-__all__ = ["EXIT_CODES", "add_client_commands", "exit_code_for", "run_client_command"]
+__all__ = ["EXIT_CODES", "add_client_commands", "error_exit_code", "exit_code_for",
+           "run_client_command"]
 
 COMMANDS = ("run", "status", "logs", "download", "cancel")
 UPLOAD_PROGRESS_BYTES = 1024 * 1024
@@ -196,13 +197,14 @@ def run_client_command(args: argparse.Namespace, stdout: IO[str] | None = None,
         return handlers[args.command](client, args, out, say)
     except SandrunError as e:
         say.error(str(e))
-        return _error_code(e)
+        return error_exit_code(e)
     except KeyboardInterrupt:
         say.error("interrupted")
         return EXIT_CANCELLED
 
 
-def _error_code(e: Exception) -> int:
+def error_exit_code(e: Exception) -> int:
+    """The exit status for a client error (see the module table)."""
     from sandrun.client import errors
 
     if isinstance(e, (errors.RateLimitedError, errors.ServiceUnavailableError)):

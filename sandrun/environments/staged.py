@@ -15,6 +15,11 @@ what is left.  How a job ends:
 - a limit hit during the install (timeout, memory, CPU, output, cancel,
   shutdown, sandbox error) keeps its own reason;
 - otherwise the job's own result, with the install's time added.
+
+The install and the job run under one slot (one uid), taken here and returned
+whatever happens; the job directory is given to that uid once, in a thread,
+before the install, so nothing the job's code made is ever chowned.  The
+installer sees the plan's variables only, never the manifest's ``env``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from sandrun.environments.plan import EnvironmentPlan, Environments, ManifestLik
 from sandrun.environments.registry import EnvironmentUnavailable
 from sandrun.environments.requirements import DependencyError
 from sandrun.sandbox.policy import SandboxPolicy
-from sandrun.sandbox.supervisor import Sandbox, SandboxResult
+from sandrun.sandbox.supervisor import Sandbox, SandboxResult, Slot, chown_tree
 from sandrun.wire import Reason
 
 __all__ = ["run_in_environment"]
@@ -72,9 +77,28 @@ def run_in_environment(
     stopped = cancelled()
     if stopped is not None:
         return SandboxResult(stopped)
+    # One slot (one uid) for the install and the job: the directory is given to it
+    # once, off the reactor thread, before anything of the job's ran; never after.
+    slot = sandbox.take_slot()
+    try:
+        yield blocking(chown_tree, job_dir, slot.uid, slot.gid)
+        result = yield _install_then_run(sandbox, slot, job_id, plan, argv, env, job_dir,
+                                         policy, on_output, stdin, cancelled, on_installed)
+        return result
+    finally:
+        sandbox.return_slot(slot)
+
+
+@defer.inlineCallbacks
+def _install_then_run(
+        sandbox: Sandbox, slot: Slot, job_id: str, plan: EnvironmentPlan,
+        argv: tuple[str, ...], env: tuple[tuple[str, str], ...], job_dir: str,
+        policy: SandboxPolicy, on_output: OutputCallback, stdin: bytes,
+        cancelled: Callable[[], Reason | None],
+        on_installed: Callable[[SandboxResult], None]) -> Any:
     if plan.install_argv is None:
         result = yield sandbox.run(job_id, argv, env, job_dir, policy, on_output, stdin=stdin,
-                                   ro_binds=plan.ro_binds)
+                                   ro_binds=plan.ro_binds, slot=slot)
         return result
 
     tail = bytearray()
@@ -86,8 +110,11 @@ def run_in_environment(
         sizes[stream] += len(data)
         on_output(stream, data)
 
-    installed: SandboxResult = yield sandbox.run(job_id, plan.install_argv, env, job_dir,
-                                                 policy, install_output, ro_binds=plan.ro_binds)
+    # The installer gets the plan's variables only: none of the manifest's
+    # (RUBYOPT, NODE_OPTIONS, PYTHON*, PIP_*, GEM_* would steer it).
+    installed: SandboxResult = yield sandbox.run(job_id, plan.install_argv, plan.env, job_dir,
+                                                 policy, install_output,
+                                                 ro_binds=plan.ro_binds, slot=slot)
     on_installed(installed)
     if installed.reason != Reason.COMPLETED:
         if installed.reason in INSTALL_FAILURES:
@@ -106,7 +133,7 @@ def run_in_environment(
         policy, timeout_seconds=timeout, cpu_seconds=cpu,
         output_cap_bytes=max(1, policy.output_cap_bytes - max(sizes.values())))
     ran: SandboxResult = yield sandbox.run(job_id, argv, env, job_dir, rest, on_output,
-                                           stdin=stdin, ro_binds=plan.ro_binds)
+                                           stdin=stdin, ro_binds=plan.ro_binds, slot=slot)
     ran.cpu_seconds += installed.cpu_seconds
     ran.wall_time_ms += installed.wall_time_ms
     ran.memory_peak_bytes = max(ran.memory_peak_bytes, installed.memory_peak_bytes)

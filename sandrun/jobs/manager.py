@@ -101,12 +101,17 @@ class JobManager:
 
     # -- admission ---------------------------------------------------------
 
-    def admit(self, client: str) -> Decision:
-        """Refuse early (before the upload is processed) when the job could not be taken."""
+    def admit(self, client: str, quota_exempt: bool = False) -> Decision | None:
+        """Refuse early (before the upload is processed) when the job could not be taken.
+
+        A ``quota_exempt`` client (``--quota-exempt``) meets only the queue's limit.
+        """
         if self._stopping:
             raise QueueFull("the worker is shutting down")
         if len(self.queue) >= self.config.queue_size:
             raise QueueFull()
+        if quota_exempt:
+            return None
         decision = self.limiter.check(client, self.reactor.seconds())
         if not decision.allowed:
             raise RateLimited(decision)
@@ -126,10 +131,11 @@ class JobManager:
     def submit(self, job: Job) -> int:
         """Queue a job whose workspace is ready; returns its queue position (1-based)."""
         try:
-            self.admit(job.client)
-            decision = self.limiter.try_acquire(job.client, job.id, self.reactor.seconds())
-            if not decision.allowed:
-                raise RateLimited(decision)
+            self.admit(job.client, job.quota_exempt)
+            if not job.quota_exempt:  # an exempt job is never charged, so never released
+                decision = self.limiter.try_acquire(job.client, job.id, self.reactor.seconds())
+                if not decision.allowed:
+                    raise RateLimited(decision)
         except Exception:
             job.log.close()
             self.storage.delete(job.id)
@@ -153,9 +159,16 @@ class JobManager:
         except ValueError:
             return 0
 
+    def problem(self) -> str | None:
+        """Why this worker cannot run jobs now (``/health`` says so), or None."""
+        if self._stopping:
+            return "the worker is shutting down"
+        return self.sandbox.problem()
+
     def stats(self) -> dict[str, int]:
         return {"queue_length": len(self.queue), "active_jobs": len(self.running),
-                "capacity": self.config.max_concurrent}
+                "capacity": self.config.max_concurrent,
+                "queue_capacity": self.config.queue_size}
 
     # -- running -----------------------------------------------------------
 

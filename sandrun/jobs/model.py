@@ -228,6 +228,7 @@ class Job:
     log: JobLog = field(default_factory=JobLog)
     end_listeners: list[EndListener] = field(default_factory=list)
     deleted: bool = False
+    quota_exempt: bool = False  # submitted from a --quota-exempt address: never charged
 
     def move_to(self, status: JobStatus) -> None:
         if status not in TRANSITIONS[self.status]:

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -42,6 +43,19 @@ OutputCallback = Callable[[str, bytes], None]
 
 class SandboxUnavailable(Exception):
     """The launcher could not start or has died: no job can run (fail closed)."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One concurrent job's unprivileged identity, held from its first run to its last.
+
+    A job whose install step and own run share one slot keeps one uid, so its
+    directory is given to that uid once, before any of its code ran.
+    """
+
+    number: int
+    uid: int
+    gid: int
 
 
 @dataclass
@@ -143,7 +157,9 @@ class Sandbox:
         self.state_dir = state_dir
         self.instance = instance
         self.uid_base = uid_base
+        self.slots = slots
         self.free_slots = list(range(slots))
+        self._held: set[int] = set()  # slots taken and not yet returned
         self.jobs: dict[str, _RunningJob] = {}
         self.cgroup_version: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -222,35 +238,67 @@ class Sandbox:
 
     # -- jobs --------------------------------------------------------------
 
+    def take_slot(self) -> Slot:
+        """Reserve a slot (a uid) for a job; ``return_slot`` gives it back.
+
+        Raises ``SandboxUnavailable`` when there is no launcher or every slot is held.
+        """
+        if self._sock is None or not self.free_slots:
+            raise SandboxUnavailable("no launcher" if self._sock is None else "no free slot")
+        number = self.free_slots.pop()
+        self._held.add(number)
+        return Slot(number, self.uid_base + number, self.uid_base + number)
+
+    def return_slot(self, slot: Slot) -> None:
+        if slot.number in self._held:
+            self._held.discard(slot.number)
+            self.free_slots.append(slot.number)
+
+    def problem(self) -> str | None:
+        """Why no job can run here, or None: for ``/health``."""
+        if self._sock is None:
+            return "the sandbox launcher is not running"
+        lost = self.slots - len(self.free_slots) - len(self._held)
+        if lost:
+            return f"{lost} sandbox slot(s) lost"
+        return None
+
     def run(self, job_id: str, argv: tuple[str, ...], env: tuple[tuple[str, str], ...],
             job_dir: str, policy: SandboxPolicy, on_output: OutputCallback,
-            stdin: bytes = b"", ro_binds: tuple[tuple[str, str], ...] = ()
-            ) -> defer.Deferred[SandboxResult]:
+            stdin: bytes = b"", ro_binds: tuple[tuple[str, str], ...] = (),
+            slot: Slot | None = None) -> defer.Deferred[SandboxResult]:
         """Run one job; the Deferred fires with its result and never fails.
+
+        With a ``slot`` (see ``take_slot``) the job runs as that slot's uid and
+        the caller has already given it ``job_dir`` (``chown_tree``, off the
+        reactor thread) and returns the slot itself.  Without one, a slot is
+        taken for this run only, ``job_dir`` is given to it here (a small
+        directory: tests and tools), and returned when the run ends.
 
         Raises ``SandboxUnavailable`` at once, before anything is made, when
         there is no launcher or every slot is taken.
         """
-        if self._sock is None or not self.free_slots:
-            raise SandboxUnavailable("no launcher" if self._sock is None else "no free slot")
+        if self._sock is None:
+            raise SandboxUnavailable("no launcher")
         if job_id in self.jobs:
             raise ValueError(f"job {job_id!r} is already running")
-        slot = self.free_slots.pop()
-        uid = gid = self.uid_base + slot
+        own = slot is None
+        held = self.take_slot() if slot is None else slot
         job = _RunningJob(job_id, policy, on_output)
         self.jobs[job_id] = job
+        if own:
+            def release(result: SandboxResult) -> SandboxResult:
+                self.return_slot(held)
+                return result
 
-        def release(result: SandboxResult) -> SandboxResult:
-            self.free_slots.append(slot)
-            return result
-
-        job.done.addBoth(release)
+            job.done.addBoth(release)
         theirs: list[int] = []  # the launcher's copies: ours to close once sent
         ours: list[int] = []  # the read ends, kept only if the job starts
         try:
-            _chown_tree(job_dir, uid, gid)
-            request = LaunchRequest(argv=argv, env=env, job_dir=job_dir, uid=uid, gid=gid,
-                                    policy=policy, ro_binds=ro_binds)
+            if own:
+                chown_tree(job_dir, held.uid, held.gid)
+            request = LaunchRequest(argv=argv, env=env, job_dir=job_dir, uid=held.uid,
+                                    gid=held.gid, policy=policy, ro_binds=ro_binds)
             theirs.append(_stdin_fd(stdin))
             for _ in ("stdout", "stderr"):
                 read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -259,10 +307,12 @@ class Sandbox:
             message = {"op": "spawn", "id": job_id, "request": request.to_wire()}
             job.requested_at = self.reactor.seconds()
             socket.send_fds(self._sock, [json.dumps(message).encode()], theirs)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - whatever it is, the slot must come back
             for fd in ours:
                 os.close(fd)
-            self._finish(job, SandboxResult(Reason.SANDBOX_ERROR, message=f"spawn: {e}"))
+            # The error's kind only: a full message could name a job's file.
+            detail = (e.strerror if isinstance(e, OSError) else None) or type(e).__name__
+            self._finish(job, SandboxResult(Reason.SANDBOX_ERROR, message=f"spawn: {detail}"))
             return job.done
         finally:
             for fd in theirs:
@@ -415,9 +465,22 @@ def _stdin_fd(data: bytes) -> int:
     return fd
 
 
-def _chown_tree(path: str, uid: int, gid: int) -> None:
-    """Give the job its directory; runs before the job starts, never after."""
+def chown_tree(path: str, uid: int, gid: int) -> int:
+    """Give a job its directory, before any of its code ran; returns the entries changed.
+
+    Iterative (a deep tree cannot exhaust the interpreter's recursion limit)
+    and blocking: the worker runs it off the reactor thread.  Links are never
+    followed.
+    """
     os.chown(path, uid, gid, follow_symlinks=False)
-    for top, dirs, files, top_fd in os.fwalk(path, follow_symlinks=False):
-        for name in dirs + files:
-            os.chown(name, uid, gid, dir_fd=top_fd, follow_symlinks=False)
+    count = 1
+    stack = [path] if stat.S_ISDIR(os.lstat(path).st_mode) else []  # else the launcher says
+    while stack:
+        top = stack.pop()
+        with os.scandir(top) as entries:
+            for entry in entries:
+                os.chown(entry.path, uid, gid, follow_symlinks=False)
+                count += 1
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return count

@@ -16,7 +16,7 @@ from sandrun.client.cli import (
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
     _directory_manifest,
-    _error_code,
+    error_exit_code,
     _manifest,
     exit_code_for,
     run_client_command,
@@ -54,12 +54,12 @@ def test_a_finished_job_maps_to_its_documented_exit_status(
 
 
 def test_client_errors_map_to_their_exit_statuses() -> None:
-    assert _error_code(RateLimitedError("Rate limit exceeded", retry_after=3)) == EX_TEMPFAIL
-    assert _error_code(QueueFullError("Queue full")) == EX_TEMPFAIL
-    assert _error_code(SandrunConnectionError("Cannot reach")) == EX_UNAVAILABLE
-    assert _error_code(ServerError("HTTP 500")) == EX_UNAVAILABLE
-    assert _error_code(BadRequestError("Invalid manifest")) == EX_DATAERR
-    assert _error_code(NotFoundError("Job not found")) == 1
+    assert error_exit_code(RateLimitedError("Rate limit exceeded", retry_after=3)) == EX_TEMPFAIL
+    assert error_exit_code(QueueFullError("Queue full")) == EX_TEMPFAIL
+    assert error_exit_code(SandrunConnectionError("Cannot reach")) == EX_UNAVAILABLE
+    assert error_exit_code(ServerError("HTTP 500")) == EX_UNAVAILABLE
+    assert error_exit_code(BadRequestError("Invalid manifest")) == EX_DATAERR
+    assert error_exit_code(NotFoundError("Job not found")) == 1
 
 
 def parse(*argv: str) -> argparse.Namespace:

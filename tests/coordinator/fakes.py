@@ -39,7 +39,8 @@ from sandrun.api.uploads import request_factory
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
-from sandrun.sandbox.supervisor import SandboxResult
+from sandrun.jobs.runtimes import Runtime, RuntimeList
+from sandrun.sandbox.supervisor import SandboxResult, Slot
 from sandrun.wire import Reason
 from tests.contract import check_response
 from tests.unit.worker_fakes import FakeStorage
@@ -67,10 +68,21 @@ class FakeRun:
 class FakeSandbox:
     def __init__(self) -> None:
         self.runs: dict[str, FakeRun] = {}
+        self._slots = 0
+
+    def take_slot(self) -> Slot:
+        self._slots += 1
+        return Slot(self._slots, os.getuid(), os.getgid())
+
+    def return_slot(self, slot: Slot) -> None:
+        pass
+
+    def problem(self) -> str | None:
+        return None
 
     def run(self, job_id: str, argv: tuple[str, ...], env: Any, job_dir: str, policy: Any,
             on_output: Callable[[str, bytes], None], stdin: bytes = b"",
-            ro_binds: Any = ()) -> defer.Deferred[SandboxResult]:
+            ro_binds: Any = (), slot: Slot | None = None) -> defer.Deferred[SandboxResult]:
         run = FakeRun(job_id, job_dir, on_output)
         self.runs[job_id] = run
         code = _read(os.path.join(job_dir, argv[-1])) if argv else ""
@@ -104,6 +116,7 @@ def _read(path: str) -> str:
         return ""
 
 
+RUNTIMES = (Runtime("python3", "python", "3.11.2", "/usr/bin/python3", (".py",), ("python",)),)
 ROOMY = QuotaConfig(cpu_seconds_per_minute=1000.0, max_active_jobs=100, jobs_per_hour=1000)
 
 
@@ -128,7 +141,8 @@ class FakeWorker:
                                   config, RateLimiter(self.quotas), self.identity,
                                   blocking=synchronous)
         self.manager.start()
-        self.api = WorkerAPI(self.manager, config, self.identity)
+        self.api = WorkerAPI(self.manager, config, self.identity,
+                             runtimes=RuntimeList(synchronous, lambda: RUNTIMES))
         self.agent = RequestTraversalAgent(self.api.resource())
         self.agent._serverFactory.requestFactory = request_factory(
             config.limits, self.storage.uploads_dir)
@@ -179,7 +193,7 @@ def endpoint(index: int) -> str:
 class Pool:
     """Workers, network and coordinator; worker ``i`` listens at ``endpoint(i)``."""
 
-    def __init__(self, root: str, count: int = 3, *, max_concurrent_jobs: int = 4,
+    def __init__(self, root: str, count: int = 3, *, max_concurrent_jobs: int | None = None,
                  quotas: PoolQuota | None = None, worker_quotas: QuotaConfig = ROOMY,
                  identities: list[ident.WorkerIdentity | None] | None = None,
                  configured_ids: list[str] | None = None, queue_size: int = 10) -> None:
@@ -256,6 +270,39 @@ class Pool:
 
     def get(self, path: str, **kwargs: Any) -> Reply:
         return self.request("GET", path, **kwargs)
+
+    def begin(self, method: str, path: str, body: bytes | None = None,
+              headers: dict[str, str] | None = None) -> defer.Deferred[Any]:
+        """Send a request and return at once (``/run``, ``?wait=``); ``reply`` waits."""
+        hdrs = {k: [v] for k, v in (headers or {}).items()}
+        d: defer.Deferred[Any] = self.stub.request(method, "http://coordinator.test" + path,
+                                                   data=body, headers=hdrs)
+        self.pump()
+        return d
+
+    def pump(self) -> None:
+        for _ in range(50):
+            self.stub.flush()
+            self.network.flush()
+            self.clock.advance(0)
+
+    def answered(self, d: defer.Deferred[Any]) -> bool:
+        self.pump()
+        seen: list[Any] = []
+
+        def note(result: Any) -> Any:
+            seen.append(result)
+            return result
+
+        d.addBoth(note)
+        return bool(seen)
+
+    def reply(self, d: defer.Deferred[Any]) -> Reply:
+        response = self.settle(d)
+        content = self.settle(response.content())
+        return Reply(response.code,
+                     {k.decode().lower(): [v.decode("latin-1") for v in vs]
+                      for k, vs in response.headers.getAllRawHeaders()}, content)
 
     def post_submit(self, code: str = "print(1)", client: str = "192.0.2.10",
                     manifest: dict[str, Any] | None = None) -> Reply:

@@ -32,6 +32,24 @@ def test_every_flag_reaches_the_config() -> None:
             config.quotas.cpu_seconds_per_minute) == (3, 40, 20.0)
 
 
+def test_help_shows_the_defaults_of_draining_replicas_and_enrollment(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "stays reachable (default 3600)" in text
+    assert "(default 3)" in text and "(default off)" in text
+
+
+def test_pool_flags_reach_the_config() -> None:
+    config = config_from(build_parser().parse_args([
+        "--max-replicas", "5", "--max-disagreements", "2", "--open-enrollment",
+        "--max-open-workers", "4"]))
+    assert (config.max_replicas, config.max_disagreements) == (5, 2)
+    assert config.open_enrollment is True and config.max_open_workers == 4
+    assert config_from(build_parser().parse_args([])).open_enrollment is False
+
+
 def test_listen_takes_host_port_ipv6_or_an_endpoint_string() -> None:
     assert listen_description("[::1]:9000") == "tcp:9000:interface=\\:\\:1"
     assert listen_description("unix:/run/c.sock") == "unix:/run/c.sock"
@@ -60,3 +78,20 @@ def test_a_bad_trusted_proxy_is_refused() -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--trusted-proxy", "not-an-address"])
     assert "--trusted-proxy" in str(exit_.value)
+
+
+def test_quota_exempt_reaches_the_config_and_a_bad_entry_is_refused() -> None:
+    config = config_from(build_parser().parse_args(
+        ["--quota-exempt", "10.0.0.0/8", "--quota-exempt", "::1"]))
+    assert config.quotas.exempt == ("10.0.0.0/8", "::1")
+    assert config_from(build_parser().parse_args([])).quotas.exempt == ()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--quota-exempt", "nowhere"])
+    assert "bad --quota-exempt" in str(exit_.value)
+
+
+def test_version_is_printed_like_the_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("sandrun-coordinator ")

@@ -33,7 +33,7 @@ def test_a_valid_file_gives_normalised_entries_with_defaults() -> None:
     ]))
     assert entries == (
         WorkerEntry(KEY_A, "http://10.0.0.1:8443", 4, "rack1"),
-        WorkerEntry(KEY_B, "https://w2.example:443", 4, None),
+        WorkerEntry(KEY_B, "https://w2.example:443", None, None),
     )
 
 

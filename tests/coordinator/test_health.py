@@ -89,7 +89,8 @@ def test_every_real_worker_passes_and_pool_shows_its_load(tmp_path: Any) -> None
     entries = pool.pool()["workers"]
     assert [(w["healthy"], w["authenticated"], w["last_error"]) for w in entries] == \
         [(True, True, None)] * 3
-    assert entries[0]["load"] == {"active_jobs": 0, "queued_jobs": 0, "capacity": 2}
+    assert entries[0]["load"] == {"active_jobs": 0, "queued_jobs": 0, "capacity": 2,
+                                  "queue_capacity": 10}
     assert entries[0]["last_check"] == "2023-11-14T22:13:20.000Z"
 
 

@@ -39,20 +39,74 @@ def test_jobs_go_to_the_least_loaded_worker_and_spread_over_an_idle_pool(tmp_pat
     assert pool.worker_for(pool.submit(HOLD, client="192.0.2.9")) == 0
 
 
+def test_a_pool_takes_every_job_its_workers_would_queue(tmp_path: Any) -> None:
+    # Two workers that run 2 jobs each (listed with max_concurrent_jobs 2) and queue 10
+    # more: the pool holds 24 jobs.  It used to answer 503 from the fifth on.
+    pool = ready(tmp_path, 2, max_concurrent_jobs=2, queue_size=10)
+    jobs = [pool.submit(HOLD, client=f"192.0.2.{i}") for i in range(24)]
+    assert sorted(pool.worker_for(j) for j in jobs) == [0] * 12 + [1] * 12
+    statuses = [pool.get(f"/status/{j}").json()["status"] for j in jobs]
+    assert statuses.count("running") == 4 and statuses.count("queued") == 20
+    assert pool.get("/stats").json()["system"]["free_slots"] == 0
+    # Only now is every worker's queue full.
+    assert pool.post_submit(HOLD, client="192.0.2.99").status == 503
+
+
+def test_jobs_go_where_running_plus_queued_is_the_smallest_part_of_the_room(
+        tmp_path: Any) -> None:
+    pool = ready(tmp_path, 2, queue_size=4)  # room for 2 + 4 on each
+    for i in range(3):
+        pool.submit(HOLD, client=f"192.0.2.{i}")
+    pool.check()
+    loads = [pool.pool_entry(i)["load"] for i in range(2)]
+    assert sorted(w["active_jobs"] + w["queued_jobs"] for w in loads) == [1, 2]
+    lighter = min(range(2), key=lambda i: loads[i]["active_jobs"] + loads[i]["queued_jobs"])
+    assert pool.worker_for(pool.submit(HOLD, client="192.0.2.50")) == lighter
+    assert pool.pool_entry(0)["job_limit"] == 6
+
+
 def test_a_full_pool_answers_503_with_retry_after(tmp_path: Any) -> None:
-    pool = ready(tmp_path, 2, max_concurrent_jobs=1)
-    pool.submit(HOLD, client="192.0.2.1")
-    pool.submit(HOLD, client="192.0.2.2")
-    reply = pool.post_submit(HOLD, client="192.0.2.3")
+    pool = ready(tmp_path, 2, max_concurrent_jobs=1, queue_size=1)
+    for i in range(4):
+        pool.submit(HOLD, client=f"192.0.2.{i}")
+    reply = pool.post_submit(HOLD, client="192.0.2.9")
     assert reply.status == 503
+    # Nothing has finished yet, so no drain rate: the health interval.
     assert reply.json()["retry_after"] == 5 and reply.header("retry-after") == "5"
+
+
+def test_a_full_pools_retry_after_comes_from_how_fast_it_drains(tmp_path: Any) -> None:
+    pool = ready(tmp_path, 1, max_concurrent_jobs=1, queue_size=1)
+    for _ in range(5):  # one job finishes every 4 s between health checks
+        pool.submit(HOLD, client="192.0.2.1")
+        pool.workers[0].sandbox.holding()[0].finish()
+        pool.clock.advance(4)
+        pool.check()
+    pool.submit(HOLD, client="192.0.2.2")
+    pool.submit(HOLD, client="192.0.2.3")
+    reply = pool.post_submit(HOLD, client="192.0.2.4")
+    assert reply.status == 503 and reply.json()["retry_after"] == 4
+
+
+def test_stats_and_health_report_the_load_of_the_whole_pool(tmp_path: Any) -> None:
+    pool = ready(tmp_path, 3, queue_size=5)
+    for i in range(7):
+        pool.submit(HOLD, client=f"192.0.2.{i}")
+    pool.check()
+    system = pool.get("/stats").json()["system"]
+    assert system["active_jobs"] == 6 and system["queue_length"] == 1
+    assert system["capacity"] == 6 and system["queue_capacity"] == 15
+    assert system["free_slots"] == 21 - 7 and system["workers_healthy"] == 3
+    load = pool.get("/health").json()["load"]
+    assert load["active_jobs"] == 6 and load["queued_jobs"] == 1 and load["job_limit"] == 21
 
 
 def test_a_pool_that_looks_full_is_rechecked_before_a_submission_is_refused(
         tmp_path: Any) -> None:
-    pool = ready(tmp_path, 2, max_concurrent_jobs=1)
+    pool = ready(tmp_path, 2, max_concurrent_jobs=1, queue_size=1)
     first = pool.submit(HOLD, client="192.0.2.1")
-    pool.submit(HOLD, client="192.0.2.2")
+    for i in range(2, 5):
+        pool.submit(HOLD, client=f"192.0.2.{i}")
     pool.workers[pool.worker_for(first)].sandbox.holding()[0].finish()
     pool.clock.advance(1)
     # No health round has run since; the submission itself asks the workers again.
@@ -372,3 +426,16 @@ def test_a_download_registers_the_worker_connection_as_the_clients_producer() ->
     d2.cancel()
     d2.addErrback(lambda f: f.trap(defer.CancelledError))
     assert transport2.stopped
+
+
+def test_an_exempt_client_passes_the_pool_quota_and_a_refusal_says_how_to_lift_it(
+        tmp_path: Any) -> None:
+    exempt = "198.51.100.0/24"
+    pool = ready(tmp_path, 2, quotas=PoolQuota(100.0, 1, 100, exempt=(exempt,)),
+                 worker_quotas=QuotaConfig(100.0, 1, 100, exempt=(exempt,)))
+    for _ in range(3):  # three jobs at once where the quota allows one
+        assert pool.post_submit(HOLD, client="198.51.100.7").status == 200
+    pool.submit(HOLD)
+    refused = pool.post_submit(HOLD)
+    assert refused.status == 429
+    assert "--quota-exempt" in refused.json()["details"]

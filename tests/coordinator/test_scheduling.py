@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from coordinator.config import WorkerEntry
 from coordinator.registry import Load, WorkerRegistry, WorkerState
-from coordinator.scheduling import free_slots, pick_worker, rank_workers
+from coordinator.scheduling import (
+    drain_retry_after,
+    free_slots,
+    job_limit,
+    pick_worker,
+    rank_workers,
+)
 from sandrun.identity import WorkerIdentity
 
 
@@ -75,3 +81,42 @@ def test_unhealthy_draining_and_excluded_workers_are_skipped() -> None:
     b.draining_since = 5.0
     assert [w.entry.name for w in rank_workers(reg.workers())] == ["w2"]
     assert pick_worker(reg.workers(), exclude={c.worker_id}) is None
+
+
+def test_a_workers_queue_adds_to_its_limit_and_its_own_capacity_counts_when_unlisted() -> None:
+    reg, (listed,) = registry(2)
+    reg.record_pass(listed, Load(0, 0, 8, queue_capacity=10), now=2.0, dispatched_before=0)
+    assert job_limit(listed) == 2 + 10  # workers.json's 2 replaces the signed 8
+    unlisted = WorkerState(WorkerEntry(listed.worker_id, "http://10.0.0.9:1", None))
+    unlisted.load = Load(0, 0, 8, queue_capacity=10)
+    assert job_limit(unlisted) == 8 + 10
+
+
+def test_a_full_pools_retry_after_is_one_job_at_its_drain_rate_within_bounds() -> None:
+    reg, (a, b) = registry(4, 4)
+    assert drain_retry_after(reg.workers(), fallback=5.0) == 5
+    a.drain_rate, b.drain_rate = 0.1, 0.15  # 0.25 jobs a second in all
+    assert drain_retry_after(reg.workers(), fallback=5.0) == 4
+    a.drain_rate = 0.001
+    b.drain_rate = 0.0
+    assert drain_retry_after(reg.workers(), fallback=5.0) == 60
+    a.drain_rate = 100.0
+    assert drain_retry_after(reg.workers(), fallback=5.0) == 1
+
+
+def test_the_drain_rate_is_measured_from_signed_loads_and_jobs_sent_between_checks() -> None:
+    reg, (a,) = registry(4)
+    reg.record_pass(a, Load(3, 0, 4), now=10.0, dispatched_before=0)
+    reg.note_dispatch(a)
+    reg.note_dispatch(a)
+    # 3 held + 2 sent - 1 left = 4 finished in 10 s.
+    reg.record_pass(a, Load(1, 0, 4), now=20.0, dispatched_before=a.dispatched_total)
+    assert abs(a.drain_rate - 0.4) < 1e-9
+
+
+def test_a_suspended_or_open_worker_is_not_picked_for_a_first_replica() -> None:
+    reg, (a, b) = registry(4, 4)
+    a.suspended_since = 1.0
+    b.open = True
+    assert pick_worker(reg.workers()) is None
+    assert pick_worker(reg.workers(), open_ok=True) is b

@@ -11,6 +11,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from coordinator.config import CoordinatorConfig, PoolQuota
 from coordinator.service import CoordinatorService
+from sandrun.identity import WorkerIdentity
 from tests.coordinator.fakes import Pool
 
 HOLD = "HOLD"
@@ -86,3 +87,47 @@ def test_a_reload_adds_workers_and_drains_removed_ones_without_dropping_their_jo
     pool.clock.advance(service.config.drain_seconds + 1)
     pool.check()
     assert "w0" not in {w["name"] for w in pool.pool()["workers"]}
+
+
+def test_a_reload_that_fixes_a_wrong_key_leaves_one_entry_per_configured_worker(
+        tmp_path: Any) -> None:
+    pool = Pool(str(tmp_path / "pool"), 2)
+    workers_file = tmp_path / "workers.json"
+    write(workers_file, as_json(pool, [0, 1]))
+    service = service_for(pool, workers_file)
+    pool.check()
+    pool.submit(HOLD, client="192.0.2.1")
+    pool.submit(HOLD, client="192.0.2.2")
+    wrong = as_json(pool, [0, 1])
+    wrong[1]["worker_id"] = WorkerIdentity.generate().worker_id  # a typo'd key for w1
+    write(workers_file, wrong)
+    assert service.reload() is True
+    pool.check()
+    assert pool.post_submit(HOLD, client="192.0.2.3").status == 200  # w0 still takes jobs
+    write(workers_file, as_json(pool, [0, 1]))
+    assert service.reload() is True
+    pool.check()
+    listed = pool.pool()
+    assert [w["name"] for w in listed["workers"]] == ["w0", "w1"]
+    assert [w["healthy"] and not w["draining"] for w in listed["workers"]] == [True, True]
+    assert listed["total"] == 2 and listed["draining"] == 0
+
+
+def test_a_draining_worker_is_marked_with_when_it_started_and_when_it_ends(
+        tmp_path: Any) -> None:
+    pool = Pool(str(tmp_path / "pool"), 2)
+    workers_file = tmp_path / "workers.json"
+    write(workers_file, as_json(pool, [0, 1]))
+    service = service_for(pool, workers_file)
+    pool.check()
+    jobs = [pool.submit(HOLD, client=f"192.0.2.{i}") for i in range(2)]
+    assert {pool.worker_for(j) for j in jobs} == {0, 1}
+    pool.clock.advance(60)
+    write(workers_file, as_json(pool, [1]))
+    assert service.reload() is True
+    listed = pool.pool()
+    w0 = next(w for w in listed["workers"] if w["name"] == "w0")
+    assert w0["draining"] is True and w0["routable"] is False
+    assert w0["draining_since"] == "2023-11-14T22:14:20.000Z"
+    assert w0["drain_ends_at"] == "2023-11-14T23:14:20.000Z"  # --drain-seconds 3600
+    assert listed["total"] == 1 and listed["draining"] == 1

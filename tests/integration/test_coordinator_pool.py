@@ -3,7 +3,8 @@ directory) on loopback ports, plus an impostor, all as separate processes.
 
 - The impostor is a real worker whose workers.json entry lists a public key it does
   not hold (it runs with its own key): it must never be used, and ``/pool`` says why.
-- Each worker is configured for 2 jobs (``max_concurrent_jobs``); the coordinator
+- Each worker runs 2 jobs and queues 2 more (``--max-concurrent``, ``--queue-size``),
+  so the pool holds 12; the coordinator
   checks health every second with a 0.5 s timeout, so "two health intervals" is 2 s.
 - A worker is killed with SIGKILL mid-job: the job must report ``worker_lost``
   within two intervals; the worker is started again on the same state directory
@@ -39,7 +40,7 @@ from tests.integration.worker import Response, mounts_under, request, why_no_wor
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INTERVAL = 1.0  # the coordinator's --health-interval in these tests
-WORKER_FLAGS = ("--max-concurrent", "2", "--trusted-proxy", "127.0.0.1",
+WORKER_FLAGS = ("--max-concurrent", "2", "--queue-size", "2", "--trusted-proxy", "127.0.0.1",
                 "--cpu-quota", "100000", "--max-active-per-ip", "100000",
                 "--jobs-per-hour", "100000")
 POOL_FLAGS = ("--health-interval", str(INTERVAL), "--health-timeout", "0.5",
@@ -292,10 +293,12 @@ def test_the_three_workers_are_authenticated_and_the_impostor_is_refused(pool: P
     assert pool.impostor.healthy()  # it is up and answering; it just is not who it says
 
 
-def test_jobs_spread_by_load_and_a_full_pool_answers_503(pool: Pool) -> None:
-    jobs = [pool.coordinator.accepted(SLEEP.format(2)) for _ in range(6)]
+def test_twelve_quick_submissions_are_all_queued_and_only_a_full_pool_answers_503(
+        pool: Pool) -> None:
+    # Six run and six wait in the workers' queues; one client address throughout.
+    jobs = [pool.coordinator.accepted(SLEEP.format(3)) for _ in range(12)]
     placed = sorted(pool.worker_of(j).name for j in jobs)
-    assert placed == ["w1", "w1", "w2", "w2", "w3", "w3"]
+    assert placed == ["w1"] * 4 + ["w2"] * 4 + ["w3"] * 4
     full = pool.coordinator.submit(SLEEP.format(0))
     assert full.status == 503 and full.json()["retry_after"] >= 1
     assert full.header("retry-after") is not None
@@ -341,6 +344,27 @@ def test_status_outputs_download_and_live_output_through_the_coordinator(pool: P
         with pytest.raises(websockets.exceptions.ConnectionClosedError) as closed:
             ws.recv(timeout=10)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
+
+
+def test_run_long_polls_and_runtimes_through_the_coordinator(pool: Pool) -> None:
+    body = json.dumps({"manifest": {"entrypoint": "main.py", "outputs": ["*.txt"]},
+                       "files": {"main.py": "import time\ntime.sleep(0.3)\nprint('ran')\n"
+                                            "open('r.txt', 'w').write('x')\n"}}).encode()
+    reply = request(pool.coordinator.url, "POST", "/run", body,
+                    {"Content-Type": "application/json"})
+    assert reply.status == 200, reply.body
+    doc = reply.json()
+    assert doc["status"] == "completed" and doc["stdout"] == "ran\n"
+    assert doc["signature_verified"] is True
+    (output,) = doc["outputs"]
+    assert pool.coordinator.get(output["download_url"]).body == b"x"
+    # A long poll ends with the job, well before its 30 s.
+    job = pool.coordinator.accepted("import time\ntime.sleep(0.5)\n")
+    started = time.monotonic()
+    status = pool.coordinator.get(f"/status/{job}?wait=30", timeout=40).json()
+    assert status["status"] == "completed" and time.monotonic() - started < 20
+    runtimes = pool.coordinator.get("/runtimes").json()["runtimes"]
+    assert "python3" in {r["interpreter"] for r in runtimes}
 
 
 def test_a_multipart_upload_with_an_archive_passes_through_intact(pool: Pool) -> None:

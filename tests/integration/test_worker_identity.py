@@ -79,9 +79,9 @@ def test_a_finished_jobs_status_verifies_with_the_cli_and_tampering_fails(
         lambda s: s["execution_metadata"].update(cpu_seconds=0),
     ):
         bad = verify(tampered(change), key[1], tmp_path)
-        assert bad.returncode == 1 and bad.stdout.startswith("INVALID"), bad.stdout
+        assert bad.returncode == 76 and bad.stdout.startswith("INVALID"), bad.stdout
     other = ident.WorkerIdentity.generate().worker_id
-    assert verify(status, other, tmp_path).returncode == 1
+    assert verify(status, other, tmp_path).returncode == 76
 
 
 def test_health_with_a_nonce_is_signed(worker: Worker, key: tuple[str, str]) -> None:
@@ -153,6 +153,6 @@ def test_verify_fetches_a_job_id_from_the_server_and_checks_it(
     assert ok.returncode == 0 and ok.stdout.strip() == "valid", (ok.stdout, ok.stderr)
     other = ident.WorkerIdentity.generate().worker_id
     wrong = sandrun("verify", job_id, "--worker-id", other, "--server", worker.url)
-    assert wrong.returncode == 1 and wrong.stdout.startswith("INVALID"), wrong.stdout
+    assert wrong.returncode == 76 and wrong.stdout.startswith("INVALID"), wrong.stdout
     missing = sandrun("verify", "job-" + "A" * 24, "--worker-id", key[1], "--server", worker.url)
     assert missing.returncode == 1 and "cannot fetch" in missing.stderr

@@ -223,7 +223,8 @@ def test_a_full_queue_is_503_with_retry_after_and_positions_are_right() -> None:
         worker.wait(ids[0], until=("running",))
         assert [worker.get(f"/status/{i}").json()["queue_position"] for i in ids] == [0, 1, 2]
         health = worker.get("/health").json()["load"]
-        assert health == {"active_jobs": 1, "queued_jobs": 2, "capacity": 1}
+        assert health == {"active_jobs": 1, "queued_jobs": 2, "capacity": 1,
+                          "queue_capacity": 2}
         full = worker.post_json("/submit", {"files": sleeper})
         assert full.status == 503
         assert full.json()["retry_after"] > 0
@@ -231,7 +232,8 @@ def test_a_full_queue_is_503_with_retry_after_and_positions_are_right() -> None:
         assert worker.delete(f"/jobs/{ids[1]}").status == 200
         assert worker.get(f"/status/{ids[2]}").json()["queue_position"] == 1
         stats = worker.get("/stats").json()
-        assert stats["system"] == {"queue_length": 1, "active_jobs": 1, "capacity": 1}
+        assert stats["system"] == {"queue_length": 1, "active_jobs": 1, "capacity": 1,
+                                   "queue_capacity": 2}
         assert stats["your_quota"]["active_jobs"] == 2
         assert worker.delete(f"/jobs/{ids[0]}").status == 200
         worker.wait(ids[2], until=("running",))

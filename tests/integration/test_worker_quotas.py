@@ -20,13 +20,16 @@ from tests.integration.worker import Response, Worker, run_worker
 pytestmark = pytest.mark.timeout(60)
 SLEEPER = {"main.sh": "sleep 30"}
 PROXY = "127.0.0.5"
+EXEMPT = "127.0.0.9"  # --quota-exempt: no per-IP quota
+EXEMPT_NETWORK = "10.9.0.0/16"  # --quota-exempt, reached through the trusted proxy
 
 
 @pytest.fixture(scope="module")
 def worker() -> Iterator[Worker]:
     with run_worker("--max-active-per-ip", "2", "--cpu-quota", "1", "--jobs-per-hour", "100",
                     "--max-concurrent", "8", "--queue-size", "50",
-                    "--trusted-proxy", PROXY) as w:
+                    "--trusted-proxy", PROXY, "--quota-exempt", EXEMPT,
+                    "--quota-exempt", EXEMPT_NETWORK) as w:
         yield w
 
 
@@ -176,3 +179,22 @@ def test_cpu_is_charged_while_a_job_runs_and_retry_after_is_honoured(
     refused(submit(worker, source, {"a.sh": "true"}))
     time.sleep(max(0.0, refused_at + retry_after + 0.2 - time.monotonic()))
     accepted(submit(worker, source, {"a.sh": "true"}), clean_up)
+
+
+def test_an_exempt_address_or_network_is_never_refused_and_a_refusal_says_how_to_lift_it(
+        worker: Worker, clean_up: list[str]) -> None:
+    for _ in range(4):  # twice --max-active-per-ip
+        accepted(submit(worker, EXEMPT), clean_up)
+    mine = quota(worker, EXEMPT)
+    assert mine["exempt"] is True and mine["can_submit"] is True
+    for _ in range(3):  # a client behind the trusted proxy, in the exempt network
+        accepted(submit(worker, PROXY, forwarded_for="10.9.3.4"), clean_up)
+    assert quota(worker, PROXY, forwarded_for="10.9.3.4")["exempt"] is True
+
+    other = "127.0.0.10"
+    assert quota(worker, other)["exempt"] is False
+    accepted(submit(worker, other), clean_up)
+    accepted(submit(worker, other), clean_up)
+    body = refused(submit(worker, other))
+    assert "Too many active jobs" in body["details"]
+    assert "--quota-exempt" in body["details"]  # how an operator lifts it

@@ -69,7 +69,8 @@ def test_health_reports_the_load(tmp_path: Any) -> None:
     h.submit()
     body = h.get("/health").json()
     assert body == {"status": "healthy", "worker_id": None, "version": sandrun.__version__,
-                    "load": {"active_jobs": 1, "queued_jobs": 1, "capacity": 1}}
+                    "load": {"active_jobs": 1, "queued_jobs": 1, "capacity": 1,
+                             "queue_capacity": 10}}
 
 
 def test_health_without_a_key_ignores_the_nonce(h: Harness) -> None:
@@ -99,11 +100,13 @@ def test_stats_show_the_callers_own_quota_and_the_system(tmp_path: Any) -> None:
     body = h.get("/stats").json()
     assert set(body["your_quota"]) == {"used", "limit", "available", "active_jobs",
                                        "max_concurrent", "jobs_this_hour", "hourly_limit",
-                                       "can_submit", "reason", "retry_after"}
+                                       "can_submit", "reason", "retry_after", "exempt"}
+    assert body["your_quota"]["exempt"] is False
     assert body["your_quota"]["active_jobs"] == 2
     assert body["your_quota"]["jobs_this_hour"] == 2
     assert body["your_quota"]["can_submit"] is True
-    assert body["system"] == {"queue_length": 1, "active_jobs": 1, "capacity": 1}
+    assert body["system"] == {"queue_length": 1, "active_jobs": 1, "capacity": 1,
+                              "queue_capacity": 10}
 
 
 def test_environments_list_the_default_template(h: Harness) -> None:

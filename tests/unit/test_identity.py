@@ -23,6 +23,7 @@ from sandrun.identity import (
     health_response,
     job_hash,
     keygen_main,
+    show_key_main,
     sign_result,
     status_result,
     verify_health,
@@ -656,6 +657,19 @@ def test_keygen_writes_a_0600_key_and_prints_its_worker_id(
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_keygen_show_prints_the_worker_id_of_an_existing_key_and_refuses_a_missing_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "w.pem"
+    keygen_main(str(path), force=False)
+    made = capsys.readouterr().out
+    assert show_key_main(str(path)) == 0
+    assert capsys.readouterr().out == made
+    assert show_key_main(str(tmp_path / "absent.pem")) == 1
+    captured = capsys.readouterr()
+    assert "does not exist" in captured.err and captured.out == ""
+
+
 def test_keygen_writes_sandrun_worker_pem_in_the_current_directory_by_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -708,7 +722,7 @@ def test_verify_names_the_tampered_field(
     status["execution_metadata"]["exit_code"] = 0
     path = tmp_path / "status.json"
     path.write_text(json.dumps(status))
-    assert verify_main(str(path), identity.worker_id) == 1
+    assert verify_main(str(path), identity.worker_id) == 76
     out = capsys.readouterr().out
     assert out.startswith("INVALID: ")
     assert "exit_code" in out
@@ -722,7 +736,7 @@ def test_verify_rejects_another_workers_id(
 ) -> None:
     path = tmp_path / "status.json"
     path.write_text(json.dumps(signed_status(identity)))
-    assert verify_main(str(path), other.worker_id) == 1
+    assert verify_main(str(path), other.worker_id) == 76
     assert capsys.readouterr().out.startswith("INVALID: ")
 
 
@@ -731,14 +745,14 @@ def test_verify_rejects_a_file_that_is_not_json(
 ) -> None:
     path = tmp_path / "status.json"
     path.write_text("<html>")
-    assert verify_main(str(path), identity.worker_id) == 1
+    assert verify_main(str(path), identity.worker_id) == 76
     assert capsys.readouterr().out == "INVALID: the status document is not JSON\n"
 
 
 def test_verify_reports_a_missing_file_on_stderr(
     identity: WorkerIdentity, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert verify_main(str(tmp_path / "absent.json"), identity.worker_id) == 1
+    assert verify_main(str(tmp_path / "absent.json"), identity.worker_id) == 66
     captured = capsys.readouterr()
     assert "cannot read" in captured.err
     assert captured.out == ""

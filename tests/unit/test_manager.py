@@ -90,7 +90,7 @@ def test_jobs_beyond_the_concurrency_limit_wait_and_start_in_order(tmp_path: Any
     assert list(h.sandbox.running) == ids[:2]
     assert [h.status(i)["queue_position"] for i in ids] == [0, 0, 1, 2]
     assert h.get("/stats").json()["system"] == {"queue_length": 2, "active_jobs": 2,
-                                                "capacity": 2}
+                                                "capacity": 2, "queue_capacity": 10}
     h.run_of(ids[1]).finish()
     assert list(h.sandbox.running) == [ids[0], ids[2]]
     assert h.status(ids[2])["status"] == "running"
@@ -412,6 +412,6 @@ def test_a_submission_refused_after_its_upload_leaves_no_log_file(
     h.submit()
     # As when another submission of the same client won the race while this one
     # uploaded: the early checks pass, the final one in manager.submit refuses.
-    monkeypatch.setattr(h.manager, "admit", lambda client: None)
+    monkeypatch.setattr(h.manager, "admit", lambda client, exempt=False: None)
     assert h.post_json({"files": {"a.py": ""}}).status == 429
     assert len(h.storage.logs()) == 1 and len(h.storage.job_ids()) == 1

@@ -212,3 +212,35 @@ def test_environments_lists_what_the_worker_checks_against(tmp_path: Any) -> Non
     body = h.get("/environments").json()
     assert body["templates"][0] == "default" and "vision" in body["templates"]
     assert {e["name"]: e["ready"] for e in body["environments"]}["vision"] is False
+
+
+def test_the_installer_gets_the_plans_variables_and_none_of_the_manifests(
+        h: Harness, envs: ScriptedEnvironments) -> None:
+    envs.answer = EnvironmentPlan("default", env=(("GEM_PATH", "/job/.deps/ruby"),),
+                                  install_argv=INSTALL)
+    job_id = h.submit(FILES, {**WITH_REQUIREMENTS,
+                              "env": {"RUBYOPT": "-r/job/evil.rb", "NODE_OPTIONS": "-r x"}})
+    install = h.run_of(job_id)
+    assert install.env == (("GEM_PATH", "/job/.deps/ruby"),)
+    install.finish()
+    run = h.run_of(job_id)
+    assert ("RUBYOPT", "-r/job/evil.rb") in run.env and ("NODE_OPTIONS", "-r x") in run.env
+
+
+def test_the_install_and_the_run_share_one_slot_which_comes_back_at_the_end(
+        h: Harness) -> None:
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    h.run_of(job_id).finish()
+    assert len(h.sandbox.slots_held) == 1
+    h.run_of(job_id).finish()
+    slots = [slot for j, slot in h.sandbox.slot_uses if j == job_id]
+    assert len(slots) == 2 and slots[0] == slots[1]
+    assert h.sandbox.slots_held == set()
+    assert h.status(job_id)["status"] == "completed"
+
+
+def test_a_failed_install_returns_the_slot(h: Harness) -> None:
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    h.run_of(job_id).finish(Reason.EXIT_NONZERO)
+    assert h.status(job_id)["execution_metadata"]["reason"] == "install_failed"
+    assert h.sandbox.slots_held == set()

@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from treq.testing import StubTreq
 from twisted.internet import defer, task
@@ -31,7 +32,7 @@ from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.storage import StorageFull
 from sandrun.sandbox.policy import SandboxPolicy
-from sandrun.sandbox.supervisor import SandboxResult, SandboxUnavailable
+from sandrun.sandbox.supervisor import SandboxResult, SandboxUnavailable, Slot
 from sandrun.wire import Reason
 from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
 from tests.contract import check_response
@@ -96,13 +97,30 @@ class FakeSandbox:
         self.script: Callable[[FakeRun], None] | None = None
         self.unavailable = False
         self.kills_take_effect = True
+        self.slots_held: set[int] = set()  # taken and not yet returned
+        self.slot_uses: list[tuple[str, int]] = []  # (job id, slot) of each run
+
+    def take_slot(self) -> Slot:
+        if self.unavailable:
+            raise SandboxUnavailable("no launcher")
+        number = next(n for n in range(1000) if n not in self.slots_held)
+        self.slots_held.add(number)
+        return Slot(number, os.getuid(), os.getgid())
+
+    def return_slot(self, slot: Slot) -> None:
+        self.slots_held.discard(slot.number)
+
+    def problem(self) -> str | None:
+        return "the sandbox launcher is not running" if self.unavailable else None
 
     def run(self, job_id: str, argv: tuple[str, ...], env: tuple[tuple[str, str], ...],
             job_dir: str, policy: SandboxPolicy, on_output: Callable[[str, bytes], None],
-            stdin: bytes = b"", ro_binds: tuple[tuple[str, str], ...] = ()
-            ) -> defer.Deferred[SandboxResult]:
+            stdin: bytes = b"", ro_binds: tuple[tuple[str, str], ...] = (),
+            slot: Slot | None = None) -> defer.Deferred[SandboxResult]:
         if self.unavailable:
             raise SandboxUnavailable("no launcher")
+        if slot is not None:
+            self.slot_uses.append((job_id, slot.number))
         run = FakeRun(job_id, argv, env, job_dir, policy, stdin, on_output, self)
         self.runs[job_id] = run
         self.running[job_id] = run
@@ -218,17 +236,45 @@ class Harness:
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> Reply:
+        return self.reply(self.begin(method, path, body, headers))
+
+    def begin(self, method: str, path: str, body: bytes | None = None,
+              headers: dict[str, str] | None = None) -> defer.Deferred[Any]:
+        """Send a request and return at once: ``reply`` waits for its answer.
+
+        For requests answered later (``/run``, ``?wait=``): the test acts on
+        the job or the clock in between.
+        """
         hdrs = {k: [v] for k, v in (headers or {}).items()}
-        d = self.stub.request(  # type: ignore[attr-defined]  # set up by StubTreq
+        d: defer.Deferred[Any] = self.stub.request(  # type: ignore[attr-defined]
             method, "http://worker.test" + path, data=body, headers=hdrs)
+        self.stub.flush()
+        return d
+
+    def answered(self, d: defer.Deferred[Any]) -> bool:
+        """Whether the response to a ``begin`` request has come (its headers, at least)."""
+        self.stub.flush()
+        seen: list[Any] = []
+
+        def note(result: Any) -> Any:
+            seen.append(result)
+            return result
+
+        d.addBoth(note)
+        return bool(seen)
+
+    def reply(self, d: defer.Deferred[Any]) -> Reply:
         response = self._settle(d)
         content = self._settle(response.content())
         reply = Reply(response.code,
                      {k.decode().lower(): [v.decode("latin-1") for v in vs]
                       for k, vs in response.headers.getAllRawHeaders()}, content)
         # Every answer a test sees is checked against the OpenAPI document.
-        check_response("worker", method, path, reply.status, reply.header("content-type"),
-                       reply.body)
+        sent = response.request
+        uri = urlsplit(sent.absoluteURI.decode())
+        check_response("worker", sent.method.decode(), uri.path + ("?" + uri.query if uri.query
+                                                                   else ""),
+                       reply.status, reply.header("content-type"), reply.body)
         return reply
 
     def _settle(self, d: defer.Deferred[Any]) -> Any:
