@@ -99,6 +99,8 @@ class _AnyPath(PathConverter):
 
 
 MAX_NONCE_CHARS = 256
+# Parses a submission body into the job directory: (content type, body, work, staging).
+Unpack = Callable[[bytes | None, Any, str, str], uploads.Submission]
 
 
 class WorkerAPI:
@@ -109,6 +111,9 @@ class WorkerAPI:
     ``runtimes`` answers ``/runtimes``.
     ``environments`` answers ``/environments`` (by default the manager's own
     ``Environments``, which also checks each manifest's template).
+    ``unpack`` parses a submission's body into the job directory (the worker
+    passes ``Unpacker.parse``, a child process with its own limits; by default
+    ``uploads.parse_submission`` in the calling thread).
     """
 
     app = Klein()
@@ -118,7 +123,8 @@ class WorkerAPI:
                  identity: ident.WorkerIdentity | None = None,
                  environments: Callable[[], dict[str, Any]] | None = None,
                  blocking: BlockingRunner | None = None,
-                 runtimes: RuntimeList | None = None) -> None:
+                 runtimes: RuntimeList | None = None,
+                 unpack: Unpack | None = None) -> None:
         self.manager = manager
         self.config = config
         self.identity = identity
@@ -126,6 +132,7 @@ class WorkerAPI:
         self.blocking = blocking or manager.blocking
         # GET /runtimes; the worker starts the probe when it starts (service.py).
         self.runtime_list = runtimes or RuntimeList(self.blocking)
+        self.unpack: Unpack = unpack or self._unpack_here
         self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
         self.metrics = manager.metrics
         self.metrics.watch(streams=lambda: len(self.streams))
@@ -172,6 +179,10 @@ class WorkerAPI:
                 if "retry_after" in error.extra else {}
             return error.status, error.body(), headers
         return None
+
+    def _unpack_here(self, kind: bytes | None, body: Any, work: str,
+                     staging: str) -> uploads.Submission:
+        return uploads.parse_submission(kind, body, work, staging, self.config.limits)
 
     def job(self, job_id: str) -> Job:
         job = self.manager.get(job_id)
@@ -244,8 +255,12 @@ class WorkerAPI:
         def queued(accepted: tuple[Job, int]) -> bytes:
             job, position = accepted
             # "queued" means accepted; position 0 says it is already running.
-            return write_json(request, {"job_id": job.id, "status": JobStatus.QUEUED.value,
-                                        "position": position})
+            answer: dict[str, Any] = {"job_id": job.id, "status": JobStatus.QUEUED.value,
+                                      "position": position}
+            if job.manifest.replicas > 1:
+                # For a coordinator, which does not parse submissions: how many to run.
+                answer["replicas"] = job.manifest.replicas
+            return write_json(request, answer)
 
         return self.accept(request).addCallback(queued)
 
@@ -291,8 +306,7 @@ class WorkerAPI:
         base = self.manager.create_workspace(job_id)
 
         def parse() -> uploads.Submission:
-            return uploads.parse_submission(kind, body, store.work_dir(base),
-                                            store.staging_dir(base), self.config.limits)
+            return self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
 
         def queued(submission: uploads.Submission) -> tuple[Job, int]:
             self.check_environment(submission.manifest)

@@ -23,6 +23,7 @@ __all__ = [
     "archive_parts",
     "code_document",
     "files_document",
+    "run_document",
     "snippet_document",
 ]
 
@@ -69,6 +70,27 @@ def code_document(code: str, language: str = "python", *, args: list[str] | None
         fields["timeout"] = timeout
     fields.update(manifest or {})
     return snippet_document(code, language, fields)
+
+
+def run_document(code: str | None, language: str = "python", *,
+                 files: Mapping[str, Content] | None = None,
+                 manifest: Mapping[str, Any] | None = None, args: list[str] | None = None,
+                 stdin: str | None = None, timeout: int | None = None) -> dict[str, Any]:
+    """The JSON body of ``run``: ``code`` in ``language``, or ``files`` (not both)."""
+    if (code is None) == (files is None):
+        raise ValueError("give either code or files")
+    if code is not None:
+        return code_document(code, language, args=args, stdin=stdin, timeout=timeout,
+                             manifest=manifest)
+    fields: dict[str, Any] = {}
+    if args is not None:
+        fields["args"] = list(args)
+    if stdin is not None:
+        fields["stdin"] = stdin
+    if timeout is not None:
+        fields["timeout"] = timeout
+    fields.update(manifest or {})
+    return files_document(files or {}, fields)
 
 
 def files_document(files: Mapping[str, Content],

@@ -84,26 +84,49 @@ def json_answer(status: int, body: bytes) -> Any:
                             f"HTTP {status} with a body that is not JSON") from None
 
 
-class Polling:
-    """``wait``'s schedule: how long to pause before asking again whether a job has finished.
+LONG_POLL_SECONDS = 30.0  # how long one ``/status?wait=`` asks the server to hold
 
-    Pauses start at ``poll_interval`` seconds and grow 1.5 times each time up to
-    ``max_interval``; none goes past ``timeout`` seconds from ``now`` (None: no end).
+
+class Polling:
+    """``wait``'s schedule: how long each ask may be held, and the pause after it.
+
+    Each ask is a long poll (``/status?wait=S``): the server answers when the job
+    ends or after ``S`` seconds (``hold``; never past ``timeout`` seconds from
+    ``now``, None: no end), so a client learns of the end at once with one
+    request per ``LONG_POLL_SECONDS``.  An ask the server answered well before
+    ``S`` with the job unfinished (a server without long polls) is followed by a
+    pause that starts at ``poll_interval`` seconds and grows 1.5 times each time
+    up to ``max_interval``, as plain polling would be.
     """
 
     def __init__(self, job_id: str, timeout: float | None, now: float, *,
-                 poll_interval: float, max_interval: float) -> None:
+                 poll_interval: float, max_interval: float,
+                 long_poll: float = LONG_POLL_SECONDS) -> None:
         self.job_id = job_id
         self.timeout = timeout
         self.deadline = None if timeout is None else now + timeout
         self.interval = poll_interval
         self.max_interval = max_interval
+        self.long_poll = long_poll
 
-    def pause(self, job: Job, now: float) -> float:
-        """The pause after ``job`` was seen unfinished; ``WaitTimeoutError`` once time is up."""
+    def hold(self, now: float) -> float:
+        """Seconds the next ask may be held by the server (its ``?wait=``)."""
+        if self.deadline is None:
+            return self.long_poll
+        return max(0.0, min(self.long_poll, self.deadline - now))
+
+    def pause(self, job: Job, now: float, *, asked: float | None = None,
+              held: float = 0.0) -> float:
+        """The pause after ``job`` was seen unfinished; ``WaitTimeoutError`` once time is up.
+
+        ``asked`` (when the ask was sent) and ``held`` (its ``?wait=``) tell a held
+        long poll, after which the next ask goes at once, from an early answer.
+        """
         if self.deadline is not None and now >= self.deadline:
             raise WaitTimeoutError("Wait timed out",
                                    f"{self.job_id} is still {job.status} after {self.timeout} s")
+        if asked is not None and held > 0 and now - asked >= held / 2:
+            return 0.0
         pause = self.interval if self.deadline is None else min(self.interval, self.deadline - now)
         self.interval = min(self.interval * 1.5, self.max_interval)
         return max(pause, 0.0)

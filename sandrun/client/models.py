@@ -225,6 +225,57 @@ class Outputs:
 
 
 @dataclass(frozen=True)
+class RunResult:
+    """``POST /run``: the finished job's status, its output and its outputs, at once.
+
+    ``kept`` says whether the job stays on the server for download (its files'
+    ``download_url``); without it, it is already deleted.
+    """
+
+    job: Job
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    outputs: tuple[OutputFile, ...]
+    kept: bool
+
+    @classmethod
+    def from_json(cls, document: Any) -> RunResult:
+        d = _object(document, "the run result")
+        cut = d.get("truncated")
+        truncated: Mapping[str, Any] = cut if isinstance(cut, Mapping) else {}
+        listed = d.get("outputs")
+        return cls(job=Job.from_json(d), stdout=_opt(d, "stdout", str) or "",
+                   stderr=_opt(d, "stderr", str) or "",
+                   stdout_truncated=truncated.get("stdout") is True,
+                   stderr_truncated=truncated.get("stderr") is True,
+                   outputs=tuple(OutputFile.from_json(f) for f in listed)
+                   if isinstance(listed, list) else (),
+                   kept=d.get("kept") is not False)
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def status(self) -> str:
+        return self.job.status
+
+    @property
+    def succeeded(self) -> bool:
+        return self.job.succeeded
+
+    @property
+    def reason(self) -> str | None:
+        return self.job.reason
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.job.exit_code
+
+
+@dataclass(frozen=True)
 class Cancelled:
     """``DELETE /jobs/{job_id}``: the job's data is gone; ``cancelled`` if it was still live."""
 

@@ -53,6 +53,7 @@ from sandrun.client.models import (
     Job,
     Logs,
     Outputs,
+    RunResult,
     StreamEvent,
     Submitted,
     parse_frame,
@@ -182,22 +183,53 @@ class SandrunClient:
 
     # -- following a job ------------------------------------------------------------------
 
-    def status(self, job_id: str) -> Job:
-        return Job.from_json(self._json("GET", f"/status/{segment(job_id)}"))
+    def status(self, job_id: str, *, wait: float | None = None) -> Job:
+        """``GET /status``; with ``wait`` the server holds the answer until the job
+        ends or ``wait`` seconds have passed (a long poll)."""
+        path = f"/status/{segment(job_id)}"
+        if not wait:
+            return Job.from_json(self._json("GET", path))
+        response = self._call("GET", path, query={"wait": f"{wait:g}"},
+                              read_timeout=self.timeout + wait)
+        return Job.from_json(response.json())
 
     def wait(self, job_id: str, timeout: float | None = None, *, poll_interval: float = 0.2,
              max_interval: float = 2.0) -> Job:
-        """Poll ``/status`` until the job has finished; back off from ``poll_interval``.
+        """Wait until the job has finished, by long polls of ``/status`` (``calls.Polling``).
 
         Raises ``WaitTimeoutError`` after ``timeout`` seconds (the job goes on).
         """
         polling = Polling(job_id, timeout, self._clock(), poll_interval=poll_interval,
                           max_interval=max_interval)
         while True:
-            job = self.status(job_id)
+            held = polling.hold(self._clock())
+            asked = self._clock()
+            job = self.status(job_id, wait=held)
             if job.finished:
                 return job
-            self._sleep(polling.pause(job, self._clock()))
+            self._sleep(polling.pause(job, self._clock(), asked=asked, held=held))
+
+    def run(self, code: str | None = None, language: str = "python", *,
+            files: Mapping[str, str | bytes] | None = None,
+            manifest: Mapping[str, Any] | None = None, args: list[str] | None = None,
+            stdin: str | None = None, timeout: int | None = None, keep: bool = True,
+            wait_timeout: float | None = None) -> RunResult:
+        """Run ``code`` (in ``language``) or ``files`` and return the whole result.
+
+        One request (``POST /run``): the answer comes when the job has ended, with
+        its status, ``stdout``, ``stderr`` and outputs.  ``keep=False`` has the
+        server delete the job once answered (nothing to download later).
+        ``wait_timeout`` bounds the wait in seconds (None: as long as the job and
+        its place in the queue take); past it the connection is closed, which
+        cancels the job.
+        """
+        document = bodies.run_document(code, language, files=files, manifest=manifest,
+                                       args=args, stdin=stdin, timeout=timeout)
+        data = json.dumps(document).encode("utf-8")
+        response = self._call("POST", "/run", data, "application/json",
+                              query=None if keep else {"keep": "0"}, read_timeout=wait_timeout,
+                              bounded=wait_timeout is not None)
+        return RunResult.from_json(response.json())
 
     def logs(self, job_id: str) -> Logs:
         return Logs.from_json(self._json("GET", f"/logs/{segment(job_id)}"))
@@ -313,9 +345,12 @@ class SandrunClient:
 
     def _call(self, method: str, path: str, body: bytes | bodies.MultipartBody | None = None,
               content_type: str | None = None, *, query: Mapping[str, str] | None = None,
-              progress: Progress | None = None) -> _Response:
-        with self._open(method, path, body, content_type, query=query,
-                        progress=progress) as response:
+              progress: Progress | None = None, read_timeout: float | None = None,
+              bounded: bool = True) -> _Response:
+        """One request; ``read_timeout`` replaces ``timeout`` for this one (unbounded
+        with ``bounded=False``: a ``/run`` waits as long as its job)."""
+        with self._open(method, path, body, content_type, query=query, progress=progress,
+                        read_timeout=read_timeout, bounded=bounded) as response:
             try:
                 data = response.read()
             except (OSError, http.client.HTTPException) as e:
@@ -325,9 +360,12 @@ class SandrunClient:
     @contextmanager
     def _open(self, method: str, path: str, body: bytes | bodies.MultipartBody | None = None,
               content_type: str | None = None, *, query: Mapping[str, str] | None = None,
-              progress: Progress | None = None) -> Iterator[http.client.HTTPResponse]:
+              progress: Progress | None = None, read_timeout: float | None = None,
+              bounded: bool = True) -> Iterator[http.client.HTTPResponse]:
         """Send a request; the open response of a 2xx answer, else the error it maps to."""
         conn = self._connection()
+        if read_timeout is not None or not bounded:
+            conn.timeout = read_timeout  # applied once connected, to every read
         try:
             yield self._send(conn, method, path, body, content_type, query, progress)
         finally:

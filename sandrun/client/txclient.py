@@ -57,6 +57,7 @@ from sandrun.client.models import (
     Job,
     Logs,
     Outputs,
+    RunResult,
     StreamEvent,
     Submitted,
     parse_frame,
@@ -132,21 +133,52 @@ class TxSandrunClient:
 
     # -- following a job --------------------------------------------------------------------
 
-    def status(self, job_id: str) -> defer.Deferred[Job]:
-        return self._json("GET", f"/status/{segment(job_id)}").addCallback(Job.from_json)
+    def status(self, job_id: str, *, wait: float | None = None) -> defer.Deferred[Job]:
+        """``GET /status``; with ``wait``, a long poll (answered at the end or after
+        ``wait`` seconds)."""
+        path = f"/status/{segment(job_id)}"
+        if not wait:
+            return self._json("GET", path).addCallback(Job.from_json)
+        d = self._request("GET", f"{path}?wait={wait:g}", timeout=self.timeout + wait)
+        return d.addCallback(_json_body).addCallback(Job.from_json)
 
     @defer.inlineCallbacks
     def wait(self, job_id: str, timeout: float | None = None, *, poll_interval: float = 0.2,
              max_interval: float = 2.0) -> Any:
-        """Poll ``/status`` (on the reactor's clock) until the job has finished."""
+        """Wait (on the reactor's clock) by long polls of ``/status`` until the job has
+        finished (``calls.Polling``)."""
         polling = Polling(job_id, timeout, self.reactor.seconds(), poll_interval=poll_interval,
                           max_interval=max_interval)
         while True:
-            job = yield self.status(job_id)
+            held = polling.hold(self.reactor.seconds())
+            asked = self.reactor.seconds()
+            job = yield self.status(job_id, wait=held)
             if job.finished:
                 return job
-            pause = polling.pause(job, self.reactor.seconds())
+            pause = polling.pause(job, self.reactor.seconds(), asked=asked, held=held)
             yield task.deferLater(self.reactor, pause, lambda: None)
+
+    def run(self, code: str | None = None, language: str = "python", *,
+            files: Mapping[str, str | bytes] | None = None,
+            manifest: Mapping[str, Any] | None = None, args: list[str] | None = None,
+            stdin: str | None = None, timeout: int | None = None, keep: bool = True,
+            wait_timeout: float | None = None) -> defer.Deferred[RunResult]:
+        """Run ``code`` or ``files`` with one ``POST /run``; fires with the whole result.
+
+        As ``SandrunClient.run``: ``keep=False`` deletes the job once answered;
+        ``wait_timeout`` (None: no limit) bounds the wait, and cancelling the
+        Deferred (or the timeout) closes the connection, which cancels the job.
+        """
+        try:
+            document = bodies.run_document(code, language, files=files, manifest=manifest,
+                                           args=args, stdin=stdin, timeout=timeout)
+        except ValueError:
+            return defer.fail()
+        data = json.dumps(document).encode("utf-8")
+        d = self._request("POST", "/run" if keep else "/run?keep=0", data=data,
+                          headers={"Content-Type": ["application/json"]},
+                          timeout=wait_timeout)
+        return d.addCallback(_json_body).addCallback(RunResult.from_json)
 
     def logs(self, job_id: str) -> defer.Deferred[Logs]:
         return self._json("GET", f"/logs/{segment(job_id)}").addCallback(Logs.from_json)
@@ -217,7 +249,10 @@ class TxSandrunClient:
         headers = {"User-Agent": [f"sandrun-client/{__version__}"],
                    "Accept": ["application/json"], **kwargs.pop("headers", {})}
         url = self.server_url + path
-        d = self._http.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
+        timeout = kwargs.pop("timeout", self.timeout)
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        d = self._http.request(method, url, headers=headers, **kwargs)
 
         def failed(failure: Any) -> Any:
             if failure.check(*_CONNECTION_ERRORS) or isinstance(failure.value, OSError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import datetime
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -139,6 +140,8 @@ class JobLog:
     def __init__(self, path: str | None = None, clock: Any = None) -> None:  # IReactorTime
         self.chunks = LogChunks(path)
         self.sizes = {"stdout": 0, "stderr": 0}
+        # Of every byte kept, per stream: signed in the result (identity.RESULT_FIELDS).
+        self.digests = {"stdout": hashlib.sha256(), "stderr": hashlib.sha256()}
         self.listeners: list[LogListener] = []
         self._clock = clock
         self._pending = bytearray()
@@ -148,6 +151,7 @@ class JobLog:
 
     def append(self, stream: str, data: bytes) -> None:
         self.sizes[stream] += len(data)
+        self.digests[stream].update(data)
         if self._clock is None:
             self._publish(stream, data)
             return
@@ -178,6 +182,10 @@ class JobLog:
         self.chunks.append(stream, data)
         for listener in list(self.listeners):
             listener(stream, data)
+
+    def sha256(self, stream: str) -> str:
+        """The sha256 hex of everything ``stream`` kept so far."""
+        return self.digests[stream].hexdigest()
 
     def text(self, stream: str | None = None) -> str:
         parts = [d for s, d in self.chunks if stream is None or s == stream]
@@ -247,7 +255,9 @@ class Job:
                 "reason": self.reason.value if self.reason else None,
                 "message": self.message,
                 "environment": self.manifest.environment,
-                "interpreter": self.manifest.interpreter}
+                "interpreter": self.manifest.interpreter,
+                "stdout_sha256": self.log.sha256("stdout") if self.finished else None,
+                "stderr_sha256": self.log.sha256("stderr") if self.finished else None}
 
     def signed_result(self, worker_id: str | None) -> dict[str, Any]:
         """The fields a signature covers (see ``identity.RESULT_FIELDS``)."""
@@ -258,4 +268,6 @@ class Job:
                 "memory_peak_bytes": self.memory_peak_bytes,
                 "wall_time_ms": round(self.wall_time_ms, 3),
                 "finished_at": iso(self.finished_at),
-                "outputs": {o.path: o.sha256 for o in self.outputs}}
+                "outputs": {o.path: o.sha256 for o in self.outputs},
+                "stdout_sha256": self.log.sha256("stdout"),
+                "stderr_sha256": self.log.sha256("stderr")}

@@ -72,3 +72,23 @@ def test_code_documents_carry_args_stdin_and_timeout_and_the_manifest_wins() -> 
     assert doc == {"manifest": {"entrypoint": "main.py", "args": ["a"], "stdin": "in",
                                 "timeout": 9},
                    "files": {"main.py": "print(1)"}}
+
+
+def test_a_long_poll_is_held_up_to_its_length_and_never_past_the_timeout() -> None:
+    polling = Polling("job-1", 45.0, 100.0, poll_interval=0.2, max_interval=2.0)
+    assert polling.hold(100.0) == 30.0
+    assert polling.hold(130.0) == 15.0
+    assert polling.hold(146.0) == 0.0
+    assert Polling("job-1", None, 0.0, poll_interval=0.2, max_interval=2.0).hold(1e9) == 30.0
+
+
+def test_after_a_held_long_poll_the_next_ask_goes_at_once() -> None:
+    polling = Polling("job-1", None, 0.0, poll_interval=0.2, max_interval=2.0)
+    assert polling.pause(RUNNING, 30.0, asked=0.0, held=30.0) == 0.0
+
+
+def test_a_server_that_answers_a_long_poll_at_once_is_asked_again_after_pauses() -> None:
+    # A server without long polls answers at once: back to polling's growing pauses.
+    polling = Polling("job-1", None, 0.0, poll_interval=0.2, max_interval=2.0)
+    assert polling.pause(RUNNING, 0.01, asked=0.0, held=30.0) == 0.2
+    assert polling.pause(RUNNING, 0.5, asked=0.49, held=30.0) == pytest.approx(0.3)

@@ -248,3 +248,43 @@ def test_an_unreachable_server_is_a_connection_error() -> None:
     with pytest.raises(SandrunConnectionError) as failed:
         SandrunClient("http://127.0.0.1:1", timeout=2).status("job-x")
     assert "127.0.0.1:1" in str(failed.value)
+
+
+def status_requests(worker: Worker, job_id: str) -> int:
+    """How many ``/status`` requests for ``job_id`` the worker's access log shows."""
+    return sum(1 for line in worker.log().splitlines() if f"GET /status/{job_id} " in line)
+
+
+def test_wait_learns_the_end_with_one_long_poll(client: SandrunClient, worker: Worker) -> None:
+    job_id = client.submit_code("import time; time.sleep(1.5)").job_id
+    job = client.wait(job_id, timeout=30)
+    assert job.status == "completed"
+    assert status_requests(worker, job_id) == 1  # polling every 0.2-2 s would take several
+    client.cancel(job_id)
+
+
+def test_run_gives_the_whole_result_in_one_call(client: SandrunClient) -> None:
+    result = client.run("import sys\nprint('out')\nprint('err', file=sys.stderr)\n"
+                        "open('r.txt', 'w').write('x')\nsys.exit(4)\n",
+                        manifest={"outputs": ["r.txt"]})
+    assert (result.status, result.reason, result.exit_code) == ("failed", "exit_nonzero", 4)
+    assert (result.stdout, result.stderr) == ("out\n", "err\n")
+    assert not result.stdout_truncated and result.kept
+    assert [o.path for o in result.outputs] == ["r.txt"]
+    assert client.download(result.job_id, "r.txt") == b"x"
+    client.cancel(result.job_id)
+
+
+def test_run_of_files_without_keeping_them(client: SandrunClient) -> None:
+    result = client.run(files={"main.sh": "cat data.txt\n", "data.txt": b"bytes\n"},
+                        manifest={"entrypoint": "main.sh"}, keep=False)
+    assert result.succeeded and result.stdout == "bytes\n" and not result.kept
+    with pytest.raises(NotFoundError):
+        client.status(result.job_id)
+
+
+def test_run_with_a_bad_manifest_is_a_bad_request(client: SandrunClient) -> None:
+    with pytest.raises(BadRequestError):
+        client.run("print(1)", manifest={"timeout": -3})
+    with pytest.raises(ValueError):
+        client.run()  # neither code nor files

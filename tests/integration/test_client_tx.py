@@ -92,3 +92,17 @@ async def test_errors_carry_the_servers_message(worker: Worker) -> None:
         await client.stream("job-nosuchjob0000", lambda event: None)
     with pytest.raises(SandrunConnectionError):
         await TxSandrunClient("http://127.0.0.1:1", reactor, timeout=2).status("job-x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_and_a_long_poll_wait_on_the_reactor(worker: Worker) -> None:
+    client = TxSandrunClient(worker.url, reactor)
+    result = await client.run("print('tx')", keep=False)
+    assert result.succeeded and result.stdout == "tx\n" and not result.kept
+    submitted = await client.submit_code("import time; time.sleep(1)")
+    job = await client.wait(submitted.job_id, timeout=30)
+    assert job.status == "completed"
+    asked = [line for line in worker.log().splitlines()
+             if f"GET /status/{submitted.job_id} " in line]
+    assert len(asked) == 1
+    await client.cancel(submitted.job_id)

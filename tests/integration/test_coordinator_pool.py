@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
 from tests.contract import check_response
 from tests.integration.worker import Response, mounts_under, request, why_no_worker
 
@@ -119,9 +120,11 @@ class PoolWorker(Process):
     def __init__(self, name: str, scratch: str, key_path: str) -> None:
         self.name, self.port = name, free_port()
         self.state_dir = os.path.join(scratch, f"{name}-state")
-        super().__init__([sys.executable, "-m", "sandrun", "serve", "--state-dir",
-                          self.state_dir, "--listen", f"127.0.0.1:{self.port}",
-                          "--worker-key", key_path, *WORKER_FLAGS],
+        # cgroup v2: a cgroup of its own, as its systemd unit would give it.
+        self.cgroup = worker_cgroup(f"{os.path.basename(scratch)}-{name}")
+        super().__init__(in_cgroup([sys.executable, "-m", "sandrun", "serve", "--state-dir",
+                                    self.state_dir, "--listen", f"127.0.0.1:{self.port}",
+                                    "--worker-key", key_path, *WORKER_FLAGS], self.cgroup),
                          os.path.join(scratch, f"{name}.log"))
 
     @property
@@ -276,6 +279,7 @@ def pool() -> Iterator[Pool]:
         for worker in everyone:
             for point in reversed(worker.mounts()):
                 subprocess.run(["umount", "-l", point], check=False)
+            remove_worker_cgroup(worker.cgroup)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -33,14 +33,15 @@ def free_port() -> int:
 
 
 def test_the_counters_equal_a_known_mix_of_real_jobs() -> None:
-    with run_worker("--max-concurrent", "3", "--max-active-per-ip", "3") as worker:
-        completed = worker.submit({"main.py": "print('hello')"})
+    with run_worker("--max-active-per-ip", "1") as worker:
+        # While the sleeper runs, this client's one active job is spent: a 429.
         slow = worker.submit({"main.py": "import time\ntime.sleep(30)\n"}, {"timeout": 1})
-        hog = worker.submit({"main.py": HOG}, {"memory_mb": 64})
         refused = worker.post_json("/submit", {"files": {"main.py": "print(1)"}})
         assert refused.status == 429, refused.body
-        assert worker.wait(completed)["execution_metadata"]["reason"] == "completed"
         assert worker.wait(slow)["execution_metadata"]["reason"] == "timeout"
+        completed = worker.submit({"main.py": "print('hello')"})
+        assert worker.wait(completed)["execution_metadata"]["reason"] == "completed"
+        hog = worker.submit({"main.py": HOG}, {"memory_mb": 64})
         assert worker.wait(hog)["execution_metadata"]["reason"] == "memory_limit"
         reply = worker.get("/metrics")
         assert reply.status == 200

@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
 from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
 from tests.contract import check_response
 
@@ -237,11 +238,14 @@ def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     process: subprocess.Popen[bytes] | None = None
     worker: Worker | None = None
+    # cgroup v2: a cgroup of its own, as its systemd unit would give it.
+    cgroup = worker_cgroup(f"worker-{os.path.basename(scratch)}")
     try:
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "sandrun", "serve", "--state-dir", state_dir,
-                 "--listen", f"[{bind}]:0" if ":" in bind else f"{bind}:0", *extra_args],
+                in_cgroup([sys.executable, "-m", "sandrun", "serve", "--state-dir", state_dir,
+                           "--listen", f"[{bind}]:0" if ":" in bind else f"{bind}:0",
+                           *extra_args], cgroup),
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
                 env=env)
         deadline = time.monotonic() + startup_timeout
@@ -279,6 +283,7 @@ def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float
         for point in reversed(mounts_under(state_dir)):  # only after a failed test
             subprocess.run(["umount", "-l", point], check=False)
         shutil.rmtree(scratch, ignore_errors=True)
+        remove_worker_cgroup(cgroup)
 
 
 def job_processes(worker: Worker) -> list[int]:
