@@ -29,6 +29,7 @@ class Limits:
     max_open_files: int = 1024  # RLIMIT_NOFILE, hard
     output_cap_bytes: int = 10 * MiB  # captured per stream, then output_limit
     job_dir_mb: int = 512  # tmpfs size of the job directory
+    job_dir_inodes: int = 65_536  # files and directories the job directory's tmpfs may hold
     tmp_mb: int = 64  # tmpfs size of /tmp inside the job
     shm_mb: int = 64  # tmpfs size of /dev/shm inside the job
     max_stdin_bytes: int = 1 * MiB  # manifest stdin

@@ -64,7 +64,8 @@ class WorkerService(service.MultiService):
         self.identity = ident.WorkerIdentity.load(config.worker_key) if config.worker_key \
             else None
         self.storage = Storage(config.state_dir, config.limits.job_dir_mb * 1024 * 1024,
-                               config.storage_bytes)
+                               job_dir_inodes=config.limits.job_dir_inodes,
+                               total_bytes=config.storage_bytes)
         self.sandbox = Sandbox(reactor, config.state_dir + "/sandbox",
                                instance_name(config.state_dir), config.max_concurrent,
                                allow_unlimited_swap=config.allow_unlimited_swap)

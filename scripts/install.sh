@@ -6,7 +6,8 @@
 #                                        environment ($SANDRUN_PREFIX, default /opt/sandrun)
 #                                        with sandrun, sandrun-coordinator and sandrun-mcp
 #                                        linked into /usr/local/bin
-#   bash ./scripts/install.sh --service  the same, then the systemd units (see the README)
+#   bash ./scripts/install.sh --service  the same, then the systemd unit (see the README)
+#   bash ./scripts/install.sh --worker-only   without what only the tests need (containers)
 #
 # Idempotent: safe to run again (an existing environment is reused and updated).  The
 # environment is made from the python3 on the PATH ($PYTHON to choose another): Debian's
@@ -20,10 +21,12 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 service=0
+tests=1
 for arg in "$@"; do
     case $arg in
         --service) service=1 ;;
-        *) echo "usage: install.sh [--service]" >&2; exit 2 ;;
+        --worker-only) tests=0 ;;
+        *) echo "usage: install.sh [--service] [--worker-only]" >&2; exit 2 ;;
     esac
 done
 PREFIX=${SANDRUN_PREFIX:-/opt/sandrun}
@@ -44,6 +47,7 @@ test_packages=(
     bubblewrap         # reference sandbox for the launch benchmark
     gcc libc6-dev      # tests compile small C probes (raw syscalls, setuid, static binaries)
 )
+[ $tests = 1 ] || test_packages=()
 # Wanted, but Sandrun runs without them (a note is printed if apt cannot get them).
 optional_packages=()
 # Debian's nodejs comes without npm, which fetches package.json dependencies of jobs.
@@ -78,7 +82,11 @@ fi
 if [ ! -x "$PREFIX/bin/python" ]; then
     "$PYTHON" -m venv "$PREFIX"
 fi
-"$PREFIX/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+if [ $tests = 1 ]; then
+    "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+else
+    "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir .
+fi
 for command in sandrun sandrun-coordinator sandrun-mcp; do
     ln -sfn "$PREFIX/bin/$command" "/usr/local/bin/$command"
 done

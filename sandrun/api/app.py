@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-import tempfile
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ from sandrun import httpjson, pages
 from sandrun import identity as ident
 from sandrun.api import results, stream, uploads
 from sandrun.api.errors import refusal_kind, to_api_error
+from sandrun.api.packs import PackOnce
 from sandrun.config import WorkerConfig
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.jobs import storage as store
@@ -134,6 +134,9 @@ class WorkerAPI:
         self.runtime_list = runtimes or RuntimeList(self.blocking)
         self.unpack: Unpack = unpack or self._unpack_here
         self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
+        self.packs = PackOnce(self.blocking, pack_outputs,
+                              lambda job_id: manager.storage.pack_path(job_id),
+                              lambda job_id: manager.get(job_id) is not None)
         self.metrics = manager.metrics
         self.metrics.watch(streams=lambda: len(self.streams))
 
@@ -309,12 +312,13 @@ class WorkerAPI:
             return self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
 
         def queued(submission: uploads.Submission) -> tuple[Job, int]:
-            self.check_environment(submission.manifest)
+            environment = self.check_environment(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
                       submitted_at=self.manager.reactor.seconds(),
-                      log=self.manager.new_log(base), quota_exempt=exempt)
+                      log=self.manager.new_log(base), quota_exempt=exempt,
+                      environment=environment)
             position = self.manager.submit(job)
             self.metrics.upload_accepted(size)
             return job, position
@@ -334,9 +338,10 @@ class WorkerAPI:
         d.addErrback(failed)
         return d
 
-    def check_environment(self, manifest: Manifest) -> None:
-        """400 (``EnvironmentUnavailable``) for an unknown or unbuilt template."""
-        self.manager.environments.check(manifest)
+    def check_environment(self, manifest: Manifest) -> str | None:
+        """400 (``EnvironmentUnavailable``) for an unknown or unbuilt template; else the
+        template the job gets (None: the host's interpreters alone)."""
+        return self.manager.environments.check(manifest)
 
     @app.route("/status/<string:job_id>", methods=["GET"])
     @_api
@@ -376,6 +381,7 @@ class WorkerAPI:
             return job.log.text().encode()
         return write_json(request, {"job_id": job.id, "stdout": job.log.text("stdout"),
                                     "stderr": job.log.text("stderr"),
+                                    "install": job.log.text("install"),
                                     "truncated": job.truncated})
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
@@ -404,9 +410,10 @@ class WorkerAPI:
     @_api
     def download_all(self, request: IRequest, job_id: str) -> Any:
         job = self.finished_job(job_id)
-        d = self.blocking(pack_outputs, job, self.manager.storage.uploads_dir)
+        d = self.packs.get(job)
 
-        def send(f: Any) -> Any:
+        def send(path: str) -> Any:
+            f = open(path, "rb")  # noqa: SIM115 (closed by the producer)
             request.setHeader(b"Content-Type", b"application/gzip")
             request.setHeader(b"Content-Disposition",
                               f'attachment; filename="{job.id}-outputs.tar.gz"'.encode())
@@ -551,14 +558,13 @@ def content_disposition(name: str) -> bytes:
             f"filename*=UTF-8''{urllib.parse.quote(name, safe='')}").encode("ascii")
 
 
-def pack_outputs(job: Job, spool_dir: str) -> Any:
-    """Every listed output in one .tar.gz (an unlinked file on the worker's tmpfs).
+def pack_outputs(job: Job, path: str) -> None:
+    """Every listed output in one .tar.gz at ``path`` (blocking).
 
     Not on the job's own tmpfs: a job that filled it could not be downloaded.
     """
     work = store.work_dir(job.base_dir)
-    out = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (returned open, to be sent)
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+    with open(path, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
         for output in job.outputs:
             try:
                 f, size = open_output(work, output.path, job.manifest.outputs)
@@ -568,6 +574,4 @@ def pack_outputs(job: Job, spool_dir: str) -> Any:
                 info = tarfile.TarInfo(output.path)
                 info.size, info.mode = size, 0o644
                 tar.addfile(info, f)
-    out.seek(0)
-    return out
 

@@ -38,6 +38,7 @@ import pytest
 from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
 from tests.contract import check_response
 from tests.integration.worker import Response, mounts_under, request, why_no_worker
+from tests.timing import scaled
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INTERVAL = 1.0  # the coordinator's --health-interval in these tests
@@ -59,7 +60,7 @@ def free_port() -> int:
 
 
 def wait_for(predicate: Any, within: float, what: str, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + within
+    deadline = time.monotonic() + scaled(within)
     while True:
         value = predicate()
         if value:

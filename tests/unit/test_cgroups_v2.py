@@ -90,6 +90,16 @@ def test_a_cgroup_without_the_cpu_controller_is_refused_by_name(tree: FakeTree) 
         tree.manager()
 
 
+def test_a_read_only_cgroup_tree_is_refused_with_what_a_container_needs(
+        tree: FakeTree, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree.cgroup("/", ())
+    # As a container without --privileged sees it: /sys/fs/cgroup mounted read-only.
+    monkeypatch.setattr(cgroups.os, "access", lambda path, mode: False)
+    with pytest.raises(DelegationError, match=r"cgroup v2: / is not writable here.*"
+                                              r"--privileged --cgroupns=private"):
+        locate_v2(str(tree.root), frozenset({WORKER}), tree.start_in("/"))
+
+
 def test_missing_controllers_are_all_named(tree: FakeTree) -> None:
     tree.cgroup("/svc", (WORKER,), controllers="io")
     with pytest.raises(DelegationError, match="the memory, pids, cpu controllers not"):
