@@ -623,10 +623,12 @@ class CoordinatorAPI:
     async def status(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
         refs = self.replicas_of(job_id)
+        wait = _wait_arg(request)
         if len(refs) > 1:
+            if wait:
+                await self.replication.wait_all(refs, self.forwarded(request), wait)
             doc = await self.replication.status(job_id, refs, self.forwarded(request))
             return write_json(request, doc)
-        wait = _wait_arg(request)
         path = _job_path("status", ref)
         if wait:
             path += f"?wait={wait:g}"
