@@ -304,7 +304,8 @@ class WorkerAPI:
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
                       submitted_at=self.manager.reactor.seconds(),
                       log=self.manager.new_log(base), quota_exempt=exempt,
-                      environment=environment)
+                      environment=environment,
+                      inputs={} if submission.manifest.outputs else dict(files))
             return job, self.manager.submit(job)
 
         def failed(failure: Any) -> Any:
@@ -534,6 +535,7 @@ def pack_outputs(job: Job, spool_dir: str) -> Any:
             with f:
                 info = tarfile.TarInfo(output.path)
                 info.size, info.mode = size, 0o644
+                info.mtime = int(os.fstat(f.fileno()).st_mtime)  # when the job wrote it
                 tar.addfile(info, f)
     out.seek(0)
     return out
