@@ -68,6 +68,9 @@ def add_serve_command(commands: Any) -> None:
          help="built templates, as sandrun env --root (default %(default)s)")
     flag("--deps-dir", metavar="DIR", default=WorkerConfig.deps_dir,
          help="cache of fetched job dependencies (default %(default)s)")
+    flag("--gpu-dev-dir", metavar="DIR", default=WorkerConfig.gpu_dev_dir,
+         help="where the NVIDIA device nodes are (default %(default)s); GPUs are found "
+              "through NVML (nvidia-ml-py) at start, none without it")
     flag("--worker-key", metavar="PEM",
          help="Ed25519 PKCS#8 PEM private key, from sandrun keygen (default: none, "
               "results are not signed)")
@@ -195,7 +198,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
                         trusted_proxies=tuple(args.trusted_proxy or ()),
-                        allow_unlimited_swap=args.allow_unlimited_swap)
+                        allow_unlimited_swap=args.allow_unlimited_swap,
+                        gpu_dev_dir=os.path.abspath(args.gpu_dev_dir))
 
 
 def check_config(config: WorkerConfig) -> str | None:

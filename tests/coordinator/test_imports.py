@@ -11,7 +11,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-WIRE = {"sandrun.wire", "sandrun.httpjson", "sandrun.netaddr", "sandrun.daemon"}
+WIRE = {"sandrun.wire", "sandrun.httpjson", "sandrun.netaddr", "sandrun.daemon",
+        "sandrun.gpuwire"}
 ALLOWED_IN_COORDINATOR = WIRE | {"sandrun.identity"}
 
 
