@@ -107,9 +107,9 @@ def discover(nvml: Any = None, dev_dir: str = "/dev",
     try:
         outside = [p for p in _loaded_libraries(maps_file) if not p.startswith(LIBRARY_ROOT)]
         if outside:
-            return Inventory(problems=(
-                f"the driver's libraries ({', '.join(outside)}) are outside /usr, which is "
-                "all of the host a job can see: no GPU job can run",))
+            why = (f"the driver's libraries ({', '.join(outside)}) are outside /usr, which "
+                   "is all of the host a job can see: no GPU job can run")
+            return Inventory(problems=(why,))
         return _read_gpus(nvml, dev_dir)
     except Exception as e:  # noqa: BLE001 (a driver error: fail closed, no GPU)
         return Inventory(problems=(f"NVML: {e}",))
