@@ -35,6 +35,7 @@ What differs, and why:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coordinator.config import CoordinatorConfig
+from coordinator.enrollment import Enrollment
 from coordinator.errors import WorkerLost, not_found
 from coordinator.jobids import JobRef, decode_job_id, decode_replicas, encode_job_id
 from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
@@ -93,6 +95,7 @@ PRIVACY = ("No accounts and no logs of job content. The coordinator keeps no job
            "uploads pass through RAM to a worker, results stream back from it.")
 # A pool that looks full is re-checked before a refusal if its loads are this old, seconds.
 REFRESH_AFTER = 0.1
+MAX_JOIN_BYTES = 4096  # a /pool/join body: a key and an endpoint
 # Response headers of a worker that the client gets too.
 # (Twisted's client keeps Content-Length in ``response.length``, not in the headers.)
 # How long one long poll of a worker is held while a /run waits (the worker caps at 60).
@@ -189,6 +192,7 @@ class CoordinatorAPI:
         self.locks = ClientLocks()
         self.replication = Replication(reactor, registry, client, config, self.place,
                                        self.forward)
+        self.enrollment = Enrollment(registry, config, refresh)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -313,6 +317,20 @@ class CoordinatorAPI:
             "drain_seconds": drain, "max_replicas": self.config.max_replicas,
             "max_disagreements": self.registry.max_disagreements,
             "open_enrollment": self.config.open_enrollment})
+
+    @app.route("/pool/join", methods=["POST"])
+    @_api
+    async def join(self, request: Request) -> bytes:
+        """Open enrollment (``enrollment.py``): a worker proves its key and joins."""
+        data = request.content.read(MAX_JOIN_BYTES + 1) if request.content else b""
+        if len(data) > MAX_JOIN_BYTES:
+            raise APIError(413, "Request too large", f"at most {MAX_JOIN_BYTES} bytes")
+        try:
+            body = json.loads(data)
+        except ValueError:
+            raise APIError(400, "Invalid join request", "the body is not JSON") from None
+        answer = await self.enrollment.join(body, self.client_address(request))
+        return write_json(request, answer)
 
     @app.route("/environments", methods=["GET"])
     @_api

@@ -29,6 +29,7 @@ class Limits:
     max_open_files: int = 1024  # RLIMIT_NOFILE, hard
     output_cap_bytes: int = 10 * MiB  # captured per stream, then output_limit
     job_dir_mb: int = 512  # tmpfs size of the job directory
+    job_dir_inodes: int = 65_536  # files and directories the job directory's tmpfs may hold
     tmp_mb: int = 64  # tmpfs size of /tmp inside the job
     shm_mb: int = 64  # tmpfs size of /dev/shm inside the job
     max_stdin_bytes: int = 1 * MiB  # manifest stdin
@@ -58,6 +59,8 @@ class WorkerConfig:
     state_dir: str = "/run/sandrun"  # tmpfs for job data is mounted beneath
     storage_bytes: int = 0  # all job data at once; 0 = a quarter of RAM
     worker_key: str | None = None
+    join: str | None = None  # a coordinator URL to announce this worker to (open enrollment)
+    advertise: str | None = None  # this worker's URL as the coordinator reaches it
     trusted_proxies: tuple[str, ...] = ()
     env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
     deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash

@@ -138,7 +138,11 @@ class JobManager:
         return self.storage.create(job_id)
 
     def discard_workspace(self, job_id: str) -> None:
-        self.storage.delete(job_id)
+        """Delete a job's data off the reactor thread: unmounting a tmpfs that holds
+        many files frees them all, which takes long enough to stall the reactor."""
+        d = self.blocking(self.storage.delete, job_id)
+        d.addErrback(lambda f: log.failure("deleting the data of job {job_id} failed", f,
+                                           job_id=job_id))
 
     def submit(self, job: Job) -> int:
         """Queue a job whose workspace is ready; returns its queue position (1-based)."""
@@ -150,7 +154,7 @@ class JobManager:
                     raise RateLimited(decision)
         except Exception:
             job.log.close()
-            self.storage.delete(job.id)
+            self.discard_workspace(job.id)
             raise
         self.jobs[job.id] = job
         self.queue.append(job.id)
@@ -331,7 +335,7 @@ class JobManager:
             self.queue.remove(job_id)
             job.reason = Reason.CANCELLED
             job.deleted = True
-            self.storage.delete(job_id)
+            self.discard_workspace(job_id)
             self._end(job, JobStatus.FAILED)
         elif job.status == JobStatus.RUNNING:
             job.deleted = True
@@ -362,7 +366,7 @@ class JobManager:
         if job is not None:
             job.deleted = True
             job.log.close()
-        self.storage.delete(job_id)
+        self.discard_workspace(job_id)
         log.info("job {job_id} deleted", job_id=job_id)
 
     def _sandbox_done(self, job_id: str) -> None:

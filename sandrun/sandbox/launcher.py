@@ -143,7 +143,9 @@ class Launcher:
         os.makedirs(self.root_dir, exist_ok=True)
         self.lib_dirs = mounts.host_lib_dirs()
         self.arg_area = pid1.arg_area()
-        self.cgroups = cgroups.CgroupManager(self.instance)
+        # Ours: the launcher and the worker that started it, nothing else.
+        self.cgroups = cgroups.CgroupManager(self.instance,
+                                             ours=frozenset({os.getpid(), os.getppid()}))
         if not self.allow_unlimited_swap and self.cgroups.swap_unlimited():
             # Fail closed: a job's memory limit would not bound what it swaps out.
             raise cgroups.CgroupError(
@@ -664,7 +666,9 @@ def main(argv: list[str] | None = None) -> None:
         launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp, args.loopback,
                             allow_unlimited_swap=args.allow_unlimited_swap)
     except Exception as e:
-        sock.send(json.dumps({"event": "fatal", "message": f"{type(e).__name__}: {e}"}).encode(),
+        # A DelegationError is already the one line that says what to do.
+        message = str(e) if isinstance(e, cgroups.DelegationError) else f"{type(e).__name__}: {e}"
+        sock.send(json.dumps({"event": "fatal", "message": message}).encode(),
                   socket.MSG_NOSIGNAL)
         sys.exit(1)
     launcher.serve()

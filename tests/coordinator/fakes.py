@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from coordinator.config import CoordinatorConfig, PoolQuota, WorkerEntry
 from coordinator.health import HealthChecker
+from coordinator.jobids import worker_tag
 from coordinator.proxy import CoordinatorAPI
 from coordinator.registry import WorkerRegistry
 from coordinator.worker_client import WorkerClient
@@ -239,8 +240,10 @@ class Pool:
         self.stub = StubTreq(self.api.resource())
 
     def worker_for(self, job_id: str) -> int:
+        """Which worker runs ``job_id`` (listed or open: by the tag of its key)."""
         tag = job_id.split(".")[0]
-        return next(i for i, e in enumerate(self.entries) if e.tag == tag)
+        return next(i for i, identity in enumerate(self.identities)
+                    if identity is not None and worker_tag(identity.worker_id) == tag)
 
     def workers_for(self, job_id: str) -> list[int]:
         """Where each replica of a (replicated) job runs, first replica first."""
