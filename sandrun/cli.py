@@ -93,6 +93,12 @@ def add_serve_command(commands: Any) -> None:
     flag("--trusted-proxy", action="append", default=None, metavar="CIDR",
          help="address or network whose X-Forwarded-For is believed (repeatable; "
               "default: none)")
+    flag("--metrics-listen", type=listen_description, default=None, metavar="ADDRESS",
+         help="serve Prometheus /metrics on this HOST:PORT or endpoint only, and not on "
+              "--listen (default: on --listen, to --metrics-allow addresses)")
+    flag("--metrics-allow", action="append", default=None, metavar="CIDR",
+         help="address or network that may read /metrics on --listen (repeatable; "
+              "default 127.0.0.0/8 and ::1)")
     flag("--max-upload-mb", type=int, metavar="MB", default=d.max_upload_bytes // 10**6,
          help="largest request body, MB (default %(default)s)")
     flag("--default-timeout", type=int, default=d.default_timeout, metavar="SECONDS",
@@ -127,7 +133,7 @@ def add_serve_command(commands: Any) -> None:
 
 
 # ``serve`` options that take a list (repeatable flags; a list in the TOML file).
-_LIST_OPTIONS = ("trusted_proxy", "quota_exempt")
+_LIST_OPTIONS = ("trusted_proxy", "quota_exempt", "metrics_allow")
 
 
 class ConfigFileError(Exception):
@@ -216,6 +222,9 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         trusted_proxies=tuple(args.trusted_proxy or ()),
                         allow_unlimited_swap=args.allow_unlimited_swap,
                         join=args.join, advertise=args.advertise,
+                        metrics_listen=args.metrics_listen,
+                        metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
+                        else WorkerConfig.metrics_allow,
                         gpu_dev_dir=os.path.abspath(args.gpu_dev_dir))
 
 
@@ -224,7 +233,8 @@ def check_config(config: WorkerConfig) -> str | None:
     from sandrun.netaddr import parse_trusted_proxies
 
     for flag, entries in (("--trusted-proxy", config.trusted_proxies),
-                          ("--quota-exempt", config.quotas.exempt)):
+                          ("--quota-exempt", config.quotas.exempt),
+                          ("--metrics-allow", config.metrics_allow)):
         try:
             parse_trusted_proxies(tuple(entries))
         except ValueError as e:

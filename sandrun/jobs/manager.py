@@ -22,6 +22,7 @@ from sandrun.environments.staged import run_in_environment
 from sandrun.jobs import storage as store
 from sandrun.jobs.gpus import Gpu, GpuPool
 from sandrun.jobs.manifest import Manifest, ManifestError
+from sandrun.jobs.metrics import WorkerMetrics
 from sandrun.jobs.model import Job, JobLog
 from sandrun.jobs.ratelimit import Decision, RateLimiter
 from sandrun.jobs.workspace import list_outputs
@@ -84,9 +85,12 @@ class JobManager:
                  identity: ident.WorkerIdentity | None = None,
                  blocking: BlockingRunner = threads.deferToThread,
                  environments: Environments | None = None,
+                 metrics: WorkerMetrics | None = None,
                  gpus: GpuPool | None = None) -> None:
         self.reactor = reactor
         self.gpus = gpus or GpuPool()
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.watch(queued=lambda: len(self.queue), running=lambda: len(self.running))
         self.blocking = blocking
         self.environments = environments or Environments()
         self.sandbox = sandbox
@@ -229,6 +233,7 @@ class JobManager:
     def _start(self, job: Job, gpu: Gpu | None = None) -> None:
         job.move_to(JobStatus.RUNNING)
         job.started_at = self.reactor.seconds()
+        self.metrics.job_started(job.started_at - job.submitted_at)
         self.running.add(job.id)
         self._in_sandbox.add(job.id)
         log.info("job {job_id} started", job_id=job.id)
@@ -275,6 +280,7 @@ class JobManager:
         job.log.flush()  # all output is published before the end is
         if job.finished:  # shut down while it ran: already ended
             return
+        self.metrics.sandbox_ran(result.reason, result.launch_seconds)
         reason = result.reason
         if reason in (Reason.EXIT_NONZERO, Reason.SIGNALED) and not job.deleted \
                 and store.disk_full(job.base_dir):
@@ -308,6 +314,7 @@ class JobManager:
         self.limiter.release(job.client, job.id, now, cpu_seconds_total=job.cpu_seconds)
         job.signed, job.signature = ident.sign_result(self.identity,
                                                       job.signed_result(self.worker_id))
+        self.metrics.job_ended(job.reason, job.cpu_seconds, now - job.submitted_at)
         log.info("job {job_id} {status}: {reason}", job_id=job.id, status=status.value,
                  reason=job.reason.value if job.reason else None)
         keep = FAILED_RETENTION if status == JobStatus.FAILED else FINISHED_RETENTION
