@@ -75,10 +75,13 @@ class Replication:
             raise APIError(400, "Invalid manifest",
                            f"replicas: this pool runs at most {self.config.max_replicas}",
                            field="replicas")
-        tried = {first.state.worker_id}
+        tried = {first.state.worker_id}  # place() adds every worker it tries
         while len(placed) < replicas:
-            used = {p.state.worker_id for p in placed}
-            extra = await self.place(body, headers, set(tried | used), open_ok=True)
+            try:
+                extra = await self.place(body, headers, tried, open_ok=True)
+            except Exception:
+                await self.cancel(placed, headers)  # no copy is left running unanswered
+                raise
             if extra.state is None:
                 await self.cancel(placed, headers)
                 if extra.response is not None and extra.response.code == 429:

@@ -321,3 +321,30 @@ def test_a_long_poll_of_a_replicated_job_ends_when_every_replica_has_ended(
     pool.workers[second].sandbox.holding()[0].finish()
     doc = pool.reply(d).json()
     assert doc["status"] == "completed" and doc["consensus"]["agreed"] is True
+
+
+def test_a_replica_that_cannot_be_placed_for_a_timeout_cancels_the_copies_placed(
+        tmp_path: Any) -> None:
+    pool = ready(tmp_path, 2)
+    stalled = endpoint(1).split("//")[1]
+    real = pool.network.request
+
+    def stall(method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Any:
+        if stalled.encode() in uri and uri.endswith(b"/submit"):
+            from twisted.internet import defer
+
+            return defer.Deferred()  # never answers: the submit times out
+        return real(method, uri, headers, body)
+
+    pool.network.request = stall  # type: ignore[method-assign]
+    d = pool.begin("POST", "/submit", json.dumps(
+        {"manifest": {"entrypoint": "main.py", "replicas": 2},
+         "files": {"main.py": HOLD}}).encode(),
+        {"Content-Type": "application/json", "X-Forwarded-For": "192.0.2.10"})
+    pool.clock.advance(pool.config.submit_timeout + 1)
+    reply = pool.reply(d)
+    assert reply.status == 504
+    # The first copy went to worker 0 and was deleted there.
+    assert (b"POST", b"/submit") in pool.workers[0].requests
+    assert any(m == b"DELETE" for m, _ in pool.workers[0].requests)
+    assert all(not w.sandbox.holding() for w in pool.workers)
