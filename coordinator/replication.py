@@ -163,9 +163,13 @@ class Replication:
             state = self.registry.get(worker_id)
             if state is not None:
                 self.registry.record_lost(state)
+        for worker_id in verdict.unresolved:
+            state = self.registry.get(worker_id)
+            if state is not None:
+                self.registry.record_unresolved(state)
         if verdict.outcome == Outcome.DISAGREED:
             log.warn("replicas of a job disagree in {fields}; {count} worker(s) "  # noqa: G010
-                     "counted a disagreement", fields=list(verdict.differing),
+                     "blamed", fields=list(verdict.differing),
                      count=len(verdict.disagreeing))
 
     async def status(self, job_id: str, refs: list[JobRef],
@@ -260,6 +264,7 @@ def consensus_block(reports: list[ReplicaReport], verdict: Verdict) -> dict[str,
         "replicas": len(reports), "outcome": verdict.outcome.value,
         "agreed": (verdict.outcome == Outcome.AGREED) if final else None,
         "agreeing": list(verdict.agreeing), "disagreeing": list(verdict.disagreeing),
+        "unresolved": list(verdict.unresolved),
         "lost": list(verdict.lost), "differing": list(verdict.differing),
         "unsigned": list(verdict.unsigned), "compared": list(COMPARED),
         "results": [r.as_json() for r in reports],
