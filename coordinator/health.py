@@ -170,8 +170,10 @@ class HealthChecker:
         nonce = secrets.token_urlsafe(16)
         dispatched_before = self.registry.check_started(state)
         endpoint = state.entry.endpoint
+        sent = self.reactor.seconds()
         try:
             code, body = yield self.client.health(endpoint, nonce, self.timeout)
+            state.rtt_seconds = max(0.0, self.reactor.seconds() - sent)
         except (WorkerUnreachable, WorkerTimeout, BadWorkerResponse) as e:
             verdict = Verdict(False, False, str(e))
         except Exception as e:  # noqa: BLE001 - one worker's oddity must not stop the loop

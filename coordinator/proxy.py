@@ -59,6 +59,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.enrollment import Enrollment
 from coordinator.errors import WorkerLost, not_found
 from coordinator.jobids import JobRef, decode_job_id, decode_replicas, encode_job_id
+from coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
 from coordinator.replication import Replication
@@ -82,7 +84,7 @@ from coordinator.worker_client import (
     read_body,
     read_json,
 )
-from sandrun import httpjson
+from sandrun import httpjson, pages
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.identity import verify_result
 from sandrun.netaddr import address_in, client_key, parse_trusted_proxies, trusted_client_address
@@ -177,8 +179,8 @@ class CoordinatorAPI:
 
     def __init__(self, reactor: Any, registry: WorkerRegistry, client: WorkerClient,
                  config: CoordinatorConfig, streams: StreamRelay | None = None,
-                 refresh: Callable[[list[WorkerState]], defer.Deferred[None]] | None = None
-                 ) -> None:
+                 refresh: Callable[[list[WorkerState]], defer.Deferred[None]] | None = None,
+                 metrics: CoordinatorMetrics | None = None) -> None:
         self.reactor = reactor
         # Re-checks workers before a submission is refused for want of room (health.py).
         self.refresh = refresh
@@ -186,6 +188,9 @@ class CoordinatorAPI:
         self.client = client
         self.config = config
         self.streams = streams if streams is not None else StreamRelay(reactor, registry)
+        self.metrics = metrics if metrics is not None else \
+            CoordinatorMetrics(registry, self.streams.open_count)
+        parse_trusted_proxies(config.metrics_allow)
         parse_trusted_proxies(config.trusted_proxies)  # a bad entry fails here, not per request
         parse_trusted_proxies(config.quotas.exempt)
         self.locks = ClientLocks()
@@ -225,6 +230,14 @@ class CoordinatorAPI:
     async def forward(self, ref: JobRef, state: WorkerState, method: str, path: str,
                       headers: dict[bytes, list[bytes]], timeout: float | None = None) -> Any:
         """Send a job request to the job's worker; raises ``WorkerLost`` when it is gone."""
+        try:
+            return await self._forward(ref, state, method, path, headers, timeout)
+        except WorkerLost:
+            self.metrics.lost.labels(state.entry.label).inc()
+            raise
+
+    async def _forward(self, ref: JobRef, state: WorkerState, method: str, path: str,
+                       headers: dict[bytes, list[bytes]], timeout: float | None) -> Any:
         if state.down:
             raise WorkerLost(f"the worker that ran this job is unavailable ({state.last_error})")
         try:
@@ -398,6 +411,7 @@ class CoordinatorAPI:
         if not address_in(address, self.config.quotas.exempt):
             decision, _ = await self.pool_usage(address)
             if not decision.allowed:
+                self.metrics.refused(decision.reason)
                 raise APIError(429, "Rate limit exceeded", f"{decision.reason}. {LIFT_QUOTA}",
                                **decision.error_extra())
         body = request.content
@@ -409,7 +423,10 @@ class CoordinatorAPI:
         placed = await self.place(body, headers, set(), open_ok=False)
         if placed.state is None:
             if placed.response is not None:
+                if placed.response.code == 429:
+                    self.metrics.refusals.labels("worker_rate_limit").inc()
                 return self.relay_json(request, placed.response, placed.doc)
+            self.metrics.refusals.labels("no_worker").inc()
             raise APIError(503, "No worker available",
                            "every worker's queue is full, refused the job, or is unavailable",
                            retry_after=self.retry_after_full())
@@ -461,6 +478,7 @@ class CoordinatorAPI:
                 # Never reached, or gone before it answered: the next worker gets it.
                 self.registry.undo_dispatch(state)
                 self.registry.mark_down(state, f"submit failed: {e}")
+                self.metrics.worker_refused.labels(state.entry.label).inc()
                 continue
             except (WorkerTimeout, BadWorkerResponse):
                 raise  # it may have taken the job: sending it again could run it twice
@@ -469,9 +487,11 @@ class CoordinatorAPI:
                 self.registry.cursor += 1
                 placed = Placement(state, response, doc, dispatched_at)
                 placed.job_id()  # a malformed id is a bad answer, before anything else
+                self.metrics.routed.labels(state.entry.label).inc()
                 return placed
             self.registry.undo_dispatch(state)
             if response.code in (429, 503):
+                self.metrics.worker_refused.labels(state.entry.label).inc()
                 refusal = Placement(None, response, doc)
                 continue
             # 400, 413, 415...: the submission itself is at fault; no worker would take it.
@@ -604,10 +624,12 @@ class CoordinatorAPI:
     async def status(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
         refs = self.replicas_of(job_id)
+        wait = _wait_arg(request)
         if len(refs) > 1:
+            if wait:
+                await self.replication.wait_all(refs, self.forwarded(request), wait)
             doc = await self.replication.status(job_id, refs, self.forwarded(request))
             return write_json(request, doc)
-        wait = _wait_arg(request)
         path = _job_path("status", ref)
         if wait:
             path += f"?wait={wait:g}"
@@ -742,6 +764,29 @@ class CoordinatorAPI:
     @app.route("/stream/<string:job_id>", methods=["GET"])
     def stream_alias(self, request: Request, job_id: str) -> Any:
         return self.stream(request, job_id)
+
+    # -- documents for people and programs (sandrun/pages.py) ---------------------
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: Request) -> bytes:
+        """Prometheus metrics, unless they have a listener of their own (``metrics_listen``)."""
+        if self.config.metrics_listen is not None or not address_in(
+                self.client_address(request), self.config.metrics_allow):
+            return write_error(request, APIError(404, "Not found", "no such endpoint"))
+        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode())
+        return self.metrics.exposition()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: Request) -> bytes:
+        return pages.serve_openapi(request, "coordinator")
+
+    @app.route("/docs", methods=["GET"])
+    def docs(self, request: Request) -> bytes:
+        return pages.serve_docs(request)
+
+    @app.route("/ui/<path:name>", methods=["GET"])
+    def page_asset(self, request: Request, name: str) -> bytes:
+        return pages.serve_asset(request, name)
 
     # -- CORS and errors -------------------------------------------------------------------
 

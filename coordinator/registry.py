@@ -69,6 +69,7 @@ class WorkerState:
     load: Load | None = None
     last_check: float | None = None  # when the last check finished
     last_error: str | None = None  # why the last check failed; None when it passed
+    rtt_seconds: float | None = None  # round trip of the last health check that was answered
     recovered_at: float | None = None  # when it last went from down to healthy
     started_at: float | None = None  # the worker's own start time, if it reports one
     draining_since: float | None = None

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from prometheus_client.twisted import MetricsResource
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import Resource
 
 from sandrun import identity as ident
 from sandrun.announce import Announcer
@@ -31,6 +34,15 @@ def instance_name(state_dir: str) -> str:
     return "sandrun-" + hashlib.sha256(state_dir.encode()).hexdigest()[:12]
 
 
+def metrics_site(registry: Any) -> server.Site:
+    """The ``--metrics-listen`` site: ``/metrics`` only, in the text exposition format."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=registry))
+    site = server.Site(root)
+    site.noisy = False
+    return site
+
+
 def _listen_url(host: Any) -> str:
     """``http://HOST:PORT`` of the listening socket (give --advertise for a wildcard one)."""
     address = getattr(host, "host", "127.0.0.1")
@@ -48,6 +60,7 @@ class WorkerService(service.MultiService):
         self.config = config
         parse_trusted_proxies(config.trusted_proxies)  # a bad entry fails at start
         parse_trusted_proxies(config.quotas.exempt)
+        parse_trusted_proxies(config.metrics_allow)
         self.identity = ident.WorkerIdentity.load(config.worker_key) if config.worker_key \
             else None
         self.storage = Storage(config.state_dir, config.limits.job_dir_mb * 1024 * 1024,
@@ -65,6 +78,9 @@ class WorkerService(service.MultiService):
         self.api = WorkerAPI(self.manager, config, self.identity,
                              environments=self.environments.describe,
                              unpack=self.unpacker.parse)
+        self.manager.metrics.watch(stored=self.storage.used_bytes)
+        self.metrics_site = metrics_site(self.manager.metrics.registry)
+        self.metrics_port: Any = None
         self.site = WorkerSite(self.api.resource())
         self.site.displayTracebacks = False
         self.port: Any = None
@@ -89,7 +105,13 @@ class WorkerService(service.MultiService):
             self._started.append("manager")
             self.port = yield serverFromString(self.reactor, self.config.listen).listen(
                 self.site)
+            if self.config.metrics_listen is not None:
+                self.metrics_port = yield serverFromString(
+                    self.reactor, self.config.metrics_listen).listen(self.metrics_site)
         except BaseException:
+            if self.port is not None:
+                yield self.port.stopListening()
+                self.port = None
             yield self._undo()
             raise
         host = self.port.getHost()
@@ -111,6 +133,9 @@ class WorkerService(service.MultiService):
         if self.port is not None:
             yield self.port.stopListening()
             self.port = None
+        if self.metrics_port is not None:
+            yield self.metrics_port.stopListening()
+            self.metrics_port = None
         # Before the jobs end: a watcher learns the worker is going away, not that its
         # job was deleted.
         yield self.api.streams.close_all(1001, "worker shutting down")

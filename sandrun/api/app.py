@@ -22,16 +22,17 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import PathConverter
 
 import sandrun
-from sandrun import httpjson
+from sandrun import httpjson, pages
 from sandrun import identity as ident
 from sandrun.api import results, sending, stream, uploads
-from sandrun.api.errors import to_api_error
+from sandrun.api.errors import refusal_kind, to_api_error
 from sandrun.api.packs import PackOnce
 from sandrun.config import WorkerConfig
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.jobs import storage as store
 from sandrun.jobs.manager import BlockingRunner, JobManager, new_job_id
 from sandrun.jobs.manifest import Manifest
+from sandrun.jobs.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandrun.jobs.model import Job, iso
 from sandrun.jobs.runtimes import Runtime, RuntimeList
 from sandrun.jobs.workspace import OutputNotFound, open_output
@@ -51,6 +52,7 @@ def _api(handler: Callable[..., Any]) -> Callable[..., Any]:
         def fail(failure: Any) -> bytes:
             if failure.check(defer.CancelledError):  # the client went away (Klein cancels)
                 return b""
+            self.count_refusal(failure.value)
             error = to_api_error(failure.value)
             if error.status == 500:
                 # The route only: a path may name an output file (job content).
@@ -132,6 +134,8 @@ class WorkerAPI:
         self.packs = PackOnce(self.blocking, pack_outputs,
                               lambda job_id: manager.storage.pack_path(job_id),
                               lambda job_id: manager.get(job_id) is not None)
+        self.metrics = manager.metrics
+        self.metrics.watch(streams=lambda: len(self.streams))
 
     def resource(self) -> Any:
         return _Utf8Guard(self.app.resource())
@@ -149,6 +153,11 @@ class WorkerAPI:
         forwarded = b",".join(lines).decode("latin-1") if lines else None
         return trusted_client_address(host, forwarded, self.config.trusted_proxies)
 
+    def count_refusal(self, exc: BaseException) -> None:
+        kind = refusal_kind(exc)
+        if kind is not None:
+            self.metrics.refused(kind)
+
     def quota_exempt(self, request: IRequest) -> bool:
         """Whether the request comes from a ``--quota-exempt`` address (the one
         ``client`` charges, so a trusted proxy's X-Forwarded-For counts)."""
@@ -162,6 +171,7 @@ class WorkerAPI:
         try:
             self.manager.admit(self.client(request), self.quota_exempt(request))
         except Exception as e:  # noqa: BLE001 (mapped, and anything unexpected is left to the route)
+            self.count_refusal(e)
             error = to_api_error(e)
             if error.status >= 500 and error.status != 503:
                 return None
@@ -284,7 +294,8 @@ class WorkerAPI:
         client = self.client(request)
         body = request.content
         body.seek(0, os.SEEK_END)
-        if body.tell() > self.config.limits.max_upload_bytes:
+        size = body.tell()
+        if size > self.config.limits.max_upload_bytes:
             # UploadRequest refuses these before reading; this guards any other request type.
             raise APIError(413, "Upload too large",
                            f"the limit is {self.config.limits.max_upload_bytes} bytes")
@@ -305,7 +316,9 @@ class WorkerAPI:
                       submitted_at=self.manager.reactor.seconds(),
                       log=self.manager.new_log(base), quota_exempt=exempt,
                       environment=environment)
-            return job, self.manager.submit(job)
+            position = self.manager.submit(job)
+            self.metrics.upload_accepted(size)
+            return job, position
 
         def failed(failure: Any) -> Any:
             if self.manager.get(job_id) is None:
@@ -441,6 +454,29 @@ class WorkerAPI:
     @app.route("/stream/<string:job_id>", methods=["GET"])
     def live_output_alias(self, request: IRequest, job_id: str) -> Any:
         return self.live_output(request, job_id)
+
+    # -- documents for people and programs (sandrun/pages.py) ---------------------
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        """Prometheus metrics, unless they have a listener of their own (``metrics_listen``)."""
+        if self.config.metrics_listen is not None or not address_in(
+                self.client_address(request), self.config.metrics_allow):
+            return write_error(request, APIError(404, "Not found", "no such endpoint"))
+        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode())
+        return self.metrics.exposition()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        return pages.serve_openapi(request, "worker")
+
+    @app.route("/docs", methods=["GET"])
+    def docs(self, request: IRequest) -> bytes:
+        return pages.serve_docs(request)
+
+    @app.route("/ui/<anypath:name>", methods=["GET"])
+    def page_asset(self, request: IRequest, name: str) -> bytes:
+        return pages.serve_asset(request, name)
 
     # -- CORS and errors -----------------------------------------------------------
 

@@ -44,3 +44,20 @@ def to_api_error(exc: BaseException) -> APIError:
                         "no output with that path matches the job's outputs")
     return APIError(500, "Internal error", "the worker could not handle this request")
 
+
+
+def refusal_kind(exc: BaseException) -> str | None:
+    """The kind of a refusal for quota or room (``sandrun_refusals_total``), or None."""
+    if isinstance(exc, RateLimited):
+        reason = exc.decision.reason or ""
+        # The limiter names the limit that will take longest to free first.
+        if reason.startswith("CPU"):
+            return "cpu_quota"
+        if reason.startswith("Hourly"):
+            return "hourly_limit"
+        return "concurrency_limit"
+    if isinstance(exc, QueueFull):
+        return "queue_full"
+    if isinstance(exc, StorageFull):
+        return "storage_full"
+    return None

@@ -20,6 +20,7 @@ from sandrun.environments import Environments
 from sandrun.environments.plan import DEPS_OUTPUT
 from sandrun.environments.staged import run_in_environment
 from sandrun.jobs import storage as store
+from sandrun.jobs.metrics import WorkerMetrics
 from sandrun.jobs.model import Job, JobLog
 from sandrun.jobs.ratelimit import Decision, RateLimiter
 from sandrun.jobs.workspace import list_outputs
@@ -69,8 +70,11 @@ class JobManager:
                  config: WorkerConfig, limiter: RateLimiter,
                  identity: ident.WorkerIdentity | None = None,
                  blocking: BlockingRunner = threads.deferToThread,
-                 environments: Environments | None = None) -> None:
+                 environments: Environments | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.reactor = reactor
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.watch(queued=lambda: len(self.queue), running=lambda: len(self.running))
         self.blocking = blocking
         self.environments = environments or Environments()
         self.sandbox = sandbox
@@ -190,6 +194,7 @@ class JobManager:
     def _start(self, job: Job) -> None:
         job.move_to(JobStatus.RUNNING)
         job.started_at = self.reactor.seconds()
+        self.metrics.job_started(job.started_at - job.submitted_at)
         self.running.add(job.id)
         self._in_sandbox.add(job.id)
         log.info("job {job_id} started", job_id=job.id)
@@ -235,6 +240,7 @@ class JobManager:
         job.log.flush()  # all output is published before the end is
         if job.finished:  # shut down while it ran: already ended
             return
+        self.metrics.sandbox_ran(result.reason, result.launch_seconds)
         reason = result.reason
         if reason in (Reason.EXIT_NONZERO, Reason.SIGNALED) and not job.deleted \
                 and store.disk_full(job.base_dir):
@@ -268,6 +274,7 @@ class JobManager:
         self.limiter.release(job.client, job.id, now, cpu_seconds_total=job.cpu_seconds)
         job.signed, job.signature = ident.sign_result(self.identity,
                                                       job.signed_result(self.worker_id))
+        self.metrics.job_ended(job.reason, job.cpu_seconds, now - job.submitted_at)
         log.info("job {job_id} {status}: {reason}", job_id=job.id, status=status.value,
                  reason=job.reason.value if job.reason else None)
         keep = FAILED_RETENTION if status == JobStatus.FAILED else FINISHED_RETENTION

@@ -307,3 +307,17 @@ def test_sandrun_verify_refuses_a_disagreement_though_each_signature_is_valid(
     assert "differ in outputs" in capsys.readouterr().out
     single = pool.get(f"/status/{pool.submit()}").json()
     assert verify_file(tmp_path, single) == 2  # not a consensus: --worker-id is needed
+
+
+def test_a_long_poll_of_a_replicated_job_ends_when_every_replica_has_ended(
+        tmp_path: Any) -> None:
+    pool = ready(tmp_path)
+    job = replicated(pool, 2, HOLD)
+    first, second = pool.workers_for(job)
+    d = pool.begin("GET", f"/status/{job}?wait=45")
+    pool.workers[first].sandbox.holding()[0].finish()
+    pool.clock.advance(10)
+    assert not pool.answered(d)  # one replica still runs
+    pool.workers[second].sandbox.holding()[0].finish()
+    doc = pool.reply(d).json()
+    assert doc["status"] == "completed" and doc["consensus"]["agreed"] is True

@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from treq.testing import StubTreq
 from twisted.internet import defer, task
@@ -34,6 +35,7 @@ from sandrun.sandbox.policy import SandboxPolicy
 from sandrun.sandbox.supervisor import SandboxResult, SandboxUnavailable, Slot
 from sandrun.wire import Reason
 from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
+from tests.contract import check_response
 
 
 def synchronous(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
@@ -271,9 +273,16 @@ class Harness:
     def reply(self, d: defer.Deferred[Any]) -> Reply:
         response = self._settle(d)
         content = self._settle(response.content())
-        return Reply(response.code,
+        reply = Reply(response.code,
                      {k.decode().lower(): [v.decode("latin-1") for v in vs]
                       for k, vs in response.headers.getAllRawHeaders()}, content)
+        # Every answer a test sees is checked against the OpenAPI document.
+        sent = response.request
+        uri = urlsplit(sent.absoluteURI.decode())
+        check_response("worker", sent.method.decode(), uri.path + ("?" + uri.query if uri.query
+                                                                   else ""),
+                       reply.status, reply.header("content-type"), reply.body)
+        return reply
 
     def _settle(self, d: defer.Deferred[Any]) -> Any:
         results: list[Any] = []
