@@ -315,7 +315,8 @@ class WorkerAPI:
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
                       submitted_at=self.manager.reactor.seconds(),
                       log=self.manager.new_log(base), quota_exempt=exempt,
-                      environment=environment)
+                      environment=environment,
+                      inputs={} if submission.manifest.outputs else dict(files))
             position = self.manager.submit(job)
             self.metrics.upload_accepted(size)
             return job, position
@@ -524,5 +525,6 @@ def pack_outputs(job: Job, path: str) -> None:
             with f:
                 info = tarfile.TarInfo(output.path)
                 info.size, info.mode = size, 0o644
+                info.mtime = int(os.fstat(f.fileno()).st_mtime)  # when the job wrote it
                 tar.addfile(info, f)
 

@@ -252,10 +252,11 @@ class JobManager:
         job.truncated = result.truncated
         if not job.deleted:
             try:
-                # The job's installed dependencies are not its outputs.
+                # The job's installed dependencies are not its outputs; without
+                # patterns, neither are the uploaded files it left as they were.
                 job.outputs = yield self.blocking(
                     list_outputs, store.work_dir(job.base_dir), job.manifest.outputs,
-                    exclude=(DEPS_OUTPUT,))
+                    exclude=(DEPS_OUTPUT,), unchanged=job.inputs)
             except Exception as e:  # noqa: BLE001 (the job ends regardless)
                 # The type only: a message could carry a file name (job content).
                 log.warn(  # noqa: G010 (twisted.logger has no "warning")

@@ -264,6 +264,9 @@ class Job:
     deleted: bool = False
     quota_exempt: bool = False  # submitted from a --quota-exempt address: never charged
     environment: str | None = None  # the template it gets; None: the host's interpreters alone
+    # Uploaded path -> sha256, kept only when the manifest has no ``outputs``: those
+    # files, unchanged, are not outputs (only what the job made or changed is).
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def move_to(self, status: JobStatus) -> None:
         if status not in TRANSITIONS[self.status]:
