@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import wraps
 from importlib import metadata
 from typing import Any
@@ -84,7 +84,7 @@ from coordinator.worker_client import (
     read_body,
     read_json,
 )
-from sandrun import httpjson, pages
+from sandrun import gpuwire, httpjson, pages
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.identity import verify_result
 from sandrun.netaddr import address_in, client_key, parse_trusted_proxies, trusted_client_address
@@ -123,6 +123,8 @@ class Placement:
     response: Any = None
     doc: Any = None
     dispatched_at: float = 0.0
+    # Nobody took it because no worker's GPUs can satisfy its "gpu": why, worker by worker.
+    gpu_refusals: list[str] = field(default_factory=list)
 
     def ref(self) -> JobRef:
         assert self.state is not None
@@ -427,6 +429,10 @@ class CoordinatorAPI:
                     self.metrics.refusals.labels("worker_rate_limit").inc()
                 return self.relay_json(request, placed.response, placed.doc)
             self.metrics.refusals.labels("no_worker").inc()
+            if placed.gpu_refusals:
+                raise APIError(503, "No worker available",
+                               "no worker in the pool has a GPU that can run this job: "
+                               + "; ".join(placed.gpu_refusals), retry_after=self.retry_after())
             raise APIError(503, "No worker available",
                            "every worker's queue is full, refused the job, or is unavailable",
                            retry_after=self.retry_after_full())
@@ -450,7 +456,19 @@ class CoordinatorAPI:
         """
         refusal: Placement | None = None
         refreshed = False
+        # A GPU job's request, once a worker that cannot run it has told it (the
+        # coordinator does not parse submissions); then only workers whose signed
+        # GPUs satisfy it are tried.
+        gpu_request: dict[str, Any] | None = None
+        gpu_refusals: list[str] = []
+        gpu_capable_tried = False
         while True:
+            if gpu_request is not None:
+                for other in self.registry.workers():
+                    unmet = gpuwire.unmet(other.load.gpus if other.load else (), gpu_request)
+                    if other.worker_id not in tried and unmet is not None:
+                        tried.add(other.worker_id)
+                        gpu_refusals.append(f"{other.entry.label}: {unmet[0]}: {unmet[1]}")
             state = pick_worker(self.registry.workers(), self.registry.cursor, tried, open_ok)
             if state is None and not refreshed and self.refresh is not None:
                 # Every worker looks full, but by loads up to a health interval old (plus
@@ -491,13 +509,23 @@ class CoordinatorAPI:
                 return placed
             self.registry.undo_dispatch(state)
             if response.code in (429, 503):
+                gpu_capable_tried = True
                 self.metrics.worker_refused.labels(state.entry.label).inc()
                 refusal = Placement(None, response, doc)
+                continue
+            if response.code == 400 and isinstance(doc, dict) \
+                    and str(doc.get("field", "")).startswith("gpu") \
+                    and isinstance(doc.get("gpu"), dict):
+                # This worker's GPUs cannot run it, another's may.
+                gpu_request = doc["gpu"]
+                gpu_refusals.append(f"{state.entry.label}: {doc.get('details')}")
                 continue
             # 400, 413, 415...: the submission itself is at fault; no worker would take it.
             return Placement(None, response, doc)
         if refusal is not None and refusal.response.code == 429:
             return refusal
+        if gpu_refusals and not gpu_capable_tried:
+            return Placement(None, gpu_refusals=gpu_refusals)
         return Placement(None)
 
     @app.route("/run", methods=["POST"])

@@ -54,10 +54,16 @@ class Load:
     queued_jobs: int
     capacity: int  # jobs it runs at once
     queue_capacity: int | None = None  # jobs it queues beyond those; None: not reported
+    # The GPUs it can lend to jobs, as sandrun.gpuwire describes them; () if none.
+    gpus: tuple[dict[str, Any], ...] = ()
 
-    def as_json(self) -> dict[str, int | None]:
-        return {"active_jobs": self.active_jobs, "queued_jobs": self.queued_jobs,
-                "capacity": self.capacity, "queue_capacity": self.queue_capacity}
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"active_jobs": self.active_jobs,
+                                "queued_jobs": self.queued_jobs, "capacity": self.capacity,
+                                "queue_capacity": self.queue_capacity}
+        if self.gpus:
+            body["gpus"] = [dict(g) for g in self.gpus]
+        return body
 
 
 @dataclass

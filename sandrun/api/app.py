@@ -198,21 +198,28 @@ class WorkerAPI:
         return write_json(request, {
             "service": "sandrun", "version": sandrun.__version__, "status": "running",
             "description": DESCRIPTION, "privacy": PRIVACY,
-            "limits": self.config.limits.as_json(), "worker_id": self.manager.worker_id})
+            "limits": self.config.limits.as_json(), "worker_id": self.manager.worker_id,
+            **self.manager.gpus.report()})
 
     @app.route("/health", methods=["GET"])
     @_api
     def health(self, request: IRequest) -> bytes:
         stats = self.manager.stats()
         # queue_capacity: a coordinator places up to capacity + queue_capacity jobs here.
-        load = {"active_jobs": stats["active_jobs"], "queued_jobs": stats["queue_length"],
-                "capacity": stats["capacity"], "queue_capacity": stats["queue_capacity"]}
+        load: dict[str, Any] = {"active_jobs": stats["active_jobs"],
+                                "queued_jobs": stats["queue_length"],
+                                "capacity": stats["capacity"],
+                                "queue_capacity": stats["queue_capacity"]}
+        gpus = self.manager.gpus.report()
+        if self.manager.gpus.usable():
+            # Signed with the load: a coordinator sends GPU jobs only where they can run.
+            load["gpus"] = gpus["gpus"]
         # A worker that cannot run jobs (launcher gone, slots lost) must not be
         # chosen: 503, and a status other than "healthy" for the coordinator.
         problem = self.manager.problem()
         body: dict[str, Any] = {"status": "healthy" if problem is None else "unhealthy",
                                 "worker_id": self.manager.worker_id,
-                                "version": sandrun.__version__, "load": load}
+                                "version": sandrun.__version__, "load": load, **gpus}
         if problem is not None:
             body["problem"] = problem
         nonce = request.args.get(b"nonce")
@@ -310,6 +317,7 @@ class WorkerAPI:
 
         def queued(submission: uploads.Submission) -> tuple[Job, int]:
             environment = self.check_environment(submission.manifest)
+            self.manager.check_gpu(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
