@@ -74,6 +74,7 @@ from coordinator.scheduling import (
 )
 from coordinator.statusdocs import iso as _iso
 from coordinator.statusdocs import lost_status
+from coordinator.rewrite import LineRewriter
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
     BadWorkerResponse,
@@ -698,7 +699,10 @@ class CoordinatorAPI:
                                       self.forwarded(request, **extra))
         kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if kind.startswith(b"application/json"):
-            return self.relay_json(request, response, await read_json(response), job_id)
+            if response.code != 200:
+                return self.relay_json(request, response, await read_json(response), job_id)
+            # Up to 3 x 10 MiB of output, as JSON: streamed, with our job id.
+            return await self.relay_body(request, response, rewriter=LineRewriter(job_id))
         return await self.relay_body(request, response)
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
@@ -710,10 +714,11 @@ class CoordinatorAPI:
             await self.replication.require_agreement(job_id, refs, self.forwarded(request))
         response = await self.forward(ref, state, "GET", _job_path("outputs", ref),
                                       self.forwarded(request))
-        doc = await read_json(response)
-        if response.code == 200 and isinstance(doc, dict) and isinstance(doc.get("files"), list):
-            doc["files"] = self.rewrite_outputs(job_id, doc["files"])
-        return self.relay_json(request, response, doc, job_id)
+        if response.code != 200:
+            return self.relay_json(request, response, await read_json(response), job_id)
+        # Up to 10,000 entries: streamed, each entry with our download URL.
+        return await self.relay_body(request, response, rewriter=LineRewriter(
+            job_id, lambda entry: self.rewrite_outputs(job_id, [entry])[0]))
 
     def rewrite_outputs(self, job_id: str, files: list[Any], kept: bool = True) -> list[Any]:
         """A worker's outputs listing with our download URLs (none when not kept)."""
@@ -749,18 +754,21 @@ class CoordinatorAPI:
         return await self.relay_body(request, response, rename=(ref.worker_job_id, job_id))
 
     async def relay_body(self, request: Request, response: Any,
-                         rename: tuple[str, str] | None = None) -> None:
-        """Stream a worker's answer to the client, pausing the worker while the client lags."""
+                         rename: tuple[str, str] | None = None,
+                         rewriter: LineRewriter | None = None) -> None:
+        """Stream a worker's answer to the client, pausing the worker while the client lags.
+
+        With a ``rewriter`` the body's length changes: it goes chunked."""
         request.setResponseCode(response.code)
         for name in _PASSED_HEADERS:
             for value in response.headers.getRawHeaders(name, []):
                 if rename is not None and name == b"content-disposition":
                     value = value.replace(rename[0].encode(), rename[1].encode())
                 request.setHeader(name, value)
-        if isinstance(response.length, int):
+        if isinstance(response.length, int) and rewriter is None:
             request.setHeader(b"Content-Length", str(response.length).encode())
         cors(request)
-        await relay(response, request)
+        await relay(response, request, rewriter)
 
     @app.route("/jobs/<string:job_id>", methods=["DELETE"])
     @_api
@@ -878,9 +886,12 @@ _DONE = Failure(ResponseDone())
 class _Relay(Protocol):
     """Copies a response body into a request; the worker's transport is the producer."""
 
-    def __init__(self, request: Request, done: defer.Deferred[None]) -> None:
+    def __init__(self, request: Request, done: defer.Deferred[None],
+                 rewriter: LineRewriter | None = None) -> None:
         self.request = request
         self.done = done
+        self.rewriter = rewriter
+        self.failed = False
 
     def connectionMade(self) -> None:
         # The transport (the worker connection) is paused whenever the client's
@@ -889,13 +900,32 @@ class _Relay(Protocol):
         self.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
-        self.request.write(data)
+        if self.failed:
+            return
+        if self.rewriter is not None:
+            try:
+                data = self.rewriter.feed(data)
+            except BadWorkerResponse:
+                self.failed = True
+                self.done.errback()
+                self.abort()
+                return
+        if data:
+            self.request.write(data)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:  # type: ignore[override]
         self.request.unregisterProducer()
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
+            if self.rewriter is not None:
+                try:
+                    rest = self.rewriter.end()
+                except BadWorkerResponse:
+                    self.done.errback()
+                    return
+                if rest:
+                    self.request.write(rest)
             self.done.callback(None)
         else:
             self.done.errback(reason)
@@ -906,13 +936,14 @@ class _Relay(Protocol):
             worker.stopProducing()
 
 
-def relay(response: Any, request: Request) -> defer.Deferred[None]:
+def relay(response: Any, request: Request,
+          rewriter: LineRewriter | None = None) -> defer.Deferred[None]:
     """Stream ``response``'s body into ``request``; fires when all of it was written.
 
     Cancelling (Klein does when the client disconnects) aborts the worker side.
     """
     protocol: list[_Relay] = []
     done: defer.Deferred[None] = defer.Deferred(lambda d: protocol[0].abort())
-    protocol.append(_Relay(request, done))
+    protocol.append(_Relay(request, done, rewriter))
     response.deliverBody(protocol[0])
     return done
