@@ -78,6 +78,9 @@ def add_serve_command(commands: Any) -> None:
          help="built templates, as sandrun env --root (default %(default)s)")
     flag("--deps-dir", metavar="DIR", default=WorkerConfig.deps_dir,
          help="cache of fetched job dependencies (default %(default)s)")
+    flag("--gpu-dev-dir", metavar="DIR", default=WorkerConfig.gpu_dev_dir,
+         help="where the NVIDIA device nodes are (default %(default)s); GPUs are found "
+              "through NVML (nvidia-ml-py) at start, none without it")
     flag("--worker-key", metavar="PEM",
          help="Ed25519 PKCS#8 PEM private key, from sandrun keygen (default: none, "
               "results are not signed)")
@@ -221,7 +224,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         join=args.join, advertise=args.advertise,
                         metrics_listen=args.metrics_listen,
                         metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
-                        else WorkerConfig.metrics_allow)
+                        else WorkerConfig.metrics_allow,
+                        gpu_dev_dir=os.path.abspath(args.gpu_dev_dir))
 
 
 def check_config(config: WorkerConfig) -> str | None:
@@ -300,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"sandrun: cannot start: {problem}")
         if os.geteuid() != 0:
             sys.exit("sandrun serve must run as root: it creates namespaces, cgroups and mounts")
-        _check_cgroup(sys.argv[1:] if argv is None else argv)
+        ensure_own_cgroup([sys.executable, "-m", "sandrun",
+                           *(sys.argv[1:] if argv is None else argv)])
         if config.worker_key:
             from sandrun.identity import IdentityError, WorkerIdentity
 
@@ -337,13 +342,14 @@ def main(argv: list[str] | None = None) -> None:
 IN_SCOPE = "SANDRUN_IN_DELEGATED_SCOPE"
 
 
-def _check_cgroup(argv: list[str]) -> None:
-    """On cgroup v2, start only where the worker may make its own child cgroups.
+def ensure_own_cgroup(command: list[str], who: str = "sandrun") -> None:
+    """On cgroup v2, go on only where this process may make its own child cgroups.
 
     From a cgroup that also holds other processes (a login shell's session
-    scope) the worker re-runs itself, same arguments, in a ``Delegate=yes``
-    scope of its own through ``systemd-run`` when systemd runs the host;
-    otherwise one line says what to do and it exits.  See ``sandbox.cgroups``.
+    scope) ``command`` (this process again, same arguments) is exec'd in a
+    ``Delegate=yes`` scope of its own through ``systemd-run`` when systemd runs
+    the host; otherwise one line says what to do and it exits.  See
+    ``sandbox.cgroups``.  Used by ``sandrun serve`` and ``bench/launch.py``.
     """
     import shutil
 
@@ -357,16 +363,15 @@ def _check_cgroup(argv: list[str]) -> None:
     except cgroups.DelegationError as e:
         problem = str(e)
     except (OSError, cgroups.CgroupError) as e:
-        sys.exit(f"sandrun: cannot start: cgroup v2: {e}")
+        sys.exit(f"{who}: cannot start: cgroup v2: {e}")
     systemd_run = shutil.which("systemd-run")
     if systemd_run and os.path.isdir("/run/systemd/system") and IN_SCOPE not in os.environ:
-        print(f"sandrun: {problem.split(';')[0]}: re-running in a scope of its own "
+        print(f"{who}: {problem.split(';')[0]}: re-running in a scope of its own "
               "(systemd-run --scope -p Delegate=yes)", file=sys.stderr)
         os.environ[IN_SCOPE] = "1"
         os.execv(systemd_run, [systemd_run, "--scope", "--quiet", "--collect",
-                               "-p", "Delegate=yes", "--description=Sandrun worker", "--",
-                               sys.executable, "-m", "sandrun", *argv])
-    sys.exit(f"sandrun: cannot start: {problem}")
+                               "-p", "Delegate=yes", f"--description={who}", "--", *command])
+    sys.exit(f"{who}: cannot start: {problem}")
 
 
 def _verify(target: str, worker_id: str | None, server: str | None) -> int:
