@@ -83,6 +83,9 @@ def add_serve_command(commands: Any) -> None:
          help="built templates, as sandrun env --root (default %(default)s)")
     flag("--deps-dir", metavar="DIR", default=WorkerConfig.deps_dir,
          help="cache of fetched job dependencies (default %(default)s)")
+    flag("--gpu-dev-dir", metavar="DIR", default=WorkerConfig.gpu_dev_dir,
+         help="where the NVIDIA device nodes are (default %(default)s); GPUs are found "
+              "through NVML (nvidia-ml-py) at start, none without it")
     flag("--worker-key", metavar="PEM",
          help="Ed25519 PKCS#8 PEM private key, from sandrun keygen (default: none, "
               "results are not signed)")
@@ -226,7 +229,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         join=args.join, advertise=args.advertise,
                         metrics_listen=args.metrics_listen,
                         metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
-                        else WorkerConfig.metrics_allow)
+                        else WorkerConfig.metrics_allow,
+                        gpu_dev_dir=os.path.abspath(args.gpu_dev_dir))
 
 
 def check_config(config: WorkerConfig) -> str | None:

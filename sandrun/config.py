@@ -69,3 +69,4 @@ class WorkerConfig:
     env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
     deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash
     allow_unlimited_swap: bool = False  # start where a job's swap cannot be capped at 0
+    gpu_dev_dir: str = "/dev"  # where the NVIDIA device nodes of the GPUs found by NVML are

@@ -20,6 +20,8 @@ from sandrun.environments import Environments
 from sandrun.environments.plan import DEPS_OUTPUT
 from sandrun.environments.staged import run_in_environment
 from sandrun.jobs import storage as store
+from sandrun.jobs.gpus import Gpu, GpuPool
+from sandrun.jobs.manifest import Manifest, ManifestError
 from sandrun.jobs.metrics import WorkerMetrics
 from sandrun.jobs.model import Job, JobLog
 from sandrun.jobs.ratelimit import Decision, RateLimiter
@@ -47,6 +49,18 @@ class QueueFull(Exception):
         self.details = details
 
 
+class GpuUnavailable(ManifestError):
+    """A required GPU no GPU of this worker could ever satisfy: a 400 naming the field.
+
+    ``request`` is the job's ``gpu`` request, told back so that a coordinator,
+    which does not parse submissions, can pick a worker whose GPUs satisfy it.
+    """
+
+    def __init__(self, field: str, message: str, request: dict[str, Any]) -> None:
+        super().__init__(field, message)
+        self.request = request
+
+
 class RateLimited(Exception):
     def __init__(self, decision: Decision) -> None:
         super().__init__(decision.reason)
@@ -71,8 +85,10 @@ class JobManager:
                  identity: ident.WorkerIdentity | None = None,
                  blocking: BlockingRunner = threads.deferToThread,
                  environments: Environments | None = None,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None,
+                 gpus: GpuPool | None = None) -> None:
         self.reactor = reactor
+        self.gpus = gpus or GpuPool()
         self.metrics = metrics or WorkerMetrics()
         self.metrics.watch(queued=lambda: len(self.queue), running=lambda: len(self.running))
         self.blocking = blocking
@@ -176,12 +192,34 @@ class JobManager:
 
     # -- running -----------------------------------------------------------
 
-    def _pump(self) -> None:
-        while self.queue and len(self.running) < self.config.max_concurrent \
-                and not self._stopping:
-            self._start(self.jobs[self.queue.popleft()])
+    def check_gpu(self, manifest: Manifest) -> None:
+        """400 (``ManifestError`` naming the field) if no GPU here could ever run the job."""
+        if manifest.gpu is None:
+            return
+        request = manifest.gpu.as_json()
+        unmet = self.gpus.unmet(request)
+        if unmet is not None:
+            raise GpuUnavailable(*unmet, request)
 
-    def _policy(self, job: Job) -> SandboxPolicy:
+    def _pump(self) -> None:
+        """Start queued jobs in order while slots are free.
+
+        A job that requires a GPU waits, keeping its place, until one that
+        satisfies it is free; the jobs behind it that need none go first.
+        """
+        for job_id in list(self.queue):
+            if len(self.running) >= self.config.max_concurrent or self._stopping:
+                return
+            job = self.jobs[job_id]
+            gpu = None
+            if job.manifest.gpu is not None:
+                gpu = self.gpus.acquire(job.id, job.manifest.gpu.as_json())
+                if gpu is None and job.manifest.gpu.required:
+                    continue
+            self.queue.remove(job_id)
+            self._start(job, gpu)
+
+    def _policy(self, job: Job, gpu: Gpu | None = None) -> SandboxPolicy:
         limits = self.config.limits
         return SandboxPolicy(
             memory_bytes=job.manifest.memory_mb * MiB, pids_max=limits.max_pids,
@@ -189,9 +227,10 @@ class JobManager:
             timeout_seconds=float(job.manifest.timeout), cpu_seconds=job.manifest.cpu_seconds,
             output_cap_bytes=limits.output_cap_bytes, tmp_bytes=limits.tmp_mb * MiB,
             shm_bytes=limits.shm_mb * MiB, open_files=limits.max_open_files,
-            file_size_bytes=limits.job_dir_mb * MiB)
+            file_size_bytes=limits.job_dir_mb * MiB,
+            gpu=None if gpu is None else gpu.grant())
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, gpu: Gpu | None = None) -> None:
         job.move_to(JobStatus.RUNNING)
         job.started_at = self.reactor.seconds()
         self.metrics.job_started(job.started_at - job.submitted_at)
@@ -210,7 +249,7 @@ class JobManager:
         d = defer.maybeDeferred(
             run_in_environment, self.sandbox, self.environments, self.blocking,
             job_id=job.id, manifest=manifest, argv=tuple(manifest.argv()),
-            job_dir=store.work_dir(job.base_dir), policy=self._policy(job),
+            job_dir=store.work_dir(job.base_dir), policy=self._policy(job, gpu),
             on_output=job.log.append, stdin=manifest.stdin.encode(),
             cancelled=lambda: self._stopped_why(job), on_installed=installed)
 
@@ -236,6 +275,7 @@ class JobManager:
     @defer.inlineCallbacks
     def _ran(self, result: SandboxResult, job: Job) -> Any:
         self.running.discard(job.id)
+        self.gpus.release(job.id)
         self._sandbox_done(job.id)
         job.log.flush()  # all output is published before the end is
         if job.finished:  # shut down while it ran: already ended
@@ -367,6 +407,7 @@ class JobManager:
                 job.reason = Reason.SHUTDOWN
                 self._end(job, JobStatus.FAILED)
         self.running.clear()
+        self.gpus.busy.clear()
         for job_id in list(self.jobs):
             self.limiter.release(self.jobs[job_id].client, job_id, now)
             self._forget(job_id)

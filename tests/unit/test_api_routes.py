@@ -71,7 +71,7 @@ def test_health_reports_the_load(tmp_path: Any) -> None:
     body = h.get("/health").json()
     assert body == {"status": "healthy", "worker_id": None, "version": sandrun.__version__,
                     "load": {"active_jobs": 1, "queued_jobs": 1, "capacity": 1,
-                             "queue_capacity": 10}}
+                             "queue_capacity": 10}, "gpus": []}
 
 
 def test_health_without_a_key_ignores_the_nonce(h: Harness) -> None:
