@@ -282,6 +282,8 @@ class CoordinatorAPI:
     @app.route("/", methods=["GET"])
     @_api
     async def root(self, request: Request) -> bytes:
+        if pages.wants_html(request):
+            return pages.serve_page(request)
         limits: dict[str, Any] = {}
         try:
             state = self.pick_healthy()
@@ -807,6 +809,10 @@ class CoordinatorAPI:
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: Request) -> bytes:
         return pages.serve_openapi(request, "coordinator")
+
+    @app.route("/ui/", methods=["GET"])
+    def page(self, request: Request) -> bytes:
+        return pages.serve_page(request)
 
     @app.route("/docs", methods=["GET"])
     def docs(self, request: Request) -> bytes:

@@ -195,6 +195,8 @@ class WorkerAPI:
     @app.route("/", methods=["GET"])
     @_api
     def root(self, request: IRequest) -> bytes:
+        if pages.wants_html(request):
+            return pages.serve_page(request)
         return write_json(request, {
             "service": "sandrun", "version": sandrun.__version__, "status": "running",
             "description": DESCRIPTION, "privacy": PRIVACY,
@@ -478,6 +480,10 @@ class WorkerAPI:
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
         return pages.serve_openapi(request, "worker")
+
+    @app.route("/ui/", methods=["GET"])
+    def page(self, request: IRequest) -> bytes:
+        return pages.serve_page(request)
 
     @app.route("/docs", methods=["GET"])
     def docs(self, request: IRequest) -> bytes:
