@@ -22,6 +22,7 @@ Blocking: the worker calls ``fetch`` from a thread.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -78,6 +79,7 @@ class Fetched:
     packages: tuple[str, ...]  # what was fetched: wheel, package or gem file names
     notes: tuple[str, ...] = ()  # warnings for the job's log
     cached: bool = False  # True when no fetch was needed
+    cpu_seconds: float = 0.0  # what fetching used this time, charged to the client
 
 
 @dataclass(frozen=True)
@@ -109,17 +111,28 @@ class DependencyCache:
         self.gem, self.ruby, self.gem_source = gem, ruby, gem_source
         self.environ = dict(os.environ if environ is None else environ)
         self._locks: dict[str, threading.Lock] = {}
+        self._local = threading.local()  # the calling thread's stop event and CPU used
         self._locks_guard = threading.Lock()
 
     def entry(self, requirements: Requirements) -> str:
         return os.path.join(self.root, requirements.kind, requirements.key)
 
-    def fetch(self, requirements: Requirements) -> Fetched:
+    def fetch(self, requirements: Requirements, stop: threading.Event | None = None) -> Fetched:
         """The complete entry for ``requirements``, fetching it first if needed.
 
         Raises ``DependencyError`` with a message for the job's ``/status``
-        and the tool's output for its logs.
+        and the tool's output for its logs.  Setting ``stop`` (the job was
+        cancelled) kills the tools within a tenth of a second.  The result's
+        ``cpu_seconds`` is what the tools used, for the client's quota.
         """
+        self._local.stop, self._local.cpu = stop, 0.0
+        try:
+            fetched = self._fetch(requirements)
+        finally:
+            self._local.stop = None
+        return dataclasses.replace(fetched, cpu_seconds=self._local.cpu)
+
+    def _fetch(self, requirements: Requirements) -> Fetched:
         final = self.entry(requirements)
         with self._lock(final):
             found = _read_info(final, cached=True)
@@ -177,7 +190,11 @@ class DependencyCache:
             raise DependencyError(f"fetching the dependencies took longer than "
                                   f"{self.timeout:g} s")
         finished = run_bounded(argv, cwd=cwd, env=env, timeout=remaining, watch=watch,
-                               max_bytes=self.max_bytes)
+                               max_bytes=self.max_bytes, stop=getattr(self._local, "stop", None))
+        self._local.cpu = getattr(self._local, "cpu", 0.0) + finished.cpu_seconds
+        if finished.stopped:
+            raise DependencyError("the job was cancelled while its dependencies were fetched",
+                                  finished.output)
         if finished.timed_out:
             raise DependencyError(f"fetching the dependencies took longer than "
                                   f"{self.timeout:g} s", finished.output)

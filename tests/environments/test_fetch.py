@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -175,3 +177,26 @@ def test_pure_ruby_gems_are_fetched_with_their_dependencies(tmp_path: str) -> No
     assert not os.path.exists(mark)
     with pytest.raises(DependencyError, match="gem sandrun-missing: could not fetch it"):
         fetch(cache, "Gemfile", 'gem "sandrun-missing"\n')
+
+
+def test_a_set_stop_kills_the_tool_within_a_fraction_of_a_second(tmp_path: Any) -> None:
+    import threading
+
+    from sandrun.environments.process import run_bounded
+
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    finished = run_bounded(["sleep", "30"], cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin"},
+                           timeout=60, stop=stop)
+    assert finished.stopped and finished.returncode is None and not finished.ok
+    assert time.monotonic() - started < 2.0
+
+
+def test_the_tools_cpu_time_is_measured(tmp_path: Any) -> None:
+    from sandrun.environments.process import run_bounded
+
+    spin = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    finished = run_bounded([sys.executable, "-c", spin], cwd=str(tmp_path), env={},
+                           timeout=60)
+    assert finished.ok and finished.cpu_seconds >= 0.3
