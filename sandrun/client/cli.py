@@ -6,7 +6,7 @@ to run one.  Output of the job goes to stdout and stderr as the job wrote it;
 everything ``sandrun`` itself says goes to stderr, prefixed ``sandrun:``.
 
 Exit status of ``sandrun run`` (``EXIT_CODES`` and ``exit_code_for`` below; the README's
-table is this one, and ``tests/integration/test_exit_codes.py`` runs every row):
+table is this one, and ``tests/integration/test_first_hour.py`` runs every row):
 
 ====  ================================================================
 0     the job completed (its entrypoint exited 0); ``--detach``: submitted
@@ -24,7 +24,8 @@ N     the job's entrypoint exited with N (1-255)
       answered with a server error
 66    PATH does not exist or cannot be read
 65    the server refused the submission (invalid manifest/upload, too large)
-76    ``--worker-id`` was given and the result's signature does not verify
+76    ``--worker-id`` was given and the result's signature does not verify,
+      or the replicas of a ``--replicas N`` job disagree
 1     any other error (unknown or expired job, unsafe output archive, ...)
 2     bad command line
 ====  ================================================================
