@@ -83,6 +83,10 @@ def add_serve_command(commands: Any) -> None:
          help="built templates, as sandrun env --root (default %(default)s)")
     flag("--deps-dir", metavar="DIR", default=WorkerConfig.deps_dir,
          help="cache of fetched job dependencies (default %(default)s)")
+    flag("--deps-cache-mb", type=int, metavar="MIB",
+         default=WorkerConfig.deps_cache_bytes // 2**20,
+         help="most the dependency cache may hold; beyond, the least recently used entries "
+              "no running job uses are deleted (default %(default)s)")
     flag("--gpu-dev-dir", metavar="DIR", default=WorkerConfig.gpu_dev_dir,
          help="where the NVIDIA device nodes are (default %(default)s); GPUs are found "
               "through NVML (nvidia-ml-py) at start, none without it")
@@ -224,6 +228,7 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
+                        deps_cache_bytes=args.deps_cache_mb * 2**20,
                         trusted_proxies=tuple(args.trusted_proxy or ()),
                         allow_unlimited_swap=args.allow_unlimited_swap,
                         join=args.join, advertise=args.advertise,

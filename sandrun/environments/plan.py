@@ -106,6 +106,12 @@ class Environments:
         """The ``GET /environments`` document."""
         return self.registry.describe()
 
+    def release(self, plan: EnvironmentPlan) -> None:
+        """The job that ran with ``plan`` has ended: its dependency set may be evicted."""
+        for host, inside in plan.ro_binds:
+            if inside == DEPS_MOUNT:
+                self.cache.release(host)
+
     def check(self, manifest: ManifestLike) -> str | None:
         """Raise ``EnvironmentUnavailable`` (a 400) unless the job's template can be had;
         the template the job gets (None: the host's interpreters alone)."""

@@ -82,6 +82,20 @@ def run_in_environment(
         on_output(INSTALL, f"sandrun: install failed: {message}\n".encode())
         return SandboxResult(Reason.INSTALL_FAILED, message=message)
     on_fetched(plan.fetch_cpu_seconds)
+    try:
+        result = yield _prepared(sandbox, blocking, job_id, plan, manifest, argv, job_dir,
+                                 policy, on_output, stdin, cancelled, on_installed)
+        return result
+    finally:
+        environments.release(plan)  # its dependency set may be evicted from now on
+
+
+@defer.inlineCallbacks
+def _prepared(sandbox: Sandbox, blocking: Blocking, job_id: str, plan: EnvironmentPlan,
+              manifest: ManifestLike, argv: tuple[str, ...], job_dir: str,
+              policy: SandboxPolicy, on_output: OutputCallback, stdin: bytes,
+              cancelled: Callable[[], Reason | None],
+              on_installed: Callable[[SandboxResult], None]) -> Any:
     if plan.log:
         on_output(INSTALL, plan.log.encode())
     env = plan.job_env(manifest.env)
