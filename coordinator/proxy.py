@@ -7,7 +7,11 @@ What differs, and why:
   sends the body to the least-loaded worker (``scheduling.py``).  A worker
   that refuses (429, 503) or cannot be reached is skipped for the next one;
   when none takes it the answer is 503 with ``retry_after`` (or the workers'
-  429).  The answer's ``job_id`` is the coordinator's (``jobids.py``).
+  429).  The answer's ``job_id`` is the coordinator's (``jobids.py``).  When
+  the worker answers ``replicas: N`` (the manifest's), N - 1 more copies go to
+  other workers (``replication.py``); job endpoints then answer for the job as
+  one, ``/status`` with a ``consensus`` block (``consensus.py``).
+- ``POST /pool/join``: open enrollment (``enrollment.py``).
 - ``POST /run`` places the job as ``/submit`` does (the client's lock is held
   only for that), then waits with the worker's long poll (``/status?wait=``)
   and answers with the status, the worker's ``/logs`` and its ``/outputs``
@@ -29,8 +33,8 @@ What differs, and why:
   and downloads answer 410 with the same reason.
 - ``/download`` streams the worker's body to the client with back-pressure:
   the worker connection is paused while the client's is full.
-- ``/stats`` sums the client's quota over the workers; ``/health`` and
-  ``/`` describe the coordinator; ``/environments`` comes from a healthy worker.
+- ``/stats`` sums the client's quota and the workers' own figures over the
+  pool; ``/health`` and ``/`` describe the coordinator; ``/environments`` comes from a healthy worker.
 """
 
 from __future__ import annotations
