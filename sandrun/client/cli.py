@@ -554,6 +554,9 @@ def _describe_failure(job: Any, args: argparse.Namespace) -> str:
             "output_limit": "printed more output than the worker keeps",
             "disk_limit": "filled its job directory",
             "cancelled": "was cancelled",
+            "worker_lost": "was lost with its worker (it died or restarted)",
+            "install_failed": "could not install its dependencies",
+            "sandbox_error": "could not be started in the sandbox",
             "replica_disagreement": "got different results from its replicas"}.get(
                 reason, f"failed ({reason})")
     message = job.execution.message
