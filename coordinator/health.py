@@ -53,7 +53,8 @@ class Verdict:
 def judge_health(code: int, body: Any, worker_id: str, nonce: str, now: float,
                  max_skew: float = 60.0) -> Verdict:
     """Judge a ``/health?nonce=`` answer against the configured key; pure."""
-    if code != 200:
+    # 503: a worker that cannot run jobs (launcher gone, slots lost) says so, still signed.
+    if code not in (200, 503):
         return Verdict(False, False, f"health check answered HTTP {code}")
     if not isinstance(body, dict):
         return Verdict(False, False, "health answer is not a JSON object")
@@ -91,8 +92,10 @@ def judge_health(code: int, body: Any, worker_id: str, nonce: str, now: float,
     load = _load(claimed.get("load"))
     if load is None:
         return Verdict(False, True, "signed health text has no valid load")
-    if body.get("status") != "healthy":
-        return Verdict(False, True, f"worker reports status {body.get('status')!r}")
+    if body.get("status") != "healthy" or code != 200:
+        problem = body.get("problem")
+        why = f": {problem[:200]}" if isinstance(problem, str) else ""
+        return Verdict(False, True, f"worker reports status {body.get('status')!r}{why}")
     started = claimed.get("started_at", body.get("started_at"))
     started_at = float(started) if isinstance(started, (int, float)) \
         and not isinstance(started, bool) and math.isfinite(started) else None
@@ -112,7 +115,28 @@ def _load(value: Any) -> Load | None:
     if queue is not None and (isinstance(queue, bool) or not isinstance(queue, int) or queue < 0):
         return None
     active, queued, capacity = numbers
-    return Load(active, queued, capacity, queue_capacity=queue)
+    return Load(active, queued, capacity, queue_capacity=queue, gpus=_gpus(value.get("gpus")))
+
+
+def _gpus(value: Any) -> tuple[dict[str, Any], ...]:
+    """The GPUs a worker signed with its load; malformed entries are left out."""
+    if not isinstance(value, list):
+        return ()
+    found = []
+    for gpu in value[:64]:
+        if not isinstance(gpu, dict):
+            continue
+        index, memory = gpu.get("index"), gpu.get("memory_bytes")
+        if isinstance(index, bool) or not isinstance(index, int) \
+                or isinstance(memory, bool) or not isinstance(memory, int):
+            continue
+        texts = {name: gpu.get(name) for name in ("name", "uuid", "compute_capability",
+                                                  "cuda_version", "driver_version")}
+        if not all(isinstance(t, str) and len(t) <= 200 for t in texts.values()):
+            continue
+        found.append({"index": index, "memory_bytes": memory, **texts,
+                      "busy": gpu.get("busy") is True})
+    return tuple(found)
 
 
 class HealthChecker:

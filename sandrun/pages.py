@@ -110,6 +110,13 @@ def serve_asset(request: IRequest, name: str) -> bytes:
     return _send(request, *found)
 
 
+def serve_page(request: IRequest) -> bytes:
+    """``/ui/`` (and ``/`` for a browser): the page to write, run and watch jobs."""
+    found = _asset("ui/index.html")
+    assert found is not None, "sandrun/static/ui/index.html is part of the package"
+    return _send(request, *found)
+
+
 def serve_docs(request: IRequest) -> bytes:
     """``/docs``: the OpenAPI document rendered by the bundled Redoc."""
     found = _asset("ui/docs.html")
@@ -120,8 +127,10 @@ def serve_docs(request: IRequest) -> bytes:
 def wants_html(request: IRequest) -> bool:
     """Whether the client is a browser asking for a page (``Accept`` names ``text/html``).
 
-    Programs (curl, requests, treq) send ``*/*`` or nothing, and get JSON.
+    Programs (curl, requests, treq) send ``*/*`` or nothing, and get JSON.  The
+    answer is marked ``Vary: Accept`` either way, so a cache keeps both apart.
     """
+    request.setHeader(b"Vary", b"Accept")
     accept = request.getHeader(b"accept") or b""
     if isinstance(accept, str):
         accept = accept.encode("latin-1")

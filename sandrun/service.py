@@ -20,10 +20,12 @@ from sandrun.api.unpacker import Unpacker
 from sandrun.api.uploads import WorkerSite, request_factory
 from sandrun.config import WorkerConfig
 from sandrun.environments import DependencyCache, Environments, Registry
+from sandrun.jobs.gpus import GpuPool, discover
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.storage import Storage
 from sandrun.netaddr import parse_trusted_proxies
+from sandrun.sandbox.devices import V2_REFUSAL
 from sandrun.sandbox.supervisor import Sandbox
 
 log = Logger()
@@ -71,9 +73,12 @@ class WorkerService(service.MultiService):
                                allow_unlimited_swap=config.allow_unlimited_swap)
         self.limiter = RateLimiter(config.quotas)
         self.environments = Environments(Registry(config.env_dir),
-                                         DependencyCache(config.deps_dir))
+                                         DependencyCache(config.deps_dir,
+                                                         max_total_bytes=config.deps_cache_bytes))
+        self.gpus = GpuPool()
         self.manager = JobManager(reactor, self.sandbox, self.storage, config, self.limiter,
-                                  self.identity, environments=self.environments)
+                                  self.identity, environments=self.environments,
+                                  gpus=self.gpus)
         self.unpacker = Unpacker(config.limits)  # uploads are parsed in its children
         self.api = WorkerAPI(self.manager, config, self.identity,
                              environments=self.environments.describe,
@@ -100,6 +105,7 @@ class WorkerService(service.MultiService):
                                                        self.api.early_refusal)
             self._started.append("sandbox")
             yield self.sandbox.start()
+            yield self._find_gpus()
             self.manager.start()
             self.api.runtime_list.start()  # asks each interpreter its version, in a thread
             self._started.append("manager")
@@ -123,6 +129,19 @@ class WorkerService(service.MultiService):
                                        self.config.advertise or _listen_url(host))
             self.announcer.start()
         super().startService()
+
+    @defer.inlineCallbacks
+    def _find_gpus(self) -> Any:
+        """Discover the GPUs (NVML, in a thread); refuse GPU jobs where they cannot be isolated."""
+        self.gpus.inventory = yield self.manager.blocking(discover, None,
+                                                          self.config.gpu_dev_dir)
+        if self.sandbox.cgroup_version != 1:
+            self.gpus.unusable = V2_REFUSAL
+        for problem in self.gpus.inventory.problems:
+            log.info("GPUs: {problem}", problem=problem)
+        log.info("GPUs: {count} found{refused}", count=len(self.gpus.inventory.gpus),
+                 refused=f"; {self.gpus.unusable}" if self.gpus.unusable and
+                 self.gpus.inventory.gpus else "")
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

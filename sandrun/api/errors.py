@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from sandrun.environments import EnvironmentUnavailable
 from sandrun.httpjson import APIError
-from sandrun.jobs.manager import QueueFull, RateLimited
+from sandrun.jobs.manager import GpuUnavailable, QueueFull, RateLimited
 from sandrun.jobs.manifest import ManifestError
 from sandrun.jobs.storage import StorageFull
 from sandrun.jobs.workspace import OutputNotFound, UploadError
-
 
 # Told with every 429: the quotas protect a public worker; its operator can lift them.
 LIFT_QUOTA = ("The worker's operator can exempt trusted addresses (sandrun serve --quota-exempt "
@@ -22,6 +21,9 @@ def to_api_error(exc: BaseException) -> APIError:
     """Map a domain exception to its HTTP form; unknown ones are a 500 with no internals."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, GpuUnavailable):  # "gpu": for a coordinator choosing another worker
+        return APIError(400, "Invalid manifest", f"{exc.field}: {exc.message}", field=exc.field,
+                        gpu=exc.request)
     if isinstance(exc, ManifestError):
         return APIError(400, "Invalid manifest", f"{exc.field}: {exc.message}", field=exc.field)
     if isinstance(exc, EnvironmentUnavailable):  # unknown, or not built on this worker

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import secrets
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ from sandrun.environments import Environments
 from sandrun.environments.plan import DEPS_OUTPUT
 from sandrun.environments.staged import run_in_environment
 from sandrun.jobs import storage as store
+from sandrun.jobs.gpus import Gpu, GpuPool
+from sandrun.jobs.manifest import Manifest, ManifestError
 from sandrun.jobs.metrics import WorkerMetrics
 from sandrun.jobs.model import Job, JobLog
 from sandrun.jobs.ratelimit import Decision, RateLimiter
@@ -47,6 +50,18 @@ class QueueFull(Exception):
         self.details = details
 
 
+class GpuUnavailable(ManifestError):
+    """A required GPU no GPU of this worker could ever satisfy: a 400 naming the field.
+
+    ``request`` is the job's ``gpu`` request, told back so that a coordinator,
+    which does not parse submissions, can pick a worker whose GPUs satisfy it.
+    """
+
+    def __init__(self, field: str, message: str, request: dict[str, Any]) -> None:
+        super().__init__(field, message)
+        self.request = request
+
+
 class RateLimited(Exception):
     def __init__(self, decision: Decision) -> None:
         super().__init__(decision.reason)
@@ -71,8 +86,10 @@ class JobManager:
                  identity: ident.WorkerIdentity | None = None,
                  blocking: BlockingRunner = threads.deferToThread,
                  environments: Environments | None = None,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None,
+                 gpus: GpuPool | None = None) -> None:
         self.reactor = reactor
+        self.gpus = gpus or GpuPool()
         self.metrics = metrics or WorkerMetrics()
         self.metrics.watch(queued=lambda: len(self.queue), running=lambda: len(self.running))
         self.blocking = blocking
@@ -91,6 +108,8 @@ class JobManager:
         self._stopping = False
         self._in_sandbox: set[str] = set()  # started jobs whose sandbox has not reported
         self._drained: list[defer.Deferred[None]] = []  # stop() waiting for those
+        self._fetch_stops: dict[str, threading.Event] = {}  # set: kill the job's fetch
+        self._fetch_cpu: dict[str, float] = {}  # CPU its dependency fetch used, charged
 
     @property
     def worker_id(self) -> str | None:
@@ -176,12 +195,34 @@ class JobManager:
 
     # -- running -----------------------------------------------------------
 
-    def _pump(self) -> None:
-        while self.queue and len(self.running) < self.config.max_concurrent \
-                and not self._stopping:
-            self._start(self.jobs[self.queue.popleft()])
+    def check_gpu(self, manifest: Manifest) -> None:
+        """400 (``ManifestError`` naming the field) if no GPU here could ever run the job."""
+        if manifest.gpu is None:
+            return
+        request = manifest.gpu.as_json()
+        unmet = self.gpus.unmet(request)
+        if unmet is not None:
+            raise GpuUnavailable(*unmet, request)
 
-    def _policy(self, job: Job) -> SandboxPolicy:
+    def _pump(self) -> None:
+        """Start queued jobs in order while slots are free.
+
+        A job that requires a GPU waits, keeping its place, until one that
+        satisfies it is free; the jobs behind it that need none go first.
+        """
+        for job_id in list(self.queue):
+            if len(self.running) >= self.config.max_concurrent or self._stopping:
+                return
+            job = self.jobs[job_id]
+            gpu = None
+            if job.manifest.gpu is not None:
+                gpu = self.gpus.acquire(job.id, job.manifest.gpu.as_json())
+                if gpu is None and job.manifest.gpu.required:
+                    continue
+            self.queue.remove(job_id)
+            self._start(job, gpu)
+
+    def _policy(self, job: Job, gpu: Gpu | None = None) -> SandboxPolicy:
         limits = self.config.limits
         return SandboxPolicy(
             memory_bytes=job.manifest.memory_mb * MiB, pids_max=limits.max_pids,
@@ -189,9 +230,10 @@ class JobManager:
             timeout_seconds=float(job.manifest.timeout), cpu_seconds=job.manifest.cpu_seconds,
             output_cap_bytes=limits.output_cap_bytes, tmp_bytes=limits.tmp_mb * MiB,
             shm_bytes=limits.shm_mb * MiB, open_files=limits.max_open_files,
-            file_size_bytes=limits.job_dir_mb * MiB)
+            file_size_bytes=limits.job_dir_mb * MiB,
+            gpu=None if gpu is None else gpu.grant())
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, gpu: Gpu | None = None) -> None:
         job.move_to(JobStatus.RUNNING)
         job.started_at = self.reactor.seconds()
         self.metrics.job_started(job.started_at - job.submitted_at)
@@ -210,9 +252,11 @@ class JobManager:
         d = defer.maybeDeferred(
             run_in_environment, self.sandbox, self.environments, self.blocking,
             job_id=job.id, manifest=manifest, argv=tuple(manifest.argv()),
-            job_dir=store.work_dir(job.base_dir), policy=self._policy(job),
+            job_dir=store.work_dir(job.base_dir), policy=self._policy(job, gpu),
             on_output=job.log.append, stdin=manifest.stdin.encode(),
-            cancelled=lambda: self._stopped_why(job), on_installed=installed)
+            cancelled=lambda: self._stopped_why(job), on_installed=installed,
+            stop=self._fetch_stops.setdefault(job.id, threading.Event()),
+            on_fetched=lambda cpu: self._fetch_cpu.__setitem__(job.id, cpu))
 
         def broken(failure: Any) -> SandboxResult:
             log.warn("sandbox could not run job {job_id}: {error}", job_id=job.id,  # noqa: G010
@@ -230,12 +274,15 @@ class JobManager:
         return Reason.CANCELLED if job.deleted else None
 
     def _cpu_used(self, job: Job) -> float:
-        """CPU time so far: a finished install step and the run now in the sandbox."""
-        return job.install_cpu_seconds + (self.sandbox.cpu_seconds(job.id) or 0.0)
+        """CPU time so far: its fetch, a finished install step and the run in the sandbox."""
+        return self._fetch_cpu.get(job.id, 0.0) + job.install_cpu_seconds + (
+            self.sandbox.cpu_seconds(job.id) or 0.0)
 
     @defer.inlineCallbacks
     def _ran(self, result: SandboxResult, job: Job) -> Any:
+        self._fetch_stops.pop(job.id, None)
         self.running.discard(job.id)
+        self.gpus.release(job.id)
         self._sandbox_done(job.id)
         job.log.flush()  # all output is published before the end is
         if job.finished:  # shut down while it ran: already ended
@@ -252,10 +299,11 @@ class JobManager:
         job.truncated = result.truncated
         if not job.deleted:
             try:
-                # The job's installed dependencies are not its outputs.
+                # The job's installed dependencies are not its outputs; without
+                # patterns, neither are the uploaded files it left as they were.
                 job.outputs = yield self.blocking(
                     list_outputs, store.work_dir(job.base_dir), job.manifest.outputs,
-                    exclude=(DEPS_OUTPUT,))
+                    exclude=(DEPS_OUTPUT,), unchanged=job.inputs)
             except Exception as e:  # noqa: BLE001 (the job ends regardless)
                 # The type only: a message could carry a file name (job content).
                 log.warn(  # noqa: G010 (twisted.logger has no "warning")
@@ -271,7 +319,9 @@ class JobManager:
         job.move_to(status)
         job.finished_at = self.reactor.seconds()
         now = job.finished_at
-        self.limiter.release(job.client, job.id, now, cpu_seconds_total=job.cpu_seconds)
+        # The fetch ran on the host, not in the job: charged, not in its cpu_seconds.
+        self.limiter.release(job.client, job.id, now, cpu_seconds_total=job.cpu_seconds
+                             + self._fetch_cpu.pop(job.id, 0.0))
         job.signed, job.signature = ident.sign_result(self.identity,
                                                       job.signed_result(self.worker_id))
         self.metrics.job_ended(job.reason, job.cpu_seconds, now - job.submitted_at)
@@ -310,11 +360,19 @@ class JobManager:
             # lands within milliseconds, and the job is already gone for the client.
             self.limiter.release(job.client, job_id, self.reactor.seconds(),
                                  cpu_seconds_total=self._cpu_used(job))
+            self._stop_fetch(job_id)
             self.sandbox.kill(job_id, Reason.CANCELLED)
             # The data goes once the sandbox has let go of it (in _end via _forget).
         else:
             self.delete(job_id)
         return True
+
+    def _stop_fetch(self, job_id: str) -> None:
+        """Kill the job's dependency fetch, if one runs: its worker slot is freed
+        within a tenth of a second, not at the fetch's deadline."""
+        stop = self._fetch_stops.get(job_id)
+        if stop is not None:
+            stop.set()
 
     def delete(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
@@ -361,11 +419,13 @@ class JobManager:
         for job_id in list(self.running):
             job = self.jobs[job_id]
             job.deleted = True
+            self._stop_fetch(job_id)
             self.sandbox.kill(job_id, Reason.SHUTDOWN)
             if not job.finished:  # the sandbox reports later, if at all: end it now
                 job.reason = Reason.SHUTDOWN
                 self._end(job, JobStatus.FAILED)
         self.running.clear()
+        self.gpus.busy.clear()
         for job_id in list(self.jobs):
             self.limiter.release(self.jobs[job_id].client, job_id, now)
             self._forget(job_id)

@@ -48,9 +48,9 @@ with the job's command as PID 2; it reaps orphans, forwards signals and, when
 the command ends, reports its wait status and exits.  The kernel then kills
 every process the job left, double-forked daemons included, and reaps them all
 before the init itself can be reaped, so ``exited`` means that nothing of the
-job runs any more.  The
-launcher holds each job's mount namespace until it is idle after the report,
-so that the unmounting happens off the way from the job's exit to its result.
+job runs any more.  The launcher holds each job's mount namespace until it is
+idle after the report, so that the unmounting happens off the way from the
+job's exit to its result.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from sandrun.sandbox import cgroups, mounts, network, pid1, seccomp
+from sandrun.sandbox import cgroups, devices, mounts, network, pid1, seccomp
 from sandrun.sandbox import namespaces as ns
 from sandrun.sandbox.limits import apply_rlimits
 from sandrun.sandbox.policy import LaunchRequest
@@ -153,6 +153,9 @@ class Launcher:
                 "cgroup v1, no memory.swap.max on v2); turn swap off, enable swap "
                 "accounting, or start with --allow-unlimited-swap")
         self.stale = self.cgroups.cleanup_stale()
+        self.devices = devices.DeviceCgroups(self.instance)
+        if self.cgroups.version == 1:
+            self.stale += self.devices.cleanup_stale()
         with open(self.seccomp_file, "rb") as f:
             self.filters = seccomp.PreparedFilters(seccomp.split_programs(f.read()))
         with open(self.loopback_file, "rb") as f:
@@ -331,6 +334,14 @@ class Launcher:
                 mounts.check_ro_binds(request.ro_binds)
             except ValueError as e:
                 raise SetupError("filesystem", e) from None
+            gpu = request.policy.gpu
+            if gpu is not None:
+                if self.cgroups.version != 1:
+                    raise SetupError("devices", devices.V2_REFUSAL)
+                try:
+                    devices.check_nodes(gpu.nodes)
+                except devices.DeviceError as e:
+                    raise SetupError("devices", e) from None
             try:
                 zygote = self._take_spare()
             except (OSError, cgroups.CgroupError) as e:
@@ -341,6 +352,13 @@ class Launcher:
                                             request.policy.pids_max, request.policy.cpus)
             except (OSError, cgroups.CgroupError) as e:
                 raise SetupError("cgroup", e) from None
+            if gpu is not None:
+                try:
+                    # Before the spare has the job: its init and command are both held.
+                    held = self.devices.create(job_id, gpu.nodes, zygote.pid)
+                except (OSError, devices.DeviceError, cgroups.CgroupError) as e:
+                    raise SetupError("devices", e) from None
+                group.dirs["devices"] = zygote.cgroup.dirs["devices"] = held
             try:
                 for host in (request.job_dir, *(h for h, _ in request.ro_binds)):
                     trees.append(ns.open_tree_clone(host))
@@ -431,7 +449,7 @@ class Launcher:
         del self.by_id[job.id]
         _, wait_status, _ = os.wait4(job.pid, 0)
         if job.wait_status is not None:
-            wait_status = job.wait_status  # the command's own; the init exits with 128 + a signal
+            wait_status = job.wait_status  # the command's own (the init's says less)
         os.close(job.pidfd)
         wall_ms = (time.monotonic() - job.started) * 1000
         if job.mntns >= 0:
@@ -510,6 +528,7 @@ class Launcher:
         self.doomed = []
         self._release_namespaces()
         self.cgroups.remove_bases()
+        self.devices.remove_base()
 
     # -- in the child -------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from sandrun.api.app import WorkerAPI
 from sandrun.api.uploads import request_factory
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
 from sandrun.environments import DependencyCache, Environments, Registry
+from sandrun.jobs.gpus import GpuPool
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.storage import StorageFull
@@ -211,7 +212,8 @@ class Harness:
                  quotas: QuotaConfig = ROOMY_QUOTAS, max_concurrent: int = 2,
                  queue_size: int = 10, identity: ident.WorkerIdentity | None = None,
                  trusted_proxies: tuple[str, ...] = (), start: bool = True,
-                 environments: Environments | None = None) -> None:
+                 environments: Environments | None = None,
+                 gpus: GpuPool | None = None) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)  # a plausible wall clock for timestamps
         self.config = WorkerConfig(max_concurrent=max_concurrent, queue_size=queue_size,
@@ -227,7 +229,7 @@ class Harness:
             DependencyCache(os.path.join(root, "deps")))
         self.manager = JobManager(self.clock, self.sandbox, self.storage,  # type: ignore[arg-type]
                                   self.config, self.limiter, identity, blocking=synchronous,
-                                  environments=self.environments)
+                                  environments=self.environments, gpus=gpus)
         if start:
             self.manager.start()
         self.api = WorkerAPI(self.manager, self.config, identity)
