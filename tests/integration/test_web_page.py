@@ -144,6 +144,13 @@ def exercise(driver: Any, url: str, artifacts: str, tag: str,
     def shot(step: str) -> None:
         driver.save_screenshot(os.path.join(artifacts, f"{tag}-{step}.png"))
 
+    # The API reference renders from the bundled Redoc and this service's own document.
+    driver.get(url + "/docs")
+    title = "Sandrun worker" if tag == "worker" else "Sandrun coordinator"
+    until(lambda: title in driver.find_element(By.TAG_NAME, "body").text, 30, "the docs")
+    assert "/submit" in driver.find_element(By.TAG_NAME, "body").text
+    shot("0-docs")
+
     driver.get(url + "/")
     assert driver.title == "Sandrun"
     until(lambda: driver.find_elements(By.CSS_SELECTOR, "#language option"), 10, "languages")
