@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -277,13 +278,14 @@ class WorkerAPI:
         exempt = self.quota_exempt(request)
         self.manager.admit(client, exempt)
         job_id = new_job_id()
-        base = self.manager.create_workspace(job_id)
 
-        def parse() -> uploads.Submission:
-            return uploads.parse_submission(kind, body, store.work_dir(base),
-                                            store.staging_dir(base), self.config.limits)
+        def parse() -> tuple[str, uploads.Submission]:
+            base = self.manager.create_workspace(job_id)  # a tmpfs mount: kernel work
+            return base, uploads.parse_submission(kind, body, store.work_dir(base),
+                                                  store.staging_dir(base), self.config.limits)
 
-        def queued(submission: uploads.Submission) -> tuple[Job, int]:
+        def queued(parsed: tuple[str, uploads.Submission]) -> tuple[Job, int]:
+            base, submission = parsed
             self.check_environment(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
@@ -293,15 +295,17 @@ class WorkerAPI:
             return job, self.manager.submit(job)
 
         def failed(failure: Any) -> Any:
-            if self.manager.get(job_id) is None:
-                self.manager.discard_workspace(job_id)
             if failure.check(uploads.Unsupported):
-                raise APIError(415, "Unsupported content type",
-                               f"{failure.value.kind}: use multipart/form-data or "
-                               "application/json")
-            return failure
+                failure = Failure(APIError(415, "Unsupported content type",
+                                           f"{failure.value.kind}: use multipart/form-data or "
+                                           "application/json"))
+            if self.manager.get(job_id) is not None:
+                return failure
+            # Answered once nothing of the refused job is left.
+            self.manager.discard_workspace(job_id)
+            return self.manager.removed(job_id).addCallback(lambda _: failure)
 
-        # Extraction and hashing touch up to hundreds of MB: off the reactor thread.
+        # Mounting, extraction and hashing (up to hundreds of MB): off the reactor thread.
         d = self.blocking(parse)
         d.addCallback(queued)
         d.addErrback(failed)
@@ -402,12 +406,14 @@ class WorkerAPI:
 
     @app.route("/jobs/<string:job_id>", methods=["DELETE"])
     @_api
-    def delete(self, request: IRequest, job_id: str) -> bytes:
+    def delete(self, request: IRequest, job_id: str) -> defer.Deferred[bytes]:
         job = self.job(job_id)
         was = job.status
         self.manager.cancel(job_id)
-        return write_json(request, {"job_id": job_id, "deleted": True,
-                                    "cancelled": was in (JobStatus.QUEUED, JobStatus.RUNNING)})
+        # Answered once its data is gone (a running job's goes when its sandbox stops).
+        return self.manager.removed(job_id).addCallback(lambda _: write_json(
+            request, {"job_id": job_id, "deleted": True,
+                      "cancelled": was in (JobStatus.QUEUED, JobStatus.RUNNING)}))
 
     # -- live output (the WebSocket itself is in stream.py) ------------------------
 

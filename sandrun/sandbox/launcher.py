@@ -26,8 +26,11 @@ layer says so when it is given a job, which then fails closed.
 Protocol, over a ``SOCK_SEQPACKET`` socket (one JSON object per message):
 
 worker -> launcher
-    ``{"op": "spawn", "id": ID, "request": LaunchRequest}`` with three
-    descriptors attached (stdin, stdout, stderr);
+    ``{"op": "spawn", "id": ID, "request": LaunchRequest}`` with four
+    descriptors attached (stdin, stdout, stderr, and the job directory as a
+    detached mount from ``open_tree``: the worker's state tmpfs is private to
+    the worker's mount namespace, so job mounts never reach the launcher's,
+    nor the spares' copies of it, however many jobs the worker holds);
     ``{"op": "kill", "id": ID}``: SIGKILL the job's PID namespace.
 launcher -> worker
     ``{"event": "ready", "cgroup_version", "stale_cgroups"}`` once, or
@@ -200,7 +203,7 @@ class Launcher:
                 self._remove_doomed()
 
     def _handle_message(self) -> bool:
-        data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 3, socket.MSG_CMSG_CLOEXEC)
+        data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 4, socket.MSG_CMSG_CLOEXEC)
         if not data:
             return False
         try:
@@ -306,8 +309,9 @@ class Launcher:
         zygote: _Zygote | None = None
         mntns = -1
         try:
-            if len(fds) != 3:
-                raise SetupError("spawn", "needs stdin, stdout and stderr descriptors")
+            if len(fds) != 4:
+                raise SetupError("spawn", "needs stdin, stdout, stderr and job directory "
+                                          "descriptors")
             try:
                 request = LaunchRequest.from_wire(json.loads(data)["request"])
             except (KeyError, TypeError, ValueError) as e:
@@ -327,7 +331,7 @@ class Launcher:
             except (OSError, cgroups.CgroupError) as e:
                 raise SetupError("cgroup", e) from None
             try:
-                for host in (request.job_dir, *(h for h, _ in request.ro_binds)):
+                for host, _ in request.ro_binds:
                     trees.append(ns.open_tree_clone(host))
             except OSError as e:
                 raise SetupError("filesystem", e) from None
