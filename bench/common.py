@@ -356,6 +356,7 @@ class Worker:
         self.log_path = log_path or self.state_dir.rstrip("/") + ".log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.cgroup_bases: list[str] = []
+        self.cgroup: str | None = None  # cgroup v2: the worker's own (worker_cgroup)
 
     @property
     def url(self) -> str:
@@ -367,8 +368,10 @@ class Worker:
         return self.proc.pid
 
     def start(self, timeout: float = 30.0) -> Worker:
-        argv = [sys.executable, "-m", "sandrun", "serve", "--state-dir", self.state_dir,
-                "--listen", f"{self.host}:0", *self.flags]
+        self.cgroup = worker_cgroup(f"bench-{self.instance}")
+        argv = in_cgroup([sys.executable, "-m", "sandrun", "serve", "--state-dir",
+                          self.state_dir, "--listen", f"{self.host}:0", *self.flags],
+                         self.cgroup)
         log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         env = dict(os.environ,
                    PYTHONPATH=self.tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -464,6 +467,7 @@ class Worker:
                 os.rmdir(base)
             except OSError:
                 pass
+        remove_worker_cgroup(self.cgroup)
 
     # -- what the host sees ----------------------------------------------------------------
 
@@ -472,12 +476,10 @@ class Worker:
         return mounts_under(self.state_dir)
 
     def job_cgroups(self) -> list[str]:
-        """``job-*`` cgroup directories under this worker's instance directories."""
+        """Job cgroups under this worker's instance directories (see ``job_cgroups_in``)."""
         found: list[str] = []
         for base in self.cgroup_bases or self._cgroup_bases():
-            if os.path.isdir(base):
-                found += [os.path.join(base, n) for n in os.listdir(base)
-                          if n.startswith("job-")]
+            found += job_cgroups_in(base)
         return sorted(found)
 
     def _cgroup_bases(self) -> list[str]:
@@ -529,6 +531,78 @@ def mounts_under(path: str) -> list[str]:
             if point == path or point.startswith(path + "/"):
                 found.append(point)
     return found
+
+
+def job_cgroups_in(base: str) -> list[str]:
+    """A worker instance directory's job cgroups.
+
+    On v1 a job's cgroup is renamed ``job-<id>``.  v2 cannot rename a cgroup:
+    there the job keeps its spare's ``spare-<n>`` name, and is told from an
+    unused spare by the limits it was given (a spare's ``pids.max`` is ``max``).
+    """
+    found = []
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        path = os.path.join(base, name)
+        if name.startswith("job-"):
+            found.append(path)
+        elif name.startswith("spare-"):
+            try:
+                with open(os.path.join(path, "pids.max")) as f:
+                    limited = f.read().strip() != "max"
+            except FileNotFoundError:  # v1 (pids lives elsewhere) or just removed
+                limited = False
+            if limited and os.path.exists(os.path.join(path, "cgroup.type")):
+                found.append(path)
+    return sorted(found)
+
+
+def worker_cgroup(name: str) -> str | None:
+    """cgroup v2: a cgroup of its own for a worker started here, as a service has; or None.
+
+    On v2 a worker needs a cgroup that holds no process but its own (see
+    ``sandrun.sandbox.cgroups``).  Made beside the cgroup we are in when our
+    parent gives its children the controllers (``scripts/test.sh``'s
+    ``runner`` leaf, a suite's ``supervisor`` leaf), or beneath the root
+    cgroup; None on v1 or anywhere else (the worker then finds its own way).
+    The same ``name`` gives the same cgroup: a restarted worker finds its
+    predecessor's job cgroups.
+    """
+    if not os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
+        return None
+    with open("/proc/self/cgroup") as f:
+        path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+    own = os.path.normpath(os.path.join(CGROUP_ROOT, path.lstrip("/")))
+    parent = own
+    if os.path.exists(os.path.join(own, "cgroup.type")):  # not the root cgroup
+        parent = os.path.dirname(own)
+        with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+            if not {"memory", "pids", "cpu"} <= set(f.read().split()):
+                return None
+    cgroup = os.path.join(parent, name)
+    os.makedirs(cgroup, exist_ok=True)
+    return cgroup
+
+
+def in_cgroup(argv: list[str], cgroup: str | None) -> list[str]:
+    """``argv`` started inside ``cgroup`` (it joins before it execs; its pid is the same)."""
+    if cgroup is None:
+        return argv
+    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup, *argv]
+
+
+def remove_worker_cgroup(cgroup: str | None) -> None:
+    """Remove a stopped worker's cgroup and its supervisor leaf (if nothing is left in them)."""
+    if cgroup is None:
+        return
+    for path in (os.path.join(cgroup, "supervisor"), cgroup):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
 
 
 def job_processes(instance: str) -> list[tuple[int, int, str]]:

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from coordinator.config import CoordinatorConfig, PoolQuota, WorkersFileError, load_workers
-from sandrun.daemon import listen_description, stop_signal
+from sandrun.daemon import listen_description, start_logging, stop_signal
 from sandrun.netaddr import parse_trusted_proxies
 
 
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "only run extra replicas next to a listed worker (default off)")
     parser.add_argument("--max-open-workers", type=_positive(int), default=d.max_open_workers,
                         help=f"open workers enrolled at once (default {d.max_open_workers})")
+    parser.add_argument("--worker-cacert", metavar="PEM",
+                        help="CA certificate(s) that sign the https:// workers' certificates "
+                             "(default: the system's trust store)")
     return parser
 
 
@@ -99,16 +102,15 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
                          exempt=tuple(args.quota_exempt)),
         drain_seconds=args.drain_seconds, max_replicas=args.max_replicas,
         max_disagreements=args.max_disagreements, open_enrollment=args.open_enrollment,
-        max_open_workers=args.max_open_workers)
+        max_open_workers=args.max_open_workers, worker_cacert=args.worker_cacert)
 
 
 def serve(config: CoordinatorConfig) -> None:
     from twisted.internet import defer, task
-    from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from coordinator.service import CoordinatorService
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])  # type: ignore[list-item]
+    start_logging()
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
@@ -140,4 +142,11 @@ def main(argv: list[str] | None = None) -> None:
         load_workers(config.workers_path)  # refuse a bad file with its message, not a traceback
     except WorkersFileError as e:
         sys.exit(f"sandrun-coordinator: cannot start: {e}")
+    if config.worker_cacert is not None:
+        from coordinator.tls import TLSConfigError, load_trust_root
+
+        try:
+            load_trust_root(config.worker_cacert)
+        except TLSConfigError as e:
+            sys.exit(f"sandrun-coordinator: cannot start: {e}")
     serve(config)

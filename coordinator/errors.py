@@ -1,4 +1,5 @@
-"""The coordinator's errors: the worker's ``APIError`` (``sandrun.httpjson``), and its 404."""
+"""The coordinator's errors: the worker's ``APIError`` (``sandrun.httpjson``), its 404, and
+``WorkerLost``."""
 
 from __future__ import annotations
 
@@ -7,3 +8,7 @@ from sandrun.httpjson import APIError
 
 def not_found(details: str = "no job with that id (it may have expired)") -> APIError:
     return APIError(404, "Job not found", details)
+
+
+class WorkerLost(Exception):
+    """The job's worker is gone; the message says how we know."""

@@ -37,6 +37,15 @@ Three designs do that:
    not be told after a coordinator restart.
 3. *A shared job table*: durable state, which the issue rules out.
 
+A job run on several workers (``replicas``, see ``consensus.py``) gets the
+ids of all its copies joined by ``~``, the first replica's first::
+
+    k7q2m4xa.tj3k2a1.job-...~b3nq5zte.tj3k2a1.job-...~...
+
+so a replicated job too is answered with no job table: ``/status`` asks
+every replica's worker and judges their signed results; logs, outputs and
+downloads come from the first replica, which always ran on a listed worker.
+
 The dispatch time lets a ``404`` from a worker that restarted after the job
 was sent be reported as ``worker_lost`` rather than "not found" (see
 ``WorkerRegistry.restarted_after``).
@@ -57,6 +66,8 @@ _TIME = re.compile(r"[0-9a-z]{1,9}")
 # of a sane length so a worker may change its format without breaking this.
 _WORKER_JOB_ID = re.compile(r"[A-Za-z0-9_-]{8,128}")
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+REPLICA_SEPARATOR = "~"
+MAX_REPLICA_REFS = 16  # sandrun.jobs.manifest.MAX_REPLICAS
 
 
 def worker_tag(worker_id: str) -> str:
@@ -94,6 +105,22 @@ def decode_job_id(job_id: str) -> JobRef | None:
             and _WORKER_JOB_ID.fullmatch(worker_job_id)):
         return None
     return JobRef(tag, int(when, 36), worker_job_id)
+
+
+def encode_replicas(refs: list[JobRef]) -> str:
+    """The id of a job run as ``refs`` (first replica first)."""
+    return REPLICA_SEPARATOR.join(ref.encode() for ref in refs)
+
+
+def decode_replicas(job_id: str) -> list[JobRef] | None:
+    """The replicas a coordinator job id names (one for a job run once), or None."""
+    parts = job_id.split(REPLICA_SEPARATOR)
+    if len(parts) > MAX_REPLICA_REFS:
+        return None
+    refs = [decode_job_id(part) for part in parts]
+    if any(ref is None for ref in refs):
+        return None
+    return [ref for ref in refs if ref is not None]
 
 
 def _base36(value: int) -> str:

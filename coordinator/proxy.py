@@ -35,6 +35,7 @@ What differs, and why:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -55,10 +56,12 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coordinator.config import CoordinatorConfig
-from coordinator.errors import not_found
-from coordinator.jobids import JobRef, decode_job_id, encode_job_id
+from coordinator.enrollment import Enrollment
+from coordinator.errors import WorkerLost, not_found
+from coordinator.jobids import JobRef, decode_job_id, decode_replicas, encode_job_id
 from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
+from coordinator.replication import Replication
 from coordinator.scheduling import (
     drain_retry_after,
     free_slots,
@@ -67,6 +70,8 @@ from coordinator.scheduling import (
     pick_worker,
     rank_workers,
 )
+from coordinator.statusdocs import iso as _iso
+from coordinator.statusdocs import lost_status
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
     BadWorkerResponse,
@@ -79,8 +84,7 @@ from coordinator.worker_client import (
 from sandrun import httpjson
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.identity import verify_result
-from sandrun.netaddr import (address_in, client_key, parse_trusted_proxies,
-                             trusted_client_address)
+from sandrun.netaddr import address_in, client_key, parse_trusted_proxies, trusted_client_address
 from sandrun.wire import JobStatus, Reason
 
 log = Logger()
@@ -91,6 +95,7 @@ PRIVACY = ("No accounts and no logs of job content. The coordinator keeps no job
            "uploads pass through RAM to a worker, results stream back from it.")
 # A pool that looks full is re-checked before a refusal if its loads are this old, seconds.
 REFRESH_AFTER = 0.1
+MAX_JOIN_BYTES = 4096  # a /pool/join body: a key and an endpoint
 # Response headers of a worker that the client gets too.
 # (Twisted's client keeps Content-Length in ``response.length``, not in the headers.)
 # How long one long poll of a worker is held while a /run waits (the worker caps at 60).
@@ -106,8 +111,30 @@ def _version() -> str:
         return "unknown"
 
 
-class WorkerLost(Exception):
-    """The job's worker is gone; the message says how we know."""
+@dataclass
+class Placement:
+    """Where a submission went: ``state`` took it, or nobody did (``response`` says why,
+    when a worker's answer is to be relayed)."""
+
+    state: WorkerState | None
+    response: Any = None
+    doc: Any = None
+    dispatched_at: float = 0.0
+
+    def ref(self) -> JobRef:
+        assert self.state is not None
+        cid = self.job_id()
+        ref = decode_job_id(cid)
+        assert ref is not None
+        return ref
+
+    def job_id(self) -> str:
+        """The coordinator's id for the job; ``BadWorkerResponse`` for a malformed one."""
+        assert self.state is not None
+        try:
+            return encode_job_id(self.state.entry.tag, self.dispatched_at, self.doc["job_id"])
+        except ValueError as e:
+            raise BadWorkerResponse(str(e)) from None
 
 
 def _api(handler: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
@@ -161,6 +188,9 @@ class CoordinatorAPI:
         parse_trusted_proxies(config.trusted_proxies)  # a bad entry fails here, not per request
         parse_trusted_proxies(config.quotas.exempt)
         self.locks = ClientLocks()
+        self.replication = Replication(reactor, registry, client, config, self.place,
+                                       self.forward)
+        self.enrollment = Enrollment(registry, config, refresh)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -180,11 +210,16 @@ class CoordinatorAPI:
         return headers
 
     def locate(self, job_id: str) -> tuple[JobRef, WorkerState]:
-        ref = decode_job_id(job_id)
+        """The job's worker; for a replicated job, its first replica's (see ``replication.py``)."""
+        refs = decode_replicas(job_id)
+        ref = refs[0] if refs else None
         state = self.registry.by_tag(ref.tag) if ref is not None else None
         if ref is None or state is None:
             raise not_found()
         return ref, state
+
+    def replicas_of(self, job_id: str) -> list[JobRef]:
+        return decode_replicas(job_id) or []
 
     async def forward(self, ref: JobRef, state: WorkerState, method: str, path: str,
                       headers: dict[bytes, list[bytes]], timeout: float | None = None) -> Any:
@@ -281,6 +316,20 @@ class CoordinatorAPI:
             "max_disagreements": self.registry.max_disagreements,
             "open_enrollment": self.config.open_enrollment})
 
+    @app.route("/pool/join", methods=["POST"])
+    @_api
+    async def join(self, request: Request) -> bytes:
+        """Open enrollment (``enrollment.py``): a worker proves its key and joins."""
+        data = request.content.read(MAX_JOIN_BYTES + 1) if request.content else b""
+        if len(data) > MAX_JOIN_BYTES:
+            raise APIError(413, "Request too large", f"at most {MAX_JOIN_BYTES} bytes")
+        try:
+            body = json.loads(data)
+        except ValueError:
+            raise APIError(400, "Invalid join request", "the body is not JSON") from None
+        answer = await self.enrollment.join(body, self.client_address(request))
+        return write_json(request, answer)
+
     @app.route("/environments", methods=["GET"])
     @_api
     async def environments(self, request: Request) -> bytes:
@@ -355,11 +404,36 @@ class CoordinatorAPI:
         headers = {b"X-Forwarded-For": [address.encode("latin-1")]}
         if kind:
             headers[b"Content-Type"] = [kind]
-        tried: set[str] = set()
-        refusal: tuple[Any, Any] | None = None
+        # The first replica (the only one, for most jobs) always goes to a listed worker.
+        placed = await self.place(body, headers, set(), open_ok=False)
+        if placed.state is None:
+            if placed.response is not None:
+                return self.relay_json(request, placed.response, placed.doc)
+            raise APIError(503, "No worker available",
+                           "every worker's queue is full, refused the job, or is unavailable",
+                           retry_after=self.retry_after_full())
+        replicas = placed.doc.get("replicas", 1)
+        if isinstance(replicas, int) and not isinstance(replicas, bool) and replicas > 1:
+            answer = await self.replication.submit(placed, replicas, body, headers)
+            return Placed(answer["job_id"], placed.response, answer)
+        log.info("job dispatched to {worker}", worker=placed.state.entry.label)
+        return Placed(placed.job_id(), placed.response, placed.doc)
+
+    def retry_after_full(self) -> int:
+        return drain_retry_after(self.registry.workers(), self.config.health_interval)
+
+    async def place(self, body: Any, headers: dict[bytes, list[bytes]], tried: set[str],
+                    open_ok: bool) -> Placement:
+        """Send a submission to the best worker that takes it, skipping those in ``tried``.
+
+        Adds every worker tried to ``tried``.  A worker that refuses (429,
+        503) or cannot be reached is skipped for the next; one that answers
+        400, 413, 415... is relayed (no worker would take the submission).
+        """
+        refusal: Placement | None = None
         refreshed = False
         while True:
-            state = pick_worker(self.registry.workers(), self.registry.cursor, tried)
+            state = pick_worker(self.registry.workers(), self.registry.cursor, tried, open_ok)
             if state is None and not refreshed and self.refresh is not None:
                 # Every worker looks full, but by loads up to a health interval old (plus
                 # what was sent since): jobs may have ended.  Ask again now rather than
@@ -392,24 +466,18 @@ class CoordinatorAPI:
             if response.code == 200 and isinstance(doc, dict) \
                     and isinstance(doc.get("job_id"), str):
                 self.registry.cursor += 1
-                try:
-                    cid = encode_job_id(state.entry.tag, dispatched_at, doc["job_id"])
-                except ValueError as e:
-                    raise BadWorkerResponse(str(e)) from None
-                log.info("job dispatched to {worker}", worker=state.entry.label)
-                return Placed(cid, response, doc)
+                placed = Placement(state, response, doc, dispatched_at)
+                placed.job_id()  # a malformed id is a bad answer, before anything else
+                return placed
             self.registry.undo_dispatch(state)
             if response.code in (429, 503):
-                refusal = (response, doc)
+                refusal = Placement(None, response, doc)
                 continue
             # 400, 413, 415...: the submission itself is at fault; no worker would take it.
-            return self.relay_json(request, response, doc)
-        if refusal is not None and refusal[0].code == 429:
-            return self.relay_json(request, refusal[0], refusal[1])
-        raise APIError(503, "No worker available",
-                       "every worker's queue is full, refused the job, or is unavailable",
-                       retry_after=drain_retry_after(self.registry.workers(),
-                                                     self.config.health_interval))
+            return Placement(None, response, doc)
+        if refusal is not None and refusal.response.code == 429:
+            return refusal
+        return Placement(None)
 
     @app.route("/run", methods=["POST"])
     @_api
@@ -429,13 +497,16 @@ class CoordinatorAPI:
         job_id = placed.job_id
         ref, state = self.locate(job_id)
         headers = self.forwarded(request)
+        refs = self.replicas_of(job_id)
+        if len(refs) > 1:
+            return write_json(request, await self.run_replicated(job_id, refs, headers, keep))
         try:
             status = await self.final_status(ref, state, headers)
         except defer.CancelledError:
             self.forget_quietly(ref, state, headers)
             raise
         except WorkerLost as e:
-            doc = lost_status(job_id, ref, state, str(e))
+            doc = lost_status(job_id, ref, state.worker_id, str(e))
             doc.update(stdout="", stderr="", truncated={"stdout": False, "stderr": False},
                        outputs=[], kept=False)
             return write_json(request, doc)
@@ -454,6 +525,46 @@ class CoordinatorAPI:
                                               keep)
         doc["kept"] = keep
         return write_json(request, doc)
+
+    async def run_replicated(self, job_id: str, refs: list[JobRef],
+                             headers: dict[bytes, list[bytes]], keep: bool) -> dict[str, Any]:
+        """``/run`` of a replicated job: every replica's end, then the consensus answer.
+
+        Logs come from the first replica; outputs only when the replicas agree.
+        """
+        try:
+            for replica in refs:
+                worker = self.registry.by_tag(replica.tag)
+                if worker is not None:
+                    try:
+                        await self.final_status(replica, worker, headers)
+                    except WorkerLost:
+                        pass  # the consensus below reports it
+        except defer.CancelledError:
+            for replica in refs:
+                worker = self.registry.by_tag(replica.tag)
+                if worker is not None:
+                    self.forget_quietly(replica, worker, headers)
+            raise
+        doc = await self.replication.status(job_id, refs, headers)
+        ref, state = refs[0], self.registry.by_tag(refs[0].tag)
+        logs: dict[str, Any] = {}
+        listing: dict[str, Any] = {}
+        if state is not None and not state.down:
+            logs = await self.forward_json(ref, state, "logs", headers)
+            if doc["consensus"]["agreed"] is True:
+                listing = await self.forward_json(ref, state, "outputs", headers)
+            if not keep:
+                await self.replication.delete(refs, headers)
+                await self.forward_json(ref, state, "jobs", headers, method="DELETE")
+        doc["stdout"] = logs.get("stdout", "")
+        doc["stderr"] = logs.get("stderr", "")
+        doc["truncated"] = logs.get("truncated", {"stdout": False, "stderr": False})
+        files = listing.get("files")
+        doc["outputs"] = self.rewrite_outputs(job_id, files if isinstance(files, list) else [],
+                                              keep)
+        doc["kept"] = keep
+        return doc
 
     async def final_status(self, ref: JobRef, state: WorkerState,
                            headers: dict[bytes, list[bytes]]) -> dict[str, Any] | None:
@@ -491,6 +602,10 @@ class CoordinatorAPI:
     @_api
     async def status(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
+        refs = self.replicas_of(job_id)
+        if len(refs) > 1:
+            doc = await self.replication.status(job_id, refs, self.forwarded(request))
+            return write_json(request, doc)
         wait = _wait_arg(request)
         path = _job_path("status", ref)
         if wait:
@@ -499,7 +614,9 @@ class CoordinatorAPI:
             response = await self.forward(ref, state, "GET", path, self.forwarded(request),
                                           timeout=wait + self.config.request_timeout)
         except WorkerLost as e:
-            return write_json(request, lost_status(job_id, ref, state, str(e)))
+            if self.replication.ledger.first_time(job_id):
+                self.registry.record_lost(state)
+            return write_json(request, lost_status(job_id, ref, state.worker_id, str(e)))
         doc = await read_json(response)
         if response.code != 200 or not isinstance(doc, dict):
             return self.relay_json(request, response, doc, job_id)
@@ -538,6 +655,9 @@ class CoordinatorAPI:
     @_api
     async def outputs(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
+        refs = self.replicas_of(job_id)
+        if len(refs) > 1:
+            await self.replication.require_agreement(job_id, refs, self.forwarded(request))
         response = await self.forward(ref, state, "GET", _job_path("outputs", ref),
                                       self.forwarded(request))
         doc = await read_json(response)
@@ -565,6 +685,9 @@ class CoordinatorAPI:
 
     async def download(self, request: Request, job_id: str, path: str | None) -> Any:
         ref, state = self.locate(job_id)
+        refs = self.replicas_of(job_id)
+        if len(refs) > 1:
+            await self.replication.require_agreement(job_id, refs, self.forwarded(request))
         target = _job_path("download", ref)
         if path is not None:
             target += "/" + quote(path, safe="/")
@@ -593,6 +716,7 @@ class CoordinatorAPI:
     @_api
     async def delete(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
+        await self.replication.delete(self.replicas_of(job_id), self.forwarded(request))
         response = await self.forward(ref, state, "DELETE", _job_path("jobs", ref),
                                       self.forwarded(request))
         return self.relay_json(request, response, await read_json(response), job_id)
@@ -601,7 +725,8 @@ class CoordinatorAPI:
 
     @app.route("/logs/<string:job_id>/stream", methods=["GET"])
     def stream(self, request: Request, job_id: str) -> Any:
-        ref = decode_job_id(job_id)
+        refs = decode_replicas(job_id)
+        ref = refs[0] if refs else None  # a replicated job streams its first replica
         state = self.registry.by_tag(ref.tag) if ref is not None else None
         fmt = _arg(request, b"format").decode("latin-1") or None
         return self.streams.resource(state, ref, fmt)
@@ -672,31 +797,6 @@ def _arg(request: Request, name: bytes) -> bytes:
 
 def _job_path(endpoint: str, ref: JobRef) -> str:
     return f"/{endpoint}/{quote(ref.worker_job_id, safe='')}"
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    import datetime
-
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
-
-
-def lost_status(job_id: str, ref: JobRef, state: WorkerState, why: str) -> dict[str, Any]:
-    """The /status of a job whose worker is gone: failed, ``worker_lost``, nothing signed."""
-    return {
-        "job_id": job_id, "status": JobStatus.FAILED.value, "queue_position": 0,
-        "submitted_at": _iso(ref.dispatched_at), "started_at": None, "finished_at": None,
-        "execution_metadata": {"cpu_seconds": None, "memory_peak_bytes": None,
-                               "wall_time_ms": None, "exit_code": None, "signal": None,
-                               "reason": Reason.WORKER_LOST.value, "message": why,
-                               "environment": None, "interpreter": None},
-        "job_hash": None, "output_files": {},
-        "worker_metadata": {"worker_id": state.worker_id, "signature": None, "signed": None,
-                            "job_id": ref.worker_job_id},
-        "signature_verified": False,
-    }
 
 
 _DONE = Failure(ResponseDone())

@@ -250,6 +250,11 @@ class WorkerRegistry:
             self._by_tag[entry.tag] = state
         return state
 
+    def forget_open(self, state: WorkerState) -> None:
+        """Drop an open worker (its proof failed, or it is down and room is needed)."""
+        if state.open and self._workers.get(state.worker_id) is state:
+            self._forget(state)
+
     def open_workers(self) -> list[WorkerState]:
         return [w for w in self._workers.values() if w.open]
 

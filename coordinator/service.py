@@ -32,6 +32,7 @@ from coordinator.health import HealthChecker
 from coordinator.proxy import CoordinatorAPI
 from coordinator.registry import WorkerRegistry
 from coordinator.stream import StreamRelay
+from coordinator.tls import load_trust_root
 from coordinator.uploads import default_spool_dir, request_factory
 from coordinator.worker_client import WorkerClient
 from sandrun.daemon import address_text
@@ -80,9 +81,9 @@ class _NoDelayEndpoints:
     tens of milliseconds to most submissions.
     """
 
-    def __init__(self, reactor: Any) -> None:
-        self._default = _StandardEndpointFactory(reactor, BrowserLikePolicyForHTTPS(),
-                                                 CONNECT_TIMEOUT, None)
+    def __init__(self, reactor: Any, trust_root: Any = None) -> None:
+        self._default = _StandardEndpointFactory(
+            reactor, BrowserLikePolicyForHTTPS(trustRoot=trust_root), CONNECT_TIMEOUT, None)
 
     def endpointForURI(self, uri: Any) -> Any:
         return _NoDelay(self._default.endpointForURI(uri))
@@ -102,15 +103,20 @@ class _NoDelay:
         return self._endpoint.connect(factory).addCallback(no_delay)
 
 
-def http_client(reactor: Any) -> tuple[Any, HTTPConnectionPool]:
-    """A treq client with a persistent connection pool to the workers."""
+def http_client(reactor: Any, trust_root: Any = None) -> tuple[Any, HTTPConnectionPool]:
+    """A treq client with a persistent connection pool to the workers.
+
+    ``trust_root``: what https:// workers' certificates must chain to (see
+    ``coordinator.tls``); None for the system's trust store.
+    """
     import treq.client
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory  # the documented way to quieten it
     pool.maxPersistentPerHost = MAX_CONNECTIONS_PER_WORKER
     pool.retryAutomatically = True  # idempotent requests retry once on a stale connection
-    agent = Agent.usingEndpointFactory(reactor, _NoDelayEndpoints(reactor), pool=pool)
+    agent = Agent.usingEndpointFactory(reactor, _NoDelayEndpoints(reactor, trust_root),
+                                       pool=pool)
     return treq.client.HTTPClient(agent), pool  # type: ignore[arg-type]
 
 
@@ -125,13 +131,14 @@ class CoordinatorService(service.MultiService):
         self.registry = WorkerRegistry(entries, drain_seconds=config.drain_seconds,
                                        max_disagreements=config.max_disagreements)
         self.pool: HTTPConnectionPool | None = None
+        trust_root = load_trust_root(config.worker_cacert) if config.worker_cacert else None
         if http is None:
-            http, self.pool = http_client(reactor)
+            http, self.pool = http_client(reactor, trust_root)
         self.client = WorkerClient(reactor, http)
         self.health = HealthChecker(reactor, self.registry, self.client,
                                     config.health_interval, config.health_timeout,
                                     config.max_clock_skew)
-        self.streams = StreamRelay(reactor, self.registry)
+        self.streams = StreamRelay(reactor, self.registry, trust_root)
         self.api = CoordinatorAPI(reactor, self.registry, self.client, config, self.streams,
                                   refresh=self.health.check_now)
         self.site = QuietSite(self.api.resource())

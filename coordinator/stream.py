@@ -226,9 +226,10 @@ class UpstreamSide(WebSocketClientProtocol):
 class StreamRelay:
     """Builds the per-request WebSocket resource and tracks open relays per worker."""
 
-    def __init__(self, reactor: Any, registry: WorkerRegistry) -> None:
+    def __init__(self, reactor: Any, registry: WorkerRegistry, trust_root: Any = None) -> None:
         self.reactor = reactor
         self.registry = registry
+        self.trust_root = trust_root  # for wss:// to https:// workers; None: the system's
         self._open: dict[str, set[ClientSide]] = {}
         registry.on_down(self._worker_down)
 
@@ -283,7 +284,8 @@ class StreamRelay:
         endpoint: Any
         if secure:
             endpoint = endpoints.SSL4ClientEndpoint(self.reactor, host, port,
-                                                    optionsForClientTLS(host),
+                                                    optionsForClientTLS(
+                                                        host, trustRoot=self.trust_root),
                                                     timeout=CONNECT_TIMEOUT)
         else:
             endpoint = endpoints.TCP4ClientEndpoint(self.reactor, host, port,

@@ -67,10 +67,24 @@ def describe(failure: Failure) -> str:
     if isinstance(value, ierror.ConnectError):
         return f"cannot connect: {value.osError or value.__class__.__name__}"
     if isinstance(value, webclient.ResponseNeverReceived):
-        return "connection closed before a response"
+        tls = next((_tls_error(r.value) for r in value.reasons if _tls_error(r.value)), None)
+        return f"TLS handshake failed: {tls}" if tls else "connection closed before a response"
     if isinstance(value, webclient.RequestTransmissionFailed):
         return "connection lost while sending the request"
     return value.__class__.__name__
+
+
+def _tls_error(error: BaseException) -> str | None:
+    """OpenSSL's reason for a failed handshake (``certificate verify failed``), or None."""
+    try:
+        from OpenSSL import SSL
+    except ImportError:
+        return None
+    if not isinstance(error, SSL.Error):
+        return None
+    reasons = [entry[-1] for entry in (error.args[0] if error.args else [])
+               if isinstance(entry, tuple) and entry]
+    return "; ".join(str(r) for r in reasons) or "OpenSSL error"
 
 
 @implementer(IBodyProducer)

@@ -13,7 +13,7 @@ from typing import Any
 
 import sandrun
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
-from sandrun.daemon import listen_description, stop_signal
+from sandrun.daemon import listen_description, start_logging, stop_signal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="verify a signed result")
     verify.add_argument("status", help="a job id (its /status is fetched from --server), "
                         "a file with the /status JSON, or - for stdin")
-    verify.add_argument("--worker-id", required=True, help="the worker's base64 public key")
+    verify.add_argument("--worker-id",
+                        help="the worker's base64 public key (optional for a coordinator's "
+                             "consensus answer: each replica is checked under its own key, "
+                             "and a given id must be one of them)")
     verify.add_argument("--server", help="worker or coordinator URL for a job id "
                         "(default: $SANDRUN_URL or http://127.0.0.1:8443)")
+
+    install = commands.add_parser(
+        "install-service", help="install and start the systemd unit (Delegate=yes)")
+    install.add_argument("--coordinator", action="store_true",
+                         help="the coordinator's unit (sandrun-coordinator.service) instead")
+    install.add_argument("--no-start", action="store_true",
+                         help="write the unit and reload systemd, but do not enable or start it")
 
     from sandrun.client.cli import add_client_commands
 
@@ -74,6 +84,12 @@ def add_serve_command(commands: Any) -> None:
     flag("--worker-key", metavar="PEM",
          help="Ed25519 PKCS#8 PEM private key, from sandrun keygen (default: none, "
               "results are not signed)")
+    flag("--join", metavar="URL",
+         help="announce this worker to the coordinator at URL, which must run with "
+              "--open-enrollment; needs --worker-key (default: none)")
+    flag("--advertise", metavar="URL",
+         help="this worker's URL as the coordinator reaches it, for --join (default: "
+              "http:// and the --listen address)")
     flag("--trusted-proxy", action="append", default=None, metavar="CIDR",
          help="address or network whose X-Forwarded-For is believed (repeatable; "
               "default: none)")
@@ -92,6 +108,13 @@ def add_serve_command(commands: Any) -> None:
               "output_limit, MiB (default %(default)g)")
     flag("--max-pids", type=int, metavar="N", default=d.max_pids,
          help="processes and threads per job (default %(default)s)")
+    flag("--max-cpus", type=float, metavar="CORES", default=d.max_cpus,
+         help="most CPU bandwidth a manifest's cpus may ask for, in cores; a job gets "
+              f"{d.default_cpus:g} core unless it asks (default: the number of cores, "
+              "here %(default)g)")
+    flag("--allow-unlimited-swap", action="store_true",
+         help="start even where the host has swap on and cannot cap a job's swap use "
+              "(default: refuse to start there)")
     flag("--cpu-quota", type=float, default=q.cpu_seconds_per_minute, metavar="SECONDS",
          help="CPU-seconds per client IP per rolling minute (default %(default)g)")
     flag("--max-active-per-ip", type=int, default=q.max_active_jobs, metavar="N",
@@ -178,7 +201,9 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
     limits = Limits(max_upload_bytes=args.max_upload_mb * 10**6,
                     default_timeout=args.default_timeout, max_timeout=args.max_timeout,
                     default_memory_mb=args.default_memory_mb, max_memory_mb=args.max_memory_mb,
-                    output_cap_bytes=int(args.output_cap_mb * 2**20), max_pids=args.max_pids)
+                    output_cap_bytes=int(args.output_cap_mb * 2**20), max_pids=args.max_pids,
+                    max_cpus=args.max_cpus,
+                    default_cpus=min(Limits.default_cpus, args.max_cpus))
     quotas = QuotaConfig(cpu_seconds_per_minute=args.cpu_quota,
                          max_active_jobs=args.max_active_per_ip,
                          jobs_per_hour=args.jobs_per_hour,
@@ -189,7 +214,9 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
-                        trusted_proxies=tuple(args.trusted_proxy or ()))
+                        trusted_proxies=tuple(args.trusted_proxy or ()),
+                        allow_unlimited_swap=args.allow_unlimited_swap,
+                        join=args.join, advertise=args.advertise)
 
 
 def check_config(config: WorkerConfig) -> str | None:
@@ -202,6 +229,11 @@ def check_config(config: WorkerConfig) -> str | None:
             parse_trusted_proxies(tuple(entries))
         except ValueError as e:
             return f"bad {flag}: {e}"
+    if config.join and not config.worker_key:
+        return "--join needs --worker-key: joining a pool means proving the key"
+    for flag, url in (("--join", config.join), ("--advertise", config.advertise)):
+        if url and not url.startswith(("http://", "https://")):
+            return f"bad {flag}: {url!r} is not an http:// or https:// URL"
     limits = config.limits
     if not 1 <= limits.default_timeout <= limits.max_timeout:
         return "--default-timeout must be between 1 and --max-timeout"
@@ -209,17 +241,19 @@ def check_config(config: WorkerConfig) -> str | None:
         return "--default-memory-mb must be between 16 and --max-memory-mb"
     if config.max_finished_jobs < 0:
         return "--max-finished-jobs must be 0 or more"
+    if not limits.max_cpus >= 0.01:
+        return "--max-cpus must be at least 0.01"
     return None
 
 
 def serve(config: WorkerConfig) -> None:
     from twisted.internet import defer, task
     from twisted.internet.error import CannotListenError
-    from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    from sandrun.sandbox.supervisor import SandboxUnavailable
     from sandrun.service import WorkerService
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])  # type: ignore[list-item]
+    start_logging()
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
@@ -229,6 +263,9 @@ def serve(config: WorkerConfig) -> None:
         except CannotListenError as e:  # one clear line: the port is taken, or not ours
             print(f"sandrun: cannot start: cannot listen on {_where(e)}: "
                   f"{_strerror(e.socketError)}", file=sys.__stderr__)  # not the log's prefix
+            raise SystemExit(1) from None
+        except SandboxUnavailable as e:  # one line, not a traceback (cgroup v2: what to do)
+            print(f"sandrun: cannot start: {e}", file=sys.__stderr__)
             raise SystemExit(1) from None
         yield stop_signal(reactor)
         yield worker.stopService()
@@ -259,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"sandrun: cannot start: {problem}")
         if os.geteuid() != 0:
             sys.exit("sandrun serve must run as root: it creates namespaces, cgroups and mounts")
+        _check_cgroup(sys.argv[1:] if argv is None else argv)
         if config.worker_key:
             from sandrun.identity import IdentityError, WorkerIdentity
 
@@ -273,6 +311,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.show:
             sys.exit(show_key_main(args.show))
         sys.exit(keygen_main(args.out, args.force))
+    elif args.command == "install-service":
+        from sandrun.deploy import install_service
+
+        if os.geteuid() != 0:
+            sys.exit("sandrun install-service must run as root")
+        sys.exit(install_service(args.coordinator, start=not args.no_start))
     elif args.command == "verify":
         sys.exit(_verify(args.status, args.worker_id, args.server))
     elif args.command == "env":
@@ -285,11 +329,49 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_client_command(args))
 
 
-def _verify(target: str, worker_id: str, server: str | None) -> int:
+# Set in the environment of a worker that re-ran itself in a Delegate=yes scope.
+IN_SCOPE = "SANDRUN_IN_DELEGATED_SCOPE"
+
+
+def _check_cgroup(argv: list[str]) -> None:
+    """On cgroup v2, start only where the worker may make its own child cgroups.
+
+    From a cgroup that also holds other processes (a login shell's session
+    scope) the worker re-runs itself, same arguments, in a ``Delegate=yes``
+    scope of its own through ``systemd-run`` when systemd runs the host;
+    otherwise one line says what to do and it exits.  See ``sandbox.cgroups``.
+    """
+    import shutil
+
+    from sandrun.sandbox import cgroups
+
+    if not os.path.exists(os.path.join(cgroups.ROOT, "cgroup.controllers")):
+        return  # cgroup v1: the launcher checks its hierarchies
+    try:
+        cgroups.locate_v2(ours=frozenset({os.getpid()}))
+        return
+    except cgroups.DelegationError as e:
+        problem = str(e)
+    except (OSError, cgroups.CgroupError) as e:
+        sys.exit(f"sandrun: cannot start: cgroup v2: {e}")
+    systemd_run = shutil.which("systemd-run")
+    if systemd_run and os.path.isdir("/run/systemd/system") and IN_SCOPE not in os.environ:
+        print(f"sandrun: {problem.split(';')[0]}: re-running in a scope of its own "
+              "(systemd-run --scope -p Delegate=yes)", file=sys.stderr)
+        os.environ[IN_SCOPE] = "1"
+        os.execv(systemd_run, [systemd_run, "--scope", "--quiet", "--collect",
+                               "-p", "Delegate=yes", "--description=Sandrun worker", "--",
+                               sys.executable, "-m", "sandrun", *argv])
+    sys.exit(f"sandrun: cannot start: {problem}")
+
+
+def _verify(target: str, worker_id: str | None, server: str | None) -> int:
     """``sandrun verify``: a saved /status document, or a job id fetched from a server."""
     from sandrun.identity import verify_main
 
-    if not (target.startswith("job-") and not os.path.exists(target)):
+    # A worker's job id, or a coordinator's (``<tag>.<time>.job-...``, ``~`` between replicas).
+    is_job_id = target.startswith("job-") or ".job-" in target
+    if not is_job_id or os.path.exists(target):
         return verify_main(target, worker_id)
     import json
     import tempfile

@@ -23,10 +23,13 @@ class Limits:
     default_memory_mb: int = 512  # MB of RAM, swap off
     max_memory_mb: int = 2048  # MB; more is a 400
     max_cpu_seconds: float = 3600.0  # largest cpu_seconds a manifest may ask for
+    default_cpus: float = 1.0  # CPU bandwidth of a job (cores), when the manifest gives none
+    max_cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1))  # most cpus
     max_pids: int = 128  # processes and threads per job
     max_open_files: int = 1024  # RLIMIT_NOFILE, hard
     output_cap_bytes: int = 10 * MiB  # captured per stream, then output_limit
     job_dir_mb: int = 512  # tmpfs size of the job directory
+    job_dir_inodes: int = 65_536  # files and directories the job directory's tmpfs may hold
     tmp_mb: int = 64  # tmpfs size of /tmp inside the job
     shm_mb: int = 64  # tmpfs size of /dev/shm inside the job
     max_stdin_bytes: int = 1 * MiB  # manifest stdin
@@ -57,6 +60,9 @@ class WorkerConfig:
     state_dir: str = "/run/sandrun"  # tmpfs for job data is mounted beneath
     storage_bytes: int = 0  # all job data at once; 0 = a quarter of RAM
     worker_key: str | None = None
+    join: str | None = None  # a coordinator URL to announce this worker to (open enrollment)
+    advertise: str | None = None  # this worker's URL as the coordinator reaches it
     trusted_proxies: tuple[str, ...] = ()
     env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
     deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash
+    allow_unlimited_swap: bool = False  # start where a job's swap cannot be capped at 0

@@ -8,10 +8,20 @@ standard library and Twisted, nothing from the rest of Sandrun.  Only a
 from __future__ import annotations
 
 import argparse
+import os
 import signal
-from typing import Any
+import sys
+from typing import IO, Any
 
 from twisted.internet import defer
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogLevel,
+    formatEvent,
+    globalLogBeginner,
+    textFileLogObserver,
+)
 
 
 def listen_description(value: str) -> str:
@@ -51,3 +61,45 @@ def stop_signal(reactor: Any) -> defer.Deferred[None]:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return done
+
+
+# syslog priorities, which journald reads from a "<N>" prefix on each line.
+_PRIORITY = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3,
+             LogLevel.critical: 2}
+
+
+def journal_line(event: dict[str, Any]) -> str:
+    """One log event as one line for the journal: ``<priority>namespace: text``.
+
+    No time stamp (the journal keeps its own); a traceback is folded into the
+    same line, so that one event is one journal entry.
+    """
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text = f"{text}: {failure.getTraceback()}"
+    text = " | ".join(part for part in text.splitlines() if part.strip())
+    priority = _PRIORITY.get(event.get("log_level", LogLevel.info), 6)
+    return f"<{priority}>{event.get('log_namespace', '-')}: {text}\n"
+
+
+def _stderr_is_journal() -> bool:
+    """Whether stderr is the journal's stream (systemd sets JOURNAL_STREAM=dev:inode)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):
+        return False
+
+
+def start_logging(stream: IO[str] | None = None) -> ILogObserver:
+    """Log to stderr: one line per event for the journal under systemd, else with times."""
+    stream = stream or sys.stderr
+    observer: ILogObserver
+    if stream is sys.stderr and _stderr_is_journal():
+        observer = FileLogObserver(stream, journal_line)
+    else:
+        observer = textFileLogObserver(stream)
+    globalLogBeginner.beginLoggingTo([observer])
+    return observer

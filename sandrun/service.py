@@ -11,7 +11,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from sandrun import identity as ident
+from sandrun.announce import Announcer
 from sandrun.api.app import WorkerAPI
+from sandrun.api.unpacker import Unpacker
 from sandrun.api.uploads import WorkerSite, request_factory
 from sandrun.config import WorkerConfig
 from sandrun.environments import DependencyCache, Environments, Registry
@@ -29,6 +31,14 @@ def instance_name(state_dir: str) -> str:
     return "sandrun-" + hashlib.sha256(state_dir.encode()).hexdigest()[:12]
 
 
+def _listen_url(host: Any) -> str:
+    """``http://HOST:PORT`` of the listening socket (give --advertise for a wildcard one)."""
+    address = getattr(host, "host", "127.0.0.1")
+    if ":" in address:
+        address = f"[{address}]"
+    return f"http://{address}:{getattr(host, 'port', 0)}"
+
+
 class WorkerService(service.MultiService):
     """Storage, sandbox, job manager and HTTP API, started and stopped in order."""
 
@@ -41,19 +51,24 @@ class WorkerService(service.MultiService):
         self.identity = ident.WorkerIdentity.load(config.worker_key) if config.worker_key \
             else None
         self.storage = Storage(config.state_dir, config.limits.job_dir_mb * 1024 * 1024,
-                               config.storage_bytes)
+                               job_dir_inodes=config.limits.job_dir_inodes,
+                               total_bytes=config.storage_bytes)
         self.sandbox = Sandbox(reactor, config.state_dir + "/sandbox",
-                               instance_name(config.state_dir), config.max_concurrent)
+                               instance_name(config.state_dir), config.max_concurrent,
+                               allow_unlimited_swap=config.allow_unlimited_swap)
         self.limiter = RateLimiter(config.quotas)
         self.environments = Environments(Registry(config.env_dir),
                                          DependencyCache(config.deps_dir))
         self.manager = JobManager(reactor, self.sandbox, self.storage, config, self.limiter,
                                   self.identity, environments=self.environments)
+        self.unpacker = Unpacker(config.limits)  # uploads are parsed in its children
         self.api = WorkerAPI(self.manager, config, self.identity,
-                             environments=self.environments.describe)
+                             environments=self.environments.describe,
+                             unpack=self.unpacker.parse)
         self.site = WorkerSite(self.api.resource())
         self.site.displayTracebacks = False
         self.port: Any = None
+        self.announcer: Announcer | None = None
         self._started: list[str] = []  # what stopService must undo, in start order
 
     @defer.inlineCallbacks
@@ -62,6 +77,8 @@ class WorkerService(service.MultiService):
         try:
             stale = self.storage.start()
             self._started.append("storage")
+            self.unpacker.start()
+            self._started.append("unpacker")
             self.site.requestFactory = request_factory(self.config.limits,
                                                        self.storage.uploads_dir,
                                                        self.api.early_refusal)
@@ -79,12 +96,18 @@ class WorkerService(service.MultiService):
         log.info("sandrun worker listening on {host}:{port} (worker id {worker_id}, "
                  "{stale} stale job directories removed)", host=getattr(host, "host", host),
                  port=getattr(host, "port", ""), worker_id=self.manager.worker_id, stale=stale)
+        if self.config.join and self.identity is not None:
+            self.announcer = Announcer(self.reactor, self.config.join, self.identity.worker_id,
+                                       self.config.advertise or _listen_url(host))
+            self.announcer.start()
         super().startService()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         """Stop listening, close live streams (1001), kill every job, remove every mount."""
         yield super().stopService()
+        if self.announcer is not None:
+            self.announcer.stop()
         if self.port is not None:
             yield self.port.stopListening()
             self.port = None
@@ -101,6 +124,8 @@ class WorkerService(service.MultiService):
             yield self.manager.stop()
         if "sandbox" in self._started:
             self.sandbox.stop()
+        if "unpacker" in self._started:
+            self.unpacker.stop()
         if "storage" in self._started:
             self.storage.stop()
         self._started.clear()

@@ -37,6 +37,9 @@ class Reason(str, enum.Enum):
     INSTALL_FAILED = "install_failed"
     WORKER_LOST = "worker_lost"
     SHUTDOWN = "shutdown"
+    # A coordinator ran the job on several workers (``replicas``) and their signed
+    # results differ: no answer is picked.
+    REPLICA_DISAGREEMENT = "replica_disagreement"
 
 
 def canonical_json(value: Any) -> str:

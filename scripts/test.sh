@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
 # Run Sandrun's test suite as root, inside an outer cgroup cap, so that a
 # broken sandbox fails a test instead of taking the machine down.
+#
+# cgroup v1: the cap is made beneath the cgroups we were started in.
+# cgroup v2: a cgroup that holds processes may not give its children limits,
+# so the cap needs a cgroup of our own: the root cgroup, or one we are alone in
+# (a Delegate=yes scope or service, a container), where the shell first moves
+# into a leaf.  From a login session's scope the script re-runs itself in a
+# Delegate=yes scope of its own (systemd-run --scope).  Layout on v2:
+#   <ours>/sandrun-tests-<pid>/          memory.max, pids.max (the cap)
+#   <ours>/sandrun-tests-<pid>/runner/   this shell and pytest
+# and the integration tests make their own capped cgroup beside runner/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+# The Python install.sh set up (its own venv), else the one on the PATH.
+VENV=${SANDRUN_PREFIX:-/opt/sandrun}
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$VENV/bin/python" ]; then PYTHON=$VENV/bin/python; else PYTHON=python3; fi
+fi
 MEMORY_CAP=${SANDRUN_TEST_MEMORY:-$((8 * 1024 * 1024 * 1024))}
 PIDS_CAP=${SANDRUN_TEST_PIDS:-4096}
 cg=/sys/fs/cgroup
-# The cap is made beneath the cgroup we were started in, so any outer limit still holds.
 own() { awk -F: -v c="$1" '$2 == c || $2 ~ ("(^|,)" c "(,|$)") {print $3; exit}' /proc/self/cgroup; }
 name="sandrun-tests-$$"
-dirs=()
+dirs=()    # the caps, removed at exit
+home=()    # where this shell goes back to first, one per cap
 
 cleanup() {
     # Leave the test cgroups first, then remove them (and anything left beneath).
-    for d in "${dirs[@]}"; do
-        echo $$ > "$(dirname "$d")/cgroup.procs" 2>/dev/null || true
+    for h in "${home[@]}"; do
+        echo $$ > "$h/cgroup.procs" 2>/dev/null || true
     done
     for d in "${dirs[@]}"; do
         [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
@@ -24,14 +38,47 @@ cleanup() {
 trap cleanup EXIT
 
 if [ -f "$cg/cgroup.controllers" ]; then            # cgroup v2
-    parent="$cg$(own '')"
-    dirs=("$parent/$name")
-    mkdir -p "${dirs[0]}"
+    top=$cg$(own '')
+    top=${top%/}
+    if [ -f "$top/cgroup.type" ]; then               # not the root cgroup
+        mapfile -t procs < "$top/cgroup.procs"       # a builtin: no process of its own
+        if [ "${procs[*]}" != "$$" ]; then
+            if [ -z "${SANDRUN_TEST_SCOPE:-}" ] && [ -d /run/systemd/system ] \
+                    && command -v systemd-run >/dev/null; then
+                echo "tests: ${top#$cg} holds other processes; re-running in a Delegate=yes scope"
+                export SANDRUN_TEST_SCOPE=1
+                exec systemd-run --scope --quiet --collect -p Delegate=yes \
+                    --description="Sandrun tests" -- bash "$0" "$@"
+            fi
+            echo "cgroup v2: ${top#$cg} also holds other processes, so the tests cannot get a" \
+                 "capped cgroup there: run them in a Delegate=yes scope" \
+                 "(systemd-run --scope -p Delegate=yes bash ./scripts/test.sh) or service," \
+                 "or from the root cgroup" >&2
+            exit 1
+        fi
+        # Alone in a cgroup of our own: into a leaf, so that it may give its children limits.
+        mkdir -p "$top/sandrun-tests-shell"
+        echo $$ > "$top/sandrun-tests-shell/cgroup.procs"
+        home=("$top/sandrun-tests-shell")
+    else
+        home=("$top")
+    fi
+    missing=$(tr ' ' '\n' < "$top/cgroup.controllers" | grep -cxE 'memory|pids|cpu' || true)
+    if [ "$missing" != 3 ]; then
+        echo "cgroup v2: ${top#$cg} lacks one of the memory, pids, cpu controllers;" \
+             "refusing to run hostile tests uncapped" >&2
+        exit 1
+    fi
+    echo "+memory +pids +cpu" > "$top/cgroup.subtree_control"
+    dirs=("$top/$name")
+    mkdir -p "${dirs[0]}/runner"
     echo "$MEMORY_CAP" > "${dirs[0]}/memory.max"
     echo "$PIDS_CAP" > "${dirs[0]}/pids.max"
-    echo $$ > "${dirs[0]}/cgroup.procs"
+    echo "+memory +pids +cpu" > "${dirs[0]}/cgroup.subtree_control"
+    echo $$ > "${dirs[0]}/runner/cgroup.procs"
 elif [ -d "$cg/memory" ] && [ -d "$cg/pids" ]; then  # cgroup v1
     dirs=("$cg/memory$(own memory)/$name" "$cg/pids$(own pids)/$name")
+    home=("$(dirname "${dirs[0]}")" "$(dirname "${dirs[1]}")")
     mkdir -p "${dirs[@]}"
     echo "$MEMORY_CAP" > "${dirs[0]}/memory.limit_in_bytes"
     echo "$PIDS_CAP" > "${dirs[1]}/pids.max"
@@ -40,5 +87,5 @@ else
     echo "no cgroup memory/pids controllers: refusing to run hostile tests uncapped" >&2
     exit 1
 fi
-echo "tests capped at $((MEMORY_CAP / 1024 / 1024)) MiB and $PIDS_CAP processes"
+echo "tests capped at $((MEMORY_CAP / 1024 / 1024)) MiB and $PIDS_CAP processes ($PYTHON)"
 "$PYTHON" -m pytest -q -p no:cacheprovider "$@"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-import tempfile
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ import sandrun
 from sandrun import httpjson
 from sandrun import identity as ident
 from sandrun.api import results, stream, uploads
+from sandrun.api.packs import PackOnce
 from sandrun.api.errors import to_api_error
 from sandrun.config import WorkerConfig
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
@@ -98,6 +98,8 @@ class _AnyPath(PathConverter):
 
 
 MAX_NONCE_CHARS = 256
+# Parses a submission body into the job directory: (content type, body, work, staging).
+Unpack = Callable[[bytes | None, Any, str, str], uploads.Submission]
 
 
 class WorkerAPI:
@@ -108,6 +110,9 @@ class WorkerAPI:
     ``runtimes`` answers ``/runtimes``.
     ``environments`` answers ``/environments`` (by default the manager's own
     ``Environments``, which also checks each manifest's template).
+    ``unpack`` parses a submission's body into the job directory (the worker
+    passes ``Unpacker.parse``, a child process with its own limits; by default
+    ``uploads.parse_submission`` in the calling thread).
     """
 
     app = Klein()
@@ -117,7 +122,8 @@ class WorkerAPI:
                  identity: ident.WorkerIdentity | None = None,
                  environments: Callable[[], dict[str, Any]] | None = None,
                  blocking: BlockingRunner | None = None,
-                 runtimes: RuntimeList | None = None) -> None:
+                 runtimes: RuntimeList | None = None,
+                 unpack: Unpack | None = None) -> None:
         self.manager = manager
         self.config = config
         self.identity = identity
@@ -125,7 +131,11 @@ class WorkerAPI:
         self.blocking = blocking or manager.blocking
         # GET /runtimes; the worker starts the probe when it starts (service.py).
         self.runtime_list = runtimes or RuntimeList(self.blocking)
+        self.unpack: Unpack = unpack or self._unpack_here
         self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
+        self.packs = PackOnce(self.blocking, pack_outputs,
+                              lambda job_id: manager.storage.pack_path(job_id),
+                              lambda job_id: manager.get(job_id) is not None)
 
     def resource(self) -> Any:
         return _Utf8Guard(self.app.resource())
@@ -163,6 +173,10 @@ class WorkerAPI:
                 if "retry_after" in error.extra else {}
             return error.status, error.body(), headers
         return None
+
+    def _unpack_here(self, kind: bytes | None, body: Any, work: str,
+                     staging: str) -> uploads.Submission:
+        return uploads.parse_submission(kind, body, work, staging, self.config.limits)
 
     def job(self, job_id: str) -> Job:
         job = self.manager.get(job_id)
@@ -235,8 +249,12 @@ class WorkerAPI:
         def queued(accepted: tuple[Job, int]) -> bytes:
             job, position = accepted
             # "queued" means accepted; position 0 says it is already running.
-            return write_json(request, {"job_id": job.id, "status": JobStatus.QUEUED.value,
-                                        "position": position})
+            answer: dict[str, Any] = {"job_id": job.id, "status": JobStatus.QUEUED.value,
+                                      "position": position}
+            if job.manifest.replicas > 1:
+                # For a coordinator, which does not parse submissions: how many to run.
+                answer["replicas"] = job.manifest.replicas
+            return write_json(request, answer)
 
         return self.accept(request).addCallback(queued)
 
@@ -281,17 +299,17 @@ class WorkerAPI:
 
         def parse() -> tuple[str, uploads.Submission]:
             base = self.manager.create_workspace(job_id)  # a tmpfs mount: kernel work
-            return base, uploads.parse_submission(kind, body, store.work_dir(base),
-                                                  store.staging_dir(base), self.config.limits)
+            return base, self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
 
         def queued(parsed: tuple[str, uploads.Submission]) -> tuple[Job, int]:
             base, submission = parsed
-            self.check_environment(submission.manifest)
+            environment = self.check_environment(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
                       submitted_at=self.manager.reactor.seconds(),
-                      log=self.manager.new_log(base), quota_exempt=exempt)
+                      log=self.manager.new_log(base), quota_exempt=exempt,
+                      environment=environment)
             return job, self.manager.submit(job)
 
         def failed(failure: Any) -> Any:
@@ -311,9 +329,10 @@ class WorkerAPI:
         d.addErrback(failed)
         return d
 
-    def check_environment(self, manifest: Manifest) -> None:
-        """400 (``EnvironmentUnavailable``) for an unknown or unbuilt template."""
-        self.manager.environments.check(manifest)
+    def check_environment(self, manifest: Manifest) -> str | None:
+        """400 (``EnvironmentUnavailable``) for an unknown or unbuilt template; else the
+        template the job gets (None: the host's interpreters alone)."""
+        return self.manager.environments.check(manifest)
 
     @app.route("/status/<string:job_id>", methods=["GET"])
     @_api
@@ -353,6 +372,7 @@ class WorkerAPI:
             return job.log.text().encode()
         return write_json(request, {"job_id": job.id, "stdout": job.log.text("stdout"),
                                     "stderr": job.log.text("stderr"),
+                                    "install": job.log.text("install"),
                                     "truncated": job.truncated})
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
@@ -381,9 +401,11 @@ class WorkerAPI:
     @_api
     def download_all(self, request: IRequest, job_id: str) -> Any:
         job = self.finished_job(job_id)
-        d = self.blocking(pack_outputs, job, self.manager.storage.uploads_dir)
+        d = self.packs.get(job)
 
-        def send(f: Any) -> Any:
+        def send(path: str) -> Any:
+            self.manager.storage.measure(job.id)  # the pack counts until the job goes
+            f = open(path, "rb")  # noqa: SIM115 (closed by the producer)
             request.setHeader(b"Content-Type", b"application/gzip")
             request.setHeader(b"Content-Disposition",
                               f'attachment; filename="{job.id}-outputs.tar.gz"'.encode())
@@ -507,14 +529,13 @@ def content_disposition(name: str) -> bytes:
             f"filename*=UTF-8''{urllib.parse.quote(name, safe='')}").encode("ascii")
 
 
-def pack_outputs(job: Job, spool_dir: str) -> Any:
-    """Every listed output in one .tar.gz (an unlinked file on the worker's tmpfs).
+def pack_outputs(job: Job, path: str) -> None:
+    """Every listed output in one .tar.gz at ``path`` (blocking).
 
     Not on the job's own tmpfs: a job that filled it could not be downloaded.
     """
     work = store.work_dir(job.base_dir)
-    out = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (returned open, to be sent)
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+    with open(path, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
         for output in job.outputs:
             try:
                 f, size = open_output(work, output.path, job.manifest.outputs)
@@ -524,6 +545,4 @@ def pack_outputs(job: Job, spool_dir: str) -> Any:
                 info = tarfile.TarInfo(output.path)
                 info.size, info.mode = size, 0o644
                 tar.addfile(info, f)
-    out.seek(0)
-    return out
 

@@ -212,6 +212,7 @@ class JobManager:
         limits = self.config.limits
         return SandboxPolicy(
             memory_bytes=job.manifest.memory_mb * MiB, pids_max=limits.max_pids,
+            cpus=job.manifest.cpus,
             timeout_seconds=float(job.manifest.timeout), cpu_seconds=job.manifest.cpu_seconds,
             output_cap_bytes=limits.output_cap_bytes, tmp_bytes=limits.tmp_mb * MiB,
             shm_bytes=limits.shm_mb * MiB, open_files=limits.max_open_files,

@@ -74,12 +74,17 @@ REQUIREMENTS_FILES = frozenset({"requirements.txt", "package.json", "Gemfile"})
 RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TERM"})
 
 MIN_MEMORY_MB = 16  # below this no interpreter starts
+MIN_CPUS = 0.01  # the kernel's smallest CPU bandwidth quota is 1 ms per 100 ms period
 # Caps that turn an exec-time E2BIG (a confusing sandbox_error) into a 400 naming the field:
 # Linux refuses any one argv/env string of 128 KiB or more (MAX_ARG_STRLEN), and all of them
 # together beyond a quarter of the stack rlimit; the sandbox's own variables need room too.
 MAX_ARG_BYTES = 128 * 1024 - 1  # one argument, or one NAME=value, in UTF-8 bytes
 MAX_ARGV_ENV_BYTES = 256 * 1024  # all arguments and env strings together, in UTF-8 bytes
+# ... and as the launch request carries them (JSON escapes: a control character takes 6
+# bytes): one message on the launcher's socket holds about 208 KiB, the policy included.
+MAX_LAUNCH_ARGV_ENV_BYTES = 192 * 1024
 MAX_OUTPUT_PATTERNS = 256  # every listed output is matched against every pattern
+MAX_REPLICAS = 16  # a coordinator's --max-replicas is lower; a worker runs one copy regardless
 
 _FIELDS = frozenset(
     {
@@ -94,7 +99,9 @@ _FIELDS = frozenset(
         "timeout",
         "memory_mb",
         "cpu_seconds",
+        "cpus",
         "gpu",
+        "replicas",
     }
 )
 _GPU_FIELDS = frozenset(
@@ -155,11 +162,15 @@ class Manifest:
     stdin: str = ""
     outputs: tuple[str, ...] = ()  # glob patterns; empty = every file
     requirements: str | None = None  # safe relative path
-    environment: str = "default"
+    environment: str | None = None  # a template; None: not named (``Registry.require``)
     timeout: int = 300  # seconds of wall-clock time
     memory_mb: int = 512  # MB of RAM
     cpu_seconds: float | None = None  # total CPU time allowed, None = no cap but timeout
+    cpus: float = 1.0  # CPU bandwidth: cores' worth of CPU time per wall second
     gpu: GpuRequest | None = None
+    # How many workers a coordinator runs the job on, comparing their signed results;
+    # a worker alone runs it once whatever this says.
+    replicas: int = 1
 
     def as_json(self) -> dict[str, Any]:
         """The canonical dict (every field, defaults filled): what ``job_hash`` covers.
@@ -179,7 +190,9 @@ class Manifest:
             "timeout": self.timeout,
             "memory_mb": self.memory_mb,
             "cpu_seconds": self.cpu_seconds,
+            "cpus": self.cpus,
             "gpu": None if self.gpu is None else self.gpu.as_json(),
+            "replicas": self.replicas,
         }
 
     def env_dict(self) -> dict[str, str]:
@@ -326,12 +339,14 @@ def parse_manifest(
                 "requirements", "must name " + ", ".join(sorted(REQUIREMENTS_FILES))
             )
 
-    environment = _text(raw.get("environment", "default"), "environment", nul_ok=False)
-    if (
-        not _ENVIRONMENT_NAME.fullmatch(environment)
-        or len(environment) > limits.max_name_bytes
-    ):
-        raise ManifestError("environment", "must be a name like 'default' or 'python-3-11'")
+    environment = raw.get("environment")
+    if environment is not None:
+        environment = _text(environment, "environment", nul_ok=False)
+        if (
+            not _ENVIRONMENT_NAME.fullmatch(environment)
+            or len(environment) > limits.max_name_bytes
+        ):
+            raise ManifestError("environment", "must be a name like 'default' or 'ml-basic'")
 
     timeout = _int(raw.get("timeout", limits.default_timeout), "timeout", 1, limits.max_timeout)
     memory_mb = _int(
@@ -345,8 +360,12 @@ def parse_manifest(
         cpu_seconds = _positive_number(cpu_seconds, "cpu_seconds")
         if cpu_seconds > limits.max_cpu_seconds:
             raise ManifestError("cpu_seconds", f"at most {limits.max_cpu_seconds:g}")
+    cpus = _positive_number(raw.get("cpus", limits.default_cpus), "cpus")
+    if cpus > limits.max_cpus or cpus < MIN_CPUS:
+        raise ManifestError("cpus", f"between {MIN_CPUS:g} and {limits.max_cpus:g}")
 
     gpu = raw.get("gpu")
+    replicas = _int(raw.get("replicas", 1), "replicas", 1, MAX_REPLICAS)
     return Manifest(
         entrypoint=entrypoint,
         interpreter=interpreter,
@@ -359,7 +378,9 @@ def parse_manifest(
         timeout=timeout,
         memory_mb=memory_mb,
         cpu_seconds=cpu_seconds,
+        cpus=cpus,
         gpu=None if gpu is None else _gpu(gpu),
+        replicas=replicas,
     )
 
 
@@ -455,6 +476,14 @@ def _check_exec_sizes(args: tuple[str, ...], env: tuple[tuple[str, str], ...]) -
         total += size
         if total > MAX_ARGV_ENV_BYTES:
             raise ManifestError("env", f"args and env more than {MAX_ARGV_ENV_BYTES} bytes")
+    encoded = len(json.dumps(list(args)))
+    if encoded > MAX_LAUNCH_ARGV_ENV_BYTES:
+        raise ManifestError("args", f"more than {MAX_LAUNCH_ARGV_ENV_BYTES} bytes as JSON "
+                            "(a control character counts 6)")
+    encoded += len(json.dumps([list(pair) for pair in env]))
+    if encoded > MAX_LAUNCH_ARGV_ENV_BYTES:
+        raise ManifestError("env", f"args and env more than {MAX_LAUNCH_ARGV_ENV_BYTES} bytes "
+                            "as JSON (a control character counts 6)")
 
 
 def _glob(value: object, field: str, limits: Limits) -> str:

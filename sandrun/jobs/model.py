@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import datetime
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ EndListener = Callable[["Job"], None]
 
 COALESCE_BYTES = 64 * 1024  # output held back is published once it reaches this many bytes
 COALESCE_SECONDS = 0.05  # at most one chunk per stream this often while output is dense
-_STREAMS = ("stdout", "stderr")
+# The job's own output, then the dependency install step's (never mixed into the job's).
+_STREAMS = ("stdout", "stderr", "install")
+PROGRAM_STREAMS = ("stdout", "stderr")
 
 
 class LogChunks(Sequence[tuple[str, bytes]]):
@@ -138,7 +141,10 @@ class JobLog:
 
     def __init__(self, path: str | None = None, clock: Any = None) -> None:  # IReactorTime
         self.chunks = LogChunks(path)
-        self.sizes = {"stdout": 0, "stderr": 0}
+        self.sizes = {"stdout": 0, "stderr": 0, "install": 0}
+        # Of every byte kept, per stream: signed in the result (identity.RESULT_FIELDS).
+        self.digests = {"stdout": hashlib.sha256(), "stderr": hashlib.sha256(),
+                        "install": hashlib.sha256()}
         self.listeners: list[LogListener] = []
         self._clock = clock
         self._pending = bytearray()
@@ -148,6 +154,7 @@ class JobLog:
 
     def append(self, stream: str, data: bytes) -> None:
         self.sizes[stream] += len(data)
+        self.digests[stream].update(data)
         if self._clock is None:
             self._publish(stream, data)
             return
@@ -179,9 +186,15 @@ class JobLog:
         for listener in list(self.listeners):
             listener(stream, data)
 
+    def sha256(self, stream: str) -> str:
+        """The sha256 hex of everything ``stream`` kept so far."""
+        return self.digests[stream].hexdigest()
+
     def text(self, stream: str | None = None) -> str:
-        parts = [d for s, d in self.chunks if stream is None or s == stream]
-        if self._pending and stream in (None, self._pending_stream):
+        """One stream's text; None: the program's stdout and stderr, in arrival order."""
+        wanted = PROGRAM_STREAMS if stream is None else (stream,)
+        parts = [d for s, d in self.chunks if s in wanted]
+        if self._pending and self._pending_stream in wanted:
             parts.append(bytes(self._pending))
         return b"".join(parts).decode("utf-8", errors="replace")
 
@@ -229,6 +242,7 @@ class Job:
     end_listeners: list[EndListener] = field(default_factory=list)
     deleted: bool = False
     quota_exempt: bool = False  # submitted from a --quota-exempt address: never charged
+    environment: str | None = None  # the template it gets; None: the host's interpreters alone
 
     def move_to(self, status: JobStatus) -> None:
         if status not in TRANSITIONS[self.status]:
@@ -246,8 +260,10 @@ class Job:
                 "exit_code": self.exit_code, "signal": self.signal,
                 "reason": self.reason.value if self.reason else None,
                 "message": self.message,
-                "environment": self.manifest.environment,
-                "interpreter": self.manifest.interpreter}
+                "environment": self.environment or "none",
+                "interpreter": self.manifest.interpreter,
+                "stdout_sha256": self.log.sha256("stdout") if self.finished else None,
+                "stderr_sha256": self.log.sha256("stderr") if self.finished else None}
 
     def signed_result(self, worker_id: str | None) -> dict[str, Any]:
         """The fields a signature covers (see ``identity.RESULT_FIELDS``)."""
@@ -258,4 +274,6 @@ class Job:
                 "memory_peak_bytes": self.memory_peak_bytes,
                 "wall_time_ms": round(self.wall_time_ms, 3),
                 "finished_at": iso(self.finished_at),
-                "outputs": {o.path: o.sha256 for o in self.outputs}}
+                "outputs": {o.path: o.sha256 for o in self.outputs},
+                "stdout_sha256": self.log.sha256("stdout"),
+                "stderr_sha256": self.log.sha256("stderr")}

@@ -40,25 +40,33 @@ class StateDirInUse(Exception):
     """Another worker holds the state directory: starting would destroy its jobs."""
 
 
+PARTIAL = ".part"  # suffix of a pack still being written
+INODE_BYTES = 1024  # what a file or directory costs in kernel memory, charged as storage
+
+
 class Storage:
     """The worker's tmpfs mounts and a running total of the job data they hold.
 
-    The total is kept per job (``measure`` after the upload is written and at
-    the job's end, dropped on ``delete``), so checking the cap on a submission
-    costs nothing however many jobs are held.  ``create``, ``measure`` and
-    ``delete`` may run in threads (mounting and unmounting are kernel work kept
-    off the reactor): the figures are kept under a lock.
+    The total is kept per job (``measure``: after the upload is written, at the
+    job's end and once its outputs are packed; dropped on ``delete``), so checking
+    the cap on a submission costs nothing however many jobs are held.  ``create``,
+    ``measure`` and ``delete`` may run in threads (mounting and unmounting are
+    kernel work kept off the reactor): the figures are kept under a lock.
     """
 
-    def __init__(self, state_dir: str, job_dir_bytes: int, total_bytes: int) -> None:
+    def __init__(self, state_dir: str, job_dir_bytes: int, total_bytes: int,
+                 job_dir_inodes: int = 0) -> None:
         self.state_dir = state_dir
         self.jobs_dir = os.path.join(state_dir, "jobs")
         self.uploads_dir = os.path.join(state_dir, "uploads")
         self.job_dir_bytes = job_dir_bytes
+        # Files and directories a job's tmpfs may hold (0: the kernel's default, half
+        # the RAM's pages): each costs kernel memory that no byte limit counts.
+        self.job_dir_inodes = job_dir_inodes
         self.total_bytes = total_bytes or _quarter_of_ram()
         self._lock: int | None = None
         self._figures = threading.Lock()
-        self._sizes: dict[str, int] = {}  # job id -> bytes last measured on its tmpfs
+        self._sizes: dict[str, int] = {}  # job id -> bytes last measured for it
         self._used = 0
 
     def _take_lock(self) -> None:
@@ -112,11 +120,8 @@ class Storage:
             self._lock = None
 
     def used_bytes(self) -> int:
-        """Bytes held by all jobs' tmpfs, as last measured (a running total)."""
+        """Bytes held by all jobs (tmpfs pages, inodes, logs, packs), as last measured."""
         return self._used
-
-    def jobs_held(self) -> int:
-        return len(self._sizes)
 
     def create(self, job_id: str) -> str:
         """Mount a fresh tmpfs for a job; returns the job's base directory."""
@@ -127,8 +132,9 @@ class Storage:
         base = os.path.join(self.jobs_dir, job_id)
         try:
             os.mkdir(base, 0o700)
+            inodes = f",nr_inodes={self.job_dir_inodes}" if self.job_dir_inodes else ""
             ns.mount("tmpfs", base, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV,
-                     f"size={self.job_dir_bytes},mode=0711")
+                     f"size={self.job_dir_bytes},mode=0711{inodes}")
             os.mkdir(os.path.join(base, "work"), 0o755)
             os.mkdir(os.path.join(base, "staging"), 0o700)
         except OSError:
@@ -137,12 +143,24 @@ class Storage:
         return base
 
     def measure(self, job_id: str) -> int:
-        """Measure a job's tmpfs now and update the total; its bytes (0 once deleted)."""
+        """Measure what a job holds now and update the total; its bytes (0 once deleted).
+
+        Its tmpfs (pages, and each file's inode: an empty file takes no block, but
+        kernel memory all the same), its output log and its download pack.
+        """
+        base = os.path.join(self.jobs_dir, job_id)
+        used = 0
         try:
-            st = os.statvfs(os.path.join(self.jobs_dir, job_id))
+            st = os.statvfs(base)
+            used += (st.f_blocks - st.f_bfree) * st.f_frsize
+            used += (st.f_files - st.f_ffree) * INODE_BYTES
         except OSError:
-            return 0
-        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+            pass
+        for path in (base + ".log", self.pack_path(job_id), self.pack_path(job_id) + PARTIAL):
+            try:
+                used += os.lstat(path).st_blocks * 512
+            except OSError:
+                continue
         with self._figures:
             if job_id not in self._sizes:  # deleted meanwhile
                 return 0
@@ -151,10 +169,21 @@ class Storage:
         return used
 
     def delete(self, job_id: str) -> None:
-        """Unmount and remove a job's tmpfs (kernel work: run it in a thread)."""
+        """Remove a job's tmpfs and its download pack.  Blocking: unmounting a tmpfs
+        frees every file in it (a million of them take seconds); call it from a thread."""
         with self._figures:
             self._used -= self._sizes.pop(job_id, 0)
         self._remove(os.path.join(self.jobs_dir, job_id))
+        for path in (self.pack_path(job_id), self.pack_path(job_id) + PARTIAL):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def pack_path(self, job_id: str) -> str:
+        """Where a job's outputs are packed for ``/download``, once (on the state tmpfs,
+        counted in ``used_bytes``)."""
+        return os.path.join(self.jobs_dir, job_id + ".tar.gz")
 
     def _remove(self, base: str) -> None:
         if _is_mountpoint(base):

@@ -31,10 +31,11 @@ import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Literal, Union
+from typing import BinaryIO, Union
 
 from sandrun.config import Limits
 from sandrun.jobs.manifest import relative_path_problem
+from sandrun.jobs.tarcheck import MAX_EXTENDED_HEADER, ArchiveRefused, CheckedTarStream
 
 __all__ = [
     "CHUNK_BYTES",
@@ -60,7 +61,6 @@ CHUNK_BYTES = 64 * 1024  # copy unit: bounds the worker's memory per upload
 MAX_OUTPUT_FILES = 10_000  # most files list_outputs reports
 MAX_OUTPUT_DEPTH = 64  # directories deeper than this are neither listed nor served
 MAX_SCANNED_ENTRIES = 200_000  # directory entries list_outputs looks at before it stops
-_MAX_EXTENDED_HEADER = 64 * 1024  # pax / GNU long-name header bytes (tarfile reads them whole)
 _OUTPUT_PATH_LIMITS = Limits(max_name_bytes=255, max_path_bytes=4096)  # Linux NAME_MAX, PATH_MAX
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -170,25 +170,26 @@ def extract_archive(
 
     Only gzip and plain tar are accepted (sniffed from the first bytes, not
     ``r|*``): xz and bzip2 decoders can be made to allocate far more memory
-    than the upload's size.  Member names are normalised (``./a//b`` is
+    than the upload's size.  Every header passes ``tarcheck`` before tarfile
+    reads it (no sparse members, extended headers bounded in size and number,
+    a truncated archive refused as such).  Member names are normalised (``./a//b`` is
     ``a/b``).  Setuid, setgid and sticky bits, owners and times are never
     applied: files get 0o755 when any exec bit is set, else 0o644.
     Errors about the archive as a whole name ``archive_name``.
     """
-    head = fileobj.read(2)
-    stream = _Prefixed(head, fileobj)
-    mode: Literal["r|gz", "r|"] = "r|gz" if head == b"\x1f\x8b" else "r|"
+    stream = CheckedTarStream(fileobj, CHUNK_BYTES)
     stored: list[InputFile] = []
     with _dir_fd(dest) as root:
         try:
-            # mypy picks no overload for a union of two literal modes, each of which has one.
-            tar = tarfile.open(  # type: ignore[call-overload]
+            tar = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115 (closed below)
                 fileobj=stream,
-                mode=mode,
+                mode="r|",
                 tarinfo=_GuardedTarInfo,
                 encoding="utf-8",
                 errors="surrogateescape",
             )
+        except ArchiveRefused as e:
+            raise UploadError(archive_name, str(e)) from None
         except _CorruptArchive as e:
             raise UploadError(archive_name, f"corrupt archive ({e})") from None
         except _ARCHIVE_ERRORS as e:
@@ -198,6 +199,8 @@ def extract_archive(
             while True:
                 try:
                     member = tar.next()
+                except ArchiveRefused as e:
+                    raise UploadError(archive_name, str(e)) from None
                 except _ARCHIVE_ERRORS as e:
                     raise UploadError(archive_name, f"corrupt archive ({e})") from None
                 if member is None:
@@ -219,7 +222,7 @@ def extract_archive(
                 executable = bool(member.mode & 0o111)
                 stored.append(
                     _write_file(
-                        root, path, _read_member(data, member.name), member.name,
+                        root, path, _read_member(data, member.name, archive_name), member.name,
                         inputs, executable=executable, owner=owner,
                     )
                 )
@@ -351,7 +354,7 @@ class _GuardedTarInfo(tarfile.TarInfo):
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise _CorruptArchive(f"{self.name}: sparse files are not accepted")
-        if self.type in _EXTENDED_HEADERS and self.size > _MAX_EXTENDED_HEADER:
+        if self.type in _EXTENDED_HEADERS and self.size > MAX_EXTENDED_HEADER:
             raise _CorruptArchive(f"extended header of {self.size} bytes")
         result: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
         return result
@@ -389,29 +392,12 @@ def _member_path(member: tarfile.TarInfo, limits: Limits) -> str | None:
     return path
 
 
-class _Prefixed:
-    """``fileobj`` with ``head`` (bytes already read from it) put back in front."""
-
-    def __init__(self, head: bytes, fileobj: BinaryIO) -> None:
-        self._head = head
-        self._fileobj = fileobj
-
-    def read(self, size: int = -1) -> bytes:
-        if not self._head:
-            return self._fileobj.read(size)
-        if size < 0:
-            data, self._head = self._head + self._fileobj.read(), b""
-            return data
-        data, self._head = self._head[:size], self._head[size:]
-        if len(data) < size:
-            data += self._fileobj.read(size - len(data))
-        return data
-
-
-def _read_member(data: BinaryIO, member: str) -> Iterator[bytes]:
+def _read_member(data: BinaryIO, member: str, archive_name: str) -> Iterator[bytes]:
     while True:
         try:
             chunk = data.read(CHUNK_BYTES)
+        except ArchiveRefused as e:
+            raise UploadError(archive_name, str(e)) from None
         except (*_ARCHIVE_ERRORS, OSError) as e:
             raise UploadError(member, f"archive is truncated or corrupt ({e})") from None
         if not chunk:

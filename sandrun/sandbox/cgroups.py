@@ -5,10 +5,21 @@ directory named after the worker instance, so an outer cap around the worker
 (a test suite's own cgroup, a systemd slice) also caps its jobs, and two
 workers on one host never clean up each other's jobs.
 
-v1 uses the ``memory``, ``pids`` and ``cpuacct`` hierarchies; v2 the unified
-hierarchy with ``memory``, ``pids`` and ``cpu`` enabled.  On v2 the launcher
-moves itself into a ``supervisor`` leaf first, because a cgroup that holds
-processes may not enable controllers for its children.
+v1 uses the ``memory``, ``pids``, ``cpuacct`` and ``cpu`` hierarchies (the last
+two are often one, co-mounted); v2 the unified hierarchy with ``memory``,
+``pids`` and ``cpu`` enabled.  A job's CPU bandwidth is capped (``set_cpu_limit``).
+
+On v2 the worker needs a delegated subtree: a cgroup that holds no process but
+its own (the worker and the launcher), with the three controllers available,
+such as a systemd unit's cgroup with ``Delegate=yes``, a container's own cgroup
+namespace, or the root cgroup.  Because a non-root cgroup that holds
+processes may not enable controllers for its children (the "no internal
+processes" rule), the launcher first moves the worker and itself, and nothing
+else, into a ``supervisor`` leaf; its job cgroups go into a sibling directory
+named after the instance.  Started again from that leaf, it uses the same
+subtree instead of nesting a level deeper.  A cgroup that also holds other
+processes (a login session's scope) is refused with one line saying what to
+do: ``DelegationError``, which ``sandrun serve`` checks before it starts.
 
 A job's cgroup is made before the job is known, for the spare process that
 will run it (see ``launcher``), and the spare moves itself in (through
@@ -32,11 +43,32 @@ import time
 from dataclasses import dataclass
 
 ROOT = "/sys/fs/cgroup"
-V1_CONTROLLERS = ("memory", "pids", "cpuacct")
+V1_CONTROLLERS = ("memory", "pids", "cpuacct", "cpu")
+CPU_PERIOD_US = 100_000  # the bandwidth period; a job gets cpus x this much CPU time in each
+V2_CONTROLLERS = ("memory", "pids", "cpu")
+SUPERVISOR = "supervisor"  # v2: the leaf the worker and its launcher move into
+HOW_TO_DELEGATE = ("run Sandrun as its systemd unit (sandrun install-service) or under "
+                   "`systemd-run --scope -p Delegate=yes sandrun serve`")
 
 
 class CgroupError(Exception):
     pass
+
+
+class DelegationError(CgroupError):
+    """cgroup v2: the cgroup Sandrun started in cannot hold its job cgroups (one line)."""
+
+
+def parse_keyed(text: str) -> dict[str, int]:
+    """A flat-keyed cgroup file (``cpu.stat``, ``memory.events``): ``key value`` per line."""
+    values = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            values[key] = int(value)
+        except ValueError:
+            continue
+    return values
 
 
 def _write(path: str, value: str) -> None:
@@ -57,9 +89,9 @@ def _read(path: str) -> str:
         os.close(fd)
 
 
-def _own_cgroup(controller: str | None) -> str:
+def _own_cgroup(controller: str | None, proc_file: str = "/proc/self/cgroup") -> str:
     """Our cgroup path in the named v1 hierarchy, or the v2 one for ``None``."""
-    for line in _read("/proc/self/cgroup").splitlines():
+    for line in _read(proc_file).splitlines():
         _, controllers, path = line.split(":", 2)
         if controller is None and controllers == "":
             return path
@@ -96,6 +128,53 @@ def _rmdir(path: str) -> None:
     raise CgroupError(f"cgroup {path} still busy")
 
 
+def _relative(root: str, path: str) -> str:
+    """A cgroup's path as /proc/<pid>/cgroup names it."""
+    rel = os.path.relpath(path, root)
+    return "/" if rel == "." else "/" + rel
+
+
+def _procs(directory: str) -> set[int]:
+    return {int(p) for p in _read(os.path.join(directory, "cgroup.procs")).split()}
+
+
+def locate_v2(root: str = ROOT, ours: frozenset[int] = frozenset(),
+              proc_file: str = "/proc/self/cgroup") -> tuple[str, list[int]]:
+    """Where this worker's v2 subtree is, and which of its processes must move to its leaf.
+
+    The subtree is the cgroup we were started in (or the one above, if that is
+    our own ``supervisor`` leaf from an earlier start).  Raises
+    ``DelegationError`` with one line that says what to do if it lacks a
+    controller or holds processes that are not ours.
+    """
+    own = os.path.normpath(os.path.join(root, _own_cgroup(None, proc_file).lstrip("/")))
+    if own != root and os.path.basename(own) == SUPERVISOR:
+        own = os.path.dirname(own)
+    where = _relative(root, own)
+    if not os.access(os.path.join(own, "cgroup.procs"), os.W_OK):
+        raise DelegationError(
+            f"cgroup v2: {where} is not writable here (/sys/fs/cgroup mounted read-only?); "
+            f"in a container: --privileged --cgroupns=private; else {HOW_TO_DELEGATE}")
+    available = set(_read(os.path.join(own, "cgroup.controllers")).split())
+    missing = [c for c in V2_CONTROLLERS if c not in available]
+    if missing:
+        raise DelegationError(
+            f"cgroup v2: the {', '.join(missing)} controller{'s' if len(missing) > 1 else ''} "
+            f"not available in {where} (not delegated to it); {HOW_TO_DELEGATE}")
+    # The real root cgroup may hold processes and still give its children controllers;
+    # every other cgroup (a cgroup namespace's root included) has a cgroup.type.
+    if not os.path.exists(os.path.join(own, "cgroup.type")):
+        return own, []
+    inside = _procs(own)
+    others = inside - ours
+    if others:
+        raise DelegationError(
+            f"cgroup v2: {where} also holds {len(others)} process"
+            f"{'es' if len(others) > 1 else ''} that {'are' if len(others) > 1 else 'is'} not "
+            f"Sandrun's, so it cannot be given limited child cgroups; {HOW_TO_DELEGATE}")
+    return own, sorted(inside & ours)
+
+
 @dataclass
 class JobCgroup:
     """One job's cgroup: the files the child joins and where stats are read."""
@@ -114,11 +193,8 @@ class JobCgroup:
     def _cpu_total(self) -> float:
         if self.version == 1:
             return int(_read(os.path.join(self.dirs["cpu"], "cpuacct.usage"))) / 1e9
-        for line in _read(os.path.join(self.dirs["cpu"], "cpu.stat")).splitlines():
-            key, value = line.split()
-            if key == "usage_usec":
-                return int(value) / 1e6
-        return 0.0
+        return parse_keyed(_read(os.path.join(self.dirs["cpu"], "cpu.stat"))).get(
+            "usage_usec", 0) / 1e6
 
     def memory_peak(self) -> int:
         name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
@@ -129,11 +205,7 @@ class JobCgroup:
 
     def oom_killed(self) -> bool:
         name = "memory.oom_control" if self.version == 1 else "memory.events"
-        for line in _read(os.path.join(self.dirs["memory"], name)).splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill" and int(value) > 0:
-                return True
-        return False
+        return parse_keyed(_read(os.path.join(self.dirs["memory"], name))).get("oom_kill", 0) > 0
 
     def kill(self) -> None:
         if self.version == 2:
@@ -175,11 +247,34 @@ class JobCgroup:
             _rmdir(d)
 
 
-class CgroupManager:
-    """Creates, limits and removes job cgroups for one worker instance."""
+def set_cpu_limit(version: int, directory: str, cpus: float) -> None:
+    """Cap a cgroup's CPU bandwidth at ``cpus`` cores (``cpu.max`` or CFS quota/period)."""
+    quota = max(1000, round(cpus * CPU_PERIOD_US))  # the kernel's floor is 1 ms
+    if version == 2:
+        _write(os.path.join(directory, "cpu.max"), f"{quota} {CPU_PERIOD_US}")
+        return
+    _write(os.path.join(directory, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+    _write(os.path.join(directory, "cpu.cfs_quota_us"), str(quota))
 
-    def __init__(self, instance: str, root: str = ROOT) -> None:
+
+def swap_on(proc_swaps: str) -> bool:
+    """Whether ``/proc/swaps`` lists any active swap area (its first line is a header)."""
+    return len([line for line in proc_swaps.splitlines()[1:] if line.strip()]) > 0
+
+
+class CgroupManager:
+    """Creates, limits and removes job cgroups for one worker instance.
+
+    ``ours``: the processes of this worker, which alone may be moved into the
+    ``supervisor`` leaf on v2 (the launcher passes itself and the worker);
+    ``proc_file`` says where to read our own cgroup (tests give a fake tree).
+    """
+
+    def __init__(self, instance: str, root: str = ROOT, ours: frozenset[int] | None = None,
+                 proc_file: str = "/proc/self/cgroup") -> None:
         self.root = root
+        self.ours = frozenset({os.getpid()}) if ours is None else ours
+        self.proc_file = proc_file
         self.version = self._detect()
         self.instance = instance
         self.bases = self._prepare_bases()
@@ -189,14 +284,18 @@ class CgroupManager:
             os.path.join(mem, "memory.memsw.limit_in_bytes"))
         self.v2_swap = self.version == 2 and os.path.exists(os.path.join(mem, "memory.swap.max"))
 
+    def swap_unlimited(self) -> bool:
+        """True when the host has swap on and a job's swap use cannot be capped at 0."""
+        if self.v1_memsw or self.v2_swap:
+            return False
+        try:
+            return swap_on(_read("/proc/swaps"))
+        except FileNotFoundError:  # no swap support in the kernel
+            return False
+
     def _detect(self) -> int:
-        controllers = os.path.join(self.root, "cgroup.controllers")
-        if os.path.exists(controllers):
-            have = set(_read(controllers).split())
-            missing = {"memory", "pids", "cpu"} - have
-            if missing:
-                raise CgroupError(f"cgroup v2 lacks controllers: {', '.join(sorted(missing))}")
-            return 2
+        if os.path.exists(os.path.join(self.root, "cgroup.controllers")):
+            return 2  # which controllers we may use is checked where we are (locate_v2)
         absent = [c for c in V1_CONTROLLERS if not os.path.isdir(os.path.join(self.root, c))]
         if absent:
             raise CgroupError(f"no cgroup v2 and cgroup v1 lacks: {', '.join(absent)}")
@@ -205,25 +304,34 @@ class CgroupManager:
     def _prepare_bases(self) -> dict[str, str]:
         if self.version == 1:
             bases = {}
-            for controller, key in (("memory", "memory"), ("pids", "pids"), ("cpuacct", "cpu")):
-                own = _own_cgroup(controller).lstrip("/")
+            for controller, key in (("memory", "memory"), ("pids", "pids"), ("cpuacct", "cpu"),
+                                    ("cpu", "cpu_limit")):
+                own = _own_cgroup(controller, self.proc_file).lstrip("/")
                 base = os.path.join(self.root, controller, own, self.instance)
                 os.makedirs(base, exist_ok=True)
-                bases[key] = base
+                # Resolved: co-mounted cpu,cpuacct is one directory, made once per job.
+                bases[key] = os.path.realpath(base)
             return bases
-        own = os.path.join(self.root, _own_cgroup(None).lstrip("/"))
-        base = os.path.join(own, self.instance)
-        if own != self.root and _read(os.path.join(own, "cgroup.procs")).split():
-            leaf = os.path.join(own, "supervisor")
+        subtree, movers = locate_v2(self.root, self.ours, self.proc_file)
+        enable = " ".join(f"+{c}" for c in V2_CONTROLLERS)
+        if movers:
+            leaf = os.path.join(subtree, SUPERVISOR)
             os.makedirs(leaf, exist_ok=True)
-            for pid in _read(os.path.join(own, "cgroup.procs")).split():
+            for pid in movers:
                 try:
-                    _write(os.path.join(leaf, "cgroup.procs"), pid)
+                    _write(os.path.join(leaf, "cgroup.procs"), str(pid))
                 except ProcessLookupError:
                     pass
-        _write(os.path.join(own, "cgroup.subtree_control"), "+memory +pids +cpu")
+        try:
+            _write(os.path.join(subtree, "cgroup.subtree_control"), enable)
+        except OSError as e:
+            raise DelegationError(
+                f"cgroup v2: cannot enable {', '.join(V2_CONTROLLERS)} for the children of "
+                f"{_relative(self.root, subtree)} ({e.strerror or e}); {HOW_TO_DELEGATE}"
+            ) from None
+        base = os.path.join(subtree, self.instance)
         os.makedirs(base, exist_ok=True)
-        _write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids +cpu")
+        _write(os.path.join(base, "cgroup.subtree_control"), enable)
         return {"memory": base, "pids": base, "cpu": base}
 
     def remove_bases(self) -> None:
@@ -268,7 +376,7 @@ class CgroupManager:
         return group
 
     def assign(self, group: JobCgroup, job_id: str, memory_bytes: int,
-               pids_max: int) -> JobCgroup:
+               pids_max: int, cpus: float | None = None) -> JobCgroup:
         """Give a spare's cgroup to a job: its limits, fresh statistics, its name.
 
         Fails closed: on any error the caller must not run the job.  Returns
@@ -282,12 +390,16 @@ class CgroupManager:
         else:
             _write(os.path.join(mem, "memory.max"), str(memory_bytes))
         _write(os.path.join(group.dirs["pids"], "pids.max"), str(pids_max))
+        if cpus is not None:
+            set_cpu_limit(self.version, group.dirs.get("cpu_limit", group.dirs["cpu"]), cpus)
         if self.version == 2:
             return JobCgroup(2, group.dirs, cpu_base=group._cpu_total())
         _write(os.path.join(group.dirs["cpu"], "cpuacct.usage"), "0")
         _write(os.path.join(mem, "memory.max_usage_in_bytes"), "0")  # to the current usage
+        renamed: dict[str, str] = {}  # co-mounted hierarchies share one directory
         for key, d in list(group.dirs.items()):
-            target = os.path.join(os.path.dirname(d), f"job-{job_id}")
-            os.rename(d, target)
-            group.dirs[key] = target  # so that a failure half-way still removes all
+            if d not in renamed:
+                renamed[d] = os.path.join(os.path.dirname(d), f"job-{job_id}")
+                os.rename(d, renamed[d])
+            group.dirs[key] = renamed[d]  # so that a failure half-way still removes all
         return JobCgroup(1, dict(group.dirs))

@@ -39,16 +39,19 @@ launcher -> worker
     the job's command was exec'd;
     ``{"id", "event": "setup_failed", "message"}``: a layer could not be
     applied and the job never ran (told through the spare's own socket, which
-    closes on exec, so a job cannot fake it); sent once the child is reaped
-    and its cgroup removed;
+    the job never holds, so a job cannot fake it); sent once the child is
+    reaped and its cgroup removed;
     ``{"id", "event": "exited", "wait_status", "wall_time_ms", "cpu_seconds",
     "memory_peak_bytes", "oom_killed"}`` (and ``"error"`` if the statistics
     could not be read), sent as soon as the job is reaped; its cgroup is
     removed right after, or ``{"id", "event": "cleanup_failed", "message"}``.
 
-Each job is PID 1 of its own PID namespace: the kernel kills every process it
-left, double-forked daemons included, and reaps them all before the job itself
-can be reaped, so ``exited`` means that nothing of the job runs any more.  The
+Each spare becomes the init of its job's PID namespace (see ``pid1``): PID 1,
+with the job's command as PID 2; it reaps orphans, forwards signals and, when
+the command ends, reports its wait status and exits.  The kernel then kills
+every process the job left, double-forked daemons included, and reaps them all
+before the init itself can be reaped, so ``exited`` means that nothing of the
+job runs any more.  The
 launcher holds each job's mount namespace until it is idle after the report,
 so that the unmounting happens off the way from the job's exit to its result.
 """
@@ -66,7 +69,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from sandrun.sandbox import cgroups, mounts, network, seccomp
+from sandrun.sandbox import cgroups, mounts, network, pid1, seccomp
 from sandrun.sandbox import namespaces as ns
 from sandrun.sandbox.limits import apply_rlimits
 from sandrun.sandbox.policy import LaunchRequest
@@ -109,6 +112,8 @@ class _Job:
     status: socket.socket | None  # the spare's socket, until it execs or reports
     mntns: int  # the job's mount namespace, held so that it is torn down after the report
     failure: str | None = None
+    executed: bool = False  # the init reported the command started
+    wait_status: int | None = None  # the command's, as the init reported it
 
 
 @dataclass
@@ -125,6 +130,7 @@ class Launcher:
     instance: str
     seccomp_file: str
     loopback_file: str  # the netlink request that sets lo up, from network.py
+    allow_unlimited_swap: bool = False  # start even where a job's swap cannot be capped
     spares: list[_Zygote] = field(default_factory=list)  # oldest first
     jobs: dict[int, _Job] = field(default_factory=dict)  # by pidfd
     by_id: dict[str, _Job] = field(default_factory=dict)
@@ -139,7 +145,16 @@ class Launcher:
         self.templates = os.path.join(self.state_dir, "templates")
         os.makedirs(self.root_dir, exist_ok=True)
         self.lib_dirs = mounts.host_lib_dirs()
-        self.cgroups = cgroups.CgroupManager(self.instance)
+        self.arg_area = pid1.arg_area()
+        # Ours: the launcher and the worker that started it, nothing else.
+        self.cgroups = cgroups.CgroupManager(self.instance,
+                                             ours=frozenset({os.getpid(), os.getppid()}))
+        if not self.allow_unlimited_swap and self.cgroups.swap_unlimited():
+            # Fail closed: a job's memory limit would not bound what it swaps out.
+            raise cgroups.CgroupError(
+                "swap is on and this host cannot limit a job's swap (no memory.memsw on "
+                "cgroup v1, no memory.swap.max on v2); turn swap off, enable swap "
+                "accounting, or start with --allow-unlimited-swap")
         self.stale = self.cgroups.cleanup_stale()
         with open(self.seccomp_file, "rb") as f:
             self.filters = seccomp.PreparedFilters(seccomp.split_programs(f.read()))
@@ -327,7 +342,7 @@ class Launcher:
             mntns = _open_mount_namespace(zygote.pid)
             try:
                 group = self.cgroups.assign(zygote.cgroup, job_id, request.policy.memory_bytes,
-                                            request.policy.pids_max)
+                                            request.policy.pids_max, request.policy.cpus)
             except (OSError, cgroups.CgroupError) as e:
                 raise SetupError("cgroup", e) from None
             try:
@@ -356,25 +371,53 @@ class Launcher:
         self._watch(job.pidfd, job)
         self._watch(zygote.sock.fileno(), job)
 
-    def _read_status(self, job: _Job) -> None:
-        """The spare exec'd the job (EOF) or reported a setup failure."""
+    def _read_status(self, job: _Job) -> bool:
+        """One report of the job's init (see ``pid1``): started, setup failed, or exited.
+
+        False if there was none to read.
+        """
         assert job.status is not None
         try:
             report = job.status.recv(4096)
         except BlockingIOError:
-            return
+            return False
         except OSError as e:
-            report = f"status: {e}".encode()
-        self._unwatch(job.status.fileno())
-        job.status.close()
-        job.status = None
-        if report:
-            job.failure = report.decode(errors="replace")
-        else:
+            report = pid1.FAILED + f"status: {e}".encode()
+        kind, body = report[:1], report[1:]
+        if kind == pid1.STARTED and not job.executed and job.failure is None:
+            job.executed = True
             self.spare_deaths = 0
             self.send({"id": job.id, "event": "started", "pid": job.pid,
                        "cgroup": {"version": job.cgroup.version, "dirs": job.cgroup.dirs,
                                   "cpu_base": job.cgroup.cpu_base}})
+            # The exit report follows on the same socket, sent before the init exits:
+            # it is read when the init is reaped, which saves the launcher a wake-up.
+            self._unwatch(job.status.fileno())
+            return True
+        if kind == pid1.EXITED and job.executed:
+            try:
+                job.wait_status = int(body)
+            except ValueError:
+                pass  # then the init's own status stands
+        elif report and not job.executed:
+            job.failure = body.decode(errors="replace") if kind == pid1.FAILED \
+                else report.decode(errors="replace")
+        self._close_status(job)  # EOF, the exit, or a failure: nothing more comes
+        return True
+
+    def _close_status(self, job: _Job) -> None:
+        assert job.status is not None
+        if self.watched.get(job.status.fileno()) is job:
+            self._unwatch(job.status.fileno())
+        job.status.close()
+        job.status = None
+
+    def _read_reports(self, job: _Job) -> None:
+        """At the job's end: what its init reported and the launcher has not read yet."""
+        while job.status is not None and self._read_status(job):
+            pass
+        if job.status is not None:  # nothing more to read, though it is gone
+            self._close_status(job)
 
     def _kill(self, job: _Job) -> None:
         # The job is not reaped until its pidfd fires, so its pid cannot have been reused.
@@ -385,16 +428,14 @@ class Launcher:
         job.cgroup.kill()
 
     def _reap(self, job: _Job) -> None:
-        if job.status is not None:  # it exited before its status was read
-            self._read_status(job)
-        if job.status is not None:  # nothing to read, though it is gone: not exec'd
-            self._unwatch(job.status.fileno())
-            job.status.close()
-            job.status = None
+        if job.status is not None:
+            self._read_reports(job)
         self._unwatch(job.pidfd)
         del self.jobs[job.pidfd]
         del self.by_id[job.id]
         _, wait_status, _ = os.wait4(job.pid, 0)
+        if job.wait_status is not None:
+            wait_status = job.wait_status  # the command's own; the init exits with 128 + a signal
         os.close(job.pidfd)
         wall_ms = (time.monotonic() - job.started) * 1000
         if job.mntns >= 0:
@@ -492,6 +533,8 @@ class Launcher:
             mounts.prepare_root(self.root_dir, self.templates, self.lib_dirs)
             step = "capabilities"
             os.setgroups([])  # the same for every job, so done here
+            step = "init"
+            pid1.prepare(self.arg_area)
             ns.warm_up()
             _warm_up()
             # Last: while a process moves into a cgroup, forks wait (see cgroups), and
@@ -512,14 +555,18 @@ class Launcher:
         if not data:
             os._exit(0)  # the launcher let this spare go
         if error is None:
-            error = self._launch(data, fds)  # returns only on failure
+            error = self._launch(data, fds, channel)  # returns only on failure
         try:
-            channel.send(error.encode()[:4000])
+            channel.send(pid1.FAILED + error.encode()[:4000])
         finally:
             os._exit(127)
 
-    def _launch(self, data: bytes, fds: list[int]) -> str:
-        """Between fork and exec: apply the job's layers in security order, or say which failed."""
+    def _launch(self, data: bytes, fds: list[int], channel: socket.socket) -> str:
+        """Apply the job's layers in security order and become its init, or say which failed.
+
+        The layers are applied to this process, the init, and the job's command
+        inherits every one of them.
+        """
         step = "request"
         try:
             request = LaunchRequest.from_wire(json.loads(data)["request"])
@@ -544,8 +591,9 @@ class Launcher:
             os.setresgid(request.gid, request.gid, request.gid)
             os.setresuid(request.uid, request.uid, request.uid)
             ns.clear_capabilities()
-            # Set after the uid change, which would reset it.
+            # Set after the uid change, which would reset them.
             ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)
+            pid1.harden()
             step = "no_new_privs"
             ns.prctl(ns.PR_SET_NO_NEW_PRIVS, 1)
             step = "descriptors"
@@ -553,10 +601,10 @@ class Launcher:
             step = "seccomp"
             self.filters.load()
             step = "exec"
-            os.execvpe(request.argv[0], list(request.argv), request.environment())
+            child = pid1.spawn(list(request.argv), request.environment())
         except BaseException as e:  # noqa: B036 - anything at all must be reported
             return f"{step}: {e}"
-        return f"{step}: returned"  # not reached: execvpe returns only by raising
+        pid1.supervise(child, channel)
 
 
 def _open_mount_namespace(pid: int) -> int:
@@ -589,6 +637,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instance", required=True, help="cgroup directory name")
     parser.add_argument("--seccomp", required=True, help="BPF programs from seccomp.py")
     parser.add_argument("--loopback", required=True, help="netlink request from network.py")
+    parser.add_argument("--allow-unlimited-swap", action="store_true",
+                        help="start even where a job's swap use cannot be capped")
     args = parser.parse_args(argv)
     ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the worker
     # Python ignores these; an ignored signal stays ignored across exec, and the
@@ -598,9 +648,12 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(fileno=args.fd)
     try:
         ns.drop_bounding_set(ns.last_capability())
-        launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp, args.loopback)
+        launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp, args.loopback,
+                            allow_unlimited_swap=args.allow_unlimited_swap)
     except Exception as e:
-        sock.send(json.dumps({"event": "fatal", "message": f"{type(e).__name__}: {e}"}).encode(),
+        # A DelegationError is already the one line that says what to do.
+        message = str(e) if isinstance(e, cgroups.DelegationError) else f"{type(e).__name__}: {e}"
+        sock.send(json.dumps({"event": "fatal", "message": message}).encode(),
                   socket.MSG_NOSIGNAL)
         sys.exit(1)
     launcher.serve()

@@ -16,6 +16,7 @@ class SandboxPolicy:
 
     memory_bytes: int = 512 * MiB  # cgroup memory limit, bytes; swap off; tmpfs pages count
     pids_max: int = 128  # cgroup pids.max: processes and threads
+    cpus: float = 1.0  # CPU bandwidth (cgroup cpu.max / cfs_quota_us): cores, 1.0 = one core
     timeout_seconds: float = 300.0  # wall clock, then every process of the job is killed
     cpu_seconds: float | None = None  # total CPU time of the job's cgroup; None = no cap
     output_cap_bytes: int = 10 * MiB  # captured per stream (stdout, stderr), then output_limit

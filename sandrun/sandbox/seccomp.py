@@ -55,7 +55,7 @@ sched_yield select semctl semget semop semtimedop sendfile sendmmsg sendmsg send
 set_robust_list set_thread_area set_tid_address setfsgid setfsuid setgid setgroups
 setitimer setpgid setpriority setregid setresgid setresuid setreuid setrlimit setsid
 setsockopt setuid shmat shmctl shmdt shmget shutdown sigaltstack signalfd signalfd4
-splice stat statfs statx symlink symlinkat sync sync_file_range syncfs sysinfo tee tgkill
+splice stat statfs statx symlink symlinkat sync_file_range sysinfo tee tgkill
 time timer_create timer_delete timer_getoverrun timer_gettime timer_settime timerfd_create
 timerfd_gettime timerfd_settime times tkill truncate umask uname unlink unlinkat utime
 utimensat utimes vfork wait4 waitid write writev
@@ -67,6 +67,7 @@ ptrace process_vm_readv process_vm_writev mount umount2 pivot_root chroot unshar
 keyctl add_key request_key bpf perf_event_open userfaultfd io_uring_setup io_uring_enter
 io_uring_register kexec_load kexec_file_load init_module finit_module delete_module reboot
 swapon swapoff acct quotactl open_by_handle_at name_to_handle_at lookup_dcookie syslog
+sync syncfs
 """.split()
 
 ALLOWED_SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6

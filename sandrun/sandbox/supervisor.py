@@ -148,8 +148,9 @@ class Sandbox:
     """Runs jobs through one launcher process; one instance per worker."""
 
     def __init__(self, reactor: Any, state_dir: str, instance: str, slots: int,
-                 uid_base: int = 60000) -> None:
+                 uid_base: int = 60000, allow_unlimited_swap: bool = False) -> None:
         self.reactor = reactor
+        self.allow_unlimited_swap = allow_unlimited_swap
         self.state_dir = state_dir
         self.instance = instance
         self.uid_base = uid_base
@@ -192,7 +193,8 @@ class Sandbox:
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", bootstrap, "--fd", str(theirs.fileno()),
              "--state-dir", self.state_dir, "--instance", self.instance,
-             "--seccomp", bpf, "--loopback", loopback],
+             "--seccomp", bpf, "--loopback", loopback,
+             *(["--allow-unlimited-swap"] if self.allow_unlimited_swap else [])],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         self._sock = ours

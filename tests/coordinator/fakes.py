@@ -4,6 +4,9 @@ sandbox, wired to a real coordinator app through in-memory HTTP, all on one ``Cl
 - ``FakeSandbox`` runs nothing. A job whose entrypoint contains ``HOLD`` stays running
   until the test calls ``finish``; any other job prints ``hello``, writes
   ``out.txt`` (and ``big.bin`` when the code says ``BIG``) and completes at once.
+  A sandbox with ``tamper`` set does one thing differently ("stdout": prints
+  ``HELLO``; "output": writes another ``out.txt``; "exit_code": exits 1), and its
+  worker signs that result with its own key, as a faulty or dishonest worker would.
 - ``FakeNetwork`` is an ``IAgent`` that sends each request to the worker app at the
   URL's host and port, or fails with "connection refused" for one that is down.
 - ``Pool`` builds the workers, the network and the coordinator (its real
@@ -30,6 +33,7 @@ from zope.interface import implementer
 
 from coordinator.config import CoordinatorConfig, PoolQuota, WorkerEntry
 from coordinator.health import HealthChecker
+from coordinator.jobids import worker_tag
 from coordinator.proxy import CoordinatorAPI
 from coordinator.registry import WorkerRegistry
 from coordinator.worker_client import WorkerClient
@@ -67,6 +71,7 @@ class FakeRun:
 class FakeSandbox:
     def __init__(self) -> None:
         self.runs: dict[str, FakeRun] = {}
+        self.tamper: str | None = None  # "stdout", "output" or "exit_code"
         self._slots = 0
 
     def take_slot(self) -> Slot:
@@ -86,13 +91,16 @@ class FakeSandbox:
         self.runs[job_id] = run
         code = _read(os.path.join(job_dir, argv[-1])) if argv else ""
         if "HOLD" not in code:
-            on_output("stdout", b"hello\n")
+            on_output("stdout", b"HELLO\n" if self.tamper == "stdout" else b"hello\n")
             with open(os.path.join(job_dir, "out.txt"), "w") as f:
-                f.write("result")
+                f.write("forged" if self.tamper == "output" else "result")
             if "BIG" in code:
                 with open(os.path.join(job_dir, "big.bin"), "wb") as f:
                     f.write(bytes(range(256)) * (BIG_BYTES // 256))
-            run.finish()
+            if self.tamper == "exit_code":
+                run.finish(Reason.EXIT_NONZERO, 1)
+            else:
+                run.finish()
         return run.done
 
     def kill(self, job_id: str, reason: Reason) -> None:
@@ -195,7 +203,8 @@ class Pool:
     def __init__(self, root: str, count: int = 3, *, max_concurrent_jobs: int | None = None,
                  quotas: PoolQuota | None = None, worker_quotas: QuotaConfig = ROOMY,
                  identities: list[ident.WorkerIdentity | None] | None = None,
-                 configured_ids: list[str] | None = None, queue_size: int = 10) -> None:
+                 configured_ids: list[str] | None = None, queue_size: int = 10,
+                 **config: Any) -> None:
         self.root = root
         self.clock = task.Clock()
         self.clock.advance(START)
@@ -213,13 +222,15 @@ class Pool:
                              for i, worker_id in enumerate(ids))
         self.config = CoordinatorConfig(health_interval=5.0, health_timeout=2.0,
                                         trusted_proxies=("127.0.0.1",),
-                                        quotas=quotas or PoolQuota(1000.0, 100, 1000))
+                                        quotas=quotas or PoolQuota(1000.0, 100, 1000),
+                                        **config)
         self.cooperator = task.Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
         self.start_coordinator()
 
     def start_coordinator(self) -> None:
         """A fresh coordinator process: new registry, nothing remembered."""
-        self.registry = WorkerRegistry(self.entries)
+        self.registry = WorkerRegistry(self.entries,
+                                       max_disagreements=self.config.max_disagreements)
         self.client = WorkerClient(self.clock, HTTPClient(self.network),
                                    cooperator=self.cooperator)
         self.health = HealthChecker(self.clock, self.registry, self.client,
@@ -229,8 +240,14 @@ class Pool:
         self.stub = StubTreq(self.api.resource())
 
     def worker_for(self, job_id: str) -> int:
+        """Which worker runs ``job_id`` (listed or open: by the tag of its key)."""
         tag = job_id.split(".")[0]
-        return next(i for i, e in enumerate(self.entries) if e.tag == tag)
+        return next(i for i, identity in enumerate(self.identities)
+                    if identity is not None and worker_tag(identity.worker_id) == tag)
+
+    def workers_for(self, job_id: str) -> list[int]:
+        """Where each replica of a (replicated) job runs, first replica first."""
+        return [self.worker_for(part) for part in job_id.split("~")]
 
     # -- driving -------------------------------------------------------------------
 
@@ -306,8 +323,9 @@ class Pool:
         return self.request("POST", "/submit", json.dumps(document).encode(),
                             {"Content-Type": "application/json", "X-Forwarded-For": client})
 
-    def submit(self, code: str = "print(1)", client: str = "192.0.2.10") -> str:
-        reply = self.post_submit(code, client)
+    def submit(self, code: str = "print(1)", client: str = "192.0.2.10",
+               manifest: dict[str, Any] | None = None) -> str:
+        reply = self.post_submit(code, client, manifest)
         assert reply.status == 200, (reply.status, reply.body)
         job_id: str = reply.json()["job_id"]
         return job_id

@@ -7,7 +7,7 @@ instead of at the host's.  The per-job limits are then proven with benign
 probes (``proven_limits``) before any bomb relies on them.
 
 After every test, ``no_leftovers`` checks that no process of the sandbox's
-uids and no ``job-*`` cgroup remains; at the end of the session the same is
+uids and no job cgroup remains; at the end of the session the same is
 checked for the whole 60000-60099 range within this suite's cgroups.
 """
 
@@ -29,6 +29,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
+from bench.common import job_cgroups_in
 from sandrun.sandbox.policy import MiB, SandboxPolicy
 from sandrun.sandbox.supervisor import Sandbox, SandboxResult
 from sandrun.wire import Reason
@@ -91,13 +92,15 @@ class OuterCap:
 def _make_outer_cap(instance: str) -> OuterCap:
     name = f"sandrun-suite-{uuid.uuid4().hex[:8]}"
     if os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
-        own = os.path.join(CGROUP_ROOT, _own_cgroup(None).lstrip("/"))
-        suite = os.path.join(own, name)
+        parent, home = _v2_place_for_suite()
+        suite = os.path.join(parent, name)
         os.mkdir(suite)
         _write(os.path.join(suite, "memory.max"), str(SUITE_MEMORY_BYTES))
         _write(os.path.join(suite, "pids.max"), str(SUITE_PIDS_MAX))
         _write(os.path.join(suite, "cgroup.procs"), str(os.getpid()))
-        return OuterCap(2, {"memory": suite}, {"memory": own}, instance)
+        # The launcher moves this process and itself into suite/supervisor, and
+        # makes the instance's directory beside it.
+        return OuterCap(2, {"memory": suite}, {"memory": home}, instance)
     dirs, home = {}, {}
     for controller in V1_CONTROLLERS:
         own = os.path.join(CGROUP_ROOT, controller, _own_cgroup(controller).lstrip("/"))
@@ -112,6 +115,37 @@ def _make_outer_cap(instance: str) -> OuterCap:
     for suite in dirs.values():
         _write(os.path.join(suite, "cgroup.procs"), str(os.getpid()))
     return OuterCap(1, dirs, home, instance)
+
+
+def _v2_place_for_suite() -> tuple[str, str]:
+    """Where the suite's capped cgroup can go on v2, and where this process is now.
+
+    A cgroup that holds processes cannot give its children limits (the "no
+    internal processes" rule), so the suite's cgroup goes: into the root
+    cgroup if we are there; beside ours if our parent already gives its
+    children ``memory``, ``pids`` and ``cpu`` (``scripts/test.sh`` runs
+    pytest in such a ``runner`` leaf); into ours if we are alone in it, after
+    moving into a leaf.  Otherwise the suite refuses to run uncapped.
+    """
+    own = os.path.normpath(os.path.join(CGROUP_ROOT, _own_cgroup(None).lstrip("/")))
+    if not os.path.exists(os.path.join(own, "cgroup.type")):  # the real root cgroup
+        return own, own
+    wanted = {"memory", "pids", "cpu"}
+    parent = os.path.dirname(own)
+    with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+        if wanted <= set(f.read().split()):
+            return parent, own
+    with open(os.path.join(own, "cgroup.procs")) as f:
+        alone = f.read().split() == [str(os.getpid())]
+    if not alone:
+        raise RuntimeError(
+            f"cgroup v2: {own} holds other processes, so the suite cannot make its capped "
+            "cgroup there: run it with scripts/test.sh")
+    leaf = os.path.join(own, "pytest")
+    os.makedirs(leaf, exist_ok=True)
+    _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+    _write(os.path.join(own, "cgroup.subtree_control"), " ".join(f"+{c}" for c in wanted))
+    return own, leaf
 
 
 def _remove_outer_cap(cap: OuterCap) -> None:
@@ -179,17 +213,19 @@ def _ours(pid: int) -> bool:
     return not _SUITE or _SUITE[0] in groups or "sandrun-suite-" not in groups
 
 
-def job_cgroups(cap: OuterCap, prefixes: tuple[str, ...] = ("job-",)) -> list[str]:
-    """Every ``job-*`` cgroup directory under this suite's instance directories.
+def job_cgroups(cap: OuterCap, prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Every job cgroup under this suite's instance directories (``job_cgroups_in``).
 
     Between jobs the launcher also keeps ``spare-*`` groups for its spare
-    processes; at the end of the session none may be left either.
+    processes; at the end of the session none may be left either: ``prefixes``
+    adds every directory whose name starts with one of them.
     """
-    found = []
+    found = set()
     for directory in cap.instance_dirs():
-        if os.path.isdir(directory):
-            found += [os.path.join(directory, n) for n in os.listdir(directory)
-                      if n.startswith(prefixes)]
+        found.update(job_cgroups_in(directory))
+        if prefixes and os.path.isdir(directory):
+            found.update(os.path.join(directory, n) for n in os.listdir(directory)
+                         if n.startswith(prefixes))
     return sorted(found)
 
 

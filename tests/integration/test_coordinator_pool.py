@@ -35,7 +35,9 @@ from typing import Any
 
 import pytest
 
+from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
 from tests.integration.worker import Response, mounts_under, request, why_no_worker
+from tests.timing import scaled
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INTERVAL = 1.0  # the coordinator's --health-interval in these tests
@@ -57,7 +59,7 @@ def free_port() -> int:
 
 
 def wait_for(predicate: Any, within: float, what: str, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + within
+    deadline = time.monotonic() + scaled(within)
     while True:
         value = predicate()
         if value:
@@ -118,9 +120,11 @@ class PoolWorker(Process):
     def __init__(self, name: str, scratch: str, key_path: str) -> None:
         self.name, self.port = name, free_port()
         self.state_dir = os.path.join(scratch, f"{name}-state")
-        super().__init__([sys.executable, "-m", "sandrun", "serve", "--state-dir",
-                          self.state_dir, "--listen", f"127.0.0.1:{self.port}",
-                          "--worker-key", key_path, *WORKER_FLAGS],
+        # cgroup v2: a cgroup of its own, as its systemd unit would give it.
+        self.cgroup = worker_cgroup(f"{os.path.basename(scratch)}-{name}")
+        super().__init__(in_cgroup([sys.executable, "-m", "sandrun", "serve", "--state-dir",
+                                    self.state_dir, "--listen", f"127.0.0.1:{self.port}",
+                                    "--worker-key", key_path, *WORKER_FLAGS], self.cgroup),
                          os.path.join(scratch, f"{name}.log"))
 
     @property
@@ -268,6 +272,7 @@ def pool() -> Iterator[Pool]:
         for worker in everyone:
             for point in reversed(worker.mounts()):
                 subprocess.run(["umount", "-l", point], check=False)
+            remove_worker_cgroup(worker.cgroup)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

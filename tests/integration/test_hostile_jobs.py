@@ -14,6 +14,7 @@ network off.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -121,7 +122,216 @@ def test_jobs_that_steer_their_installer_and_nest_deep_trees_leak_no_slot(
             status = worker.wait(job_id, timeout=120)
             logs = worker.get(f"/logs/{job_id}").json()
             assert status["status"] == "completed", (status, logs)
-            assert "Successfully installed six-1.16.0" in logs["stdout"], logs
-            assert logs["stdout"].endswith("deep\n")
+            assert "Successfully installed six-1.16.0" in logs["install"], logs
+            assert logs["stdout"] == "deep\n"
+    watch.assert_held()
+    assert_worker_whole(worker)
+
+
+# -- row 10: a running job's CPU share ----------------------------------------------------------
+
+SPIN_TWO_CORES = """
+import multiprocessing, time
+def spin(cpu_seconds):
+    while time.process_time() < cpu_seconds:
+        pass
+if __name__ == "__main__":
+    procs = [multiprocessing.Process(target=spin, args=(1.5,)) for _ in range(2)]
+    [p.start() for p in procs]
+    [p.join() for p in procs]
+    print("spun")
+"""
+
+
+def job_cpu_limit(worker: Worker, job_id: str) -> str | None:
+    """The running job's CPU bandwidth file, read from the host (v1 cfs quota or v2 cpu.max)."""
+    with open(f"/proc/{worker.pid}/cgroup") as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    instance = "sandrun-" + hashlib.sha256(worker.state_dir.encode()).hexdigest()[:12]
+    for _, controllers, path in lines:
+        if controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            base = os.path.join("/sys/fs/cgroup" + path, instance)
+            for name in os.listdir(base) if os.path.isdir(base) else []:
+                try:
+                    with open(os.path.join(base, name, "cpu.max")) as f:
+                        return f.read().strip()
+                except OSError:
+                    continue
+        if "cpu" in controllers.split(","):
+            name = os.path.join(f"/sys/fs/cgroup/{controllers}{path}", instance,
+                                f"job-{job_id}", "cpu.cfs_quota_us")
+            try:
+                with open(name) as f:
+                    return f.read().strip()
+            except OSError:
+                return None
+    return None
+
+
+def test_a_job_spinning_on_two_cores_gets_about_one_core(worker: Worker) -> None:
+    with HealthWatch(worker) as watch:
+        job_id = worker.submit({"main.py": SPIN_TWO_CORES}, {"entrypoint": "main.py"})
+        worker.wait(job_id, until=("running", "completed", "failed"))
+        limit = None
+        deadline = time.monotonic() + 10
+        while limit is None and time.monotonic() < deadline:
+            limit = job_cpu_limit(worker, job_id)
+            time.sleep(0.02)
+        status = worker.wait(job_id, timeout=60)
+    assert limit in ("100000", "100000 100000"), limit  # one core: 100 ms per 100 ms
+    assert status["status"] == "completed", (status, worker.get(f"/logs/{job_id}").body)
+    meta = status["execution_metadata"]
+    wall = meta["wall_time_ms"] / 1000
+    # Two spinners of 1.5 CPU-s each: uncapped on two idle cores, ~3 CPU-s in ~1.5 s.
+    assert meta["cpu_seconds"] >= 3.0, meta
+    assert meta["cpu_seconds"] <= 1.3 * wall, meta
+    watch.assert_held()
+    assert_worker_whole(worker)
+
+
+def test_a_manifest_asking_for_more_cpus_than_the_server_allows_is_a_400(
+        worker: Worker) -> None:
+    limit = worker.get("/").json()["limits"]["max_cpus"]
+    response = worker.post_json("/submit", {"manifest": {"entrypoint": "main.py",
+                                                         "cpus": limit + 1},
+                                            "files": ORDINARY})
+    assert response.status == 400, response.body
+    assert "cpus" in response.body.decode()
+
+
+# -- the last paragraph: sync, swap, launch request sizes -----------------------------------
+
+SYNC_PROBE = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for name, number, args in (("sync", 162, ()), ("syncfs", 306, (1,))):
+    result = libc.syscall(number, *args)
+    print(name, result, os.strerror(ctypes.get_errno()) if result else "ok")
+fd = os.open("/job/f", os.O_WRONLY | os.O_CREAT)
+os.write(fd, b"x")
+os.fsync(fd)
+print("fsync ok")
+"""
+
+
+def test_sync_and_syncfs_are_denied_and_fsync_works(worker: Worker) -> None:
+    job_id = worker.submit({"main.py": SYNC_PROBE}, {"entrypoint": "main.py"})
+    status = worker.wait(job_id)
+    stdout = worker.get(f"/logs/{job_id}").json()["stdout"]
+    assert status["status"] == "completed", (status, stdout)
+    assert stdout == ("sync -1 Operation not permitted\nsyncfs -1 Operation not permitted\n"
+                      "fsync ok\n")
+
+
+def test_swap_is_capped_for_every_job_or_the_worker_would_not_have_started(
+        worker: Worker) -> None:
+    # This host's worker started without --allow-unlimited-swap: either swap is off, or
+    # its jobs' swap is capped (v1 memory.memsw, v2 memory.swap.max).
+    with open("/proc/swaps") as f:
+        swap_areas = f.read().splitlines()[1:]
+    v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+    capped = os.path.exists("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes") if not v2 \
+        else True  # checked per job by the launcher (memory.swap.max)
+    assert not swap_areas or capped
+    assert "--allow-unlimited-swap" not in " ".join(open(f"/proc/{worker.pid}/cmdline").read()
+                                                    .split("\0"))
+
+
+def test_args_too_large_for_the_launcher_are_a_400_naming_the_field_not_a_sandbox_error(
+        worker: Worker) -> None:
+    manifest = {"entrypoint": "main.py", "args": ["\x01" * 240_000]}
+    response = worker.post_json("/submit", {"manifest": manifest, "files": ORDINARY})
+    assert response.status == 400, response.body
+    body = response.json()
+    assert "args" in body["details"], body
+    assert_worker_whole(worker)
+
+
+# -- row 7: one pack per job for /download --------------------------------------------------
+
+BIG_OUTPUT = """
+import os
+with open("/job/big.bin", "wb") as f:
+    f.write(os.urandom(20 * 1024 * 1024))
+print("written")
+"""
+
+
+def state_used_bytes(worker: Worker) -> int:
+    st = os.statvfs(worker.state_dir)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def slow_download(worker: Worker, path: str) -> socket.socket:
+    """Ask for ``path``, read the headers and a little, then hold the connection unread."""
+    sock = socket.create_connection((worker.host, worker.port), timeout=30)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    return sock
+
+
+def test_six_slow_downloads_of_one_job_share_one_pack(worker: Worker) -> None:
+    job_id = worker.submit({"main.py": BIG_OUTPUT}, {"entrypoint": "main.py"})
+    assert worker.wait(job_id)["status"] == "completed"
+    before = state_used_bytes(worker)
+    with HealthWatch(worker) as watch:
+        sockets = [slow_download(worker, f"/download/{job_id}") for _ in range(6)]
+        try:
+            jobs_dir = os.path.join(worker.state_dir, "jobs")
+            packs = [n for n in os.listdir(jobs_dir) if n.startswith(job_id + ".tar")]
+            grown = state_used_bytes(worker) - before
+            assert packs == [job_id + ".tar.gz"], packs
+            assert os.listdir(os.path.join(worker.state_dir, "uploads")) == []
+            # One 20 MiB pack (random data does not compress), not six.
+            assert grown < 30 * 1024 * 1024, grown
+        finally:
+            for sock in sockets:
+                sock.close()
+    watch.assert_held()
+    assert worker.delete(f"/jobs/{job_id}").status == 200
+    assert_worker_whole(worker)
+
+
+# -- row 8: job storage bounded in inodes; deleting it does not stall the worker ------------
+
+MANY_FILES = """
+import os
+os.chdir("/job")
+n = 0
+try:
+    while n < 1_000_000:
+        open(f"f{n}", "w").close()
+        n += 1
+except OSError as e:
+    print("stopped", n, e.strerror)
+else:
+    print("made", n)
+"""
+
+
+def test_a_job_making_a_million_files_is_stopped_at_its_inode_cap_and_deletes_quickly(
+        worker: Worker) -> None:
+    job_id = worker.submit({"main.py": MANY_FILES}, {"entrypoint": "main.py"})
+    status = worker.wait(job_id, timeout=120)
+    stdout = worker.get(f"/logs/{job_id}").json()["stdout"]
+    assert stdout.startswith("stopped "), (status, stdout)
+    made = int(stdout.split()[1])
+    assert 60_000 < made <= 65_536, stdout  # the job directory's nr_inodes (65,536)
+    assert "No space left on device" in stdout
+    with HealthWatch(worker, interval=0.01) as watch:
+        started = time.monotonic()
+        response = worker.delete(f"/jobs/{job_id}")
+        answered = time.monotonic() - started
+        deadline = time.monotonic() + 20
+        while os.path.exists(os.path.join(worker.state_dir, "jobs", job_id)):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.2)
+    assert response.status == 200 and answered < HEALTH_BOUND_SECONDS, answered
     watch.assert_held()
     assert_worker_whole(worker)

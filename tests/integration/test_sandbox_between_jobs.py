@@ -61,14 +61,16 @@ async def test_two_jobs_at_once_cannot_see_signal_trace_or_share_with_each_other
                                    env=(("HOLD", "3"),))
     # Once it is ready, it has made its files, segment and socket.
     await runner.wait_output(first_id, b"ready")
-    first_procs = processes_of(runner.uids)
-    assert len(first_procs) == 1
+    # Its command and the sandbox's init (PID 1 of its namespace), both as its uid.
+    first_procs = sorted(processes_of(runner.uids), key=lambda p: p[2])
+    assert [name for _, _, name in first_procs] == ["python3", "sandrun-init"]
     first_host_pid, first_uid, _ = first_procs[0]
+    assert first_procs[1][1] == first_uid
     second = await runner.run(("python3", "-I", "-S", "-c", SECOND, str(first_host_pid)))
     assert second.reason == Reason.COMPLETED, second.describe()
     seen = json.loads(second.out)
     assert seen["uid"] in runner.uids and seen["uid"] != first_uid
-    assert seen["pids"] == [1]
+    assert seen["pids"] == [1, 2]
     assert seen["tmp"] == [] and seen["shm"] == []
     # The first job's host pid means nothing in the second's PID namespace.
     assert seen["kill_first"] == "ESRCH"

@@ -71,11 +71,11 @@ async def test_etc_is_the_sandbox_copy_with_its_own_passwd(runner: JobRunner) ->
 
 
 @pytest_twisted.ensureDeferred
-async def test_proc_1_environ_is_the_jobs_own_scrubbed_environment(runner: JobRunner) -> None:
+async def test_the_jobs_environ_is_its_own_scrubbed_environment(runner: JobRunner) -> None:
     os.environ["SANDRUN_TEST_SECRET"] = "host-only"
     try:
         ran = await runner.python(
-            "print(open('/proc/1/environ', 'rb').read().decode())",
+            "print(open('/proc/self/environ', 'rb').read().decode())",
             env=(("GREETING", "hello"),))
     finally:
         del os.environ["SANDRUN_TEST_SECRET"]
@@ -107,10 +107,53 @@ async def test_the_state_directory_and_worker_key_are_not_reachable(runner: JobR
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_job_sees_only_its_own_processes(runner: JobRunner) -> None:
+async def test_the_job_sees_only_its_own_processes_under_the_sandboxs_init(
+        runner: JobRunner) -> None:
     ran = await runner.python(
-        "import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
-    assert ran.out == "[1]\n", ran.describe()
+        "import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()),"
+        " os.getpid(), os.getppid())")
+    assert ran.out == "[1, 2] 2 1\n", ran.describe()
+
+
+INIT_PROBE = """
+import json, os
+found = {}
+for name in ("environ", "mem", "maps", "fd/0", "fd/3", "root/job", "cwd", "exe"):
+    path = "/proc/1/" + name
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        found[name] = "readable"
+    except OSError as e:
+        found[name] = e.strerror
+with open("/proc/1/cmdline", "rb") as f:
+    found["cmdline"] = f.read().rstrip(b"\\0").decode()
+with open("/proc/1/status") as f:
+    found["status"] = [line.split(":")[1].strip() for line in f
+                       if line.startswith(("Name:", "Uid:", "CapEff:", "NoNewPrivs:",
+                                           "Seccomp:"))]
+print(json.dumps(found))
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_init_is_unreachable_and_has_every_layer_of_the_job(runner: JobRunner) -> None:
+    os.environ["SANDRUN_TEST_SECRET"] = "host-only"
+    try:
+        ran = await runner.run(("python3", "-I", "-S", "-c", INIT_PROBE))
+    finally:
+        del os.environ["SANDRUN_TEST_SECRET"]
+    assert ran.reason == Reason.COMPLETED, ran.describe()
+    found = json.loads(ran.out)
+    status = found.pop("status")
+    assert found.pop("cmdline") == "sandrun-init"
+    # Not dumpable: nothing of its memory, descriptors, environment or files opens.
+    assert set(found.values()) == {"Permission denied"}, found
+    name, uid, cap_eff, no_new_privs, seccomp_mode = status
+    assert name == "sandrun-init"
+    real, effective, saved, filesystem = (int(u) for u in uid.split())
+    assert real == effective == saved == filesystem and real in runner.uids
+    assert (cap_eff, no_new_privs, seccomp_mode) == ("0000000000000000", "1", "2")
 
 
 WRITE = """

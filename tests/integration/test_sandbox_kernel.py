@@ -80,6 +80,8 @@ int main(void) {
     TRY("name_to_handle_at", SYS_name_to_handle_at, -100, "/", 0, 0, 0);
     TRY("lookup_dcookie", SYS_lookup_dcookie, 0, 0, 0);
     TRY("syslog", SYS_syslog, 3 /* SYSLOG_ACTION_READ_ALL */, 0, 0);
+    TRY("sync", SYS_sync);
+    TRY("syncfs", SYS_syncfs, 0);
     /* namespace flags to clone, one by one */
     try_clone("clone_newuser", CLONE_NEWUSER);
     try_clone("clone_newns", CLONE_NEWNS);

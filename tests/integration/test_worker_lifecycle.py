@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
 from tests.integration.worker import REPO, job_processes, mounts_under, run_worker, why_no_worker
 
 pytestmark = pytest.mark.timeout(90)
@@ -77,10 +78,12 @@ def test_a_worker_that_cannot_listen_exits_non_zero_and_leaves_no_mount() -> Non
         taken.listen()
         port = taken.getsockname()[1]
         state = os.path.join(scratch, "state")
+        cgroup = worker_cgroup(f"lifecycle-{os.path.basename(scratch)}")
         done = subprocess.run(
-            [sys.executable, "-m", "sandrun", "serve", "--state-dir", state,
-             "--listen", f"127.0.0.1:{port}"], cwd=REPO, capture_output=True, text=True,
-            timeout=60, check=False)
+            in_cgroup([sys.executable, "-m", "sandrun", "serve", "--state-dir", state,
+                       "--listen", f"127.0.0.1:{port}"], cgroup),
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+        remove_worker_cgroup(cgroup)
         assert done.returncode != 0
         assert "Address already in use" in done.stderr
         assert mounts_under(state) == []
@@ -116,9 +119,12 @@ def test_a_state_dir_left_mounted_by_a_crashed_worker_is_cleaned_and_resized(
 def test_a_second_worker_on_the_same_state_directory_refuses_to_start_and_harms_nothing() -> None:
     with run_worker() as first:
         job_id = first.submit({"main.py": "import time\ntime.sleep(2)\nprint('still here')\n"})
+        cgroup = worker_cgroup(f"second-{os.path.basename(first.state_dir)}-{os.getpid()}")
         second = subprocess.run(
-            [sys.executable, "-m", "sandrun", "serve", "--state-dir", first.state_dir,
-             "--listen", "127.0.0.1:0"], cwd=REPO, capture_output=True, text=True, timeout=30)
+            in_cgroup([sys.executable, "-m", "sandrun", "serve", "--state-dir",
+                       first.state_dir, "--listen", "127.0.0.1:0"], cgroup),
+            cwd=REPO, capture_output=True, text=True, timeout=30)
+        remove_worker_cgroup(cgroup)
         assert second.returncode != 0
         assert f"another worker is using {first.state_dir}" in second.stderr + second.stdout
         status = first.wait(job_id)

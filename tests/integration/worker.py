@@ -41,7 +41,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
 from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
+from tests.timing import scaled
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LISTENING = re.compile(r"sandrun worker listening on (\S+):(\d+) ")
@@ -136,7 +138,7 @@ class Worker:
     def wait(self, job_id: str, timeout: float = 30.0,
              until: tuple[str, ...] = ("completed", "failed")) -> dict[str, Any]:
         """Poll ``/status`` until the job's status is one of ``until``; returns the status."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             response = self.get(f"/status/{job_id}")
             assert response.status == 200, (response.status, response.body)
@@ -232,14 +234,17 @@ def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     process: subprocess.Popen[bytes] | None = None
     worker: Worker | None = None
+    # cgroup v2: a cgroup of its own, as its systemd unit would give it.
+    cgroup = worker_cgroup(f"worker-{os.path.basename(scratch)}")
     try:
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "sandrun", "serve", "--state-dir", state_dir,
-                 "--listen", f"[{bind}]:0" if ":" in bind else f"{bind}:0", *extra_args],
+                in_cgroup([sys.executable, "-m", "sandrun", "serve", "--state-dir", state_dir,
+                           "--listen", f"[{bind}]:0" if ":" in bind else f"{bind}:0",
+                           *extra_args], cgroup),
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
                 env=env)
-        deadline = time.monotonic() + startup_timeout
+        deadline = time.monotonic() + scaled(startup_timeout)
         while worker is None:
             with open(log_path, encoding="utf-8", errors="replace") as f:
                 match = _LISTENING.search(f.read())
@@ -274,6 +279,7 @@ def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float
         for point in reversed(mounts_under(state_dir)):  # only after a failed test
             subprocess.run(["umount", "-l", point], check=False)
         shutil.rmtree(scratch, ignore_errors=True)
+        remove_worker_cgroup(cgroup)
 
 
 def job_processes(worker: Worker) -> list[int]:

@@ -189,7 +189,7 @@ def test_status_of_a_finished_job_has_every_field_of_the_contract(h: Harness) ->
     assert {"cpu_seconds", "memory_peak_bytes", "wall_time_ms", "exit_code", "signal",
             "reason", "environment", "interpreter"} <= set(meta)
     assert (meta["exit_code"], meta["reason"], meta["interpreter"], meta["environment"]) == \
-        (0, "completed", "python3", "default")
+        (0, "completed", "python3", "none")  # default is not built here
     assert meta["memory_peak_bytes"] == 4096 and meta["wall_time_ms"] == 12.5
     assert status["output_files"]["out/r.csv"] == {"size_bytes": 4, "sha256": sha(b"a,b\n"),
                                                    "type": "file"}
@@ -223,7 +223,7 @@ def test_a_signed_status_verifies_and_tampering_breaks_it(tmp_path: Any) -> None
 def test_logs_as_json_keep_the_streams_apart(h: Harness) -> None:
     job_id = finished_job(h)
     body = h.get(f"/logs/{job_id}").json()
-    assert body == {"job_id": job_id, "stdout": "out line\n", "stderr": "err line\n",
+    assert body == {"job_id": job_id, "stdout": "out line\n", "stderr": "err line\n", "install": "",
                     "truncated": {"stdout": False, "stderr": False}}
 
 

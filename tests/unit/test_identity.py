@@ -92,6 +92,8 @@ def signed_status(identity: WorkerIdentity) -> dict[str, Any]:
         "wall_time_ms": 412,
         "finished_at": "2025-01-02T03:04:05Z",
         "outputs": {"out/result.csv": SHA_A, "plot.png": SHA_B},
+        "stdout_sha256": SHA_A,
+        "stderr_sha256": SHA_B,
     }
     signed, signature = sign_result(identity, result)
     status = {
@@ -110,6 +112,8 @@ def signed_status(identity: WorkerIdentity) -> dict[str, Any]:
             "reason": result["reason"],
             "environment": "default",
             "interpreter": "python3",
+            "stdout_sha256": result["stdout_sha256"],
+            "stderr_sha256": result["stderr_sha256"],
         },
         "job_hash": result["job_hash"],
         "output_files": {
@@ -401,6 +405,7 @@ def test_result_fields_are_the_ones_the_contract_names() -> None:
     assert set(RESULT_FIELDS) == {
         "job_id", "job_hash", "worker_id", "status", "reason", "exit_code",
         "cpu_seconds", "memory_peak_bytes", "wall_time_ms", "finished_at", "outputs",
+        "stdout_sha256", "stderr_sha256",
     }  # fmt: skip
 
 
@@ -479,6 +484,8 @@ TAMPERINGS: dict[str, Callable[[dict[str, Any]], None]] = {
     "cpu_seconds": _set("execution_metadata", "cpu_seconds", value=0.5),
     "memory_peak_bytes": _set("execution_metadata", "memory_peak_bytes", value=1),
     "wall_time_ms": _set("execution_metadata", "wall_time_ms", value=413),
+    "stdout_sha256": _set("execution_metadata", "stdout_sha256", value="0" * 64),
+    "stderr_sha256": _set("execution_metadata", "stderr_sha256", value="0" * 64),
     "finished_at": _set("finished_at", value="2025-01-02T03:04:06Z"),
     "job_hash": _set("job_hash", value="e" * 64),
     "an output's sha256": _set("output_files", "plot.png", "sha256", value=SHA_C),
@@ -763,12 +770,14 @@ def test_a_status_relayed_by_a_coordinator_verifies_through_the_workers_own_job_
     result = {"job_id": "job-abc", "job_hash": "0" * 64, "worker_id": identity.worker_id,
               "status": "completed", "reason": "completed", "exit_code": 0,
               "cpu_seconds": 0.1, "memory_peak_bytes": 1, "wall_time_ms": 2.0,
-              "finished_at": "2026-01-01T00:00:00.000Z", "outputs": {}}
+              "finished_at": "2026-01-01T00:00:00.000Z", "outputs": {},
+              "stdout_sha256": "1" * 64, "stderr_sha256": "2" * 64}
     signed, signature = sign_result(identity, result)
     status = {"job_id": "tag12345.1700000000.job-abc", "status": "completed",
               "finished_at": result["finished_at"], "job_hash": result["job_hash"],
               "execution_metadata": {k: result[k] for k in (
-                  "cpu_seconds", "memory_peak_bytes", "wall_time_ms", "exit_code", "reason")},
+                  "cpu_seconds", "memory_peak_bytes", "wall_time_ms", "exit_code", "reason",
+                  "stdout_sha256", "stderr_sha256")},
               "output_files": {},
               "worker_metadata": {"worker_id": identity.worker_id, "signature": signature,
                                   "signed": signed, "job_id": "job-abc"}}

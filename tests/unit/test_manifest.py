@@ -51,7 +51,7 @@ def test_a_minimal_manifest_gets_every_default_from_the_limits() -> None:
         stdin="",
         outputs=(),
         requirements=None,
-        environment="default",
+        environment=None,  # not named: default once built, else the host's interpreters
         timeout=42,
         memory_mb=100,
         cpu_seconds=None,
@@ -121,7 +121,7 @@ def test_the_canonical_json_holds_every_field_and_parses_back_to_the_same_manife
     assert sorted(canonical) == sorted(
         [
             "entrypoint", "interpreter", "args", "env", "stdin", "outputs", "requirements",
-            "environment", "timeout", "memory_mb", "cpu_seconds", "gpu",
+            "environment", "timeout", "memory_mb", "cpu_seconds", "cpus", "gpu", "replicas",
         ]
     )
     assert canonical["env"] == {"A": "2", "Z": "1"}
@@ -394,9 +394,13 @@ def test_environment_names_a_template(name: str) -> None:
     assert parse(environment=name).environment == name
 
 
-@pytest.mark.parametrize("name", ["", "-x", "Default", "a_b", "../x", "a b", 3, None])
+@pytest.mark.parametrize("name", ["", "-x", "Default", "a_b", "../x", "a b", 3])
 def test_an_environment_that_is_not_a_name_is_refused(name: object) -> None:
     assert refused_field(environment=name).field == "environment"
+
+
+def test_an_environment_of_null_is_not_naming_one() -> None:
+    assert parse(environment=None).environment is None
 
 
 # -- numbers ---------------------------------------------------------------------------------
@@ -532,3 +536,35 @@ def test_a_json_manifest_with_a_wrong_field_names_that_field() -> None:
 def test_a_manifest_error_reads_as_field_and_message() -> None:
     error = ManifestError("env.LD_PRELOAD", "LD_* variables are not allowed")
     assert str(error) == "env.LD_PRELOAD: LD_* variables are not allowed"
+
+
+def test_a_job_gets_one_core_by_default_and_may_ask_for_more_within_the_servers_maximum(
+) -> None:
+    limits = Limits(max_cpus=2.0)
+    assert parse_manifest({"entrypoint": "a.py"}, limits=limits).cpus == 1.0
+    assert parse_manifest({"entrypoint": "a.py", "cpus": 1.5}, limits=limits).cpus == 1.5
+    for bad in (3, 0, -1, "1", True):
+        with pytest.raises(ManifestError) as caught:
+            parse_manifest({"entrypoint": "a.py", "cpus": bad}, limits=limits)
+        assert caught.value.field == "cpus"
+
+
+@pytest.mark.parametrize("field,manifest", [
+    ("args", {"args": ["\x01" * 40_000]}),  # 40 KB raw, 240 KB as JSON
+    ("env", {"args": ["a" * 100_000], "env": {"X": "\x01" * 20_000}}),
+])
+def test_args_or_env_too_large_for_the_launch_request_are_refused_naming_the_field(
+        field: str, manifest: dict[str, Any]) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest({"entrypoint": "a.py", **manifest}, LIMITS)
+    assert caught.value.field == field
+    assert "as JSON" in caught.value.message
+
+
+def test_replicas_default_to_one_and_take_a_bounded_integer() -> None:
+    assert parse().replicas == 1
+    assert parse(replicas=3).replicas == 3
+    for bad in (0, 17, "2", 2.0, True):
+        with pytest.raises(ManifestError) as caught:
+            parse(replicas=bad)
+        assert caught.value.field == "replicas"

@@ -147,6 +147,9 @@ class FakeStorage:
         os.makedirs(self.uploads_dir, exist_ok=True)
         self.full = False
 
+    def pack_path(self, job_id: str) -> str:
+        return os.path.join(self.jobs_dir, job_id + ".tar.gz")
+
     def create(self, job_id: str) -> str:
         if self.full:
             raise StorageFull("the worker holds as much job data as it may")
@@ -158,12 +161,16 @@ class FakeStorage:
 
     def delete(self, job_id: str) -> None:
         shutil.rmtree(os.path.join(self.jobs_dir, job_id), ignore_errors=True)
+        for path in (self.pack_path(job_id), self.pack_path(job_id) + ".part"):
+            if os.path.exists(path):
+                os.unlink(path)
 
     def exists(self, job_id: str) -> bool:
         return os.path.isdir(os.path.join(self.jobs_dir, job_id))
 
     def job_ids(self) -> list[str]:
-        return sorted(n for n in os.listdir(self.jobs_dir) if not n.endswith(".log"))
+        return sorted(n for n in os.listdir(self.jobs_dir)
+                      if not n.endswith((".log", ".tar.gz", ".part")))
 
     def logs(self) -> list[str]:
         """Output log files left beside the job directories."""
