@@ -358,6 +358,7 @@ def retain(worker: Worker, count: int) -> dict[str, int]:
     """Leave ``count`` finished trivial jobs in the worker (each keeps its tmpfs mount for
     the retention time), as a busy worker whose clients never collect would hold them."""
     client = worker.client()
+    before = worker.rss_kb()
     submitted = 0
     while submitted < count:
         code, answer = client.json("POST", "/submit", TRIVIAL)
@@ -374,9 +375,13 @@ def retain(worker: Worker, count: int) -> dict[str, int]:
         time.sleep(0.2)
     client.close()
     mounts = len(worker.mounts())
-    print(f"{count} finished jobs retained: {mounts} mounts under the state directory\n",
-          flush=True)
-    return {"jobs": count, "mounts": mounts}
+    after = worker.rss_kb()
+    per_job = (after["total"] - before["total"]) / count
+    print(f"{count} finished jobs retained: {mounts} mounts under the state directory; "
+          f"worker + launcher RSS {before['total'] / 1024:.1f} -> {after['total'] / 1024:.1f} "
+          f"MiB ({per_job:.2f} KiB per held job)\n", flush=True)
+    return {"jobs": count, "mounts": mounts, "rss_kb_before": before, "rss_kb_after": after,
+            "rss_kib_per_held_job": per_job}
 
 
 def main() -> None:
