@@ -94,6 +94,10 @@ class CoordinatorConfig:
     # PEM file of the CA certificate(s) that sign the https:// workers' certificates;
     # None = the system's trust store.
     worker_cacert: str | None = None
+    # Prometheus metrics: on their own listener (an endpoint string) when set, and then
+    # never on the API's; otherwise at the API's /metrics, to these addresses or networks.
+    metrics_listen: str | None = None
+    metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1")
 
 
 def parse_workers(text: str | bytes) -> tuple[WorkerEntry, ...]:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import wraps
 from importlib import metadata
 from typing import Any
@@ -59,6 +59,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.enrollment import Enrollment
 from coordinator.errors import WorkerLost, not_found
 from coordinator.jobids import JobRef, decode_job_id, decode_replicas, encode_job_id
+from coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
 from coordinator.replication import Replication
@@ -72,6 +74,7 @@ from coordinator.scheduling import (
 )
 from coordinator.statusdocs import iso as _iso
 from coordinator.statusdocs import lost_status
+from coordinator.rewrite import LineRewriter
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
     BadWorkerResponse,
@@ -81,7 +84,7 @@ from coordinator.worker_client import (
     read_body,
     read_json,
 )
-from sandrun import httpjson
+from sandrun import gpuwire, httpjson, pages
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.identity import verify_result
 from sandrun.netaddr import address_in, client_key, parse_trusted_proxies, trusted_client_address
@@ -120,6 +123,8 @@ class Placement:
     response: Any = None
     doc: Any = None
     dispatched_at: float = 0.0
+    # Nobody took it because no worker's GPUs can satisfy its "gpu": why, worker by worker.
+    gpu_refusals: list[str] = field(default_factory=list)
 
     def ref(self) -> JobRef:
         assert self.state is not None
@@ -176,8 +181,8 @@ class CoordinatorAPI:
 
     def __init__(self, reactor: Any, registry: WorkerRegistry, client: WorkerClient,
                  config: CoordinatorConfig, streams: StreamRelay | None = None,
-                 refresh: Callable[[list[WorkerState]], defer.Deferred[None]] | None = None
-                 ) -> None:
+                 refresh: Callable[[list[WorkerState]], defer.Deferred[None]] | None = None,
+                 metrics: CoordinatorMetrics | None = None) -> None:
         self.reactor = reactor
         # Re-checks workers before a submission is refused for want of room (health.py).
         self.refresh = refresh
@@ -185,6 +190,9 @@ class CoordinatorAPI:
         self.client = client
         self.config = config
         self.streams = streams if streams is not None else StreamRelay(reactor, registry)
+        self.metrics = metrics if metrics is not None else \
+            CoordinatorMetrics(registry, self.streams.open_count)
+        parse_trusted_proxies(config.metrics_allow)
         parse_trusted_proxies(config.trusted_proxies)  # a bad entry fails here, not per request
         parse_trusted_proxies(config.quotas.exempt)
         self.locks = ClientLocks()
@@ -224,6 +232,14 @@ class CoordinatorAPI:
     async def forward(self, ref: JobRef, state: WorkerState, method: str, path: str,
                       headers: dict[bytes, list[bytes]], timeout: float | None = None) -> Any:
         """Send a job request to the job's worker; raises ``WorkerLost`` when it is gone."""
+        try:
+            return await self._forward(ref, state, method, path, headers, timeout)
+        except WorkerLost:
+            self.metrics.lost.labels(state.entry.label).inc()
+            raise
+
+    async def _forward(self, ref: JobRef, state: WorkerState, method: str, path: str,
+                       headers: dict[bytes, list[bytes]], timeout: float | None) -> Any:
         if state.down:
             raise WorkerLost(f"the worker that ran this job is unavailable ({state.last_error})")
         try:
@@ -266,6 +282,8 @@ class CoordinatorAPI:
     @app.route("/", methods=["GET"])
     @_api
     async def root(self, request: Request) -> bytes:
+        if pages.wants_html(request):
+            return pages.serve_page(request)
         limits: dict[str, Any] = {}
         try:
             state = self.pick_healthy()
@@ -397,6 +415,7 @@ class CoordinatorAPI:
         if not address_in(address, self.config.quotas.exempt):
             decision, _ = await self.pool_usage(address)
             if not decision.allowed:
+                self.metrics.refused(decision.reason)
                 raise APIError(429, "Rate limit exceeded", f"{decision.reason}. {LIFT_QUOTA}",
                                **decision.error_extra())
         body = request.content
@@ -408,7 +427,14 @@ class CoordinatorAPI:
         placed = await self.place(body, headers, set(), open_ok=False)
         if placed.state is None:
             if placed.response is not None:
+                if placed.response.code == 429:
+                    self.metrics.refusals.labels("worker_rate_limit").inc()
                 return self.relay_json(request, placed.response, placed.doc)
+            self.metrics.refusals.labels("no_worker").inc()
+            if placed.gpu_refusals:
+                raise APIError(503, "No worker available",
+                               "no worker in the pool has a GPU that can run this job: "
+                               + "; ".join(placed.gpu_refusals), retry_after=self.retry_after())
             raise APIError(503, "No worker available",
                            "every worker's queue is full, refused the job, or is unavailable",
                            retry_after=self.retry_after_full())
@@ -432,7 +458,19 @@ class CoordinatorAPI:
         """
         refusal: Placement | None = None
         refreshed = False
+        # A GPU job's request, once a worker that cannot run it has told it (the
+        # coordinator does not parse submissions); then only workers whose signed
+        # GPUs satisfy it are tried.
+        gpu_request: dict[str, Any] | None = None
+        gpu_refusals: list[str] = []
+        gpu_capable_tried = False
         while True:
+            if gpu_request is not None:
+                for other in self.registry.workers():
+                    unmet = gpuwire.unmet(other.load.gpus if other.load else (), gpu_request)
+                    if other.worker_id not in tried and unmet is not None:
+                        tried.add(other.worker_id)
+                        gpu_refusals.append(f"{other.entry.label}: {unmet[0]}: {unmet[1]}")
             state = pick_worker(self.registry.workers(), self.registry.cursor, tried, open_ok)
             if state is None and not refreshed and self.refresh is not None:
                 # Every worker looks full, but by loads up to a health interval old (plus
@@ -460,6 +498,7 @@ class CoordinatorAPI:
                 # Never reached, or gone before it answered: the next worker gets it.
                 self.registry.undo_dispatch(state)
                 self.registry.mark_down(state, f"submit failed: {e}")
+                self.metrics.worker_refused.labels(state.entry.label).inc()
                 continue
             except (WorkerTimeout, BadWorkerResponse):
                 raise  # it may have taken the job: sending it again could run it twice
@@ -468,15 +507,27 @@ class CoordinatorAPI:
                 self.registry.cursor += 1
                 placed = Placement(state, response, doc, dispatched_at)
                 placed.job_id()  # a malformed id is a bad answer, before anything else
+                self.metrics.routed.labels(state.entry.label).inc()
                 return placed
             self.registry.undo_dispatch(state)
             if response.code in (429, 503):
+                gpu_capable_tried = True
+                self.metrics.worker_refused.labels(state.entry.label).inc()
                 refusal = Placement(None, response, doc)
+                continue
+            if response.code == 400 and isinstance(doc, dict) \
+                    and str(doc.get("field", "")).startswith("gpu") \
+                    and isinstance(doc.get("gpu"), dict):
+                # This worker's GPUs cannot run it, another's may.
+                gpu_request = doc["gpu"]
+                gpu_refusals.append(f"{state.entry.label}: {doc.get('details')}")
                 continue
             # 400, 413, 415...: the submission itself is at fault; no worker would take it.
             return Placement(None, response, doc)
         if refusal is not None and refusal.response.code == 429:
             return refusal
+        if gpu_refusals and not gpu_capable_tried:
+            return Placement(None, gpu_refusals=gpu_refusals)
         return Placement(None)
 
     @app.route("/run", methods=["POST"])
@@ -603,10 +654,12 @@ class CoordinatorAPI:
     async def status(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
         refs = self.replicas_of(job_id)
+        wait = _wait_arg(request)
         if len(refs) > 1:
+            if wait:
+                await self.replication.wait_all(refs, self.forwarded(request), wait)
             doc = await self.replication.status(job_id, refs, self.forwarded(request))
             return write_json(request, doc)
-        wait = _wait_arg(request)
         path = _job_path("status", ref)
         if wait:
             path += f"?wait={wait:g}"
@@ -648,7 +701,10 @@ class CoordinatorAPI:
                                       self.forwarded(request, **extra))
         kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if kind.startswith(b"application/json"):
-            return self.relay_json(request, response, await read_json(response), job_id)
+            if response.code != 200:
+                return self.relay_json(request, response, await read_json(response), job_id)
+            # Up to 3 x 10 MiB of output, as JSON: streamed, with our job id.
+            return await self.relay_body(request, response, rewriter=LineRewriter(job_id))
         return await self.relay_body(request, response)
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
@@ -660,10 +716,11 @@ class CoordinatorAPI:
             await self.replication.require_agreement(job_id, refs, self.forwarded(request))
         response = await self.forward(ref, state, "GET", _job_path("outputs", ref),
                                       self.forwarded(request))
-        doc = await read_json(response)
-        if response.code == 200 and isinstance(doc, dict) and isinstance(doc.get("files"), list):
-            doc["files"] = self.rewrite_outputs(job_id, doc["files"])
-        return self.relay_json(request, response, doc, job_id)
+        if response.code != 200:
+            return self.relay_json(request, response, await read_json(response), job_id)
+        # Up to 10,000 entries: streamed, each entry with our download URL.
+        return await self.relay_body(request, response, rewriter=LineRewriter(
+            job_id, lambda entry: self.rewrite_outputs(job_id, [entry])[0]))
 
     def rewrite_outputs(self, job_id: str, files: list[Any], kept: bool = True) -> list[Any]:
         """A worker's outputs listing with our download URLs (none when not kept)."""
@@ -699,18 +756,21 @@ class CoordinatorAPI:
         return await self.relay_body(request, response, rename=(ref.worker_job_id, job_id))
 
     async def relay_body(self, request: Request, response: Any,
-                         rename: tuple[str, str] | None = None) -> None:
-        """Stream a worker's answer to the client, pausing the worker while the client lags."""
+                         rename: tuple[str, str] | None = None,
+                         rewriter: LineRewriter | None = None) -> None:
+        """Stream a worker's answer to the client, pausing the worker while the client lags.
+
+        With a ``rewriter`` the body's length changes: it goes chunked."""
         request.setResponseCode(response.code)
         for name in _PASSED_HEADERS:
             for value in response.headers.getRawHeaders(name, []):
                 if rename is not None and name == b"content-disposition":
                     value = value.replace(rename[0].encode(), rename[1].encode())
                 request.setHeader(name, value)
-        if isinstance(response.length, int):
+        if isinstance(response.length, int) and rewriter is None:
             request.setHeader(b"Content-Length", str(response.length).encode())
         cors(request)
-        await relay(response, request)
+        await relay(response, request, rewriter)
 
     @app.route("/jobs/<string:job_id>", methods=["DELETE"])
     @_api
@@ -734,6 +794,33 @@ class CoordinatorAPI:
     @app.route("/stream/<string:job_id>", methods=["GET"])
     def stream_alias(self, request: Request, job_id: str) -> Any:
         return self.stream(request, job_id)
+
+    # -- documents for people and programs (sandrun/pages.py) ---------------------
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: Request) -> bytes:
+        """Prometheus metrics, unless they have a listener of their own (``metrics_listen``)."""
+        if self.config.metrics_listen is not None or not address_in(
+                self.client_address(request), self.config.metrics_allow):
+            return write_error(request, APIError(404, "Not found", "no such endpoint"))
+        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode())
+        return self.metrics.exposition()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: Request) -> bytes:
+        return pages.serve_openapi(request, "coordinator")
+
+    @app.route("/ui/", methods=["GET"])
+    def page(self, request: Request) -> bytes:
+        return pages.serve_page(request)
+
+    @app.route("/docs", methods=["GET"])
+    def docs(self, request: Request) -> bytes:
+        return pages.serve_docs(request)
+
+    @app.route("/ui/<path:name>", methods=["GET"])
+    def page_asset(self, request: Request, name: str) -> bytes:
+        return pages.serve_asset(request, name)
 
     # -- CORS and errors -------------------------------------------------------------------
 
@@ -805,9 +892,12 @@ _DONE = Failure(ResponseDone())
 class _Relay(Protocol):
     """Copies a response body into a request; the worker's transport is the producer."""
 
-    def __init__(self, request: Request, done: defer.Deferred[None]) -> None:
+    def __init__(self, request: Request, done: defer.Deferred[None],
+                 rewriter: LineRewriter | None = None) -> None:
         self.request = request
         self.done = done
+        self.rewriter = rewriter
+        self.failed = False
 
     def connectionMade(self) -> None:
         # The transport (the worker connection) is paused whenever the client's
@@ -816,13 +906,32 @@ class _Relay(Protocol):
         self.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
-        self.request.write(data)
+        if self.failed:
+            return
+        if self.rewriter is not None:
+            try:
+                data = self.rewriter.feed(data)
+            except BadWorkerResponse:
+                self.failed = True
+                self.done.errback()
+                self.abort()
+                return
+        if data:
+            self.request.write(data)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:  # type: ignore[override]
         self.request.unregisterProducer()
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
+            if self.rewriter is not None:
+                try:
+                    rest = self.rewriter.end()
+                except BadWorkerResponse:
+                    self.done.errback()
+                    return
+                if rest:
+                    self.request.write(rest)
             self.done.callback(None)
         else:
             self.done.errback(reason)
@@ -833,13 +942,14 @@ class _Relay(Protocol):
             worker.stopProducing()
 
 
-def relay(response: Any, request: Request) -> defer.Deferred[None]:
+def relay(response: Any, request: Request,
+          rewriter: LineRewriter | None = None) -> defer.Deferred[None]:
     """Stream ``response``'s body into ``request``; fires when all of it was written.
 
     Cancelling (Klein does when the client disconnects) aborts the worker side.
     """
     protocol: list[_Relay] = []
     done: defer.Deferred[None] = defer.Deferred(lambda d: protocol[0].abort())
-    protocol.append(_Relay(request, done))
+    protocol.append(_Relay(request, done, rewriter))
     response.deliverBody(protocol[0])
     return done

@@ -26,7 +26,7 @@ A worker is one of:
   (``--open-enrollment``, ``enrollment.py``).  It only ever gets extra
   replicas of jobs whose first replica went to a listed worker.
 
-Reputation (``agreements``, ``disagreements``, ``lost_jobs``) is counted per
+Reputation (``agreements``, ``disagreements``, ``unresolved``, ``lost_jobs``) is counted per
 worker from the consensus of replicated jobs and from jobs it lost; like
 everything here it is soft state, and a coordinator restart starts it again.
 """
@@ -54,10 +54,16 @@ class Load:
     queued_jobs: int
     capacity: int  # jobs it runs at once
     queue_capacity: int | None = None  # jobs it queues beyond those; None: not reported
+    # The GPUs it can lend to jobs, as sandrun.gpuwire describes them; () if none.
+    gpus: tuple[dict[str, Any], ...] = ()
 
-    def as_json(self) -> dict[str, int | None]:
-        return {"active_jobs": self.active_jobs, "queued_jobs": self.queued_jobs,
-                "capacity": self.capacity, "queue_capacity": self.queue_capacity}
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"active_jobs": self.active_jobs,
+                                "queued_jobs": self.queued_jobs, "capacity": self.capacity,
+                                "queue_capacity": self.queue_capacity}
+        if self.gpus:
+            body["gpus"] = [dict(g) for g in self.gpus]
+        return body
 
 
 @dataclass
@@ -69,6 +75,7 @@ class WorkerState:
     load: Load | None = None
     last_check: float | None = None  # when the last check finished
     last_error: str | None = None  # why the last check failed; None when it passed
+    rtt_seconds: float | None = None  # round trip of the last health check that was answered
     recovered_at: float | None = None  # when it last went from down to healthy
     started_at: float | None = None  # the worker's own start time, if it reports one
     draining_since: float | None = None
@@ -80,6 +87,7 @@ class WorkerState:
     agreements: int = 0  # replicated jobs where its result agreed with the reference
     disagreements: int = 0  # ... where it did not (ever, this coordinator process)
     strikes: int = 0  # disagreements since it was last admitted
+    unresolved: int = 0  # ... where no replica could be taken as right (no strike)
     lost_jobs: int = 0  # jobs it took and then lost (went down or restarted)
     suspended_since: float | None = None  # strikes reached the threshold
 
@@ -128,7 +136,8 @@ class WorkerState:
             "last_check": iso(self.last_check), "last_error": self.last_error,
             "reputation": {"agreements": self.agreements,
                            "disagreements": self.disagreements,
-                           "strikes": self.strikes, "lost_jobs": self.lost_jobs,
+                           "strikes": self.strikes, "unresolved": self.unresolved,
+                           "lost_jobs": self.lost_jobs,
                            "suspended": self.suspended_since is not None,
                            "suspended_since": iso(self.suspended_since)},
         }
@@ -277,6 +286,9 @@ class WorkerRegistry:
             log.warn("worker {worker} suspended after {count} disagreements with other "  # noqa: G010
                      "replicas; a reload with its key still listed re-admits it",
                      worker=state.entry.label, count=state.strikes)
+
+    def record_unresolved(self, state: WorkerState) -> None:
+        state.unresolved += 1
 
     def record_lost(self, state: WorkerState) -> None:
         state.lost_jobs += 1

@@ -63,6 +63,11 @@ class WorkerConfig:
     join: str | None = None  # a coordinator URL to announce this worker to (open enrollment)
     advertise: str | None = None  # this worker's URL as the coordinator reaches it
     trusted_proxies: tuple[str, ...] = ()
+    # Prometheus metrics: on their own listener (an endpoint string) when set, and then
+    # never on the API's; otherwise at the API's /metrics, to these addresses or networks.
+    metrics_listen: str | None = None
+    metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1")
     env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
     deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash
     allow_unlimited_swap: bool = False  # start where a job's swap cannot be capped at 0
+    gpu_dev_dir: str = "/dev"  # where the NVIDIA device nodes of the GPUs found by NVML are

@@ -46,6 +46,7 @@ test_packages=(
     iproute2 procps    # ip, ps: used by tests to check for leftovers
     bubblewrap         # reference sandbox for the launch benchmark
     gcc libc6-dev      # tests compile small C probes (raw syscalls, setuid, static binaries)
+    chromium chromium-driver   # the web page's browser test (headless, driven by Selenium)
 )
 [ $tests = 1 ] || test_packages=()
 # Wanted, but Sandrun runs without them (a note is printed if apt cannot get them).
@@ -63,19 +64,29 @@ if ! command -v apt-get >/dev/null 2>&1; then
     echo "install.sh: no apt-get here; install these packages by hand:" \
          "${packages[*]} ${test_packages[*]} ${optional_packages[*]}" >&2
 else
-    mapfile -t missing < <(missing_of "${packages[@]}" "${test_packages[@]}")
+    mapfile -t missing < <(missing_of "${packages[@]}")
+    mapfile -t missing_tests < <(missing_of "${test_packages[@]}")
     mapfile -t missing_optional < <(missing_of "${optional_packages[@]}")
-    if [ ${#missing[@]} -gt 0 ] || [ ${#missing_optional[@]} -gt 0 ]; then
+    if [ $(( ${#missing[@]} + ${#missing_tests[@]} + ${#missing_optional[@]} )) -gt 0 ]; then
         apt-get update -qq || echo "install.sh: apt-get update failed; trying what apt has" >&2
     fi
+    # The worker's packages must install; without the others install.sh goes on and says so
+    # (each list in one apt-get call, then one by one, so that one missing package costs
+    # only itself).
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get install -y -qq --no-install-recommends "${missing[@]}"
     fi
-    if [ ${#missing_optional[@]} -gt 0 ] && ! apt-get install -y -qq --no-install-recommends \
-            "${missing_optional[@]}"; then
-        echo "install.sh: could not install ${missing_optional[*]}: jobs that need them" \
-             "(package.json requirements) will fail; Sandrun itself is installed" >&2
-    fi
+    for list in missing_tests missing_optional; do
+        declare -n wanted=$list
+        [ ${#wanted[@]} -gt 0 ] || continue
+        apt-get install -y -qq --no-install-recommends "${wanted[@]}" 2>/dev/null && continue
+        for p in "${wanted[@]}"; do
+            apt-get install -y -qq --no-install-recommends "$p" >/dev/null 2>&1 \
+                || echo "install.sh: could not install $p; going on without it:" \
+                        "$( [ $list = missing_tests ] && echo "tests that need it will fail" \
+                            || echo "jobs that need it (npm: package.json requirements) will fail")" >&2
+        done
+    done
 fi
 
 # Sandrun in a virtual environment of its own.

@@ -15,27 +15,25 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet import defer
-from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import PathConverter
-from zope.interface import implementer
 
 import sandrun
-from sandrun import httpjson
+from sandrun import httpjson, pages
 from sandrun import identity as ident
-from sandrun.api import results, stream, uploads
+from sandrun.api import results, sending, stream, uploads
+from sandrun.api.errors import refusal_kind, to_api_error
 from sandrun.api.packs import PackOnce
-from sandrun.api.errors import to_api_error
 from sandrun.config import WorkerConfig
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.jobs import storage as store
 from sandrun.jobs.manager import BlockingRunner, JobManager, new_job_id
 from sandrun.jobs.manifest import Manifest
+from sandrun.jobs.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandrun.jobs.model import Job, iso
 from sandrun.jobs.runtimes import Runtime, RuntimeList
 from sandrun.jobs.workspace import OutputNotFound, open_output
@@ -55,6 +53,7 @@ def _api(handler: Callable[..., Any]) -> Callable[..., Any]:
         def fail(failure: Any) -> bytes:
             if failure.check(defer.CancelledError):  # the client went away (Klein cancels)
                 return b""
+            self.count_refusal(failure.value)
             error = to_api_error(failure.value)
             if error.status == 500:
                 # The route only: a path may name an output file (job content).
@@ -136,6 +135,8 @@ class WorkerAPI:
         self.packs = PackOnce(self.blocking, pack_outputs,
                               lambda job_id: manager.storage.pack_path(job_id),
                               lambda job_id: manager.get(job_id) is not None)
+        self.metrics = manager.metrics
+        self.metrics.watch(streams=lambda: len(self.streams))
 
     def resource(self) -> Any:
         return _Utf8Guard(self.app.resource())
@@ -153,6 +154,11 @@ class WorkerAPI:
         forwarded = b",".join(lines).decode("latin-1") if lines else None
         return trusted_client_address(host, forwarded, self.config.trusted_proxies)
 
+    def count_refusal(self, exc: BaseException) -> None:
+        kind = refusal_kind(exc)
+        if kind is not None:
+            self.metrics.refused(kind)
+
     def quota_exempt(self, request: IRequest) -> bool:
         """Whether the request comes from a ``--quota-exempt`` address (the one
         ``client`` charges, so a trusted proxy's X-Forwarded-For counts)."""
@@ -166,6 +172,7 @@ class WorkerAPI:
         try:
             self.manager.admit(self.client(request), self.quota_exempt(request))
         except Exception as e:  # noqa: BLE001 (mapped, and anything unexpected is left to the route)
+            self.count_refusal(e)
             error = to_api_error(e)
             if error.status >= 500 and error.status != 503:
                 return None
@@ -189,24 +196,33 @@ class WorkerAPI:
     @app.route("/", methods=["GET"])
     @_api
     def root(self, request: IRequest) -> bytes:
+        if pages.wants_html(request):
+            return pages.serve_page(request)
         return write_json(request, {
             "service": "sandrun", "version": sandrun.__version__, "status": "running",
             "description": DESCRIPTION, "privacy": PRIVACY,
-            "limits": self.config.limits.as_json(), "worker_id": self.manager.worker_id})
+            "limits": self.config.limits.as_json(), "worker_id": self.manager.worker_id,
+            **self.manager.gpus.report()})
 
     @app.route("/health", methods=["GET"])
     @_api
     def health(self, request: IRequest) -> bytes:
         stats = self.manager.stats()
         # queue_capacity: a coordinator places up to capacity + queue_capacity jobs here.
-        load = {"active_jobs": stats["active_jobs"], "queued_jobs": stats["queue_length"],
-                "capacity": stats["capacity"], "queue_capacity": stats["queue_capacity"]}
+        load: dict[str, Any] = {"active_jobs": stats["active_jobs"],
+                                "queued_jobs": stats["queue_length"],
+                                "capacity": stats["capacity"],
+                                "queue_capacity": stats["queue_capacity"]}
+        gpus = self.manager.gpus.report()
+        if self.manager.gpus.usable():
+            # Signed with the load: a coordinator sends GPU jobs only where they can run.
+            load["gpus"] = gpus["gpus"]
         # A worker that cannot run jobs (launcher gone, slots lost) must not be
         # chosen: 503, and a status other than "healthy" for the coordinator.
         problem = self.manager.problem()
         body: dict[str, Any] = {"status": "healthy" if problem is None else "unhealthy",
                                 "worker_id": self.manager.worker_id,
-                                "version": sandrun.__version__, "load": load}
+                                "version": sandrun.__version__, "load": load, **gpus}
         if problem is not None:
             body["problem"] = problem
         nonce = request.args.get(b"nonce")
@@ -288,7 +304,8 @@ class WorkerAPI:
         client = self.client(request)
         body = request.content
         body.seek(0, os.SEEK_END)
-        if body.tell() > self.config.limits.max_upload_bytes:
+        size = body.tell()
+        if size > self.config.limits.max_upload_bytes:
             # UploadRequest refuses these before reading; this guards any other request type.
             raise APIError(413, "Upload too large",
                            f"the limit is {self.config.limits.max_upload_bytes} bytes")
@@ -304,13 +321,17 @@ class WorkerAPI:
         def queued(parsed: tuple[str, uploads.Submission]) -> tuple[Job, int]:
             base, submission = parsed
             environment = self.check_environment(submission.manifest)
+            self.manager.check_gpu(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
                       submitted_at=self.manager.reactor.seconds(),
                       log=self.manager.new_log(base), quota_exempt=exempt,
-                      environment=environment)
-            return job, self.manager.submit(job)
+                      environment=environment,
+                      inputs={} if submission.manifest.outputs else dict(files))
+            position = self.manager.submit(job)
+            self.metrics.upload_accepted(size)
+            return job, position
 
         def failed(failure: Any) -> Any:
             if failure.check(uploads.Unsupported):
@@ -362,26 +383,30 @@ class WorkerAPI:
 
     @app.route("/logs/<string:job_id>", methods=["GET"])
     @_api
-    def logs(self, request: IRequest, job_id: str) -> bytes:
+    def logs(self, request: IRequest, job_id: str) -> Any:
+        # Streamed with back-pressure (sending.py): up to 3 x 10 MiB of output, as JSON.
         job = self.job(job_id)
         accept = request.getHeader(b"accept") or b""
         fmt = request.args.get(b"format", [b""])[0]
         if fmt == b"text" or (fmt != b"json" and b"text/plain" in accept.lower()):
             request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
             cors(request)
-            return job.log.text().encode()
-        return write_json(request, {"job_id": job.id, "stdout": job.log.text("stdout"),
-                                    "stderr": job.log.text("stderr"),
-                                    "install": job.log.text("install"),
-                                    "truncated": job.truncated})
+            return sending.send_pieces(request, job.log.pieces())
+        request.setHeader(b"Content-Type", b"application/json")
+        cors(request)
+        streams = {name: job.log.pieces(name) for name in ("stdout", "stderr", "install")}
+        return sending.send_pieces(request, sending.logs_json(job.id, streams,
+                                                              dict(job.truncated)))
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
     @_api
-    def outputs(self, request: IRequest, job_id: str) -> bytes:
+    def outputs(self, request: IRequest, job_id: str) -> Any:
         job = self.job(job_id)
         files = results.output_listing(job)
-        return write_json(request, {"job_id": job.id, "status": job.status.value,
-                                    "total_files": len(files), "files": files})
+        request.setHeader(b"Content-Type", b"application/json")
+        cors(request)
+        head = {"job_id": job.id, "status": job.status.value, "total_files": len(files)}
+        return sending.send_pieces(request, sending.listing_json(head, files))
 
     @app.route("/download/<string:job_id>/<anypath:path>", methods=["GET"])
     @_api
@@ -448,6 +473,33 @@ class WorkerAPI:
     def live_output_alias(self, request: IRequest, job_id: str) -> Any:
         return self.live_output(request, job_id)
 
+    # -- documents for people and programs (sandrun/pages.py) ---------------------
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        """Prometheus metrics, unless they have a listener of their own (``metrics_listen``)."""
+        if self.config.metrics_listen is not None or not address_in(
+                self.client_address(request), self.config.metrics_allow):
+            return write_error(request, APIError(404, "Not found", "no such endpoint"))
+        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode())
+        return self.metrics.exposition()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        return pages.serve_openapi(request, "worker")
+
+    @app.route("/ui/", methods=["GET"])
+    def page(self, request: IRequest) -> bytes:
+        return pages.serve_page(request)
+
+    @app.route("/docs", methods=["GET"])
+    def docs(self, request: IRequest) -> bytes:
+        return pages.serve_docs(request)
+
+    @app.route("/ui/<anypath:name>", methods=["GET"])
+    def page_asset(self, request: IRequest, name: str) -> bytes:
+        return pages.serve_asset(request, name)
+
     # -- CORS and errors -----------------------------------------------------------
 
     @app.route("/", branch=True, methods=["OPTIONS"])
@@ -459,62 +511,12 @@ class WorkerAPI:
         return httpjson.no_route(request, getattr(failure.value, "valid_methods", None))
 
 
-SEND_CHUNK = 65536
-
-
-@implementer(IPushProducer)
-class _FileProducer:
-    """Writes a file to a request while the transport wants more (a push producer).
-
-    Reads happen on the reactor thread: the file is on tmpfs, a memory copy.
-    ``done`` fires once every byte was written, and fails when the client went
-    away first.
-    """
-
-    def __init__(self, f: Any, request: Any) -> None:
-        self.f: Any = f
-        self.request = request
-        self.paused = False
-        self.done: defer.Deferred[None] = defer.Deferred()
-
-    def start(self) -> defer.Deferred[None]:
-        self.request.registerProducer(self, True)
-        self.resumeProducing()
-        return self.done
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        while not self.paused and self.f is not None:
-            data = self.f.read(SEND_CHUNK)
-            if not data:
-                self._end(None)
-                return
-            self.request.write(data)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def stopProducing(self) -> None:
-        self._end(ConnectionLost("the client went away during the download"))
-
-    def _end(self, error: Exception | None) -> None:
-        if self.f is None:
-            return
-        self.f.close()
-        self.f = None
-        self.request.unregisterProducer()
-        if error is None:
-            self.done.callback(None)
-        else:
-            self.done.errback(error)
-
-
 def _send_file(f: Any, request: IRequest) -> defer.Deferred[None]:
     """Stream a file with back-pressure; fires once every byte was written.
 
     Fails (and the caller's follow-up is skipped) when the client went away.
     """
-    return _FileProducer(f, request).start()
+    return sending.send_file(f, request)
 
 
 def content_disposition(name: str) -> bytes:
@@ -544,5 +546,6 @@ def pack_outputs(job: Job, path: str) -> None:
             with f:
                 info = tarfile.TarInfo(output.path)
                 info.size, info.mode = size, 0o644
+                info.mtime = int(os.fstat(f.fileno()).st_mtime)  # when the job wrote it
                 tar.addfile(info, f)
 

@@ -71,7 +71,8 @@ EXTENSION_INTERPRETERS: Mapping[str, str] = {
 REQUIREMENTS_FILES = frozenset({"requirements.txt", "package.json", "Gemfile"})
 
 # Variables the sandbox sets itself; a manifest may not override them.
-RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TERM"})
+RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TERM",
+                          "NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"})
 
 MIN_MEMORY_MB = 16  # below this no interpreter starts
 MIN_CPUS = 0.01  # the kernel's smallest CPU bandwidth quota is 1 ms per 100 ms period

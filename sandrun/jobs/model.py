@@ -6,7 +6,7 @@ import array
 import datetime
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -69,6 +69,10 @@ class LogChunks(Sequence[tuple[str, bytes]]):
         else:
             self._offsets.append(-1)
             self._memory[i] = data
+
+    def stream(self, i: int) -> str:
+        """Which stream chunk ``i`` belongs to (without reading its data)."""
+        return _STREAMS[self._streams[i]]
 
     def in_memory(self) -> int:
         """How many chunks are held in the worker's memory rather than the file."""
@@ -190,6 +194,23 @@ class JobLog:
         """The sha256 hex of everything ``stream`` kept so far."""
         return self.digests[stream].hexdigest()
 
+    def pieces(self, stream: str | None = None) -> Iterator[bytes]:
+        """``text``'s bytes as they are now, one chunk at a time (read as consumed): a
+        large log is sent without being held whole in memory."""
+        wanted = PROGRAM_STREAMS if stream is None else (stream,)
+        count = len(self.chunks)
+        held = bytes(self._pending) if self._pending and self._pending_stream in wanted \
+            else b""
+
+        def read() -> Iterator[bytes]:
+            for i in range(count):
+                if self.chunks.stream(i) in wanted:
+                    yield self.chunks[i][1]
+            if held:
+                yield held
+
+        return read()
+
     def text(self, stream: str | None = None) -> str:
         """One stream's text; None: the program's stdout and stderr, in arrival order."""
         wanted = PROGRAM_STREAMS if stream is None else (stream,)
@@ -243,6 +264,9 @@ class Job:
     deleted: bool = False
     quota_exempt: bool = False  # submitted from a --quota-exempt address: never charged
     environment: str | None = None  # the template it gets; None: the host's interpreters alone
+    # Uploaded path -> sha256, kept only when the manifest has no ``outputs``: those
+    # files, unchanged, are not outputs (only what the job made or changed is).
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def move_to(self, status: JobStatus) -> None:
         if status not in TRANSITIONS[self.status]:

@@ -46,6 +46,7 @@ from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.runtimes import Runtime, RuntimeList
 from sandrun.sandbox.supervisor import SandboxResult, Slot
 from sandrun.wire import Reason
+from tests.contract import check_response
 from tests.unit.worker_fakes import FakeStorage
 
 START = 1_700_000_000.0
@@ -276,9 +277,13 @@ class Pool:
                               headers=hdrs)
         response = self.settle(d)
         content = self.settle(response.content())
-        return Reply(response.code,
+        reply = Reply(response.code,
                      {k.decode().lower(): [v.decode("latin-1") for v in vs]
                       for k, vs in response.headers.getAllRawHeaders()}, content)
+        # Every answer a test sees is checked against the OpenAPI document.
+        check_response("coordinator", method, path, reply.status, reply.header("content-type"),
+                       reply.body)
+        return reply
 
     def get(self, path: str, **kwargs: Any) -> Reply:
         return self.request("GET", path, **kwargs)

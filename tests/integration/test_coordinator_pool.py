@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 
 from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
+from tests.contract import check_response
 from tests.integration.worker import Response, mounts_under, request, why_no_worker
 from tests.timing import scaled
 
@@ -145,6 +146,13 @@ class PoolWorker(Process):
         return mounts_under(self.state_dir)
 
 
+def checked(path: str, response: Response, method: str = "GET") -> Response:
+    """A coordinator's answer, checked against its OpenAPI document."""
+    check_response("coordinator", method, path, response.status,
+                   response.header("content-type"), response.body)
+    return response
+
+
 class CoordinatorProcess(Process):
     def __init__(self, scratch: str, workers_path: str, flags: tuple[str, ...] = POOL_FLAGS,
                  name: str = "coordinator") -> None:
@@ -172,15 +180,15 @@ class CoordinatorProcess(Process):
     # -- the client ----------------------------------------------------------------
 
     def get(self, path: str, **kwargs: Any) -> Response:
-        return request(self.url, path=path, **kwargs)
+        return checked(path, request(self.url, path=path, **kwargs))
 
     def submit(self, code: str, outputs: list[str] | None = None) -> Response:
         manifest: dict[str, Any] = {"entrypoint": "main.py"}
         if outputs is not None:
             manifest["outputs"] = outputs
         body = json.dumps({"manifest": manifest, "files": {"main.py": code}}).encode()
-        return request(self.url, "POST", "/submit", body,
-                       {"Content-Type": "application/json"})
+        return checked("/submit", request(self.url, "POST", "/submit", body,
+                                          {"Content-Type": "application/json"}), "POST")
 
     def accepted(self, code: str, outputs: list[str] | None = None) -> str:
         reply = self.submit(code, outputs)
@@ -488,6 +496,36 @@ def test_a_big_download_to_a_slow_client_is_streamed_not_buffered(pool: Pool) ->
     assert digest.hexdigest() == hashlib.sha256(bytes(range(256)) * (size // 256)).hexdigest()
     print(f"coordinator RSS grew by {held} KiB while a client stalled on a 64 MiB download")
     assert held < 16 * 1024, f"the coordinator grew by {held} KiB during a 64 MiB download"
+
+
+def test_twenty_unread_logs_through_the_coordinator_keep_its_rss_bounded(pool: Pool) -> None:
+    code = ("import os\nchunk = b'\\x01' * (1024 * 1024)\n"
+            "for _ in range(10):\n    os.write(1, chunk)\n    os.write(2, chunk)\n")
+    job = pool.coordinator.accepted(code)
+    assert pool.coordinator.wait(job, timeout=60)["status"] in ("completed", "failed")
+    assert pool.coordinator.proc is not None
+    pid = pool.coordinator.proc.pid
+    before = rss_kib(pid)
+    sockets = []
+    try:
+        for _ in range(20):  # each answer is ~120 MB of JSON; none is read
+            sock = socket.create_connection(("127.0.0.1", pool.coordinator.port), timeout=30)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(f"GET /logs/{job} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sockets.append(sock)
+        time.sleep(2.0)
+        held = rss_kib(pid) - before
+    finally:
+        for sock in sockets:
+            sock.close()
+    print(f"coordinator RSS grew by {held} KiB with 20 unread /logs answers")
+    assert held < 150 * 1024, held
+    logs = pool.coordinator.get(f"/logs/{job}", timeout=60).json()
+    assert logs["job_id"] == job
+    assert logs["stdout"] == "\x01" * (10 * 1024 * 1024) == logs["stderr"]
+    listing = pool.coordinator.get(f"/outputs/{job}").json()
+    assert listing["job_id"] == job
+    assert all(f["download_url"].startswith(f"/download/{job}/") for f in listing["files"])
 
 
 def test_a_second_coordinator_answers_for_the_first_and_per_ip_limits_hold_pool_wide(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -198,3 +199,11 @@ def test_a_worker_joins_with_join_and_then_runs_extra_replicas_only(pool: Pool) 
         for point in reversed(joiner.mounts()):
             subprocess.run(["umount", "-l", point], check=False)
         remove_worker_cgroup(joiner.cgroup)
+
+
+def test_a_reload_with_its_key_still_listed_readmits_a_suspended_worker(pool: Pool) -> None:
+    assert pool.entries()[pool.forger.url]["reputation"]["suspended"] is True
+    pool.coordinator.signal(signal.SIGHUP)
+    entry = wait_for(lambda: (e := pool.entries()[pool.forger.url])["routable"] and e, 10,
+                     "the forger re-admitted")
+    assert entry["reputation"]["strikes"] == 0 and entry["reputation"]["disagreements"] == 2

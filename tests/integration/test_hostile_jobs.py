@@ -335,3 +335,51 @@ def test_a_job_making_a_million_files_is_stopped_at_its_inode_cap_and_deletes_qu
     assert response.status == 200 and answered < HEALTH_BOUND_SECONDS, answered
     watch.assert_held()
     assert_worker_whole(worker)
+
+
+# -- row 4: large answers stream with back-pressure ---------------------------------------
+
+TWO_TIMES_TEN_MIB = """
+import os
+chunk = b"\\x01" * (1024 * 1024)  # escapes to 6 bytes a character in JSON
+for _ in range(10):
+    os.write(1, chunk)
+    os.write(2, chunk)
+"""
+UNREAD_REQUESTS = 20
+RSS_BOUND_KIB = 150 * 1024  # growth allowed while 20 unread answers of ~120 MB each wait
+
+
+def unread_requests(worker: Worker, path: str, count: int) -> list[socket.socket]:
+    """``count`` connections that ask for ``path`` and never read the answer."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection((worker.host, worker.port), timeout=30)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        sockets.append(sock)
+    return sockets
+
+
+def test_twenty_unread_logs_of_a_two_by_ten_mib_job_keep_the_worker_rss_bounded(
+        worker: Worker) -> None:
+    job_id = worker.submit({"main.py": TWO_TIMES_TEN_MIB}, {"entrypoint": "main.py"})
+    status = worker.wait(job_id, timeout=60)
+    assert status["execution_metadata"]["reason"] in ("completed", "output_limit"), status
+    before = worker.rss_kib()
+    with HealthWatch(worker) as watch:
+        sockets = unread_requests(worker, f"/logs/{job_id}", UNREAD_REQUESTS)
+        try:
+            time.sleep(2.0)  # the worker writes what the connections take, then waits
+            grown = worker.rss_kib() - before
+        finally:
+            for sock in sockets:
+                sock.close()
+    print(f"worker RSS grew by {grown} KiB with {UNREAD_REQUESTS} unread /logs answers")
+    assert grown < RSS_BOUND_KIB, grown
+    watch.assert_held()
+    # And a reader gets the whole, correct document.
+    logs = worker.get(f"/logs/{job_id}", timeout=60).json()
+    assert logs["stdout"] == "\x01" * (10 * 1024 * 1024) == logs["stderr"]
+    assert worker.delete(f"/jobs/{job_id}").status == 200
+    assert_worker_whole(worker)

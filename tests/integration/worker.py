@@ -43,6 +43,7 @@ from typing import Any
 
 from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
 from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
+from tests.contract import check_response
 from tests.timing import scaled
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -107,7 +108,11 @@ class Worker:
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None, source: str | None = None,
                 timeout: float = 30.0) -> Response:
-        return request(self.url, method, path, body, headers, source, timeout)
+        response = request(self.url, method, path, body, headers, source, timeout)
+        # Every answer a test sees is checked against the OpenAPI document.
+        check_response("worker", method, path, response.status, response.header("content-type"),
+                       response.body)
+        return response
 
     def get(self, path: str, **kwargs: Any) -> Response:
         return self.request("GET", path, **kwargs)

@@ -191,7 +191,7 @@ def test_installed_dependencies_are_not_outputs_and_cannot_be_downloaded(h: Harn
     run.write("result.txt", "42")
     run.finish()
     outputs = h.get(f"/outputs/{job_id}").json()["files"]
-    assert [f["path"] for f in outputs] == ["main.py", "requirements.txt", "result.txt"]
+    assert [f["path"] for f in outputs] == ["result.txt"]
     assert h.get(f"/download/{job_id}/.deps/python/six.py").status == 404
 
 

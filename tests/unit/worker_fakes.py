@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from treq.testing import StubTreq
 from twisted.internet import defer, task
@@ -27,6 +28,7 @@ from sandrun.api.app import WorkerAPI
 from sandrun.api.uploads import request_factory
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
 from sandrun.environments import DependencyCache, Environments, Registry
+from sandrun.jobs.gpus import GpuPool
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.storage import StorageFull
@@ -34,6 +36,7 @@ from sandrun.sandbox.policy import SandboxPolicy
 from sandrun.sandbox.supervisor import SandboxResult, SandboxUnavailable, Slot
 from sandrun.wire import Reason
 from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
+from tests.contract import check_response
 
 
 def synchronous(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
@@ -215,6 +218,7 @@ class Harness:
                  queue_size: int = 10, identity: ident.WorkerIdentity | None = None,
                  trusted_proxies: tuple[str, ...] = (), start: bool = True,
                  environments: Environments | None = None,
+                 gpus: GpuPool | None = None,
                  max_finished_jobs: int = 5000) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)  # a plausible wall clock for timestamps
@@ -232,7 +236,7 @@ class Harness:
             DependencyCache(os.path.join(root, "deps")))
         self.manager = JobManager(self.clock, self.sandbox, self.storage,  # type: ignore[arg-type]
                                   self.config, self.limiter, identity, blocking=synchronous,
-                                  environments=self.environments)
+                                  environments=self.environments, gpus=gpus)
         if start:
             self.manager.start()
         self.api = WorkerAPI(self.manager, self.config, identity)
@@ -278,9 +282,16 @@ class Harness:
     def reply(self, d: defer.Deferred[Any]) -> Reply:
         response = self._settle(d)
         content = self._settle(response.content())
-        return Reply(response.code,
+        reply = Reply(response.code,
                      {k.decode().lower(): [v.decode("latin-1") for v in vs]
                       for k, vs in response.headers.getAllRawHeaders()}, content)
+        # Every answer a test sees is checked against the OpenAPI document.
+        sent = response.request
+        uri = urlsplit(sent.absoluteURI.decode())
+        check_response("worker", sent.method.decode(), uri.path + ("?" + uri.query if uri.query
+                                                                   else ""),
+                       reply.status, reply.header("content-type"), reply.body)
+        return reply
 
     def _settle(self, d: defer.Deferred[Any]) -> Any:
         results: list[Any] = []
