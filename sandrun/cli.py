@@ -260,6 +260,17 @@ def check_config(config: WorkerConfig) -> str | None:
     return None
 
 
+def _allow_open_files() -> None:
+    """Descriptors up to the hard limit: each held job keeps its output log open, and a
+    worker may hold thousands (``--max-finished-jobs``) besides its connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def serve(config: WorkerConfig) -> None:
     from twisted.internet import defer, task
     from twisted.internet.error import CannotListenError
@@ -268,6 +279,7 @@ def serve(config: WorkerConfig) -> None:
     from sandrun.service import WorkerService
 
     start_logging()
+    _allow_open_files()
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:

@@ -28,9 +28,10 @@ Protocol, over a ``SOCK_SEQPACKET`` socket (one JSON object per message):
 worker -> launcher
     ``{"op": "spawn", "id": ID, "request": LaunchRequest}`` with four
     descriptors attached (stdin, stdout, stderr, and the job directory as a
-    detached mount from ``open_tree``: the worker's state tmpfs is private to
-    the worker's mount namespace, so job mounts never reach the launcher's,
-    nor the spares' copies of it, however many jobs the worker holds);
+    detached mount from ``open_tree``: the launcher has a mount namespace of
+    its own, copied at its start, and the worker's state tmpfs is private, so
+    job mounts never reach the launcher's namespace, nor the spares' copies of
+    it, however many jobs the worker holds);
     ``{"op": "kill", "id": ID}``: SIGKILL the job's PID namespace.
 launcher -> worker
     ``{"event": "ready", "cgroup_version", "stale_cgroups"}`` once, or
@@ -666,6 +667,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     sock = socket.socket(fileno=args.fd)
     try:
+        # A mount namespace of its own, copied now: the worker's state tmpfs is private
+        # (storage.py), so the job mounts the worker makes from now on never appear here,
+        # nor in the spares' namespaces copied from this one, however many are held.
+        ns.unshare(ns.CLONE_NEWNS)
         ns.drop_bounding_set(ns.last_capability())
         launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp, args.loopback,
                             allow_unlimited_swap=args.allow_unlimited_swap)
