@@ -7,7 +7,11 @@ What differs, and why:
   sends the body to the least-loaded worker (``scheduling.py``).  A worker
   that refuses (429, 503) or cannot be reached is skipped for the next one;
   when none takes it the answer is 503 with ``retry_after`` (or the workers'
-  429).  The answer's ``job_id`` is the coordinator's (``jobids.py``).
+  429).  The answer's ``job_id`` is the coordinator's (``jobids.py``).  When
+  the worker answers ``replicas: N`` (the manifest's), N - 1 more copies go to
+  other workers (``replication.py``); job endpoints then answer for the job as
+  one, ``/status`` with a ``consensus`` block (``consensus.py``).
+- ``POST /pool/join``: open enrollment (``enrollment.py``).
 - ``POST /run`` places the job as ``/submit`` does (the client's lock is held
   only for that), then waits with the worker's long poll (``/status?wait=``)
   and answers with the status, the worker's ``/logs`` and its ``/outputs``
@@ -29,8 +33,8 @@ What differs, and why:
   and downloads answer 410 with the same reason.
 - ``/download`` streams the worker's body to the client with back-pressure:
   the worker connection is paused while the client's is full.
-- ``/stats`` sums the client's quota over the workers; ``/health`` and
-  ``/`` describe the coordinator; ``/environments`` comes from a healthy worker.
+- ``/stats`` sums the client's quota and the workers' own figures over the
+  pool; ``/health`` and ``/`` describe the coordinator; ``/environments`` comes from a healthy worker.
 """
 
 from __future__ import annotations
@@ -709,7 +713,7 @@ class CoordinatorAPI:
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
     @_api
-    async def outputs(self, request: Request, job_id: str) -> bytes:
+    async def outputs(self, request: Request, job_id: str) -> bytes | None:
         ref, state = self.locate(job_id)
         refs = self.replicas_of(job_id)
         if len(refs) > 1:
@@ -719,8 +723,9 @@ class CoordinatorAPI:
         if response.code != 200:
             return self.relay_json(request, response, await read_json(response), job_id)
         # Up to 10,000 entries: streamed, each entry with our download URL.
-        return await self.relay_body(request, response, rewriter=LineRewriter(
+        await self.relay_body(request, response, rewriter=LineRewriter(
             job_id, lambda entry: self.rewrite_outputs(job_id, [entry])[0]))
+        return None
 
     def rewrite_outputs(self, job_id: str, files: list[Any], kept: bool = True) -> list[Any]:
         """A worker's outputs listing with our download URLs (none when not kept)."""

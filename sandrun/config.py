@@ -69,5 +69,6 @@ class WorkerConfig:
     metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1")
     env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
     deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash
+    deps_cache_bytes: int = 4096 * MiB  # all of deps_dir; least recently used entries go
     allow_unlimited_swap: bool = False  # start where a job's swap cannot be capped at 0
     gpu_dev_dir: str = "/dev"  # where the NVIDIA device nodes of the GPUs found by NVML are

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from twisted.internet import defer
@@ -112,7 +112,7 @@ def json_string(chunks: Iterable[bytes]) -> Iterator[bytes]:
     yield b'"'
 
 
-def logs_json(job_id: str, streams: dict[str, Iterable[bytes]],
+def logs_json(job_id: str, streams: Mapping[str, Iterable[bytes]],
               truncated: dict[str, bool]) -> Iterator[bytes]:
     """``{"job_id", <each stream>, "truncated"}``, the streams' text streamed."""
     yield b"{" + _member("job_id", job_id) + b",\n"

@@ -52,9 +52,9 @@ with the job's command as PID 2; it reaps orphans, forwards signals and, when
 the command ends, reports its wait status and exits.  The kernel then kills
 every process the job left, double-forked daemons included, and reaps them all
 before the init itself can be reaped, so ``exited`` means that nothing of the
-job runs any more.  The
-launcher holds each job's mount namespace until it is idle after the report,
-so that the unmounting happens off the way from the job's exit to its result.
+job runs any more.  The launcher holds each job's mount namespace until it is
+idle after the report, so that the unmounting happens off the way from the
+job's exit to its result.
 """
 
 from __future__ import annotations
@@ -454,7 +454,7 @@ class Launcher:
         del self.by_id[job.id]
         _, wait_status, _ = os.wait4(job.pid, 0)
         if job.wait_status is not None:
-            wait_status = job.wait_status  # the command's own; the init exits with 128 + a signal
+            wait_status = job.wait_status  # the command's own (the init's says less)
         os.close(job.pidfd)
         wall_ms = (time.monotonic() - job.started) * 1000
         if job.mntns >= 0:

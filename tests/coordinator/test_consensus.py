@@ -341,7 +341,7 @@ def test_a_replica_that_cannot_be_placed_for_a_timeout_cancels_the_copies_placed
             return defer.Deferred()  # never answers: the submit times out
         return real(method, uri, headers, body)
 
-    pool.network.request = stall  # type: ignore[method-assign]
+    pool.network.request = stall  # type: ignore[method-assign,assignment]
     d = pool.begin("POST", "/submit", json.dumps(
         {"manifest": {"entrypoint": "main.py", "replicas": 2},
          "files": {"main.py": HOLD}}).encode(),

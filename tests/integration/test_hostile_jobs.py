@@ -383,3 +383,50 @@ def test_twenty_unread_logs_of_a_two_by_ten_mib_job_keep_the_worker_rss_bounded(
     assert logs["stdout"] == "\x01" * (10 * 1024 * 1024) == logs["stderr"]
     assert worker.delete(f"/jobs/{job_id}").status == 200
     assert_worker_whole(worker)
+
+
+# -- row 9: a cancelled job's dependency fetch is stopped ----------------------------------
+
+
+def fetch_processes(deps_dir: str) -> list[int]:
+    """Processes fetching into ``deps_dir`` (``pip download --dest`` beneath it).
+
+    Searched in all of /proc: the fetch is started from a worker thread, so it is
+    not listed among the main thread's children.
+    """
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"download" in argv and any(a.startswith(deps_dir.encode()) for a in argv):
+            found.append(int(name))
+    return found
+
+
+def test_a_job_cancelled_during_its_fetch_has_the_fetch_killed_and_the_slot_back(
+        worker: Worker, deps_dir: str) -> None:
+    # A large wheel: its download takes far longer than the test waits.
+    files = {"main.py": "print('never')\n", "requirements.txt": "torch==2.2.0\n"}
+    job_id = worker.submit(files, {"entrypoint": "main.py",
+                                   "requirements": "requirements.txt"})
+    deadline = time.monotonic() + 30
+    while not fetch_processes(deps_dir):
+        assert time.monotonic() < deadline, worker.get(f"/logs/{job_id}").body[-2000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    with HealthWatch(worker) as watch:
+        cancelled_at = time.monotonic()
+        assert worker.delete(f"/jobs/{job_id}").json()["cancelled"] is True
+        while fetch_processes(deps_dir) or \
+                worker.get("/health").json()["load"]["active_jobs"] != 0:
+            assert time.monotonic() - cancelled_at < 1.5, "the fetch kept its slot"
+            time.sleep(0.05)
+        freed_after = time.monotonic() - cancelled_at
+    print(f"fetch killed and slot back {freed_after:.2f} s after the cancel")
+    watch.assert_held()
+    assert_worker_whole(worker)
