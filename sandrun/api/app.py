@@ -290,12 +290,14 @@ class WorkerAPI:
                                       on_cancel=lambda: self.manager.cancel(job.id))
             return ended.addCallback(lambda _: job)
 
-        def answer(job: Job) -> bytes:
-            body = write_json(request, results.run_document(
-                self.status_document(job), job, keep=keep))
-            if not keep:
-                self.manager.delete(job.id)
-            return body
+        def answer(job: Job) -> Any:
+            request.setHeader(b"Content-Type", b"application/json")
+            cors(request)
+            members = results.run_document(self.status_document(job), job, keep=keep)
+            sent = sending.send_pieces(request, sending.object_json(members))
+            if not keep:  # once sent: the output is read from the job's log as it goes
+                sent.addBoth(lambda result: (self.manager.delete(job.id), result)[1])
+            return sent
 
         return self.accept(request).addCallback(wait).addCallback(answer)
 

@@ -138,5 +138,25 @@ def listing_json(head: dict[str, Any], files: Iterable[dict[str, Any]]) -> Itera
     yield b"\n]}"
 
 
+class Text:
+    """A string member of ``object_json`` whose UTF-8 bytes come in chunks."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self.chunks = chunks
+
+
+def object_json(members: Iterable[tuple[str, Any]]) -> Iterator[bytes]:
+    """A JSON object of ``members`` in order; a ``Text`` value is streamed."""
+    separator = b"{"
+    for name, value in members:
+        yield separator + json.dumps(name).encode() + b": "
+        if isinstance(value, Text):
+            yield from json_string(value.chunks)
+        else:
+            yield json.dumps(value).encode()
+        separator = b", "
+    yield b"}" if separator == b", " else b"{}"
+
+
 def _member(name: str, value: Any) -> bytes:
     return json.dumps(name).encode() + b": " + json.dumps(value).encode()
