@@ -9,6 +9,7 @@ import argparse
 import difflib
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import sandrun
@@ -203,13 +204,15 @@ def load_config_file(path: str, serve: argparse.ArgumentParser) -> dict[str, Any
             kind = "a list of strings" if dest in _LIST_OPTIONS else "a number or a string"
             raise ConfigFileError(f"{path}: {key} must be {kind}")
         converted = []
+        convert: Callable[[str], Any] = action.type if callable(action.type) else str
         for item in values:
             try:
-                converted.append(action.type(str(item)) if action.type else str(item))
+                converted.append(convert(str(item)))
             except argparse.ArgumentTypeError as e:
                 raise ConfigFileError(f"{path}: {key}: {e}") from None
             except ValueError:
-                kind = {int: "an integer", float: "a number"}.get(action.type, "valid")
+                kind = "an integer" if convert is int else "a number" if convert is float \
+                    else "valid"
                 raise ConfigFileError(f"{path}: {key}: {item!r} is not {kind}") from None
         settings[dest] = converted if dest in _LIST_OPTIONS else converted[0]
     return settings
