@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from coordinator.jobids import worker_tag
+from sandrun.daemon import ConnectionPolicy
 
 MAX_WORKERS_FILE_BYTES = 1024 * 1024
 _ENTRY_KEYS = {"worker_id", "endpoint", "max_concurrent_jobs", "name", "comment"}
@@ -94,6 +95,8 @@ class CoordinatorConfig:
     # PEM file of the CA certificate(s) that sign the https:// workers' certificates;
     # None = the system's trust store.
     worker_cacert: str | None = None
+    # Connections and uploads in flight clients may hold; header and idle timeouts.
+    connections: ConnectionPolicy = field(default_factory=ConnectionPolicy)
 
 
 def parse_workers(text: str | bytes) -> tuple[WorkerEntry, ...]:

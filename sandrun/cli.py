@@ -13,7 +13,15 @@ from typing import Any
 
 import sandrun
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
-from sandrun.daemon import listen_description, start_logging, stop_signal
+from sandrun.daemon import (
+    add_connection_flags,
+    check_connections,
+    connection_policy,
+    listen_description,
+    raise_open_files_limit,
+    start_logging,
+    stop_signal,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +120,7 @@ def add_serve_command(commands: Any) -> None:
     flag("--quota-exempt", action="append", default=None, metavar="CIDR",
          help="address or network to which no per-IP quota applies, e.g. 127.0.0.1 or "
               "10.0.0.0/8 (repeatable; default: none)")
+    add_connection_flags(flag)
 
 
 # ``serve`` options that take a list (repeatable flags; a list in the TOML file).
@@ -202,7 +211,9 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
                         trusted_proxies=tuple(args.trusted_proxy or ()),
-                        allow_unlimited_swap=args.allow_unlimited_swap)
+                        allow_unlimited_swap=args.allow_unlimited_swap,
+                        connections=connection_policy(
+                            args, tuple(args.trusted_proxy or ()) + quotas.exempt))
 
 
 def check_config(config: WorkerConfig) -> str | None:
@@ -222,7 +233,7 @@ def check_config(config: WorkerConfig) -> str | None:
         return "--default-memory-mb must be between 16 and --max-memory-mb"
     if not limits.max_cpus >= 0.01:
         return "--max-cpus must be at least 0.01"
-    return None
+    return check_connections(config.connections, limits.max_upload_bytes)
 
 
 def serve(config: WorkerConfig) -> None:
@@ -233,6 +244,7 @@ def serve(config: WorkerConfig) -> None:
     from sandrun.service import WorkerService
 
     start_logging()
+    raise_open_files_limit()  # the connection cap stays below what this leaves
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from sandrun.daemon import ConnectionPolicy
+
 MB = 1000 * 1000
 MiB = 1024 * 1024
 
@@ -61,4 +63,6 @@ class WorkerConfig:
     trusted_proxies: tuple[str, ...] = ()
     env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
     deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash
+    # Connections and uploads in flight clients may hold; header and idle timeouts.
+    connections: ConnectionPolicy = field(default_factory=ConnectionPolicy)
     allow_unlimited_swap: bool = False  # start where a job's swap cannot be capped at 0

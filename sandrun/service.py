@@ -15,6 +15,7 @@ from sandrun.api.app import WorkerAPI
 from sandrun.api.unpacker import Unpacker
 from sandrun.api.uploads import WorkerSite, request_factory
 from sandrun.config import WorkerConfig
+from sandrun.connections import BodyRoutes, UploadBudget, guard_site
 from sandrun.environments import DependencyCache, Environments, Registry
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
@@ -58,6 +59,7 @@ class WorkerService(service.MultiService):
         self.site = WorkerSite(self.api.resource())
         self.site.displayTracebacks = False
         self.port: Any = None
+        self.connections: Any = None  # the connection caps the port listens with
         self._started: list[str] = []  # what stopService must undo, in start order
 
     @defer.inlineCallbacks
@@ -68,16 +70,21 @@ class WorkerService(service.MultiService):
             self._started.append("storage")
             self.unpacker.start()
             self._started.append("unpacker")
-            self.site.requestFactory = request_factory(self.config.limits,
-                                                       self.storage.uploads_dir,
-                                                       self.api.early_refusal)
+            policy = self.config.connections
+            self.site.requestFactory = request_factory(
+                self.config.limits, self.storage.uploads_dir, self.api.early_refusal,
+                BodyRoutes(WorkerAPI.app.url_map),
+                UploadBudget(policy.max_inflight_upload_bytes,
+                             policy.max_inflight_upload_bytes_per_ip, policy.exempt))
             self._started.append("sandbox")
             yield self.sandbox.start()
             self.manager.start()
             self.api.runtime_list.start()  # asks each interpreter its version, in a thread
             self._started.append("manager")
+            self.connections = guard_site(self.site, policy,
+                                          reserve=64 + 16 * self.config.max_concurrent)
             self.port = yield serverFromString(self.reactor, self.config.listen).listen(
-                self.site)
+                self.connections)
         except BaseException:
             yield self._undo()
             raise
@@ -85,6 +92,12 @@ class WorkerService(service.MultiService):
         log.info("sandrun worker listening on {host}:{port} (worker id {worker_id}, "
                  "{stale} stale job directories removed)", host=getattr(host, "host", host),
                  port=getattr(host, "port", ""), worker_id=self.manager.worker_id, stale=stale)
+        log.info("connections: at most {total} ({per_ip} per client address), headers within "
+                 "{header:g} s, idle {idle:g} s; uploads in flight at most {inflight} bytes "
+                 "({inflight_ip} per address)", total=self.connections.max_total,
+                 per_ip=policy.max_connections_per_ip, header=policy.header_timeout,
+                 idle=policy.idle_timeout, inflight=policy.max_inflight_upload_bytes,
+                 inflight_ip=policy.max_inflight_upload_bytes_per_ip)
         super().startService()
 
     @defer.inlineCallbacks
