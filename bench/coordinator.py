@@ -25,6 +25,15 @@ throughput
     checks that client's pool-wide quota, so C threads from one address would
     measure that lock rather than the proxy.
 
+replicas
+    Three workers behind a second coordinator (``--max-replicas 3``): the trivial
+    job with ``replicas`` 1, 2 and 3 (``--replicas``), one at a time (submit to
+    seen completed, interleaved) and from C clients (``--replica-concurrency``).
+    A replicated job is placed on that many workers one after another, and each
+    /status of it asks every replica's worker and compares their signed results,
+    so both the submission and every poll cost more.  ``--only-replicas`` runs
+    just this part.
+
 The machine is shared and small: the table says how much CPU the coordinator used
 and how much other processes on the host used ("others' cores"); on 2 cores the
 coordinator competes with the worker and the jobs for CPU, which is part of what
@@ -34,6 +43,7 @@ Usage (as root)::
 
     python3 bench/coordinator.py                 # 200 runs, 3 x 5 s per concurrency
     python3 bench/coordinator.py -n 50 --rounds 1 --concurrency 1,8
+    python3 bench/coordinator.py --only-replicas -n 100 --rounds 2 --seconds 3
 """
 
 from __future__ import annotations
@@ -83,13 +93,16 @@ def free_port() -> int:
 class Coordinator:
     """``python -m coordinator`` in front of one worker."""
 
-    def __init__(self, scratch: str, worker: Worker, worker_id: str) -> None:
+    def __init__(self, scratch: str, workers: list[tuple[Worker, str]],
+                 flags: tuple[str, ...] = (), name: str = "coordinator") -> None:
         self.port = free_port()
-        self.workers_path = os.path.join(scratch, "workers.json")
+        self.flags = flags
+        self.workers_path = os.path.join(scratch, f"{name}-workers.json")
         with open(self.workers_path, "w") as f:
-            json.dump([{"name": "bench", "worker_id": worker_id, "endpoint": worker.url,
-                        "max_concurrent_jobs": 10000}], f)
-        self.log_path = os.path.join(scratch, "coordinator.log")
+            json.dump([{"name": f"bench-{i}", "worker_id": worker_id, "endpoint": worker.url,
+                        "max_concurrent_jobs": 10000}
+                       for i, (worker, worker_id) in enumerate(workers)], f)
+        self.log_path = os.path.join(scratch, f"{name}.log")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Coordinator:
@@ -97,7 +110,7 @@ class Coordinator:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "coordinator", "--workers", self.workers_path,
-                 "--listen", f"127.0.0.1:{self.port}", *POOL_QUOTAS],
+                 "--listen", f"127.0.0.1:{self.port}", *POOL_QUOTAS, *self.flags],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=_ROOT,
                 env=env)
         client = self.client()
@@ -140,10 +153,17 @@ class Coordinator:
             return self.proc.wait()
 
 
+def with_replicas(replicas: int) -> dict[str, Any]:
+    """The trivial job, run on ``replicas`` workers."""
+    return {"manifest": {**TRIVIAL["manifest"], "replicas": replicas},
+            "files": TRIVIAL["files"]}
+
+
 def run_job(client: Client, poll: float, backoff: float = 1.0,
-            max_poll: float = 0.02) -> tuple[float, dict[str, Any]]:
+            max_poll: float = 0.02, body: dict[str, Any] = TRIVIAL
+            ) -> tuple[float, dict[str, Any]]:
     t0 = time.perf_counter()
-    code, answer = client.json("POST", "/submit", TRIVIAL)
+    code, answer = client.json("POST", "/submit", body)
     if code != 200:
         raise RuntimeError(f"submit: {code} {answer}")
     status, _ = client.wait(answer["job_id"], poll=poll, backoff=backoff, max_poll=max_poll)
@@ -195,7 +215,8 @@ def latency(paths: dict[str, Client], args: argparse.Namespace) -> dict[str, Any
 
 
 def throughput_at(make_client: Any, concurrency: int, args: argparse.Namespace,
-                  worker: Worker, coordinator_pid: int) -> dict[str, Any]:
+                  worker: Worker, coordinator_pid: int,
+                  body: dict[str, Any] = TRIVIAL) -> dict[str, Any]:
     lock = threading.Lock()
     done: list[float] = []
     errors: list[str] = []
@@ -211,7 +232,7 @@ def throughput_at(make_client: Any, concurrency: int, args: argparse.Namespace,
         time.sleep(max(0.0, start - time.perf_counter()))
         while time.perf_counter() < deadline:
             try:
-                t, status = run_job(client, args.poll, args.backoff, args.max_poll)
+                t, status = run_job(client, args.poll, args.backoff, args.max_poll, body)
                 ended = time.perf_counter()
                 collect(client, status["job_id"])
             except Exception as e:  # noqa: BLE001 - every failure is an error to count
@@ -260,6 +281,77 @@ def merge(parts: list[dict[str, Any]], path: str, seconds: float) -> dict[str, A
             "slices": parts}
 
 
+def replicas_bench(args: argparse.Namespace, scratch: str) -> dict[str, Any]:
+    """The trivial job at each ``--replicas`` level on three workers, one coordinator."""
+    levels = [int(r) for r in args.replicas.split(",") if r]
+    workers: list[tuple[Worker, str]] = []
+    coordinator: Coordinator | None = None
+    results: dict[str, Any] = {"levels": levels, "workers": 3}
+    try:
+        for i in range(3):
+            key = os.path.join(scratch, f"replica-{i}.pem")
+            worker_id = keygen(key)
+            workers.append((Worker(*RAISED_QUOTAS, "--max-concurrent", str(args.max_concurrent),
+                                   "--worker-key", key, "--trusted-proxy", "127.0.0.1").start(),
+                            worker_id))
+        coordinator = Coordinator(scratch, workers, ("--max-replicas", str(max(levels))),
+                                  name="replicas").start()
+        client = coordinator.client()
+        series: dict[int, list[float]] = {r: [] for r in levels}
+        errors = 0
+        for _ in range(args.warmup):
+            for r in levels:
+                _, status = run_job(client, args.poll, body=with_replicas(r))
+                collect(client, status["job_id"])
+        for _ in range(args.n):
+            for r in levels:  # interleaved
+                t, status = run_job(client, args.poll, body=with_replicas(r))
+                collect(client, status["job_id"])
+                if status["status"] != "completed":
+                    errors += 1
+                    continue
+                series[r].append(t)
+        client.close()
+        results["latency"] = {"runs": args.n, "errors": errors,
+                              "ms": {str(r): summary(v) for r, v in series.items()}}
+        base = results["latency"]["ms"][str(levels[0])]["p50"]
+        print_table(f"Replicated job, one at a time, {args.n} runs each, interleaved (ms)",
+                    ("replicas", "p50", "p90", "p99", f"p50 / replicas {levels[0]}"),
+                    [(r, s["p50"], s["p90"], s["p99"], s["p50"] / base)
+                     for r, s in ((r, results["latency"]["ms"][str(r)]) for r in levels)],
+                    notes=[(f"errors: {errors}; 3 workers, each poll of /status asks every "
+                            "replica's worker")])
+        slices: dict[int, list[dict[str, Any]]] = {r: [] for r in levels}
+        for _ in range(args.rounds):
+            for r in levels:
+                slices[r].append(throughput_at(coordinator.client, args.replica_concurrency,
+                                               args, workers[0][0], coordinator.pid,
+                                               with_replicas(r)))
+        runs = [dict(merge(parts, f"replicas {r}", args.seconds * args.rounds), replicas=r)
+                for r, parts in slices.items()]
+        results["throughput"] = runs
+        base_rate = runs[0]["jobs_per_s"] or float("nan")
+        print_table(f"Replicated job, {args.replica_concurrency} clients, {args.rounds} "
+                    f"alternating slices of {args.seconds:g} s per row",
+                    ("replicas", "completed", "jobs/s", f"vs replicas {levels[0]}", "errors",
+                     "p50 ms", "p99 ms", "coordinator cores"),
+                    [(r["replicas"], r["completed"], r["jobs_per_s"],
+                      r["jobs_per_s"] / base_rate, r["errors"],
+                      r["latency_ms"].get("p50", float("nan")),
+                      r["latency_ms"].get("p99", float("nan")), r["coordinator_cores"])
+                     for r in runs],
+                    notes=["jobs/s counts replicated jobs (each runs `replicas` times)",
+                           (f"{os.cpu_count()} cores shared by 3 workers, the coordinator "
+                            "and the clients")])
+    finally:
+        if coordinator is not None:
+            coordinator.stop()
+        for worker, _ in workers:
+            worker.stop()
+            worker.remove_state_dir()
+    return results
+
+
 def keygen(path: str) -> str:
     env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-m", "sandrun", "keygen", "--out", path],
@@ -282,18 +374,27 @@ def main() -> None:
     parser.add_argument("--max-poll", type=float, default=0.02)
     parser.add_argument("--max-concurrent", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--name", default="coordinator")
+    parser.add_argument("--replicas", default="1,2,3",
+                        help="replica levels to compare on three workers ('' skips them)")
+    parser.add_argument("--replica-concurrency", type=int, default=4,
+                        help="client threads for the replicated throughput (default 4)")
+    parser.add_argument("--only-replicas", action="store_true",
+                        help="run only the replicated-job part")
     args = parser.parse_args()
     concurrency = [int(c) for c in args.concurrency.split(",")]
     if os.geteuid() != 0:
         sys.exit("bench/coordinator.py starts a real worker and must run as root")
 
     scratch = tempfile.mkdtemp(prefix="sandrun-bench-coordinator-")
+    if args.only_replicas:
+        write_json(args.name, {"replicas": replicas_bench(args, scratch)})
+        return
     key = os.path.join(scratch, "worker.pem")
     worker_id = keygen(key)
     flags = (*RAISED_QUOTAS, "--max-concurrent", str(args.max_concurrent),
              "--worker-key", key, "--trusted-proxy", "127.0.0.1")
     worker = Worker(*flags).start()
-    coordinator = Coordinator(scratch, worker, worker_id).start()
+    coordinator = Coordinator(scratch, [(worker, worker_id)]).start()
     results: dict[str, Any] = {"worker_flags": list(flags),
                                "coordinator_flags": list(POOL_QUOTAS),
                                "job": "sh true.sh (exit 0)"}
@@ -355,6 +456,8 @@ def main() -> None:
         coordinator.stop()
         worker.stop()
         worker.remove_state_dir()
+    if args.replicas:
+        results["replicas"] = replicas_bench(args, scratch)
     write_json(args.name, results)
 
 

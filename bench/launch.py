@@ -190,4 +190,7 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/launch.py needs root: the sandbox uses namespaces and cgroups")
+    from sandrun.cli import ensure_own_cgroup
+
+    ensure_own_cgroup([sys.executable, *sys.argv], "bench/launch.py")  # cgroup v2
     task.react(main, [arguments])

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quota-exempt", action="append", default=[], metavar="CIDR",
                         help="address or network to which no pool-wide quota applies "
                              "(repeatable; default: none); give the workers the same")
+    parser.add_argument("--metrics-listen", type=listen_description, default=None,
+                        help="serve Prometheus /metrics on this HOST:PORT or endpoint only, and not "
+                             "on --listen (default: on --listen, to --metrics-allow addresses)")
+    parser.add_argument("--metrics-allow", action="append", default=None,
+                        help="address or CIDR that may read /metrics on --listen (repeatable; "
+                             "default 127.0.0.0/8 and ::1)")
     parser.add_argument("--drain-seconds", type=_positive(float), default=d.drain_seconds,
                         help="how long a worker removed by a reload stays reachable "
                              f"(default {d.drain_seconds:g})")
@@ -112,6 +118,9 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
         drain_seconds=args.drain_seconds, max_replicas=args.max_replicas,
         max_disagreements=args.max_disagreements, open_enrollment=args.open_enrollment,
         max_open_workers=args.max_open_workers, worker_cacert=args.worker_cacert,
+        metrics_listen=args.metrics_listen,
+        metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
+        else CoordinatorConfig.metrics_allow,
         connections=connection_policy(args, tuple(args.trusted_proxy) + tuple(args.quota_exempt)))
 
 

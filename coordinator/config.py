@@ -95,6 +95,10 @@ class CoordinatorConfig:
     # PEM file of the CA certificate(s) that sign the https:// workers' certificates;
     # None = the system's trust store.
     worker_cacert: str | None = None
+    # Prometheus metrics: on their own listener (an endpoint string) when set, and then
+    # never on the API's; otherwise at the API's /metrics, to these addresses or networks.
+    metrics_listen: str | None = None
+    metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1")
     # Connections and uploads in flight clients may hold; header and idle timeouts.
     connections: ConnectionPolicy = field(default_factory=ConnectionPolicy)
 
@@ -157,14 +161,14 @@ def _parse_entry(index: int, raw: Any) -> WorkerEntry:
     if unknown:
         raise WorkersFileError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
     worker_id = raw.get("worker_id")
-    if not isinstance(worker_id, str) or not _is_public_key(worker_id):
+    if not isinstance(worker_id, str) or not is_public_key(worker_id):
         raise WorkersFileError(
             f"{where}: worker_id must be the standard base64 of a 32-byte Ed25519 public "
             "key, as `sandrun keygen` prints it")
     endpoint = raw.get("endpoint")
     if not isinstance(endpoint, str):
         raise WorkersFileError(f"{where}: endpoint is required, e.g. \"http://host:8443\"")
-    normalised = _normalise_endpoint(endpoint)
+    normalised = normalise_endpoint(endpoint)
     if normalised is None:
         raise WorkersFileError(
             f"{where}: endpoint {endpoint!r} must be http:// or https://, a host and an "
@@ -182,7 +186,7 @@ def _parse_entry(index: int, raw: Any) -> WorkerEntry:
                        name=name)
 
 
-def _is_public_key(text: str) -> bool:
+def is_public_key(text: str) -> bool:
     try:
         raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (UnicodeEncodeError, binascii.Error, ValueError):
@@ -190,7 +194,7 @@ def _is_public_key(text: str) -> bool:
     return len(raw) == 32
 
 
-def _normalise_endpoint(text: str) -> str | None:
+def normalise_endpoint(text: str) -> str | None:
     try:
         url = urlsplit(text.strip())
         port = url.port

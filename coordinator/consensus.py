@@ -41,12 +41,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandrun.identity import verify_result
+from sandrun.identity import CONSENSUS_FIELDS, verify_result
 from sandrun.wire import JobStatus, canonical_json
 
-# The signed fields replicas must agree on.
-COMPARED = ("job_hash", "status", "reason", "exit_code", "stdout_sha256", "stderr_sha256",
-            "outputs")
+COMPARED = CONSENSUS_FIELDS  # the signed fields replicas must agree on
 _FINISHED = (JobStatus.COMPLETED.value, JobStatus.FAILED.value)
 
 

@@ -112,7 +112,28 @@ def _load(value: Any) -> Load | None:
     if queue is not None and (isinstance(queue, bool) or not isinstance(queue, int) or queue < 0):
         return None
     active, queued, capacity = numbers
-    return Load(active, queued, capacity, queue_capacity=queue)
+    return Load(active, queued, capacity, queue_capacity=queue, gpus=_gpus(value.get("gpus")))
+
+
+def _gpus(value: Any) -> tuple[dict[str, Any], ...]:
+    """The GPUs a worker signed with its load; malformed entries are left out."""
+    if not isinstance(value, list):
+        return ()
+    found = []
+    for gpu in value[:64]:
+        if not isinstance(gpu, dict):
+            continue
+        index, memory = gpu.get("index"), gpu.get("memory_bytes")
+        if isinstance(index, bool) or not isinstance(index, int) \
+                or isinstance(memory, bool) or not isinstance(memory, int):
+            continue
+        texts = {name: gpu.get(name) for name in ("name", "uuid", "compute_capability",
+                                                  "cuda_version", "driver_version")}
+        if not all(isinstance(t, str) and len(t) <= 200 for t in texts.values()):
+            continue
+        found.append({"index": index, "memory_bytes": memory, **texts,
+                      "busy": gpu.get("busy") is True})
+    return tuple(found)
 
 
 class HealthChecker:
@@ -170,8 +191,10 @@ class HealthChecker:
         nonce = secrets.token_urlsafe(16)
         dispatched_before = self.registry.check_started(state)
         endpoint = state.entry.endpoint
+        sent = self.reactor.seconds()
         try:
             code, body = yield self.client.health(endpoint, nonce, self.timeout)
+            state.rtt_seconds = max(0.0, self.reactor.seconds() - sent)
         except (WorkerUnreachable, WorkerTimeout, BadWorkerResponse) as e:
             verdict = Verdict(False, False, str(e))
         except Exception as e:  # noqa: BLE001 - one worker's oddity must not stop the loop

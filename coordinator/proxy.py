@@ -35,9 +35,10 @@ What differs, and why:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import wraps
 from importlib import metadata
 from typing import Any
@@ -55,8 +56,11 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coordinator.config import CoordinatorConfig
+from coordinator.enrollment import Enrollment
 from coordinator.errors import WorkerLost, not_found
 from coordinator.jobids import JobRef, decode_job_id, decode_replicas, encode_job_id
+from coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
 from coordinator.replication import Replication
@@ -79,7 +83,7 @@ from coordinator.worker_client import (
     read_body,
     read_json,
 )
-from sandrun import httpjson
+from sandrun import gpuwire, httpjson, pages
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.identity import verify_result
 from sandrun.netaddr import address_in, client_key, parse_trusted_proxies, trusted_client_address
@@ -93,6 +97,7 @@ PRIVACY = ("No accounts and no logs of job content. The coordinator keeps no job
            "uploads pass through RAM to a worker, results stream back from it.")
 # A pool that looks full is re-checked before a refusal if its loads are this old, seconds.
 REFRESH_AFTER = 0.1
+MAX_JOIN_BYTES = 4096  # a /pool/join body: a key and an endpoint
 # Response headers of a worker that the client gets too.
 # (Twisted's client keeps Content-Length in ``response.length``, not in the headers.)
 # How long one long poll of a worker is held while a /run waits (the worker caps at 60).
@@ -117,6 +122,8 @@ class Placement:
     response: Any = None
     doc: Any = None
     dispatched_at: float = 0.0
+    # Nobody took it because no worker's GPUs can satisfy its "gpu": why, worker by worker.
+    gpu_refusals: list[str] = field(default_factory=list)
 
     def ref(self) -> JobRef:
         assert self.state is not None
@@ -173,8 +180,8 @@ class CoordinatorAPI:
 
     def __init__(self, reactor: Any, registry: WorkerRegistry, client: WorkerClient,
                  config: CoordinatorConfig, streams: StreamRelay | None = None,
-                 refresh: Callable[[list[WorkerState]], defer.Deferred[None]] | None = None
-                 ) -> None:
+                 refresh: Callable[[list[WorkerState]], defer.Deferred[None]] | None = None,
+                 metrics: CoordinatorMetrics | None = None) -> None:
         self.reactor = reactor
         # Re-checks workers before a submission is refused for want of room (health.py).
         self.refresh = refresh
@@ -182,11 +189,15 @@ class CoordinatorAPI:
         self.client = client
         self.config = config
         self.streams = streams if streams is not None else StreamRelay(reactor, registry)
+        self.metrics = metrics if metrics is not None else \
+            CoordinatorMetrics(registry, self.streams.open_count)
+        parse_trusted_proxies(config.metrics_allow)
         parse_trusted_proxies(config.trusted_proxies)  # a bad entry fails here, not per request
         parse_trusted_proxies(config.quotas.exempt)
         self.locks = ClientLocks()
         self.replication = Replication(reactor, registry, client, config, self.place,
                                        self.forward)
+        self.enrollment = Enrollment(registry, config, refresh)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -220,6 +231,14 @@ class CoordinatorAPI:
     async def forward(self, ref: JobRef, state: WorkerState, method: str, path: str,
                       headers: dict[bytes, list[bytes]], timeout: float | None = None) -> Any:
         """Send a job request to the job's worker; raises ``WorkerLost`` when it is gone."""
+        try:
+            return await self._forward(ref, state, method, path, headers, timeout)
+        except WorkerLost:
+            self.metrics.lost.labels(state.entry.label).inc()
+            raise
+
+    async def _forward(self, ref: JobRef, state: WorkerState, method: str, path: str,
+                       headers: dict[bytes, list[bytes]], timeout: float | None) -> Any:
         if state.down:
             raise WorkerLost(f"the worker that ran this job is unavailable ({state.last_error})")
         try:
@@ -312,6 +331,20 @@ class CoordinatorAPI:
             "max_disagreements": self.registry.max_disagreements,
             "open_enrollment": self.config.open_enrollment})
 
+    @app.route("/pool/join", methods=["POST"])
+    @_api
+    async def join(self, request: Request) -> bytes:
+        """Open enrollment (``enrollment.py``): a worker proves its key and joins."""
+        data = request.content.read(MAX_JOIN_BYTES + 1) if request.content else b""
+        if len(data) > MAX_JOIN_BYTES:
+            raise APIError(413, "Request too large", f"at most {MAX_JOIN_BYTES} bytes")
+        try:
+            body = json.loads(data)
+        except ValueError:
+            raise APIError(400, "Invalid join request", "the body is not JSON") from None
+        answer = await self.enrollment.join(body, self.client_address(request))
+        return write_json(request, answer)
+
     @app.route("/environments", methods=["GET"])
     @_api
     async def environments(self, request: Request) -> bytes:
@@ -379,6 +412,7 @@ class CoordinatorAPI:
         if not address_in(address, self.config.quotas.exempt):
             decision, _ = await self.pool_usage(address)
             if not decision.allowed:
+                self.metrics.refused(decision.reason)
                 raise APIError(429, "Rate limit exceeded", f"{decision.reason}. {LIFT_QUOTA}",
                                **decision.error_extra())
         body = request.content
@@ -390,7 +424,14 @@ class CoordinatorAPI:
         placed = await self.place(body, headers, set(), open_ok=False)
         if placed.state is None:
             if placed.response is not None:
+                if placed.response.code == 429:
+                    self.metrics.refusals.labels("worker_rate_limit").inc()
                 return self.relay_json(request, placed.response, placed.doc)
+            self.metrics.refusals.labels("no_worker").inc()
+            if placed.gpu_refusals:
+                raise APIError(503, "No worker available",
+                               "no worker in the pool has a GPU that can run this job: "
+                               + "; ".join(placed.gpu_refusals), retry_after=self.retry_after())
             raise APIError(503, "No worker available",
                            "every worker's queue is full, refused the job, or is unavailable",
                            retry_after=self.retry_after_full())
@@ -414,7 +455,19 @@ class CoordinatorAPI:
         """
         refusal: Placement | None = None
         refreshed = False
+        # A GPU job's request, once a worker that cannot run it has told it (the
+        # coordinator does not parse submissions); then only workers whose signed
+        # GPUs satisfy it are tried.
+        gpu_request: dict[str, Any] | None = None
+        gpu_refusals: list[str] = []
+        gpu_capable_tried = False
         while True:
+            if gpu_request is not None:
+                for other in self.registry.workers():
+                    unmet = gpuwire.unmet(other.load.gpus if other.load else (), gpu_request)
+                    if other.worker_id not in tried and unmet is not None:
+                        tried.add(other.worker_id)
+                        gpu_refusals.append(f"{other.entry.label}: {unmet[0]}: {unmet[1]}")
             state = pick_worker(self.registry.workers(), self.registry.cursor, tried, open_ok)
             if state is None and not refreshed and self.refresh is not None:
                 # Every worker looks full, but by loads up to a health interval old (plus
@@ -442,6 +495,7 @@ class CoordinatorAPI:
                 # Never reached, or gone before it answered: the next worker gets it.
                 self.registry.undo_dispatch(state)
                 self.registry.mark_down(state, f"submit failed: {e}")
+                self.metrics.worker_refused.labels(state.entry.label).inc()
                 continue
             except (WorkerTimeout, BadWorkerResponse):
                 raise  # it may have taken the job: sending it again could run it twice
@@ -450,15 +504,27 @@ class CoordinatorAPI:
                 self.registry.cursor += 1
                 placed = Placement(state, response, doc, dispatched_at)
                 placed.job_id()  # a malformed id is a bad answer, before anything else
+                self.metrics.routed.labels(state.entry.label).inc()
                 return placed
             self.registry.undo_dispatch(state)
             if response.code in (429, 503):
+                gpu_capable_tried = True
+                self.metrics.worker_refused.labels(state.entry.label).inc()
                 refusal = Placement(None, response, doc)
+                continue
+            if response.code == 400 and isinstance(doc, dict) \
+                    and str(doc.get("field", "")).startswith("gpu") \
+                    and isinstance(doc.get("gpu"), dict):
+                # This worker's GPUs cannot run it, another's may.
+                gpu_request = doc["gpu"]
+                gpu_refusals.append(f"{state.entry.label}: {doc.get('details')}")
                 continue
             # 400, 413, 415...: the submission itself is at fault; no worker would take it.
             return Placement(None, response, doc)
         if refusal is not None and refusal.response.code == 429:
             return refusal
+        if gpu_refusals and not gpu_capable_tried:
+            return Placement(None, gpu_refusals=gpu_refusals)
         return Placement(None)
 
     @app.route("/run", methods=["POST"])
@@ -585,10 +651,12 @@ class CoordinatorAPI:
     async def status(self, request: Request, job_id: str) -> bytes:
         ref, state = self.locate(job_id)
         refs = self.replicas_of(job_id)
+        wait = _wait_arg(request)
         if len(refs) > 1:
+            if wait:
+                await self.replication.wait_all(refs, self.forwarded(request), wait)
             doc = await self.replication.status(job_id, refs, self.forwarded(request))
             return write_json(request, doc)
-        wait = _wait_arg(request)
         path = _job_path("status", ref)
         if wait:
             path += f"?wait={wait:g}"
@@ -716,6 +784,29 @@ class CoordinatorAPI:
     @app.route("/stream/<string:job_id>", methods=["GET"])
     def stream_alias(self, request: Request, job_id: str) -> Any:
         return self.stream(request, job_id)
+
+    # -- documents for people and programs (sandrun/pages.py) ---------------------
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: Request) -> bytes:
+        """Prometheus metrics, unless they have a listener of their own (``metrics_listen``)."""
+        if self.config.metrics_listen is not None or not address_in(
+                self.client_address(request), self.config.metrics_allow):
+            return write_error(request, APIError(404, "Not found", "no such endpoint"))
+        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode())
+        return self.metrics.exposition()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: Request) -> bytes:
+        return pages.serve_openapi(request, "coordinator")
+
+    @app.route("/docs", methods=["GET"])
+    def docs(self, request: Request) -> bytes:
+        return pages.serve_docs(request)
+
+    @app.route("/ui/<path:name>", methods=["GET"])
+    def page_asset(self, request: Request, name: str) -> bytes:
+        return pages.serve_asset(request, name)
 
     # -- CORS and errors -------------------------------------------------------------------
 

@@ -54,10 +54,16 @@ class Load:
     queued_jobs: int
     capacity: int  # jobs it runs at once
     queue_capacity: int | None = None  # jobs it queues beyond those; None: not reported
+    # The GPUs it can lend to jobs, as sandrun.gpuwire describes them; () if none.
+    gpus: tuple[dict[str, Any], ...] = ()
 
-    def as_json(self) -> dict[str, int | None]:
-        return {"active_jobs": self.active_jobs, "queued_jobs": self.queued_jobs,
-                "capacity": self.capacity, "queue_capacity": self.queue_capacity}
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"active_jobs": self.active_jobs,
+                                "queued_jobs": self.queued_jobs, "capacity": self.capacity,
+                                "queue_capacity": self.queue_capacity}
+        if self.gpus:
+            body["gpus"] = [dict(g) for g in self.gpus]
+        return body
 
 
 @dataclass
@@ -69,6 +75,7 @@ class WorkerState:
     load: Load | None = None
     last_check: float | None = None  # when the last check finished
     last_error: str | None = None  # why the last check failed; None when it passed
+    rtt_seconds: float | None = None  # round trip of the last health check that was answered
     recovered_at: float | None = None  # when it last went from down to healthy
     started_at: float | None = None  # the worker's own start time, if it reports one
     draining_since: float | None = None
@@ -249,6 +256,11 @@ class WorkerRegistry:
             state.load = None
             self._by_tag[entry.tag] = state
         return state
+
+    def forget_open(self, state: WorkerState) -> None:
+        """Drop an open worker (its proof failed, or it is down and room is needed)."""
+        if state.open and self._workers.get(state.worker_id) is state:
+            self._forget(state)
 
     def open_workers(self) -> list[WorkerState]:
         return [w for w in self._workers.values() if w.open]

@@ -199,6 +199,26 @@ class Replication:
         doc["consensus"] = consensus_block(reports, verdict)
         return doc
 
+    async def wait_all(self, refs: list[JobRef], headers: dict[bytes, list[bytes]],
+                       wait: float) -> None:
+        """Hold until every replica has ended or ``wait`` seconds passed (``?wait=``)."""
+        deadline = self.reactor.seconds() + wait
+        for ref in refs:
+            remaining = deadline - self.reactor.seconds()
+            state = self.registry.by_tag(ref.tag)
+            if remaining <= 0:
+                return
+            if state is None:
+                continue
+            try:
+                response = await self.forward(
+                    ref, state, "GET",
+                    f"/status/{quote(ref.worker_job_id, safe='')}?wait={remaining:g}",
+                    headers, timeout=remaining + self.config.request_timeout)
+                await read_body(response)
+            except (WorkerLost, WorkerTimeout, BadWorkerResponse):
+                pass  # the status that follows reports it
+
     async def verdict(self, refs: list[JobRef],
                       headers: dict[bytes, list[bytes]]) -> Verdict:
         return judge(await self.reports(refs, headers))

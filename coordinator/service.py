@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client.twisted import MetricsResource
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -25,6 +26,7 @@ from twisted.web.client import (
     _StandardEndpointFactory,
 )
 from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from coordinator.config import CoordinatorConfig, WorkersFileError, load_workers
@@ -132,6 +134,15 @@ def http_client(reactor: Any, trust_root: Any = None) -> tuple[Any, HTTPConnecti
     return treq.client.HTTPClient(agent), pool  # type: ignore[arg-type]
 
 
+def metrics_site(registry: Any) -> server.Site:
+    """The ``--metrics-listen`` site: ``/metrics`` only, in the text exposition format."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=registry))
+    site = server.Site(root)
+    site.noisy = False
+    return site
+
+
 class CoordinatorService(service.MultiService):
     """Registry, health checks and HTTP API, started and stopped in order."""
 
@@ -153,6 +164,8 @@ class CoordinatorService(service.MultiService):
         self.streams = StreamRelay(reactor, self.registry, trust_root)
         self.api = CoordinatorAPI(reactor, self.registry, self.client, config, self.streams,
                                   refresh=self.health.check_now)
+        self.metrics_site = metrics_site(self.api.metrics.registry)
+        self.metrics_port: Any = None
         self.site = QuietSite(self.api.resource())
         self.site.displayTracebacks = False
         spool = config.spool_dir if config.spool_dir is not None else default_spool_dir()
@@ -169,6 +182,13 @@ class CoordinatorService(service.MultiService):
         yield self.health.check_all()
         self.port = yield serverFromString(self.reactor, self.config.listen).listen(
             self.connections)
+        if self.config.metrics_listen is not None:
+            try:
+                self.metrics_port = yield serverFromString(
+                    self.reactor, self.config.metrics_listen).listen(self.metrics_site)
+            except BaseException:
+                yield self.port.stopListening()
+                raise
         healthy = len(self.registry.healthy())
         log.info("sandrun coordinator listening on {address}: {healthy} of {total} workers "
                  "healthy", address=address_text(self.port.getHost()), healthy=healthy,
@@ -182,6 +202,8 @@ class CoordinatorService(service.MultiService):
         self.health.stop()
         if self.port is not None:
             yield self.port.stopListening()
+        if self.metrics_port is not None:
+            yield self.metrics_port.stopListening()
         if self.pool is not None:
             yield self.pool.closeCachedConnections()
 

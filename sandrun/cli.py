@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="verify a signed result")
     verify.add_argument("status", help="a job id (its /status is fetched from --server), "
                         "a file with the /status JSON, or - for stdin")
-    verify.add_argument("--worker-id", required=True, help="the worker's base64 public key")
+    verify.add_argument("--worker-id",
+                        help="the worker's base64 public key (optional for a coordinator's "
+                             "consensus answer: each replica is checked under its own key, "
+                             "and a given id must be one of them)")
     verify.add_argument("--server", help="worker or coordinator URL for a job id "
                         "(default: $SANDRUN_URL or http://127.0.0.1:8443)")
 
@@ -83,12 +86,27 @@ def add_serve_command(commands: Any) -> None:
          help="built templates, as sandrun env --root (default %(default)s)")
     flag("--deps-dir", metavar="DIR", default=WorkerConfig.deps_dir,
          help="cache of fetched job dependencies (default %(default)s)")
+    flag("--gpu-dev-dir", metavar="DIR", default=WorkerConfig.gpu_dev_dir,
+         help="where the NVIDIA device nodes are (default %(default)s); GPUs are found "
+              "through NVML (nvidia-ml-py) at start, none without it")
     flag("--worker-key", metavar="PEM",
          help="Ed25519 PKCS#8 PEM private key, from sandrun keygen (default: none, "
               "results are not signed)")
+    flag("--join", metavar="URL",
+         help="announce this worker to the coordinator at URL, which must run with "
+              "--open-enrollment; needs --worker-key (default: none)")
+    flag("--advertise", metavar="URL",
+         help="this worker's URL as the coordinator reaches it, for --join (default: "
+              "http:// and the --listen address)")
     flag("--trusted-proxy", action="append", default=None, metavar="CIDR",
          help="address or network whose X-Forwarded-For is believed (repeatable; "
               "default: none)")
+    flag("--metrics-listen", type=listen_description, default=None, metavar="ADDRESS",
+         help="serve Prometheus /metrics on this HOST:PORT or endpoint only, and not on "
+              "--listen (default: on --listen, to --metrics-allow addresses)")
+    flag("--metrics-allow", action="append", default=None, metavar="CIDR",
+         help="address or network that may read /metrics on --listen (repeatable; "
+              "default 127.0.0.0/8 and ::1)")
     flag("--max-upload-mb", type=int, metavar="MB", default=d.max_upload_bytes // 10**6,
          help="largest request body, MB (default %(default)s)")
     flag("--default-timeout", type=int, default=d.default_timeout, metavar="SECONDS",
@@ -124,7 +142,7 @@ def add_serve_command(commands: Any) -> None:
 
 
 # ``serve`` options that take a list (repeatable flags; a list in the TOML file).
-_LIST_OPTIONS = ("trusted_proxy", "quota_exempt")
+_LIST_OPTIONS = ("trusted_proxy", "quota_exempt", "metrics_allow")
 
 
 class ConfigFileError(Exception):
@@ -212,6 +230,11 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         deps_dir=os.path.abspath(args.deps_dir),
                         trusted_proxies=tuple(args.trusted_proxy or ()),
                         allow_unlimited_swap=args.allow_unlimited_swap,
+                        join=args.join, advertise=args.advertise,
+                        metrics_listen=args.metrics_listen,
+                        metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
+                        else WorkerConfig.metrics_allow,
+                        gpu_dev_dir=os.path.abspath(args.gpu_dev_dir),
                         connections=connection_policy(
                             args, tuple(args.trusted_proxy or ()) + quotas.exempt))
 
@@ -221,11 +244,17 @@ def check_config(config: WorkerConfig) -> str | None:
     from sandrun.netaddr import parse_trusted_proxies
 
     for flag, entries in (("--trusted-proxy", config.trusted_proxies),
-                          ("--quota-exempt", config.quotas.exempt)):
+                          ("--quota-exempt", config.quotas.exempt),
+                          ("--metrics-allow", config.metrics_allow)):
         try:
             parse_trusted_proxies(tuple(entries))
         except ValueError as e:
             return f"bad {flag}: {e}"
+    if config.join and not config.worker_key:
+        return "--join needs --worker-key: joining a pool means proving the key"
+    for flag, url in (("--join", config.join), ("--advertise", config.advertise)):
+        if url and not url.startswith(("http://", "https://")):
+            return f"bad {flag}: {url!r} is not an http:// or https:// URL"
     limits = config.limits
     if not 1 <= limits.default_timeout <= limits.max_timeout:
         return "--default-timeout must be between 1 and --max-timeout"
@@ -287,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"sandrun: cannot start: {problem}")
         if os.geteuid() != 0:
             sys.exit("sandrun serve must run as root: it creates namespaces, cgroups and mounts")
-        _check_cgroup(sys.argv[1:] if argv is None else argv)
+        ensure_own_cgroup([sys.executable, "-m", "sandrun",
+                           *(sys.argv[1:] if argv is None else argv)])
         if config.worker_key:
             from sandrun.identity import IdentityError, WorkerIdentity
 
@@ -324,13 +354,14 @@ def main(argv: list[str] | None = None) -> None:
 IN_SCOPE = "SANDRUN_IN_DELEGATED_SCOPE"
 
 
-def _check_cgroup(argv: list[str]) -> None:
-    """On cgroup v2, start only where the worker may make its own child cgroups.
+def ensure_own_cgroup(command: list[str], who: str = "sandrun") -> None:
+    """On cgroup v2, go on only where this process may make its own child cgroups.
 
     From a cgroup that also holds other processes (a login shell's session
-    scope) the worker re-runs itself, same arguments, in a ``Delegate=yes``
-    scope of its own through ``systemd-run`` when systemd runs the host;
-    otherwise one line says what to do and it exits.  See ``sandbox.cgroups``.
+    scope) ``command`` (this process again, same arguments) is exec'd in a
+    ``Delegate=yes`` scope of its own through ``systemd-run`` when systemd runs
+    the host; otherwise one line says what to do and it exits.  See
+    ``sandbox.cgroups``.  Used by ``sandrun serve`` and ``bench/launch.py``.
     """
     import shutil
 
@@ -344,23 +375,24 @@ def _check_cgroup(argv: list[str]) -> None:
     except cgroups.DelegationError as e:
         problem = str(e)
     except (OSError, cgroups.CgroupError) as e:
-        sys.exit(f"sandrun: cannot start: cgroup v2: {e}")
+        sys.exit(f"{who}: cannot start: cgroup v2: {e}")
     systemd_run = shutil.which("systemd-run")
     if systemd_run and os.path.isdir("/run/systemd/system") and IN_SCOPE not in os.environ:
-        print(f"sandrun: {problem.split(';')[0]}: re-running in a scope of its own "
+        print(f"{who}: {problem.split(';')[0]}: re-running in a scope of its own "
               "(systemd-run --scope -p Delegate=yes)", file=sys.stderr)
         os.environ[IN_SCOPE] = "1"
         os.execv(systemd_run, [systemd_run, "--scope", "--quiet", "--collect",
-                               "-p", "Delegate=yes", "--description=Sandrun worker", "--",
-                               sys.executable, "-m", "sandrun", *argv])
-    sys.exit(f"sandrun: cannot start: {problem}")
+                               "-p", "Delegate=yes", f"--description={who}", "--", *command])
+    sys.exit(f"{who}: cannot start: {problem}")
 
 
-def _verify(target: str, worker_id: str, server: str | None) -> int:
+def _verify(target: str, worker_id: str | None, server: str | None) -> int:
     """``sandrun verify``: a saved /status document, or a job id fetched from a server."""
     from sandrun.identity import verify_main
 
-    if not (target.startswith("job-") and not os.path.exists(target)):
+    # A worker's job id, or a coordinator's (``<tag>.<time>.job-...``, ``~`` between replicas).
+    is_job_id = target.startswith("job-") or ".job-" in target
+    if not is_job_id or os.path.exists(target):
         return verify_main(target, worker_id)
     import json
     import tempfile

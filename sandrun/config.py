@@ -31,6 +31,7 @@ class Limits:
     max_open_files: int = 1024  # RLIMIT_NOFILE, hard
     output_cap_bytes: int = 10 * MiB  # captured per stream, then output_limit
     job_dir_mb: int = 512  # tmpfs size of the job directory
+    job_dir_inodes: int = 65_536  # files and directories the job directory's tmpfs may hold
     tmp_mb: int = 64  # tmpfs size of /tmp inside the job
     shm_mb: int = 64  # tmpfs size of /dev/shm inside the job
     max_stdin_bytes: int = 1 * MiB  # manifest stdin
@@ -60,9 +61,16 @@ class WorkerConfig:
     state_dir: str = "/run/sandrun"  # tmpfs for job data is mounted beneath
     storage_bytes: int = 0  # all job data at once; 0 = a quarter of RAM
     worker_key: str | None = None
+    join: str | None = None  # a coordinator URL to announce this worker to (open enrollment)
+    advertise: str | None = None  # this worker's URL as the coordinator reaches it
     trusted_proxies: tuple[str, ...] = ()
+    # Prometheus metrics: on their own listener (an endpoint string) when set, and then
+    # never on the API's; otherwise at the API's /metrics, to these addresses or networks.
+    metrics_listen: str | None = None
+    metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1")
     env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
     deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash
     # Connections and uploads in flight clients may hold; header and idle timeouts.
     connections: ConnectionPolicy = field(default_factory=ConnectionPolicy)
     allow_unlimited_swap: bool = False  # start where a job's swap cannot be capped at 0
+    gpu_dev_dir: str = "/dev"  # where the NVIDIA device nodes of the GPUs found by NVML are

@@ -45,6 +45,7 @@ from nacl.signing import SigningKey, VerifyKey
 from sandrun.wire import canonical_json
 
 __all__ = [
+    "CONSENSUS_FIELDS",
     "DEFAULT_KEY_PATH",
     "RESULT_FIELDS",
     "IdentityError",
@@ -58,6 +59,7 @@ __all__ = [
     "verify_main",
     "verify_result",
     "verify_signature",
+    "consensus_problem",
     "write_private_key",
 ]
 
@@ -82,6 +84,12 @@ RESULT_FIELDS: tuple[str, ...] = (
     "stdout_sha256",
     "stderr_sha256",
 )
+
+# The signed fields that replicas of one job must agree on (a coordinator's
+# ``consensus``): the inputs, how it ended, its output streams and files.
+# Timings and resource use differ between any two runs and are not compared.
+CONSENSUS_FIELDS: tuple[str, ...] = (
+    "job_hash", "status", "reason", "exit_code", "stdout_sha256", "stderr_sha256", "outputs")
 
 # Fields of a result that /status shows inside ``execution_metadata``.
 _METADATA_FIELDS = ("reason", "exit_code", "cpu_seconds", "memory_peak_bytes", "wall_time_ms",
@@ -519,12 +527,75 @@ EXIT_NOINPUT = 66
 EXIT_NOT_VERIFIED = 76
 
 
-def verify_main(status_path: str, worker_id: str) -> int:
+def consensus_problem(status: Any, worker_id: str | None = None) -> str | None:
+    """Why a coordinator's answer for a replicated job does not hold, or None when it does.
+
+    It holds when ``consensus.results`` lists at least two replicas, each
+    result's ``signed`` text verifies under the ``worker_id`` it names and
+    names that worker and its job, all of them sign the same
+    ``CONSENSUS_FIELDS``, the coordinator says ``agreed``, and the document
+    shows that result.  With ``worker_id``, that worker must be one of the
+    replicas.  Which workers' keys to trust is the caller's business: the
+    answer names them in ``consensus.results[].worker_id``.
+    """
+    if not isinstance(status, Mapping) or not isinstance(status.get("consensus"), Mapping):
+        return "the document has no consensus block"
+    consensus = status["consensus"]
+    results = consensus.get("results")
+    if not isinstance(results, list) or len(results) < 2:
+        return "the consensus lists fewer than two replicas"
+    signed_results: list[dict[str, Any]] = []
+    for index, entry in enumerate(results):
+        where = f"replica {index + 1}"
+        if not isinstance(entry, Mapping):
+            return f"{where} is not an object"
+        replica_id, signed, signature = (entry.get("worker_id"), entry.get("signed"),
+                                         entry.get("signature"))
+        if not isinstance(replica_id, str) or not isinstance(signed, str) \
+                or not isinstance(signature, str):
+            return f"{where} is not signed"
+        if not verify_signature(replica_id, signed.encode("utf-8"), signature):
+            return f"{where}'s signature does not verify under its worker id"
+        try:
+            claimed = json.loads(signed)
+        except ValueError:
+            return f"{where}'s signed text is not JSON"
+        if not isinstance(claimed, dict) or claimed.get("worker_id") != replica_id:
+            return f"{where}'s signed result names another worker"
+        if claimed.get("job_id") != entry.get("job_id"):
+            return f"{where}'s signed result is for another job"
+        signed_results.append(claimed)
+    ids = [r["worker_id"] for r in signed_results]
+    if len(set(ids)) != len(ids):
+        return "a worker appears twice among the replicas"
+    if worker_id is not None and worker_id not in ids:
+        return "the given worker is not one of the replicas"
+    for name in CONSENSUS_FIELDS:
+        if len({canonical_json(r.get(name)) for r in signed_results}) > 1:
+            return f"the replicas' signed results differ in {name}"
+    if consensus.get("agreed") is not True:
+        return "the coordinator does not report agreement"
+    worker = status.get("worker_metadata")
+    own_id = worker.get("job_id") if isinstance(worker, Mapping) else None
+    try:
+        shown = status_result({**status, "job_id": own_id})
+    except IdentityError as e:
+        return f"the status document is malformed: {e}"
+    for name in CONSENSUS_FIELDS:
+        if canonical_json(shown.get(name)) != canonical_json(signed_results[0].get(name)):
+            return f"the status document differs from the replicas' result in {name}"
+    return None
+
+
+def verify_main(status_path: str, worker_id: str | None) -> int:
     """``sandrun verify``: check a saved /status document against a worker id.
 
     Reads ``status_path``, or stdin when it is ``-``.  Prints ``valid`` (exit
     0) or ``INVALID: <why>`` (exit 76) on stdout; a file that cannot be read
-    is an error on stderr, exit 66.
+    is an error on stderr, exit 66.  A coordinator's answer for a replicated
+    job (one with ``consensus``) is checked by ``consensus_problem``, every
+    replica under its own key, and ``worker_id`` is then optional; any other
+    document needs ``worker_id`` (exit 2, a bad command line, without it).
     """
     try:
         if status_path == "-":
@@ -540,6 +611,18 @@ def verify_main(status_path: str, worker_id: str) -> int:
     except ValueError:
         print("INVALID: the status document is not JSON")
         return EXIT_NOT_VERIFIED
+    if isinstance(status, dict) and "consensus" in status:
+        problem = consensus_problem(status, worker_id)
+        if problem is not None:
+            print(f"INVALID: {problem}")
+            return EXIT_NOT_VERIFIED
+        ids = [r["worker_id"] for r in status["consensus"]["results"]]
+        print(f"valid: {len(ids)} replicas agree, signed by " + ", ".join(ids))
+        return 0
+    if worker_id is None:
+        print("sandrun verify: --worker-id is needed for a result that is not a consensus",
+              file=sys.stderr)
+        return 2
     problem = _result_problem(status, worker_id)
     if problem is not None:
         print(f"INVALID: {problem}")

@@ -127,3 +127,4 @@ def trusted_client_address(
         if not _is_trusted(origin, networks):
             return str(origin)
     return peer if origin is None else str(origin)
+

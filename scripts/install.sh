@@ -6,7 +6,8 @@
 #                                        environment ($SANDRUN_PREFIX, default /opt/sandrun)
 #                                        with sandrun, sandrun-coordinator and sandrun-mcp
 #                                        linked into /usr/local/bin
-#   bash ./scripts/install.sh --service  the same, then the systemd units (see the README)
+#   bash ./scripts/install.sh --service  the same, then the systemd unit (see the README)
+#   bash ./scripts/install.sh --worker-only   without what only the tests need (containers)
 #
 # Idempotent: safe to run again (an existing environment is reused and updated).  The
 # environment is made from the python3 on the PATH ($PYTHON to choose another): Debian's
@@ -20,10 +21,12 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 service=0
+tests=1
 for arg in "$@"; do
     case $arg in
         --service) service=1 ;;
-        *) echo "usage: install.sh [--service]" >&2; exit 2 ;;
+        --worker-only) tests=0 ;;
+        *) echo "usage: install.sh [--service] [--worker-only]" >&2; exit 2 ;;
     esac
 done
 PREFIX=${SANDRUN_PREFIX:-/opt/sandrun}
@@ -44,6 +47,7 @@ test_packages=(
     bubblewrap         # reference sandbox for the launch benchmark
     gcc libc6-dev      # tests compile small C probes (raw syscalls, setuid, static binaries)
 )
+[ $tests = 1 ] || test_packages=()
 # Wanted, but Sandrun runs without them (a note is printed if apt cannot get them).
 optional_packages=()
 # Debian's nodejs comes without npm, which fetches package.json dependencies of jobs.
@@ -59,26 +63,40 @@ if ! command -v apt-get >/dev/null 2>&1; then
     echo "install.sh: no apt-get here; install these packages by hand:" \
          "${packages[*]} ${test_packages[*]} ${optional_packages[*]}" >&2
 else
-    mapfile -t missing < <(missing_of "${packages[@]}" "${test_packages[@]}")
+    mapfile -t missing < <(missing_of "${packages[@]}")
+    mapfile -t missing_tests < <(missing_of "${test_packages[@]}")
     mapfile -t missing_optional < <(missing_of "${optional_packages[@]}")
-    if [ ${#missing[@]} -gt 0 ] || [ ${#missing_optional[@]} -gt 0 ]; then
+    if [ $(( ${#missing[@]} + ${#missing_tests[@]} + ${#missing_optional[@]} )) -gt 0 ]; then
         apt-get update -qq || echo "install.sh: apt-get update failed; trying what apt has" >&2
     fi
+    # The worker's packages must install; without the others install.sh goes on and says so
+    # (each list in one apt-get call, then one by one, so that one missing package costs
+    # only itself).
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get install -y -qq --no-install-recommends "${missing[@]}"
     fi
-    if [ ${#missing_optional[@]} -gt 0 ] && ! apt-get install -y -qq --no-install-recommends \
-            "${missing_optional[@]}"; then
-        echo "install.sh: could not install ${missing_optional[*]}: jobs that need them" \
-             "(package.json requirements) will fail; Sandrun itself is installed" >&2
-    fi
+    for list in missing_tests missing_optional; do
+        declare -n wanted=$list
+        [ ${#wanted[@]} -gt 0 ] || continue
+        apt-get install -y -qq --no-install-recommends "${wanted[@]}" 2>/dev/null && continue
+        for p in "${wanted[@]}"; do
+            apt-get install -y -qq --no-install-recommends "$p" >/dev/null 2>&1 \
+                || echo "install.sh: could not install $p; going on without it:" \
+                        "$( [ $list = missing_tests ] && echo "tests that need it will fail" \
+                            || echo "jobs that need it (npm: package.json requirements) will fail")" >&2
+        done
+    done
 fi
 
 # Sandrun in a virtual environment of its own.
 if [ ! -x "$PREFIX/bin/python" ]; then
     "$PYTHON" -m venv "$PREFIX"
 fi
-"$PREFIX/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+if [ $tests = 1 ]; then
+    "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+else
+    "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir .
+fi
 for command in sandrun sandrun-coordinator sandrun-mcp; do
     ln -sfn "$PREFIX/bin/$command" "/usr/local/bin/$command"
 done

@@ -9,8 +9,9 @@
 # into a leaf.  From a login session's scope the script re-runs itself in a
 # Delegate=yes scope of its own (systemd-run --scope).  Layout on v2:
 #   <ours>/sandrun-tests-<pid>/          memory.max, pids.max (the cap)
-#   <ours>/sandrun-tests-<pid>/runner/   this shell and pytest
-# and the integration tests make their own capped cgroup beside runner/.
+#   <ours>/sandrun-tests-<pid>/runner/   pytest alone (this shell stays outside)
+# so that a sandbox the tests start can treat runner/ as its own delegated cgroup, and
+# the integration tests make their own capped cgroup beside runner/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The Python install.sh set up (its own venv), else the one on the PATH.
@@ -23,6 +24,7 @@ PIDS_CAP=${SANDRUN_TEST_PIDS:-4096}
 cg=/sys/fs/cgroup
 own() { awk -F: -v c="$1" '$2 == c || $2 ~ ("(^|,)" c "(,|$)") {print $3; exit}' /proc/self/cgroup; }
 name="sandrun-tests-$$"
+runner=""
 dirs=()    # the caps, removed at exit
 home=()    # where this shell goes back to first, one per cap
 
@@ -75,7 +77,7 @@ if [ -f "$cg/cgroup.controllers" ]; then            # cgroup v2
     echo "$MEMORY_CAP" > "${dirs[0]}/memory.max"
     echo "$PIDS_CAP" > "${dirs[0]}/pids.max"
     echo "+memory +pids +cpu" > "${dirs[0]}/cgroup.subtree_control"
-    echo $$ > "${dirs[0]}/runner/cgroup.procs"
+    runner=${dirs[0]}/runner
 elif [ -d "$cg/memory" ] && [ -d "$cg/pids" ]; then  # cgroup v1
     dirs=("$cg/memory$(own memory)/$name" "$cg/pids$(own pids)/$name")
     home=("$(dirname "${dirs[0]}")" "$(dirname "${dirs[1]}")")
@@ -88,4 +90,9 @@ else
     exit 1
 fi
 echo "tests capped at $((MEMORY_CAP / 1024 / 1024)) MiB and $PIDS_CAP processes ($PYTHON)"
-"$PYTHON" -m pytest -q -p no:cacheprovider "$@"
+if [ -n "${runner:-}" ]; then   # v2: pytest joins its leaf before it starts
+    sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$runner" \
+        "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
+else
+    "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
+fi

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-import tempfile
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -26,15 +25,17 @@ from werkzeug.routing import PathConverter
 from zope.interface import implementer
 
 import sandrun
-from sandrun import httpjson
+from sandrun import httpjson, pages
 from sandrun import identity as ident
 from sandrun.api import results, stream, uploads
-from sandrun.api.errors import to_api_error
+from sandrun.api.errors import refusal_kind, to_api_error
+from sandrun.api.packs import PackOnce
 from sandrun.config import WorkerConfig
 from sandrun.httpjson import APIError, content_type, cors, write_error, write_json
 from sandrun.jobs import storage as store
 from sandrun.jobs.manager import BlockingRunner, JobManager, new_job_id
 from sandrun.jobs.manifest import Manifest
+from sandrun.jobs.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandrun.jobs.model import Job, iso
 from sandrun.jobs.runtimes import Runtime, RuntimeList
 from sandrun.jobs.workspace import OutputNotFound, open_output
@@ -54,6 +55,7 @@ def _api(handler: Callable[..., Any]) -> Callable[..., Any]:
         def fail(failure: Any) -> bytes:
             if failure.check(defer.CancelledError):  # the client went away (Klein cancels)
                 return b""
+            self.count_refusal(failure.value)
             error = to_api_error(failure.value)
             if error.status == 500:
                 # The route only: a path may name an output file (job content).
@@ -135,6 +137,11 @@ class WorkerAPI:
         self.runtime_list = runtimes or RuntimeList(self.blocking)
         self.unpack: Unpack = unpack or self._unpack_here
         self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
+        self.packs = PackOnce(self.blocking, pack_outputs,
+                              lambda job_id: manager.storage.pack_path(job_id),
+                              lambda job_id: manager.get(job_id) is not None)
+        self.metrics = manager.metrics
+        self.metrics.watch(streams=lambda: len(self.streams))
 
     def resource(self) -> Any:
         return _Utf8Guard(self.app.resource())
@@ -152,6 +159,11 @@ class WorkerAPI:
         forwarded = b",".join(lines).decode("latin-1") if lines else None
         return trusted_client_address(host, forwarded, self.config.trusted_proxies)
 
+    def count_refusal(self, exc: BaseException) -> None:
+        kind = refusal_kind(exc)
+        if kind is not None:
+            self.metrics.refused(kind)
+
     def quota_exempt(self, request: IRequest) -> bool:
         """Whether the request comes from a ``--quota-exempt`` address (the one
         ``client`` charges, so a trusted proxy's X-Forwarded-For counts)."""
@@ -165,6 +177,7 @@ class WorkerAPI:
         try:
             self.manager.admit(self.client(request), self.quota_exempt(request))
         except Exception as e:  # noqa: BLE001 (mapped, and anything unexpected is left to the route)
+            self.count_refusal(e)
             error = to_api_error(e)
             if error.status >= 500 and error.status != 503:
                 return None
@@ -191,21 +204,28 @@ class WorkerAPI:
         return write_json(request, {
             "service": "sandrun", "version": sandrun.__version__, "status": "running",
             "description": DESCRIPTION, "privacy": PRIVACY,
-            "limits": self.config.limits.as_json(), "worker_id": self.manager.worker_id})
+            "limits": self.config.limits.as_json(), "worker_id": self.manager.worker_id,
+            **self.manager.gpus.report()})
 
     @app.route("/health", methods=["GET"])
     @_api
     def health(self, request: IRequest) -> bytes:
         stats = self.manager.stats()
         # queue_capacity: a coordinator places up to capacity + queue_capacity jobs here.
-        load = {"active_jobs": stats["active_jobs"], "queued_jobs": stats["queue_length"],
-                "capacity": stats["capacity"], "queue_capacity": stats["queue_capacity"]}
+        load: dict[str, Any] = {"active_jobs": stats["active_jobs"],
+                                "queued_jobs": stats["queue_length"],
+                                "capacity": stats["capacity"],
+                                "queue_capacity": stats["queue_capacity"]}
+        gpus = self.manager.gpus.report()
+        if self.manager.gpus.usable():
+            # Signed with the load: a coordinator sends GPU jobs only where they can run.
+            load["gpus"] = gpus["gpus"]
         # A worker that cannot run jobs (launcher gone, slots lost) must not be
         # chosen: 503, and a status other than "healthy" for the coordinator.
         problem = self.manager.problem()
         body: dict[str, Any] = {"status": "healthy" if problem is None else "unhealthy",
                                 "worker_id": self.manager.worker_id,
-                                "version": sandrun.__version__, "load": load}
+                                "version": sandrun.__version__, "load": load, **gpus}
         if problem is not None:
             body["problem"] = problem
         nonce = request.args.get(b"nonce")
@@ -287,7 +307,8 @@ class WorkerAPI:
         client = self.client(request)
         body = request.content
         body.seek(0, os.SEEK_END)
-        if body.tell() > self.config.limits.max_upload_bytes:
+        size = body.tell()
+        if size > self.config.limits.max_upload_bytes:
             # UploadRequest refuses these before reading; this guards any other request type.
             raise APIError(413, "Upload too large",
                            f"the limit is {self.config.limits.max_upload_bytes} bytes")
@@ -301,13 +322,18 @@ class WorkerAPI:
             return self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
 
         def queued(submission: uploads.Submission) -> tuple[Job, int]:
-            self.check_environment(submission.manifest)
+            environment = self.check_environment(submission.manifest)
+            self.manager.check_gpu(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,
                       job_hash=ident.job_hash(submission.manifest.as_json(), files),
                       submitted_at=self.manager.reactor.seconds(),
-                      log=self.manager.new_log(base), quota_exempt=exempt)
-            return job, self.manager.submit(job)
+                      log=self.manager.new_log(base), quota_exempt=exempt,
+                      environment=environment,
+                      inputs={} if submission.manifest.outputs else dict(files))
+            position = self.manager.submit(job)
+            self.metrics.upload_accepted(size)
+            return job, position
 
         def failed(failure: Any) -> Any:
             if self.manager.get(job_id) is None:
@@ -324,9 +350,10 @@ class WorkerAPI:
         d.addErrback(failed)
         return d
 
-    def check_environment(self, manifest: Manifest) -> None:
-        """400 (``EnvironmentUnavailable``) for an unknown or unbuilt template."""
-        self.manager.environments.check(manifest)
+    def check_environment(self, manifest: Manifest) -> str | None:
+        """400 (``EnvironmentUnavailable``) for an unknown or unbuilt template; else the
+        template the job gets (None: the host's interpreters alone)."""
+        return self.manager.environments.check(manifest)
 
     @app.route("/status/<string:job_id>", methods=["GET"])
     @_api
@@ -366,6 +393,7 @@ class WorkerAPI:
             return job.log.text().encode()
         return write_json(request, {"job_id": job.id, "stdout": job.log.text("stdout"),
                                     "stderr": job.log.text("stderr"),
+                                    "install": job.log.text("install"),
                                     "truncated": job.truncated})
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
@@ -394,9 +422,10 @@ class WorkerAPI:
     @_api
     def download_all(self, request: IRequest, job_id: str) -> Any:
         job = self.finished_job(job_id)
-        d = self.blocking(pack_outputs, job, self.manager.storage.uploads_dir)
+        d = self.packs.get(job)
 
-        def send(f: Any) -> Any:
+        def send(path: str) -> Any:
+            f = open(path, "rb")  # noqa: SIM115 (closed by the producer)
             request.setHeader(b"Content-Type", b"application/gzip")
             request.setHeader(b"Content-Disposition",
                               f'attachment; filename="{job.id}-outputs.tar.gz"'.encode())
@@ -436,6 +465,29 @@ class WorkerAPI:
     @app.route("/stream/<string:job_id>", methods=["GET"])
     def live_output_alias(self, request: IRequest, job_id: str) -> Any:
         return self.live_output(request, job_id)
+
+    # -- documents for people and programs (sandrun/pages.py) ---------------------
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        """Prometheus metrics, unless they have a listener of their own (``metrics_listen``)."""
+        if self.config.metrics_listen is not None or not address_in(
+                self.client_address(request), self.config.metrics_allow):
+            return write_error(request, APIError(404, "Not found", "no such endpoint"))
+        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode())
+        return self.metrics.exposition()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        return pages.serve_openapi(request, "worker")
+
+    @app.route("/docs", methods=["GET"])
+    def docs(self, request: IRequest) -> bytes:
+        return pages.serve_docs(request)
+
+    @app.route("/ui/<anypath:name>", methods=["GET"])
+    def page_asset(self, request: IRequest, name: str) -> bytes:
+        return pages.serve_asset(request, name)
 
     # -- CORS and errors -----------------------------------------------------------
 
@@ -518,14 +570,13 @@ def content_disposition(name: str) -> bytes:
             f"filename*=UTF-8''{urllib.parse.quote(name, safe='')}").encode("ascii")
 
 
-def pack_outputs(job: Job, spool_dir: str) -> Any:
-    """Every listed output in one .tar.gz (an unlinked file on the worker's tmpfs).
+def pack_outputs(job: Job, path: str) -> None:
+    """Every listed output in one .tar.gz at ``path`` (blocking).
 
     Not on the job's own tmpfs: a job that filled it could not be downloaded.
     """
     work = store.work_dir(job.base_dir)
-    out = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (returned open, to be sent)
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+    with open(path, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
         for output in job.outputs:
             try:
                 f, size = open_output(work, output.path, job.manifest.outputs)
@@ -534,7 +585,6 @@ def pack_outputs(job: Job, spool_dir: str) -> Any:
             with f:
                 info = tarfile.TarInfo(output.path)
                 info.size, info.mode = size, 0o644
+                info.mtime = int(os.fstat(f.fileno()).st_mtime)  # when the job wrote it
                 tar.addfile(info, f)
-    out.seek(0)
-    return out
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from sandrun.environments import EnvironmentUnavailable
 from sandrun.httpjson import APIError
-from sandrun.jobs.manager import QueueFull, RateLimited
+from sandrun.jobs.manager import GpuUnavailable, QueueFull, RateLimited
 from sandrun.jobs.manifest import ManifestError
 from sandrun.jobs.storage import StorageFull
 from sandrun.jobs.workspace import OutputNotFound, UploadError
@@ -22,6 +22,9 @@ def to_api_error(exc: BaseException) -> APIError:
     """Map a domain exception to its HTTP form; unknown ones are a 500 with no internals."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, GpuUnavailable):  # "gpu": for a coordinator choosing another worker
+        return APIError(400, "Invalid manifest", f"{exc.field}: {exc.message}", field=exc.field,
+                        gpu=exc.request)
     if isinstance(exc, ManifestError):
         return APIError(400, "Invalid manifest", f"{exc.field}: {exc.message}", field=exc.field)
     if isinstance(exc, EnvironmentUnavailable):  # unknown, or not built on this worker
@@ -44,3 +47,20 @@ def to_api_error(exc: BaseException) -> APIError:
                         "no output with that path matches the job's outputs")
     return APIError(500, "Internal error", "the worker could not handle this request")
 
+
+
+def refusal_kind(exc: BaseException) -> str | None:
+    """The kind of a refusal for quota or room (``sandrun_refusals_total``), or None."""
+    if isinstance(exc, RateLimited):
+        reason = exc.decision.reason or ""
+        # The limiter names the limit that will take longest to free first.
+        if reason.startswith("CPU"):
+            return "cpu_quota"
+        if reason.startswith("Hourly"):
+            return "hourly_limit"
+        return "concurrency_limit"
+    if isinstance(exc, QueueFull):
+        return "queue_full"
+    if isinstance(exc, StorageFull):
+        return "storage_full"
+    return None

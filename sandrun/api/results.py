@@ -111,5 +111,5 @@ def output_listing(job: Job, kept: bool = True) -> list[dict[str, Any]]:
 def run_document(status: dict[str, Any], job: Job, *, keep: bool) -> dict[str, Any]:
     """``POST /run``'s answer: the final status document, the output and the outputs."""
     return {**status, "stdout": job.log.text("stdout"), "stderr": job.log.text("stderr"),
-            "truncated": dict(job.truncated), "outputs": output_listing(job, keep),
+            "install": job.log.text("install"), "truncated": dict(job.truncated), "outputs": output_listing(job, keep),
             "kept": keep}

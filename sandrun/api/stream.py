@@ -15,11 +15,13 @@ The protocol (``shared/spec/api.md``, "Live output (WebSocket)"), as served here
   bytes. Text frames must be UTF-8, so each stream is decoded incrementally:
   a character split across two reads is sent whole, and bytes that are not
   UTF-8 become U+FFFD, exactly as ``/logs`` reports them. Per stream, the
-  frames joined equal ``/logs``' ``stdout`` or ``stderr`` text.
+  frames joined equal ``/logs``' ``stdout`` or ``stderr`` text. The dependency
+  install step's log (``/logs``' ``install``) is not the program's output and
+  is left out of text mode.
 - ``?format=json``: every frame is a JSON text frame. ``{"type": "status",
   "status"}`` when the subscriber first sees the job queued or running, and on
   each change; ``{"type": "output", "stream", "data"}`` per chunk (``data`` as
-  in text mode); after the last output ``{"type": "status", "status"}`` with
+  in text mode; ``stream`` is ``stdout``, ``stderr`` or ``install``); after the last output ``{"type": "status", "status"}`` with
   the final status and ``{"type": "done", "status", "reason", "exit_code",
   "cpu_seconds", "memory_peak_bytes", "wall_time_ms"}``.
 - Close codes: 1000 once the job has ended and everything was sent (reason
@@ -241,7 +243,7 @@ class _Subscriber:
         self.settings, self.clock = settings, clock
         self.next_chunk = 0  # index in job.log.chunks of the next chunk to send
         self.decoders = {name: codecs.getincrementaldecoder("utf-8")("replace")
-                         for name in ("stdout", "stderr")}
+                         for name in ("stdout", "stderr", "install")}
         self.sent_status: JobStatus | None = None
         self.paused = False
         self.paused_since = 0.0
@@ -359,7 +361,7 @@ class _Subscriber:
             return
         if self.json_frames:
             self.send_json({"type": "output", "stream": stream, "data": text})
-        else:
+        elif stream != "install":  # text frames are the program's output as printed
             self.protocol.sendMessage(text.encode("utf-8"), isBinary=False)
 
     def send_json(self, frame: dict[str, Any]) -> None:

@@ -39,6 +39,8 @@ from sandrun.connections import BodyRoutes, GuardedChannel, UploadBudget
 from sandrun.httpjson import RawBodyRequest
 from sandrun.jobs import workspace
 from sandrun.jobs.manifest import (
+    ALLOWED_INTERPRETERS,
+    EXTENSION_INTERPRETERS,
     Manifest,
     ManifestError,
     loads_strict,
@@ -242,7 +244,7 @@ def _parse_json(body: BinaryIO, work: str, limits: Limits, inputs: InputFiles) -
     stored = inputs.files
     single = stored[0].path if len(stored) == 1 else None
     manifest = parse_manifest(document.get("manifest", {}), limits, default_entrypoint=single)
-    _check_entrypoint(manifest, inputs)
+    _check_entrypoint(manifest, inputs, work)
     return Submission(manifest, inputs)
 
 
@@ -369,7 +371,7 @@ def _store_parts(parts: list[_Part], work: str, limits: Limits,
             raise ManifestError("manifest", "missing: send a manifest field or job.json")
         manifest_text = b"{}"
     manifest = parse_manifest_json(manifest_text, limits, default_entrypoint=default_entrypoint)
-    _check_entrypoint(manifest, inputs)
+    _check_entrypoint(manifest, inputs, work)
     return Submission(manifest, inputs)
 
 
@@ -392,7 +394,30 @@ def _read_job_json(work: str) -> bytes | None:
     return text
 
 
-def _check_entrypoint(manifest: Manifest, inputs: InputFiles) -> None:
+def _check_entrypoint(manifest: Manifest, inputs: InputFiles, work: str) -> None:
+    """The entrypoint was uploaded, and can run: with an interpreter, or by itself."""
     if manifest.entrypoint not in {f.path for f in inputs.files}:
         raise ManifestError("entrypoint",
                             f"{manifest.entrypoint!r} is not among the uploaded files")
+    if manifest.interpreter is None and not _runs_directly(os.path.join(work,
+                                                                         manifest.entrypoint)):
+        known = ", ".join(sorted(EXTENSION_INTERPRETERS))
+        raise ManifestError(
+            "interpreter", f"{manifest.entrypoint!r} has no known extension ({known}) and is "
+                           "not an executable with a #! line or an ELF header: give one of "
+                           + ", ".join(sorted(ALLOWED_INTERPRETERS)))
+
+
+def _runs_directly(path: str) -> bool:
+    """Whether the kernel can exec this uploaded file: executable, and ``#!`` or ELF."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        head = os.read(fd, 4)
+    finally:
+        os.close(fd)
+    return stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o111) \
+        and (head.startswith(b"#!") or head == b"\x7fELF")

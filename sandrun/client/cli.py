@@ -21,7 +21,9 @@ N     the job's entrypoint exited with N (1-255)
 69    the server could not be reached, or answered with a server error
 66    PATH does not exist or cannot be read
 65    the server refused the submission (invalid manifest/upload, too large)
-76    ``--worker-id`` was given and the result's signature does not verify
+76    ``--worker-id`` was given and the result's signature does not verify,
+      or a coordinator ran the job on several workers (``--replicas``) and
+      their signed results disagree (``replica_disagreement``)
 1     any other error (unknown or expired job, unsafe output archive, ...)
 2     bad command line
 ====  ================================================================
@@ -68,6 +70,7 @@ EXIT_CODES: dict[str, int] = {
     "install_failed": EX_SOFTWARE,
     "worker_lost": EX_SOFTWARE,
     "shutdown": EX_SOFTWARE,
+    "replica_disagreement": 76,  # as an unverified result: there is no answer to trust
 }
 
 # Entrypoints tried, in order, for a directory with neither --entrypoint nor job.json.
@@ -125,6 +128,9 @@ def add_client_commands(subparsers: Any) -> None:
     run.add_argument("--timeout", type=int, metavar="SECONDS", help="wall-clock limit")
     run.add_argument("--memory", type=int, metavar="MB", help="memory limit in MB")
     run.add_argument("--cpu-seconds", type=float, metavar="SECONDS", help="CPU-time limit")
+    run.add_argument("--replicas", type=int, metavar="N",
+                     help="through a coordinator: run on N workers and accept only a "
+                          "result they all signed alike")
     run.add_argument("--environment", help="environment template (see /environments)")
     run.add_argument("--requirements", metavar="FILE",
                      help="requirements.txt, package.json or Gemfile in the upload")
@@ -316,6 +322,8 @@ def _manifest(args: argparse.Namespace) -> dict[str, Any] | None:
         fields["memory_mb"] = args.memory
     if args.cpu_seconds is not None:
         fields["cpu_seconds"] = args.cpu_seconds
+    if args.replicas is not None:
+        fields["replicas"] = args.replicas
     if args.environment:
         fields["environment"] = args.environment
     if args.requirements:
@@ -400,7 +408,9 @@ def _describe_failure(job: Any, args: argparse.Namespace) -> str:
             "cpu_limit": "used up its CPU time",
             "output_limit": "printed more output than the worker keeps",
             "disk_limit": "filled its job directory",
-            "cancelled": "was cancelled"}.get(reason, f"failed ({reason})")
+            "cancelled": "was cancelled",
+            "replica_disagreement": "got different results from its replicas"}.get(
+                reason, f"failed ({reason})")
     message = job.execution.message
     return f"job {job.job_id} {what}" + (f": {message}" if message else "")
 

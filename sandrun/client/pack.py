@@ -1,7 +1,7 @@
 """Packing a job directory for upload, and unpacking downloaded outputs safely.
 
-Packing honours ``.sandrunignore`` at the top of the directory, with
-``.gitignore`` rules:
+Packing honours ``.gitignore`` and then ``.sandrunignore`` at the top of the
+directory (a ``.sandrunignore`` rule wins), both with ``.gitignore`` rules:
 
 - blank lines and lines starting with ``#`` are skipped; ``\\#`` and ``\\!``
   escape a leading ``#`` or ``!``;
@@ -14,8 +14,9 @@ Packing honours ``.sandrunignore`` at the top of the directory, with
 - ``*`` and ``?`` stay within one path component, ``[...]`` is a character
   class, ``**`` as a whole component crosses directories.
 
-``DEFAULT_IGNORE`` is applied first (version-control directories, caches,
-``sandrun-outputs/``); the file can re-include any of it with ``!``.
+``DEFAULT_IGNORE`` is applied first (version control, ``.env`` secrets,
+virtual environments, ``node_modules/``, caches, ``sandrun-outputs/``); either
+file can re-include any of it with ``!`` (``!.env``).
 Symbolic links and special files are never packed (the worker refuses them);
 they are reported in ``PackResult.skipped``.
 
@@ -54,8 +55,12 @@ __all__ = [
 ]
 
 IGNORE_FILE = ".sandrunignore"
+GITIGNORE = ".gitignore"
 DEFAULT_IGNORE: tuple[str, ...] = (
-    ".git/", ".hg/", ".svn/", "__pycache__/", "*.pyc", ".DS_Store",
+    ".git*", ".hg/", ".svn/",  # version control (.git/, .gitignore, .gitmodules, .github/)
+    ".env", ".env.*",  # secrets kept beside the code
+    ".venv/", "node_modules/",  # installed dependencies: the worker installs its own
+    "__pycache__/", "*.pyc", ".DS_Store",
     "/sandrun-outputs/",  # where ``sandrun run`` puts downloaded outputs
     "/" + IGNORE_FILE,
 )
@@ -84,15 +89,17 @@ class IgnoreRules:
 
     @classmethod
     def for_directory(cls, root: str, ignore_file: str | None = IGNORE_FILE,
-                      defaults: Iterable[str] = DEFAULT_IGNORE) -> IgnoreRules:
-        """The defaults followed by ``root/ignore_file``, if it exists."""
+                      defaults: Iterable[str] = DEFAULT_IGNORE,
+                      gitignore: str | None = GITIGNORE) -> IgnoreRules:
+        """The defaults, then ``root/.gitignore``, then ``root/ignore_file``, if they exist."""
         lines = list(defaults)
-        if ignore_file:
-            try:
-                with open(os.path.join(root, ignore_file), encoding="utf-8") as f:
-                    lines.extend(f.read().splitlines())
-            except FileNotFoundError:
-                pass
+        for name in (gitignore, ignore_file):
+            if name:
+                try:
+                    with open(os.path.join(root, name), encoding="utf-8") as f:
+                        lines.extend(f.read().splitlines())
+                except FileNotFoundError:
+                    pass
         return cls(lines)
 
     def ignored(self, path: str, is_dir: bool) -> bool:

@@ -57,7 +57,7 @@ class ManifestLike(Protocol):
     """What a plan reads of ``sandrun.jobs.manifest.Manifest`` (no import of jobs)."""
 
     @property
-    def environment(self) -> str: ...
+    def environment(self) -> str | None: ...
 
     @property
     def requirements(self) -> str | None: ...
@@ -68,7 +68,7 @@ class ManifestLike(Protocol):
 
 @dataclass(frozen=True)
 class EnvironmentPlan:
-    environment: str  # the template's name
+    environment: str | None  # the template mounted; None: the host's interpreters alone
     ro_binds: tuple[tuple[str, str], ...] = ()  # (host path, sandbox path)
     env: tuple[tuple[str, str], ...] = ()  # variables to add, before the manifest's
     install_argv: tuple[str, ...] | None = None  # run inside the sandbox before the job
@@ -104,9 +104,11 @@ class Environments:
         """The ``GET /environments`` document."""
         return self.registry.describe()
 
-    def check(self, manifest: ManifestLike) -> None:
-        """Raise ``EnvironmentUnavailable`` (a 400) unless the job's template can be had."""
-        self.registry.require(manifest.environment)
+    def check(self, manifest: ManifestLike) -> str | None:
+        """Raise ``EnvironmentUnavailable`` (a 400) unless the job's template can be had;
+        the template the job gets (None: the host's interpreters alone)."""
+        built = self.registry.require(manifest.environment)
+        return built.name if built is not None else None
 
     def prepare(self, manifest: ManifestLike, job_work_dir: str) -> EnvironmentPlan:
         """The plan for one job.  Blocking (fetches); call it from a thread.
@@ -120,10 +122,10 @@ class Environments:
         if manifest.requirements is not None:
             data = read_job_file(job_work_dir, manifest.requirements)
             fetched = self.cache.fetch(parse_requirements(manifest.requirements, data))
-        return build_plan(manifest.environment, built, fetched)
+        return build_plan(built.name if built is not None else None, built, fetched)
 
 
-def build_plan(environment: str, built: BuiltEnvironment | None,
+def build_plan(environment: str | None, built: BuiltEnvironment | None,
                fetched: Fetched | None) -> EnvironmentPlan:
     binds: list[tuple[str, str]] = []
     python_path: list[str] = []

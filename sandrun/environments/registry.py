@@ -92,17 +92,16 @@ class BuiltEnvironment:
 class Registry:
     """The templates this project defines and the builds this worker has of them.
 
-    ``default_fallback``: while ``default`` is not built, a job asking for it
-    (every job that names no environment) runs on the host's interpreters
-    alone rather than being refused, so a fresh worker serves jobs at once.
+    A job that names no environment gets ``default`` when it is built, and
+    the host's interpreters alone (no extra packages) while it is not, so a
+    fresh worker serves jobs at once.  A job that names a template, ``default``
+    included, gets that build or a 400 saying how to build it.
     """
 
     def __init__(self, root: str = DEFAULT_ROOT,
-                 templates: Mapping[str, Template] = TEMPLATES,
-                 default_fallback: bool = True) -> None:
+                 templates: Mapping[str, Template] = TEMPLATES) -> None:
         self.root = root
         self.templates = templates
-        self.default_fallback = default_fallback
 
     def link(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -131,17 +130,18 @@ class Registry:
             return None
         return read_manifest(prefix)
 
-    def require(self, name: str) -> BuiltEnvironment | None:
+    def require(self, name: str | None) -> BuiltEnvironment | None:
         """The build a job naming ``name`` gets; None means the host's interpreters alone.
 
+        ``name`` None (the job named none): ``default``'s build if there is one.
         Raises ``UnknownEnvironment`` or ``EnvironmentNotBuilt`` (both
         ``EnvironmentUnavailable``, a 400 for the API).
         """
+        if name is None:
+            return self.built(DEFAULT_TEMPLATE) if DEFAULT_TEMPLATE in self.templates else None
         self.template(name)
         built = self.built(name)
         if built is None:
-            if name == DEFAULT_TEMPLATE and self.default_fallback:
-                return None
             raise EnvironmentNotBuilt(name)
         return built
 
@@ -155,7 +155,11 @@ class Registry:
             environments.append({"name": name, "description": template.description,
                                  "packages": list(template.packages),
                                  "ready": built is not None})
-        return {"templates": [e["name"] for e in environments], "environments": environments}
+        unnamed = self.require(None)
+        return {"templates": [e["name"] for e in environments], "environments": environments,
+                # What a job that names no environment gets: null is the host's
+                # interpreters with their standard libraries and no extra packages.
+                "unnamed": unnamed.name if unnamed is not None else None}
 
 
 def read_manifest(prefix: str) -> BuiltEnvironment | None:

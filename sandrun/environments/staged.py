@@ -44,6 +44,7 @@ Blocking = Callable[..., "defer.Deferred[Any]"]
 INSTALL_FAILURES = (Reason.EXIT_NONZERO, Reason.SIGNALED, Reason.DISK_LIMIT)
 TAIL_BYTES = 8192  # of the installer's output, kept to find its error line
 MIN_SECONDS = 0.001  # below this the job has no time left at all
+INSTALL = "install"  # the log stream of the install step (``/logs`` ``install``)
 
 
 @defer.inlineCallbacks
@@ -67,12 +68,12 @@ def run_in_environment(
     except (DependencyError, EnvironmentUnavailable) as e:
         output = getattr(e, "output", "")
         if output:
-            on_output("stderr", output.encode()[-TAIL_BYTES * 8:])
+            on_output(INSTALL, output.encode()[-TAIL_BYTES * 8:])
         message = e.message if isinstance(e, DependencyError) else e.details
-        on_output("stderr", f"sandrun: install failed: {message}\n".encode())
+        on_output(INSTALL, f"sandrun: install failed: {message}\n".encode())
         return SandboxResult(Reason.INSTALL_FAILED, message=message)
     if plan.log:
-        on_output("stderr", plan.log.encode())
+        on_output(INSTALL, plan.log.encode())
     env = plan.job_env(manifest.env)
     stopped = cancelled()
     if stopped is not None:
@@ -108,7 +109,7 @@ def _install_then_run(
         tail.extend(data)
         del tail[:-TAIL_BYTES]
         sizes[stream] += len(data)
-        on_output(stream, data)
+        on_output(INSTALL, data)  # the install step's own log, never the job's stdout
 
     # The installer gets the plan's variables only: none of the manifest's
     # (RUBYOPT, NODE_OPTIONS, PYTHON*, PIP_*, GEM_* would steer it).

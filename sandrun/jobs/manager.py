@@ -20,6 +20,9 @@ from sandrun.environments import Environments
 from sandrun.environments.plan import DEPS_OUTPUT
 from sandrun.environments.staged import run_in_environment
 from sandrun.jobs import storage as store
+from sandrun.jobs.gpus import Gpu, GpuPool
+from sandrun.jobs.manifest import Manifest, ManifestError
+from sandrun.jobs.metrics import WorkerMetrics
 from sandrun.jobs.model import Job, JobLog
 from sandrun.jobs.ratelimit import Decision, RateLimiter
 from sandrun.jobs.workspace import list_outputs
@@ -46,6 +49,18 @@ class QueueFull(Exception):
         self.details = details
 
 
+class GpuUnavailable(ManifestError):
+    """A required GPU no GPU of this worker could ever satisfy: a 400 naming the field.
+
+    ``request`` is the job's ``gpu`` request, told back so that a coordinator,
+    which does not parse submissions, can pick a worker whose GPUs satisfy it.
+    """
+
+    def __init__(self, field: str, message: str, request: dict[str, Any]) -> None:
+        super().__init__(field, message)
+        self.request = request
+
+
 class RateLimited(Exception):
     def __init__(self, decision: Decision) -> None:
         super().__init__(decision.reason)
@@ -69,8 +84,13 @@ class JobManager:
                  config: WorkerConfig, limiter: RateLimiter,
                  identity: ident.WorkerIdentity | None = None,
                  blocking: BlockingRunner = threads.deferToThread,
-                 environments: Environments | None = None) -> None:
+                 environments: Environments | None = None,
+                 metrics: WorkerMetrics | None = None,
+                 gpus: GpuPool | None = None) -> None:
         self.reactor = reactor
+        self.gpus = gpus or GpuPool()
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.watch(queued=lambda: len(self.queue), running=lambda: len(self.running))
         self.blocking = blocking
         self.environments = environments or Environments()
         self.sandbox = sandbox
@@ -122,7 +142,11 @@ class JobManager:
         return self.storage.create(job_id)
 
     def discard_workspace(self, job_id: str) -> None:
-        self.storage.delete(job_id)
+        """Delete a job's data off the reactor thread: unmounting a tmpfs that holds
+        many files frees them all, which takes long enough to stall the reactor."""
+        d = self.blocking(self.storage.delete, job_id)
+        d.addErrback(lambda f: log.failure("deleting the data of job {job_id} failed", f,
+                                           job_id=job_id))
 
     def submit(self, job: Job) -> int:
         """Queue a job whose workspace is ready; returns its queue position (1-based)."""
@@ -134,7 +158,7 @@ class JobManager:
                     raise RateLimited(decision)
         except Exception:
             job.log.close()
-            self.storage.delete(job.id)
+            self.discard_workspace(job.id)
             raise
         self.jobs[job.id] = job
         self.queue.append(job.id)
@@ -168,12 +192,34 @@ class JobManager:
 
     # -- running -----------------------------------------------------------
 
-    def _pump(self) -> None:
-        while self.queue and len(self.running) < self.config.max_concurrent \
-                and not self._stopping:
-            self._start(self.jobs[self.queue.popleft()])
+    def check_gpu(self, manifest: Manifest) -> None:
+        """400 (``ManifestError`` naming the field) if no GPU here could ever run the job."""
+        if manifest.gpu is None:
+            return
+        request = manifest.gpu.as_json()
+        unmet = self.gpus.unmet(request)
+        if unmet is not None:
+            raise GpuUnavailable(*unmet, request)
 
-    def _policy(self, job: Job) -> SandboxPolicy:
+    def _pump(self) -> None:
+        """Start queued jobs in order while slots are free.
+
+        A job that requires a GPU waits, keeping its place, until one that
+        satisfies it is free; the jobs behind it that need none go first.
+        """
+        for job_id in list(self.queue):
+            if len(self.running) >= self.config.max_concurrent or self._stopping:
+                return
+            job = self.jobs[job_id]
+            gpu = None
+            if job.manifest.gpu is not None:
+                gpu = self.gpus.acquire(job.id, job.manifest.gpu.as_json())
+                if gpu is None and job.manifest.gpu.required:
+                    continue
+            self.queue.remove(job_id)
+            self._start(job, gpu)
+
+    def _policy(self, job: Job, gpu: Gpu | None = None) -> SandboxPolicy:
         limits = self.config.limits
         return SandboxPolicy(
             memory_bytes=job.manifest.memory_mb * MiB, pids_max=limits.max_pids,
@@ -181,11 +227,13 @@ class JobManager:
             timeout_seconds=float(job.manifest.timeout), cpu_seconds=job.manifest.cpu_seconds,
             output_cap_bytes=limits.output_cap_bytes, tmp_bytes=limits.tmp_mb * MiB,
             shm_bytes=limits.shm_mb * MiB, open_files=limits.max_open_files,
-            file_size_bytes=limits.job_dir_mb * MiB)
+            file_size_bytes=limits.job_dir_mb * MiB,
+            gpu=None if gpu is None else gpu.grant())
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, gpu: Gpu | None = None) -> None:
         job.move_to(JobStatus.RUNNING)
         job.started_at = self.reactor.seconds()
+        self.metrics.job_started(job.started_at - job.submitted_at)
         self.running.add(job.id)
         self._in_sandbox.add(job.id)
         log.info("job {job_id} started", job_id=job.id)
@@ -201,7 +249,7 @@ class JobManager:
         d = defer.maybeDeferred(
             run_in_environment, self.sandbox, self.environments, self.blocking,
             job_id=job.id, manifest=manifest, argv=tuple(manifest.argv()),
-            job_dir=store.work_dir(job.base_dir), policy=self._policy(job),
+            job_dir=store.work_dir(job.base_dir), policy=self._policy(job, gpu),
             on_output=job.log.append, stdin=manifest.stdin.encode(),
             cancelled=lambda: self._stopped_why(job), on_installed=installed)
 
@@ -227,10 +275,12 @@ class JobManager:
     @defer.inlineCallbacks
     def _ran(self, result: SandboxResult, job: Job) -> Any:
         self.running.discard(job.id)
+        self.gpus.release(job.id)
         self._sandbox_done(job.id)
         job.log.flush()  # all output is published before the end is
         if job.finished:  # shut down while it ran: already ended
             return
+        self.metrics.sandbox_ran(result.reason, result.launch_seconds)
         reason = result.reason
         if reason in (Reason.EXIT_NONZERO, Reason.SIGNALED) and not job.deleted \
                 and store.disk_full(job.base_dir):
@@ -242,10 +292,11 @@ class JobManager:
         job.truncated = result.truncated
         if not job.deleted:
             try:
-                # The job's installed dependencies are not its outputs.
+                # The job's installed dependencies are not its outputs; without
+                # patterns, neither are the uploaded files it left as they were.
                 job.outputs = yield self.blocking(
                     list_outputs, store.work_dir(job.base_dir), job.manifest.outputs,
-                    exclude=(DEPS_OUTPUT,))
+                    exclude=(DEPS_OUTPUT,), unchanged=job.inputs)
             except Exception as e:  # noqa: BLE001 (the job ends regardless)
                 # The type only: a message could carry a file name (job content).
                 log.warn(  # noqa: G010 (twisted.logger has no "warning")
@@ -264,6 +315,7 @@ class JobManager:
         self.limiter.release(job.client, job.id, now, cpu_seconds_total=job.cpu_seconds)
         job.signed, job.signature = ident.sign_result(self.identity,
                                                       job.signed_result(self.worker_id))
+        self.metrics.job_ended(job.reason, job.cpu_seconds, now - job.submitted_at)
         log.info("job {job_id} {status}: {reason}", job_id=job.id, status=status.value,
                  reason=job.reason.value if job.reason else None)
         keep = FAILED_RETENTION if status == JobStatus.FAILED else FINISHED_RETENTION
@@ -291,7 +343,7 @@ class JobManager:
             self.queue.remove(job_id)
             job.reason = Reason.CANCELLED
             job.deleted = True
-            self.storage.delete(job_id)
+            self.discard_workspace(job_id)
             self._end(job, JobStatus.FAILED)
         elif job.status == JobStatus.RUNNING:
             job.deleted = True
@@ -322,7 +374,7 @@ class JobManager:
         if job is not None:
             job.deleted = True
             job.log.close()
-        self.storage.delete(job_id)
+        self.discard_workspace(job_id)
         log.info("job {job_id} deleted", job_id=job_id)
 
     def _sandbox_done(self, job_id: str) -> None:
@@ -355,6 +407,7 @@ class JobManager:
                 job.reason = Reason.SHUTDOWN
                 self._end(job, JobStatus.FAILED)
         self.running.clear()
+        self.gpus.busy.clear()
         for job_id in list(self.jobs):
             self.limiter.release(self.jobs[job_id].client, job_id, now)
             self._forget(job_id)

@@ -71,7 +71,8 @@ EXTENSION_INTERPRETERS: Mapping[str, str] = {
 REQUIREMENTS_FILES = frozenset({"requirements.txt", "package.json", "Gemfile"})
 
 # Variables the sandbox sets itself; a manifest may not override them.
-RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TERM"})
+RESERVED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TERM",
+                          "NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"})
 
 MIN_MEMORY_MB = 16  # below this no interpreter starts
 MIN_CPUS = 0.01  # the kernel's smallest CPU bandwidth quota is 1 ms per 100 ms period
@@ -162,7 +163,7 @@ class Manifest:
     stdin: str = ""
     outputs: tuple[str, ...] = ()  # glob patterns; empty = every file
     requirements: str | None = None  # safe relative path
-    environment: str = "default"
+    environment: str | None = None  # a template; None: not named (``Registry.require``)
     timeout: int = 300  # seconds of wall-clock time
     memory_mb: int = 512  # MB of RAM
     cpu_seconds: float | None = None  # total CPU time allowed, None = no cap but timeout
@@ -339,12 +340,14 @@ def parse_manifest(
                 "requirements", "must name " + ", ".join(sorted(REQUIREMENTS_FILES))
             )
 
-    environment = _text(raw.get("environment", "default"), "environment", nul_ok=False)
-    if (
-        not _ENVIRONMENT_NAME.fullmatch(environment)
-        or len(environment) > limits.max_name_bytes
-    ):
-        raise ManifestError("environment", "must be a name like 'default' or 'python-3-11'")
+    environment = raw.get("environment")
+    if environment is not None:
+        environment = _text(environment, "environment", nul_ok=False)
+        if (
+            not _ENVIRONMENT_NAME.fullmatch(environment)
+            or len(environment) > limits.max_name_bytes
+        ):
+            raise ManifestError("environment", "must be a name like 'default' or 'ml-basic'")
 
     timeout = _int(raw.get("timeout", limits.default_timeout), "timeout", 1, limits.max_timeout)
     memory_mb = _int(

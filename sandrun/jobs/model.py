@@ -31,7 +31,9 @@ EndListener = Callable[["Job"], None]
 
 COALESCE_BYTES = 64 * 1024  # output held back is published once it reaches this many bytes
 COALESCE_SECONDS = 0.05  # at most one chunk per stream this often while output is dense
-_STREAMS = ("stdout", "stderr")
+# The job's own output, then the dependency install step's (never mixed into the job's).
+_STREAMS = ("stdout", "stderr", "install")
+PROGRAM_STREAMS = ("stdout", "stderr")
 
 
 class LogChunks(Sequence[tuple[str, bytes]]):
@@ -139,9 +141,10 @@ class JobLog:
 
     def __init__(self, path: str | None = None, clock: Any = None) -> None:  # IReactorTime
         self.chunks = LogChunks(path)
-        self.sizes = {"stdout": 0, "stderr": 0}
+        self.sizes = {"stdout": 0, "stderr": 0, "install": 0}
         # Of every byte kept, per stream: signed in the result (identity.RESULT_FIELDS).
-        self.digests = {"stdout": hashlib.sha256(), "stderr": hashlib.sha256()}
+        self.digests = {"stdout": hashlib.sha256(), "stderr": hashlib.sha256(),
+                        "install": hashlib.sha256()}
         self.listeners: list[LogListener] = []
         self._clock = clock
         self._pending = bytearray()
@@ -188,8 +191,10 @@ class JobLog:
         return self.digests[stream].hexdigest()
 
     def text(self, stream: str | None = None) -> str:
-        parts = [d for s, d in self.chunks if stream is None or s == stream]
-        if self._pending and stream in (None, self._pending_stream):
+        """One stream's text; None: the program's stdout and stderr, in arrival order."""
+        wanted = PROGRAM_STREAMS if stream is None else (stream,)
+        parts = [d for s, d in self.chunks if s in wanted]
+        if self._pending and self._pending_stream in wanted:
             parts.append(bytes(self._pending))
         return b"".join(parts).decode("utf-8", errors="replace")
 
@@ -237,6 +242,10 @@ class Job:
     end_listeners: list[EndListener] = field(default_factory=list)
     deleted: bool = False
     quota_exempt: bool = False  # submitted from a --quota-exempt address: never charged
+    environment: str | None = None  # the template it gets; None: the host's interpreters alone
+    # Uploaded path -> sha256, kept only when the manifest has no ``outputs``: those
+    # files, unchanged, are not outputs (only what the job made or changed is).
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def move_to(self, status: JobStatus) -> None:
         if status not in TRANSITIONS[self.status]:
@@ -254,7 +263,7 @@ class Job:
                 "exit_code": self.exit_code, "signal": self.signal,
                 "reason": self.reason.value if self.reason else None,
                 "message": self.message,
-                "environment": self.manifest.environment,
+                "environment": self.environment or "none",
                 "interpreter": self.manifest.interpreter,
                 "stdout_sha256": self.log.sha256("stdout") if self.finished else None,
                 "stderr_sha256": self.log.sha256("stderr") if self.finished else None}

@@ -39,14 +39,20 @@ class StateDirInUse(Exception):
 
 
 USAGE_REFRESH_SECONDS = 1.0  # how stale the all-jobs usage figure may be
+PARTIAL = ".part"  # suffix of a pack still being written
+INODE_BYTES = 1024  # what a file or directory costs in kernel memory, charged as storage
 
 
 class Storage:
-    def __init__(self, state_dir: str, job_dir_bytes: int, total_bytes: int) -> None:
+    def __init__(self, state_dir: str, job_dir_bytes: int, total_bytes: int,
+                 job_dir_inodes: int = 0) -> None:
         self.state_dir = state_dir
         self.jobs_dir = os.path.join(state_dir, "jobs")
         self.uploads_dir = os.path.join(state_dir, "uploads")
         self.job_dir_bytes = job_dir_bytes
+        # Files and directories a job's tmpfs may hold (0: the kernel's default, half
+        # the RAM's pages): each costs kernel memory that no byte limit counts.
+        self.job_dir_inodes = job_dir_inodes
         self.total_bytes = total_bytes or _quarter_of_ram()
         self._lock: int | None = None
         self._usage = (float("-inf"), 0)  # (when measured, bytes)
@@ -106,9 +112,16 @@ class Storage:
         used = 0
         for name in os.listdir(self.jobs_dir):
             path = os.path.join(self.jobs_dir, name)
-            if os.path.isdir(path):
-                st = os.statvfs(path)
-                used += (st.f_blocks - st.f_bfree) * st.f_frsize
+            try:  # a job being deleted (in a thread) may vanish meanwhile
+                if os.path.isdir(path):
+                    st = os.statvfs(path)
+                    used += (st.f_blocks - st.f_bfree) * st.f_frsize
+                    # An empty file takes no block, but kernel memory all the same.
+                    used += (st.f_files - st.f_ffree) * INODE_BYTES
+                else:  # output logs and download packs, on the state tmpfs
+                    used += os.lstat(path).st_blocks * 512
+            except OSError:
+                continue
         self._usage = (now, used)
         return used
 
@@ -119,8 +132,9 @@ class Storage:
         base = os.path.join(self.jobs_dir, job_id)
         os.mkdir(base, 0o700)
         try:
+            inodes = f",nr_inodes={self.job_dir_inodes}" if self.job_dir_inodes else ""
             ns.mount("tmpfs", base, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV,
-                     f"size={self.job_dir_bytes},mode=0711")
+                     f"size={self.job_dir_bytes},mode=0711{inodes}")
             os.mkdir(os.path.join(base, "work"), 0o755)
             os.mkdir(os.path.join(base, "staging"), 0o700)
         except OSError:
@@ -129,7 +143,19 @@ class Storage:
         return base
 
     def delete(self, job_id: str) -> None:
+        """Remove a job's tmpfs and its download pack.  Blocking: unmounting a tmpfs
+        frees every file in it (a million of them take seconds); call it from a thread."""
         self._remove(os.path.join(self.jobs_dir, job_id))
+        for path in (self.pack_path(job_id), self.pack_path(job_id) + PARTIAL):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def pack_path(self, job_id: str) -> str:
+        """Where a job's outputs are packed for ``/download``, once (on the state tmpfs,
+        counted in ``used_bytes``)."""
+        return os.path.join(self.jobs_dir, job_id + ".tar.gz")
 
     def _remove(self, base: str) -> None:
         if _is_mountpoint(base):

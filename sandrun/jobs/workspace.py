@@ -28,7 +28,7 @@ import re
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Union
@@ -585,7 +585,7 @@ def _segment_regex(segment: str) -> str:
 
 def list_outputs(
     job_dir: Dest, patterns: tuple[str, ...], *, max_files: int = MAX_OUTPUT_FILES,
-    exclude: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = (), unchanged: Mapping[str, str] | None = None
 ) -> list[OutputFile]:
     """Every regular file under ``job_dir`` matching ``patterns``, hashed, sorted by path.
 
@@ -598,11 +598,13 @@ def list_outputs(
     decided by a walk with each directory's names in sorted order.
     Directories named in ``exclude`` (relative, ending in ``/``, like
     ``.deps/``) are not walked: they neither count nor use up those caps.
+    A file named in ``unchanged`` (path -> sha256 of what was uploaded) that
+    still has that content is not an output: the job neither made nor changed it.
     """
     found: list[OutputFile] = []
     budget = [MAX_SCANNED_ENTRIES]
     with _dir_fd(job_dir) as root:
-        _walk(root, "", 0, patterns, found, max_files, budget, exclude)
+        _walk(root, "", 0, patterns, found, max_files, budget, exclude, unchanged or {})
     found.sort(key=lambda output: output.path)
     return found
 
@@ -616,6 +618,7 @@ def _walk(
     max_files: int,
     budget: list[int],
     exclude: tuple[str, ...] = (),
+    unchanged: Mapping[str, str] | None = None,
 ) -> bool:
     """Add this directory's matching files to ``found``; False once a cap is reached."""
     with os.scandir(dir_fd) as scan:
@@ -639,13 +642,13 @@ def _walk(
                 continue
             try:
                 if not _walk(child, path + "/", depth + 1, patterns, found, max_files, budget,
-                             exclude):
+                             exclude, unchanged):
                     return False
             finally:
                 os.close(child)
         elif entry.is_file(follow_symlinks=False) and match_outputs(patterns, path):
             output = _hash_output(dir_fd, entry.name, path)
-            if output is not None:
+            if output is not None and (unchanged or {}).get(path) != output.sha256:
                 found.append(output)
     return True
 

@@ -151,6 +151,10 @@ def locate_v2(root: str = ROOT, ours: frozenset[int] = frozenset(),
     if own != root and os.path.basename(own) == SUPERVISOR:
         own = os.path.dirname(own)
     where = _relative(root, own)
+    if not os.access(os.path.join(own, "cgroup.procs"), os.W_OK):
+        raise DelegationError(
+            f"cgroup v2: {where} is not writable here (/sys/fs/cgroup mounted read-only?); "
+            f"in a container: --privileged --cgroupns=private; else {HOW_TO_DELEGATE}")
     available = set(_read(os.path.join(own, "cgroup.controllers")).split())
     missing = [c for c in V2_CONTROLLERS if c not in available]
     if missing:

@@ -66,7 +66,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from sandrun.sandbox import cgroups, mounts, network, pid1, seccomp
+from sandrun.sandbox import cgroups, devices, mounts, network, pid1, seccomp
 from sandrun.sandbox import namespaces as ns
 from sandrun.sandbox.limits import apply_rlimits
 from sandrun.sandbox.policy import LaunchRequest
@@ -153,6 +153,9 @@ class Launcher:
                 "cgroup v1, no memory.swap.max on v2); turn swap off, enable swap "
                 "accounting, or start with --allow-unlimited-swap")
         self.stale = self.cgroups.cleanup_stale()
+        self.devices = devices.DeviceCgroups(self.instance)
+        if self.cgroups.version == 1:
+            self.stale += self.devices.cleanup_stale()
         with open(self.seccomp_file, "rb") as f:
             self.filters = seccomp.PreparedFilters(seccomp.split_programs(f.read()))
         with open(self.loopback_file, "rb") as f:
@@ -331,6 +334,14 @@ class Launcher:
                 mounts.check_ro_binds(request.ro_binds)
             except ValueError as e:
                 raise SetupError("filesystem", e) from None
+            gpu = request.policy.gpu
+            if gpu is not None:
+                if self.cgroups.version != 1:
+                    raise SetupError("devices", devices.V2_REFUSAL)
+                try:
+                    devices.check_nodes(gpu.nodes)
+                except devices.DeviceError as e:
+                    raise SetupError("devices", e) from None
             try:
                 zygote = self._take_spare()
             except (OSError, cgroups.CgroupError) as e:
@@ -341,6 +352,13 @@ class Launcher:
                                             request.policy.pids_max, request.policy.cpus)
             except (OSError, cgroups.CgroupError) as e:
                 raise SetupError("cgroup", e) from None
+            if gpu is not None:
+                try:
+                    # Before the spare has the job: its init and command are both held.
+                    held = self.devices.create(job_id, gpu.nodes, zygote.pid)
+                except (OSError, devices.DeviceError, cgroups.CgroupError) as e:
+                    raise SetupError("devices", e) from None
+                group.dirs["devices"] = zygote.cgroup.dirs["devices"] = held
             try:
                 for host in (request.job_dir, *(h for h, _ in request.ro_binds)):
                     trees.append(ns.open_tree_clone(host))
@@ -510,6 +528,7 @@ class Launcher:
         self.doomed = []
         self._release_namespaces()
         self.cgroups.remove_bases()
+        self.devices.remove_base()
 
     # -- in the child -------------------------------------------------------------------------
 

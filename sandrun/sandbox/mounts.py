@@ -35,6 +35,8 @@ RO_BIND_TARGETS = ("/opt/env", "/opt/deps")
 TOP_LINKS = ("bin", "lib", "lib32", "lib64", "libx32", "sbin")
 DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
            ("urandom", 1, 9))
+DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"))
 # Host files and directories interpreters need from /etc; copied once at start.
 ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "nsswitch.conf", "localtime",
                "mime.types", "alternatives", "R", "php", "ssl/certs", "ssl/openssl.cnf",
@@ -103,8 +105,7 @@ def prepare_templates(root_template: str, dev_template: str) -> None:
         path = os.path.join(dev_template, name)
         os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
         os.chmod(path, 0o666)  # mknod honours the umask
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, target in DEV_LINKS:
         os.symlink(target, os.path.join(dev_template, name))
     os.mkdir(os.path.join(dev_template, "shm"), 0o1777)
     os.chmod(os.path.join(dev_template, "shm"), 0o1777)
@@ -173,12 +174,35 @@ def finish_root(policy: SandboxPolicy, job_tree: int,
     """
     _attach(job_tree, JOB_DIR, ns.MS_NOSUID | ns.MS_NODEV)
     _tmpfs("/tmp", policy.tmp_bytes, ns.MS_NOSUID | ns.MS_NODEV)
+    if policy.gpu is not None:
+        gpu_dev(policy.gpu.nodes)
     _tmpfs("/dev/shm", policy.shm_bytes, ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
     for tree, inside in extras:
         if inside not in RO_BIND_TARGETS:
             raise ValueError(f"read-only bind to {inside!r} is not allowed")
         _attach(tree, inside, RO)
     os.chdir(JOB_DIR)
+
+
+def gpu_dev(nodes: tuple[tuple[str, int, int], ...]) -> None:
+    """Replace the shared /dev with one that also holds a GPU job's nodes.
+
+    A fresh small tmpfs over /dev (in the job's own mount namespace) with the
+    standard devices, the given character devices (made by number, as the
+    host's are: ``devices.check_nodes`` passed them), the same links, and an
+    empty ``shm``; read-only once made.  The job's device cgroup allows only
+    these (see ``devices``).
+    """
+    ns.mount("tmpfs", "/dev", "tmpfs", ns.MS_NOSUID | ns.MS_NOEXEC, "size=64k,mode=755")
+    for name, major, minor in (*DEVICES, *nodes):
+        path = os.path.join("/dev", name)
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(path, 0o666)  # mknod honours the umask
+    for name, target in DEV_LINKS:
+        os.symlink(target, os.path.join("/dev", name))
+    os.mkdir("/dev/shm", 0o1777)
+    os.chmod("/dev/shm", 0o1777)
+    ns.mount(None, "/dev", None, ns.MS_REMOUNT | ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NOEXEC)
 
 
 def _attach(tree: int, target: str, flags: int) -> None:

@@ -11,6 +11,23 @@ JOB_DIR = "/job"  # where the job directory appears inside the sandbox; the work
 
 
 @dataclass(frozen=True)
+class GpuGrant:
+    """The one GPU a job is given: its nodes in /dev, allowed by the device cgroup."""
+
+    uuid: str  # what NVIDIA_VISIBLE_DEVICES and CUDA_VISIBLE_DEVICES say ("GPU-...")
+    # (name under /dev, major, minor): nvidiaN, nvidiactl, nvidia-uvm[, nvidia-uvm-tools]
+    nodes: tuple[tuple[str, int, int], ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "nodes": [list(n) for n in self.nodes]}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> GpuGrant:
+        return cls(uuid=data["uuid"], nodes=tuple((str(name), int(major), int(minor))
+                                                  for name, major, minor in data["nodes"]))
+
+
+@dataclass(frozen=True)
 class SandboxPolicy:
     """Every limit the launcher and supervisor apply to one job."""
 
@@ -26,6 +43,7 @@ class SandboxPolicy:
     file_size_bytes: int = 512 * 1000 * 1000  # RLIMIT_FSIZE, largest file the job may write
     stack_bytes: int = 8 * MiB  # RLIMIT_STACK, soft and hard
     hostname: str = "sandrun"  # UTS namespace host name
+    gpu: GpuGrant | None = None  # the job's GPU (see devices.py); None = no GPU device at all
 
 
 @dataclass(frozen=True)
@@ -45,18 +63,29 @@ class LaunchRequest:
         env = dict(self.env)
         env.update(PATH=SANDBOX_PATH, HOME=JOB_DIR, LANG="C.UTF-8", LC_ALL="C.UTF-8",
                    TMPDIR="/tmp", TERM="dumb")
+        if self.policy.gpu is not None:
+            env.update(NVIDIA_VISIBLE_DEVICES=self.policy.gpu.uuid,
+                       CUDA_VISIBLE_DEVICES=self.policy.gpu.uuid)
         return env
 
     def to_wire(self) -> dict[str, Any]:
         # Not dataclasses.asdict, which deep-copies: this is on every launch.
+        policy = dict(self.policy.__dict__)
+        if self.policy.gpu is not None:
+            policy["gpu"] = self.policy.gpu.to_wire()
         return {"argv": list(self.argv), "env": [list(kv) for kv in self.env],
                 "job_dir": self.job_dir, "uid": self.uid, "gid": self.gid,
-                "policy": dict(self.policy.__dict__),
-                "ro_binds": [list(b) for b in self.ro_binds]}
+                "policy": policy, "ro_binds": [list(b) for b in self.ro_binds]}
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> LaunchRequest:
         return cls(argv=tuple(data["argv"]), env=tuple(tuple(kv) for kv in data["env"]),
                    job_dir=data["job_dir"], uid=data["uid"], gid=data["gid"],
-                   policy=SandboxPolicy(**data["policy"]),
+                   policy=_policy_from_wire(data["policy"]),
                    ro_binds=tuple(tuple(b) for b in data["ro_binds"]))
+
+
+def _policy_from_wire(data: dict[str, Any]) -> SandboxPolicy:
+    if data.get("gpu") is not None:
+        data = dict(data, gpu=GpuGrant.from_wire(data["gpu"]))
+    return SandboxPolicy(**data)

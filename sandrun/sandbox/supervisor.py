@@ -67,6 +67,9 @@ class SandboxResult:
     memory_peak_bytes: int = 0
     wall_time_ms: float = 0.0
     message: str | None = None  # sandbox_error: which layer failed; else a stats error
+    # seconds from the request to the launcher to the job's process running in its
+    # sandbox; None when it never started (set-up failed, or it never got that far)
+    launch_seconds: float | None = None
     truncated: dict[str, bool] = field(default_factory=lambda: {"stdout": False,
                                                                 "stderr": False})
 
@@ -141,6 +144,8 @@ class _RunningJob:
         self.sizes = {"stdout": 0, "stderr": 0}
         self.truncated = {"stdout": False, "stderr": False}
         self.timers: list[Any] = []
+        self.requested_at = 0.0  # reactor time the launcher was asked to start it
+        self.launch_seconds: float | None = None  # set when the launcher reports it started
 
 
 class Sandbox:
@@ -302,6 +307,7 @@ class Sandbox:
                 ours.append(read_end)
                 theirs.append(write_end)
             message = {"op": "spawn", "id": job_id, "request": request.to_wire()}
+            job.requested_at = self.reactor.seconds()
             socket.send_fds(self._sock, [json.dumps(message).encode()], theirs)
         except Exception as e:  # noqa: BLE001 - whatever it is, the slot must come back
             for fd in ours:
@@ -388,6 +394,7 @@ class Sandbox:
         if job is None:
             return
         if kind == "started":
+            job.launch_seconds = max(0.0, self.reactor.seconds() - job.requested_at)
             job.cgroup = JobCgroup(event["cgroup"]["version"], event["cgroup"]["dirs"],
                                    event["cgroup"].get("cpu_base", 0.0))
             job.timers.append(self.reactor.callLater(job.policy.timeout_seconds, self.kill,
@@ -436,6 +443,7 @@ class Sandbox:
                                    event.get("memory_peak_bytes", 0), event["wall_time_ms"],
                                    event.get("error"))
         result.truncated = dict(job.truncated)
+        result.launch_seconds = job.launch_seconds
         self._finish(job, result)
 
     def _finish(self, job: _RunningJob, result: SandboxResult) -> None:

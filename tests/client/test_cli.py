@@ -45,6 +45,7 @@ from sandrun.client.errors import (
     ("failed", "sandbox_error", None, None, 70),
     ("failed", "install_failed", None, None, 70),
     ("failed", "worker_lost", None, None, 70),
+    ("failed", "replica_disagreement", 0, None, 76),
     ("failed", "something_new", None, None, 70),
 ])
 def test_a_finished_job_maps_to_its_documented_exit_status(
@@ -84,6 +85,7 @@ def test_command_line_fields_become_a_manifest() -> None:
         "env": {"A": "1", "B": "x=y"}, "outputs": ["out/", "*.csv"], "timeout": 9,
         "memory_mb": 256, "environment": "default", "requirements": "requirements.txt"}
     assert _manifest(parse("run", "p")) is None
+    assert _manifest(parse("run", "p", "--replicas", "3")) == {"replicas": 3}
     with pytest.raises(ValueError, match="NAME=VALUE"):
         _manifest(parse("run", "p", "--env", "novalue"))
 

@@ -207,3 +207,19 @@ def test_write_output_refuses_escaping_paths(tmp_path: Path) -> None:
         with pytest.raises(UnsafeArchiveError):
             write_output(str(tmp_path / "d"), bad, [b"no"])
     assert not (tmp_path / "x").exists()
+
+
+def test_secrets_installed_dependencies_and_git_files_are_left_out_by_default(
+        tmp_path: Path) -> None:
+    root = str(tmp_path)
+    tree(root, {"main.py": "", ".env": "TOKEN=1", ".env.local": "TOKEN=2", "app/.env": "x",
+                ".venv/lib/site.py": "", "node_modules/x/index.js": "", ".gitignore": "",
+                ".gitattributes": "", ".github/workflows/ci.yml": "", "environment.yml": ""})
+    assert packed_names(root) == ["environment.yml", "main.py"]
+
+
+def test_the_gitignore_is_honoured_and_the_sandrunignore_wins_over_it(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    tree(root, {"main.py": "", "build/out.o": "", "notes.tmp": "", "keep.tmp": "", ".env": "",
+                ".gitignore": "build/\n*.tmp\n", ".sandrunignore": "!keep.tmp\n!.env\n"})
+    assert packed_names(root) == [".env", "keep.tmp", "main.py"]

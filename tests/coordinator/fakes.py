@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from coordinator.config import CoordinatorConfig, PoolQuota, WorkerEntry
 from coordinator.health import HealthChecker
+from coordinator.jobids import worker_tag
 from coordinator.proxy import CoordinatorAPI
 from coordinator.registry import WorkerRegistry
 from coordinator.worker_client import WorkerClient
@@ -45,6 +46,7 @@ from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.runtimes import Runtime, RuntimeList
 from sandrun.sandbox.supervisor import SandboxResult, Slot
 from sandrun.wire import Reason
+from tests.contract import check_response
 from tests.unit.worker_fakes import FakeStorage
 
 START = 1_700_000_000.0
@@ -239,8 +241,10 @@ class Pool:
         self.stub = StubTreq(self.api.resource())
 
     def worker_for(self, job_id: str) -> int:
+        """Which worker runs ``job_id`` (listed or open: by the tag of its key)."""
         tag = job_id.split(".")[0]
-        return next(i for i, e in enumerate(self.entries) if e.tag == tag)
+        return next(i for i, identity in enumerate(self.identities)
+                    if identity is not None and worker_tag(identity.worker_id) == tag)
 
     def workers_for(self, job_id: str) -> list[int]:
         """Where each replica of a (replicated) job runs, first replica first."""
@@ -273,9 +277,13 @@ class Pool:
                               headers=hdrs)
         response = self.settle(d)
         content = self.settle(response.content())
-        return Reply(response.code,
+        reply = Reply(response.code,
                      {k.decode().lower(): [v.decode("latin-1") for v in vs]
                       for k, vs in response.headers.getAllRawHeaders()}, content)
+        # Every answer a test sees is checked against the OpenAPI document.
+        check_response("coordinator", method, path, reply.status, reply.header("content-type"),
+                       reply.body)
+        return reply
 
     def get(self, path: str, **kwargs: Any) -> Reply:
         return self.request("GET", path, **kwargs)

@@ -261,3 +261,63 @@ def test_run_of_a_disagreeing_job_hands_out_no_outputs(tmp_path: Any) -> None:
     doc = run_replicated(pool, 2).json()
     assert doc["status"] == "failed" and doc["outputs"] == []
     assert doc["execution_metadata"]["reason"] == "replica_disagreement"
+
+
+# -- sandrun verify on the coordinator's answer ------------------------------------------
+
+
+def verify_file(tmp_path: Any, doc: dict[str, Any], worker_id: str | None = None) -> int:
+    from sandrun.identity import verify_main
+
+    path = tmp_path / "status.json"
+    path.write_text(json.dumps(doc))
+    return verify_main(str(path), worker_id)
+
+
+def test_sandrun_verify_checks_every_replicas_signature_and_their_agreement(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    pool = ready(tmp_path / "pool")
+    doc = pool.get(f"/status/{replicated(pool, 3)}").json()
+    assert verify_file(tmp_path, doc) == 0
+    assert capsys.readouterr().out.startswith("valid: 3 replicas agree")
+    one_of_them = doc["consensus"]["results"][1]["worker_id"]
+    assert verify_file(tmp_path, doc, one_of_them) == 0
+    assert verify_file(tmp_path, doc, WorkerIdentity.generate().worker_id) == 76
+    # A replica's signed text altered (another stdout) no longer verifies.
+    forged = json.loads(json.dumps(doc))
+    result = forged["consensus"]["results"][2]
+    result["signed"] = result["signed"].replace(
+        json.loads(result["signed"])["stdout_sha256"], "0" * 64)
+    capsys.readouterr()
+    assert verify_file(tmp_path, forged) == 76
+    assert "replica 3's signature does not verify" in capsys.readouterr().out
+    # The document's own result must be the replicas' one.
+    shown = json.loads(json.dumps(doc))
+    shown["execution_metadata"]["exit_code"] = 1
+    assert verify_file(tmp_path, shown) == 76
+    assert "differs from the replicas' result in exit_code" in capsys.readouterr().out
+
+
+def test_sandrun_verify_refuses_a_disagreement_though_each_signature_is_valid(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    pool = ready(tmp_path / "pool")
+    pool.workers[1].sandbox.tamper = "output"
+    doc = pool.get(f"/status/{replicated(pool, 3)}").json()
+    assert verify_file(tmp_path, doc) == 76
+    assert "differ in outputs" in capsys.readouterr().out
+    single = pool.get(f"/status/{pool.submit()}").json()
+    assert verify_file(tmp_path, single) == 2  # not a consensus: --worker-id is needed
+
+
+def test_a_long_poll_of_a_replicated_job_ends_when_every_replica_has_ended(
+        tmp_path: Any) -> None:
+    pool = ready(tmp_path)
+    job = replicated(pool, 2, HOLD)
+    first, second = pool.workers_for(job)
+    d = pool.begin("GET", f"/status/{job}?wait=45")
+    pool.workers[first].sandbox.holding()[0].finish()
+    pool.clock.advance(10)
+    assert not pool.answered(d)  # one replica still runs
+    pool.workers[second].sandbox.holding()[0].finish()
+    doc = pool.reply(d).json()
+    assert doc["status"] == "completed" and doc["consensus"]["agreed"] is True

@@ -9,6 +9,7 @@ stream open forever, as a wedged worker does.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, ClassVar
 
 import pytest
@@ -28,6 +29,7 @@ from coordinator.proxy import CoordinatorAPI
 from coordinator.registry import Load, WorkerRegistry
 from coordinator.worker_client import WorkerClient
 from sandrun.identity import WorkerIdentity
+from tests.timing import scaled
 
 KNOWN = "job-" + "k" * 24
 DIES = "job-dies" + "d" * 20
@@ -191,8 +193,8 @@ def test_a_stream_from_a_worker_taken_out_of_the_pool_ends_with_worker_lost() ->
     try:
         factory = yield watch(env, HANGS, "?format=json")
         yield factory.opened
-        yield task.deferLater(reactor, 0.2, lambda: None)
-        assert env["api"].streams.open_count() == 1
+        # The relay to the worker is open (polled: how long it takes depends on the machine).
+        yield until(lambda: env["api"].streams.open_count() == 1, "the relay opened")
         env["registry"].mark_down(env["registry"].workers()[0], "health check failed")
         code, reason = yield closed(factory)
         assert (code, reason) == (1000, "worker_lost")
@@ -214,6 +216,15 @@ def test_a_stream_for_a_job_on_an_unreachable_worker_ends_at_once_with_worker_lo
         yield stop(env)
 
 
+@defer.inlineCallbacks
+def until(predicate: Any, what: str, within: float = 10.0) -> Any:
+    """Poll ``predicate`` every 10 ms, without blocking the reactor, for up to ``within`` s."""
+    deadline = time.monotonic() + scaled(within)
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        yield task.deferLater(reactor, 0.01, lambda: None)
+
+
 def buffered(transport: Any) -> int:
     return len(transport.dataBuffer) + transport._tempDataLen
 
@@ -225,14 +236,19 @@ def test_a_client_that_reads_slowly_pauses_the_worker_instead_of_filling_our_mem
         factory = yield watch(env, FLOOD)
         reader = yield factory.opened
         reader.transport.pauseProducing()  # the client stops reading
-        yield task.deferLater(reactor, 0.5, lambda: None)
+        yield until(lambda: [c for clients in env["api"].streams._open.values()
+                             for c in clients], "the relay opened")
         (relayed,) = [c for clients in env["api"].streams._open.values() for c in clients]
+        # The worker connection gets paused (no longer read from) once the slack is full;
+        # polled, since how soon depends on the machine.
+        yield until(lambda: relayed.upstream is not None
+                    and relayed.upstream.transport not in reactor.getReaders(),
+                    "the worker connection paused")
+        yield task.deferLater(reactor, 0.2, lambda: None)  # and it stays so
+        assert relayed.upstream.transport not in reactor.getReaders()
         held = buffered(relayed.transport)
         # 20 MiB were sent by the worker; the coordinator holds about its 1 MiB of slack.
         assert held < 2 * 1024 * 1024, held
-        # The worker connection is paused: no longer read from.
-        assert relayed.upstream is not None
-        assert relayed.upstream.transport not in reactor.getReaders()
         reader.transport.resumeProducing()
         code, _ = yield closed(factory, timeout=20)
         assert code == 1000

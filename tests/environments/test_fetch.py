@@ -47,10 +47,10 @@ def test_a_pure_python_and_a_binary_wheel_are_fetched_once_into_the_cache(
     for name in wheels:  # readable by every job uid, writable by none
         mode = os.stat(os.path.join(fetched.path, "wheels", name)).st_mode
         assert mode & stat.S_IROTH and not mode & (stat.S_IWOTH | stat.S_IWGRP)
-    started = time.monotonic()
-    again = fetch(cache, "requirements.txt", text)
+    # No pip this time: a cache whose python does not exist still answers from the entry.
+    no_pip = DependencyCache(root, timeout=60, python="/nonexistent/python3")
+    again = fetch(no_pip, "requirements.txt", text)
     assert again.cached and again.path == fetched.path and again.packages == fetched.packages
-    assert time.monotonic() - started < 0.5  # no pip this time
     assert entries(root) == [f"pip/{key}"]
 
 
@@ -113,7 +113,9 @@ def test_a_fetch_past_its_timeout_is_killed_with_its_children(tmp_path: str) -> 
     started = time.monotonic()
     with pytest.raises(DependencyError, match="took longer than 1 s"):
         fetch(DependencyCache(root, timeout=1.0, python=fake), "requirements.txt", "six\n")
-    assert time.monotonic() - started < 3
+    # Killed at its timeout, not when the 60 s child would have let it end (the margin is
+    # for a slow or loaded machine; what matters is that it did not wait for the child).
+    assert time.monotonic() - started < 30
     with open(pidfile) as f:
         child = int(f.read())
     for _ in range(100):

@@ -62,7 +62,8 @@ def test_nothing_built_reports_every_template_not_ready_and_hides_test_templates
             {"name": "default", "description": "the default", "packages": ["six==1.16.0"],
              "ready": False},
             {"name": "vision", "description": "images",
-             "packages": ["pillow==10.3.0", "numpy==1.26.4"], "ready": False}]}
+             "packages": ["pillow==10.3.0", "numpy==1.26.4"], "ready": False}],
+        "unnamed": None}
 
 
 def test_a_complete_build_is_ready_and_is_what_a_job_binds(tmp_path: str) -> None:
@@ -114,10 +115,15 @@ def test_an_unknown_template_is_refused_listing_the_known_ones(tmp_path: str) ->
     assert "default, vision" in caught.value.details and "test-tiny" not in caught.value.details
 
 
-def test_default_falls_back_to_the_host_interpreters_until_built_unless_told_not_to(
+def test_a_job_naming_no_environment_gets_default_once_built_and_naming_it_unbuilt_is_refused(
         tmp_path: str) -> None:
-    assert Registry(str(tmp_path), TEMPLATES_FOR_TESTS).require("default") is None
+    registry = Registry(str(tmp_path), TEMPLATES_FOR_TESTS)
+    assert registry.require(None) is None  # the host's interpreters alone
+    assert registry.describe()["unnamed"] is None
     with pytest.raises(EnvironmentNotBuilt):
-        Registry(str(tmp_path), TEMPLATES_FOR_TESTS, default_fallback=False).require("default")
+        registry.require("default")
     fake_build(str(tmp_path), TEMPLATES_FOR_TESTS["default"])
-    assert Registry(str(tmp_path), TEMPLATES_FOR_TESTS).require("default") is not None
+    assert registry.require("default") is not None
+    built = registry.require(None)
+    assert built is not None and built.name == "default"
+    assert registry.describe()["unnamed"] == "default"

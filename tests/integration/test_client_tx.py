@@ -71,7 +71,9 @@ async def test_a_directory_and_files_upload_and_cancel(worker: Worker, tmp_path:
     (tmp_path / "data.txt").write_text("from the directory")
     (tmp_path / "ignored.txt").write_text("no")
     (tmp_path / ".sandrunignore").write_text("ignored.txt\n")
-    submitted = await client.submit_directory(str(tmp_path), {"entrypoint": "main.py"})
+    # "**": the uploaded files count as outputs too, so they show what was uploaded.
+    submitted = await client.submit_directory(str(tmp_path), {"entrypoint": "main.py",
+                                                              "outputs": ["**"]})
     job = await client.wait(submitted.job_id, timeout=30)
     assert job.succeeded and set(job.output_files) == {"main.py", "data.txt"}
     assert (await client.logs(job.job_id)).stdout == "from the directory\n"

@@ -36,7 +36,9 @@ from typing import Any
 import pytest
 
 from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
+from tests.contract import check_response
 from tests.integration.worker import Response, mounts_under, request, why_no_worker
+from tests.timing import scaled
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INTERVAL = 1.0  # the coordinator's --health-interval in these tests
@@ -58,7 +60,7 @@ def free_port() -> int:
 
 
 def wait_for(predicate: Any, within: float, what: str, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + within
+    deadline = time.monotonic() + scaled(within)
     while True:
         value = predicate()
         if value:
@@ -144,6 +146,13 @@ class PoolWorker(Process):
         return mounts_under(self.state_dir)
 
 
+def checked(path: str, response: Response, method: str = "GET") -> Response:
+    """A coordinator's answer, checked against its OpenAPI document."""
+    check_response("coordinator", method, path, response.status,
+                   response.header("content-type"), response.body)
+    return response
+
+
 class CoordinatorProcess(Process):
     def __init__(self, scratch: str, workers_path: str, flags: tuple[str, ...] = POOL_FLAGS,
                  name: str = "coordinator") -> None:
@@ -171,15 +180,15 @@ class CoordinatorProcess(Process):
     # -- the client ----------------------------------------------------------------
 
     def get(self, path: str, **kwargs: Any) -> Response:
-        return request(self.url, path=path, **kwargs)
+        return checked(path, request(self.url, path=path, **kwargs))
 
     def submit(self, code: str, outputs: list[str] | None = None) -> Response:
         manifest: dict[str, Any] = {"entrypoint": "main.py"}
         if outputs is not None:
             manifest["outputs"] = outputs
         body = json.dumps({"manifest": manifest, "files": {"main.py": code}}).encode()
-        return request(self.url, "POST", "/submit", body,
-                       {"Content-Type": "application/json"})
+        return checked("/submit", request(self.url, "POST", "/submit", body,
+                                          {"Content-Type": "application/json"}), "POST")
 
     def accepted(self, code: str, outputs: list[str] | None = None) -> str:
         reply = self.submit(code, outputs)

@@ -35,6 +35,7 @@ from bench.common import (
 )
 from tests.integration.worker import Worker as RunningWorker
 from tests.integration.worker import run_worker
+from tests.timing import scaled
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts real workers: needs root")
 
@@ -278,7 +279,8 @@ def test_a_job_that_fills_its_disk_fails_alone_while_a_job_beside_it_completes(
         filler = worker.submit({"fill.py": FILLER},
                                {"entrypoint": "fill.py", "args": [target], "memory_mb": 1024,
                                 "timeout": 60})
-        full = worker.wait(filler, timeout=60)
+        # Listing and hashing its 512 MiB output (off the reactor) takes a while when slow.
+        full = worker.wait(filler, timeout=scaled(60))
         logs = worker.get(f"/logs/{filler}").json()
         reason = full["execution_metadata"]["reason"]
         assert reason in ("disk_limit", "exit_nonzero"), (full, logs)
@@ -292,7 +294,7 @@ def test_a_job_that_fills_its_disk_fails_alone_while_a_job_beside_it_completes(
         other = worker.submit(TRIVIAL["files"], TRIVIAL["manifest"])
         assert worker.wait(other)["execution_metadata"]["reason"] == "completed"
 
-        done = worker.wait(bystander, timeout=30)
+        done = worker.wait(bystander, timeout=scaled(30))
         out = worker.get(f"/logs/{bystander}").json()
         assert done["execution_metadata"]["reason"] == "completed", (done, out)
         assert out["stdout"] == "bystander ok\n", out
@@ -303,4 +305,7 @@ def test_a_job_that_fills_its_disk_fails_alone_while_a_job_beside_it_completes(
         assert worker.delete(f"/jobs/{filler}").status == 200
         assert worker.delete(f"/jobs/{bystander}").status == 200
         assert worker.delete(f"/jobs/{other}").status == 200
-        assert worker.mounts() == [os.path.realpath(worker.state_dir)]
+        deadline = time.monotonic() + 5  # unmounted off the reactor thread, right after
+        while worker.mounts() != [os.path.realpath(worker.state_dir)]:
+            assert time.monotonic() < deadline, worker.mounts()
+            time.sleep(0.02)

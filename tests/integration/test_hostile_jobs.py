@@ -122,8 +122,8 @@ def test_jobs_that_steer_their_installer_and_nest_deep_trees_leak_no_slot(
             status = worker.wait(job_id, timeout=120)
             logs = worker.get(f"/logs/{job_id}").json()
             assert status["status"] == "completed", (status, logs)
-            assert "Successfully installed six-1.16.0" in logs["stdout"], logs
-            assert logs["stdout"].endswith("deep\n")
+            assert "Successfully installed six-1.16.0" in logs["install"], logs
+            assert logs["stdout"] == "deep\n"
     watch.assert_held()
     assert_worker_whole(worker)
 
@@ -244,4 +244,94 @@ def test_args_too_large_for_the_launcher_are_a_400_naming_the_field_not_a_sandbo
     assert response.status == 400, response.body
     body = response.json()
     assert "args" in body["details"], body
+    assert_worker_whole(worker)
+
+
+# -- row 7: one pack per job for /download --------------------------------------------------
+
+BIG_OUTPUT = """
+import os
+with open("/job/big.bin", "wb") as f:
+    f.write(os.urandom(20 * 1024 * 1024))
+print("written")
+"""
+
+
+def state_used_bytes(worker: Worker) -> int:
+    st = os.statvfs(worker.state_dir)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def slow_download(worker: Worker, path: str) -> socket.socket:
+    """Ask for ``path``, read the headers and a little, then hold the connection unread."""
+    sock = socket.create_connection((worker.host, worker.port), timeout=30)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    return sock
+
+
+def test_six_slow_downloads_of_one_job_share_one_pack(worker: Worker) -> None:
+    job_id = worker.submit({"main.py": BIG_OUTPUT}, {"entrypoint": "main.py"})
+    assert worker.wait(job_id)["status"] == "completed"
+    before = state_used_bytes(worker)
+    with HealthWatch(worker) as watch:
+        sockets = [slow_download(worker, f"/download/{job_id}") for _ in range(6)]
+        try:
+            jobs_dir = os.path.join(worker.state_dir, "jobs")
+            packs = [n for n in os.listdir(jobs_dir) if n.startswith(job_id + ".tar")]
+            grown = state_used_bytes(worker) - before
+            assert packs == [job_id + ".tar.gz"], packs
+            assert os.listdir(os.path.join(worker.state_dir, "uploads")) == []
+            # One 20 MiB pack (random data does not compress), not six.
+            assert grown < 30 * 1024 * 1024, grown
+        finally:
+            for sock in sockets:
+                sock.close()
+    watch.assert_held()
+    assert worker.delete(f"/jobs/{job_id}").status == 200
+    assert_worker_whole(worker)
+
+
+# -- row 8: job storage bounded in inodes; deleting it does not stall the worker ------------
+
+MANY_FILES = """
+import os
+os.chdir("/job")
+n = 0
+try:
+    while n < 1_000_000:
+        open(f"f{n}", "w").close()
+        n += 1
+except OSError as e:
+    print("stopped", n, e.strerror)
+else:
+    print("made", n)
+"""
+
+
+def test_a_job_making_a_million_files_is_stopped_at_its_inode_cap_and_deletes_quickly(
+        worker: Worker) -> None:
+    job_id = worker.submit({"main.py": MANY_FILES}, {"entrypoint": "main.py"})
+    status = worker.wait(job_id, timeout=120)
+    stdout = worker.get(f"/logs/{job_id}").json()["stdout"]
+    assert stdout.startswith("stopped "), (status, stdout)
+    made = int(stdout.split()[1])
+    assert 60_000 < made <= 65_536, stdout  # the job directory's nr_inodes (65,536)
+    assert "No space left on device" in stdout
+    with HealthWatch(worker, interval=0.01) as watch:
+        started = time.monotonic()
+        response = worker.delete(f"/jobs/{job_id}")
+        answered = time.monotonic() - started
+        deadline = time.monotonic() + 20
+        while os.path.exists(os.path.join(worker.state_dir, "jobs", job_id)):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.2)
+    assert response.status == 200 and answered < HEALTH_BOUND_SECONDS, answered
+    watch.assert_held()
     assert_worker_whole(worker)

@@ -93,7 +93,7 @@ def test_a_python_snippet_runs_and_its_output_comes_back(worker: Worker) -> None
     assert logs["stdout"] == "42 arg from-stdin\n"
     assert not outputs.is_error
     listed = {o["path"]: o for o in outputs.structured_content["result"]}
-    assert listed["answer.txt"]["text"] == "forty-two" and "main.py" in listed
+    assert listed["answer.txt"]["text"] == "forty-two" and "main.py" not in listed
 
 
 def test_run_files_takes_a_manifest_and_reports_a_failure(worker: Worker) -> None:

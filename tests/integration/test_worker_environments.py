@@ -57,11 +57,13 @@ def test_a_requirements_txt_package_is_fetched_installed_and_imported_from_the_j
     status, logs = run_job(worker, {"main.py": SIX_FILE, "requirements.txt": "six==1.16.0\n"},
                            {"entrypoint": "main.py", "requirements": "requirements.txt"})
     assert status["status"] == "completed", (status, logs)
-    assert logs["stdout"].endswith("1.16.0 /job/.deps/python/six.py\n"), logs
-    assert "Successfully installed six-1.16.0" in logs["stdout"]
+    # The program's stdout is its own; pip's log is the install step's.
+    assert logs["stdout"] == "1.16.0 /job/.deps/python/six.py\n", logs
+    assert "Successfully installed six-1.16.0" in logs["install"]
+    assert "pip package" in logs["install"] and logs["stderr"] == ""
     # The install counts toward the job: pip's start-up alone is more than the print.
     assert status["execution_metadata"]["cpu_seconds"] > 0.1
-    assert set(status["output_files"]) == {"main.py", "requirements.txt"}
+    assert set(status["output_files"]) == set()  # nothing made: no .deps/, no upload
 
 
 def test_a_package_with_a_binary_wheel_installs_and_its_extension_loads(
@@ -85,8 +87,8 @@ def test_a_package_that_does_not_exist_fails_install_failed_with_the_installers_
     meta = status["execution_metadata"]
     assert (status["status"], meta["reason"]) == ("failed", "install_failed"), (status, logs)
     assert meta["message"].startswith(f"{name}: no such package"), meta
-    assert f"No matching distribution found for {name}" in logs["stderr"]
-    assert f"sandrun: install failed: {name}: no such package" in logs["stderr"]
+    assert f"No matching distribution found for {name}" in logs["install"]
+    assert f"sandrun: install failed: {name}: no such package" in logs["install"]
     assert "ran" not in status["output_files"]  # the job itself never ran
 
 
@@ -101,8 +103,8 @@ def test_an_sdist_only_package_is_refused_and_its_setup_py_never_runs(
     assert "wheels only" in meta["message"]
     # pip says so when it runs a setup.py ("Preparing metadata (setup.py)", egg_info),
     # and the downloaded sdist would be in the cache.
-    assert "Preparing metadata" not in logs["stderr"] and "egg_info" not in logs["stderr"]
-    assert "docopt-0.6.2.tar.gz" not in logs["stderr"]
+    assert "Preparing metadata" not in logs["install"] and "egg_info" not in logs["install"]
+    assert "docopt-0.6.2.tar.gz" not in logs["install"]
     cache = os.path.join(dirs[1], "pip")
     found = [f for _, _, files in os.walk(cache) for f in files if "docopt" in f]
     assert found == []
@@ -117,7 +119,7 @@ def test_a_package_json_dependency_is_used_by_node(worker: Worker) -> None:
     assert status["status"] == "completed", (status, logs)
     assert logs["stdout"].endswith("true false /opt/deps/node_modules/is-number/index.js\n"), \
         logs
-    assert set(status["output_files"]) == {"main.js", "package.json"}
+    assert set(status["output_files"]) == set()  # no node_modules link, no upload
 
 
 def test_an_unbuilt_template_is_a_400_that_says_how_to_build_it(worker: Worker) -> None:
@@ -130,6 +132,23 @@ def test_an_unbuilt_template_is_a_400_that_says_how_to_build_it(worker: Worker) 
     assert "sandrun env build vision" in body["details"]
     listed = {e["name"]: e["ready"] for e in worker.get("/environments").json()["environments"]}
     assert listed["vision"] is False
+
+
+def test_default_means_what_it_says_unbuilt_it_is_a_400_and_unnamed_jobs_get_bare_interpreters(
+        worker: Worker) -> None:
+    document = worker.get("/environments").json()
+    listed = {e["name"]: e for e in document["environments"]}
+    assert listed["default"]["ready"] is False and "numpy==1.26.4" in listed["default"]["packages"]
+    assert document["unnamed"] is None  # a job naming none gets the host's interpreters
+    named = worker.post_json("/submit", {"manifest": {"entrypoint": "main.py",
+                                                      "environment": "default"},
+                                         "files": {"main.py": "print(1)\n"}})
+    assert named.status == 400 and named.json()["field"] == "environment", named.body
+    assert "sandrun env build default" in named.json()["details"]
+    status, logs = run_job(worker, {"main.py": "import json\nprint(json.dumps(1))\n"},
+                           {"entrypoint": "main.py"})
+    assert status["status"] == "completed", (status, logs)
+    assert status["execution_metadata"]["environment"] == "none"  # what it got, said plainly
 
 
 def test_a_tiny_template_built_for_real_is_used_by_jobs_and_installs_layer_on_top(

@@ -43,6 +43,8 @@ from typing import Any
 
 from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
 from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
+from tests.contract import check_response
+from tests.timing import scaled
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LISTENING = re.compile(r"sandrun worker listening on (\S+):(\d+) ")
@@ -106,7 +108,11 @@ class Worker:
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None, source: str | None = None,
                 timeout: float = 30.0) -> Response:
-        return request(self.url, method, path, body, headers, source, timeout)
+        response = request(self.url, method, path, body, headers, source, timeout)
+        # Every answer a test sees is checked against the OpenAPI document.
+        check_response("worker", method, path, response.status, response.header("content-type"),
+                       response.body)
+        return response
 
     def get(self, path: str, **kwargs: Any) -> Response:
         return self.request("GET", path, **kwargs)
@@ -137,7 +143,7 @@ class Worker:
     def wait(self, job_id: str, timeout: float = 30.0,
              until: tuple[str, ...] = ("completed", "failed")) -> dict[str, Any]:
         """Poll ``/status`` until the job's status is one of ``until``; returns the status."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             response = self.get(f"/status/{job_id}")
             assert response.status == 200, (response.status, response.body)
@@ -243,7 +249,7 @@ def run_worker(*extra_args: str, bind: str = "127.0.0.1", startup_timeout: float
                            *extra_args], cgroup),
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
                 env=env)
-        deadline = time.monotonic() + startup_timeout
+        deadline = time.monotonic() + scaled(startup_timeout)
         while worker is None:
             with open(log_path, encoding="utf-8", errors="replace") as f:
                 match = _LISTENING.search(f.read())

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tarfile
+import time
 import urllib.parse
 from typing import Any
 
@@ -70,7 +71,7 @@ def test_health_reports_the_load(tmp_path: Any) -> None:
     body = h.get("/health").json()
     assert body == {"status": "healthy", "worker_id": None, "version": sandrun.__version__,
                     "load": {"active_jobs": 1, "queued_jobs": 1, "capacity": 1,
-                             "queue_capacity": 10}}
+                             "queue_capacity": 10}, "gpus": []}
 
 
 def test_health_without_a_key_ignores_the_nonce(h: Harness) -> None:
@@ -187,7 +188,7 @@ def test_status_of_a_finished_job_has_every_field_of_the_contract(h: Harness) ->
     assert {"cpu_seconds", "memory_peak_bytes", "wall_time_ms", "exit_code", "signal",
             "reason", "environment", "interpreter"} <= set(meta)
     assert (meta["exit_code"], meta["reason"], meta["interpreter"], meta["environment"]) == \
-        (0, "completed", "python3", "default")
+        (0, "completed", "python3", "none")  # default is not built here
     assert meta["memory_peak_bytes"] == 4096 and meta["wall_time_ms"] == 12.5
     assert status["output_files"]["out/r.csv"] == {"size_bytes": 4, "sha256": sha(b"a,b\n"),
                                                    "type": "file"}
@@ -221,7 +222,7 @@ def test_a_signed_status_verifies_and_tampering_breaks_it(tmp_path: Any) -> None
 def test_logs_as_json_keep_the_streams_apart(h: Harness) -> None:
     job_id = finished_job(h)
     body = h.get(f"/logs/{job_id}").json()
-    assert body == {"job_id": job_id, "stdout": "out line\n", "stderr": "err line\n",
+    assert body == {"job_id": job_id, "stdout": "out line\n", "stderr": "err line\n", "install": "",
                     "truncated": {"stdout": False, "stderr": False}}
 
 
@@ -255,14 +256,14 @@ def test_truncated_output_is_reported(h: Harness) -> None:
     assert h.status(job_id)["execution_metadata"]["reason"] == "output_limit"
 
 
-def test_outputs_list_every_file_with_a_working_download_url(h: Harness) -> None:
+def test_outputs_list_every_file_the_job_made_with_a_working_download_url(h: Harness) -> None:
     job_id = finished_job(h, {"out/a b#?.txt": "spaces", "out/x.json": "{}"})
     body = h.get(f"/outputs/{job_id}").json()
     assert set(body) == {"job_id", "status", "total_files", "files"}
     assert body["job_id"] == job_id and body["status"] == "completed"
-    assert body["total_files"] == 3 == len(body["files"])
+    assert body["total_files"] == 2 == len(body["files"])
     by_path = {f["path"]: f for f in body["files"]}
-    assert set(by_path) == {"main.py", "out/a b#?.txt", "out/x.json"}
+    assert set(by_path) == {"out/a b#?.txt", "out/x.json"}  # not the uploaded main.py
     entry = by_path["out/a b#?.txt"]
     assert set(entry) == {"path", "size_bytes", "sha256", "mime_type", "download_url"}
     assert entry["size_bytes"] == 6 and entry["sha256"] == sha(b"spaces")
@@ -270,6 +271,31 @@ def test_outputs_list_every_file_with_a_working_download_url(h: Harness) -> None
     assert by_path["out/x.json"]["mime_type"] == "application/json"
     reply = h.get(entry["download_url"])
     assert reply.status == 200 and reply.body == b"spaces"
+
+
+def test_without_patterns_an_uploaded_file_is_an_output_only_if_the_job_changed_it(
+        h: Harness) -> None:
+    job_id = h.submit({"main.py": "print(1)", "data.txt": "old", "same.txt": "kept"},
+                      {"entrypoint": "main.py"})
+    run = h.run_of(job_id)
+    run.write("data.txt", "new")
+    run.finish(Reason.COMPLETED)
+    assert set(h.status(job_id)["output_files"]) == {"data.txt"}
+    assert h.get(f"/download/{job_id}/same.txt").status == 404
+    # Named by a pattern, an unchanged upload is an output like any other file.
+    named = h.submit({"main.py": "print(1)", "same.txt": "kept"},
+                     {"entrypoint": "main.py", "outputs": ["*.txt"]})
+    h.run_of(named).finish(Reason.COMPLETED)
+    assert set(h.status(named)["output_files"]) == {"same.txt"}
+
+
+def test_the_outputs_archive_keeps_each_files_modification_time(h: Harness) -> None:
+    job_id = finished_job(h, {"r.txt": "1"})
+    reply = h.get(f"/download/{job_id}")
+    with tarfile.open(fileobj=io.BytesIO(reply.body)) as tar:
+        (member,) = tar.getmembers()
+    assert member.name == "r.txt"
+    assert abs(member.mtime - time.time()) < 600  # written just now, not 1970
 
 
 def test_output_globs_decide_what_is_listed_and_downloadable(h: Harness) -> None:

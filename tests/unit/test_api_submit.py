@@ -428,3 +428,34 @@ def test_the_manifest_the_job_runs_with_is_the_parsed_one(h: Harness) -> None:
     policy = h.run_of(job.id).policy
     assert (policy.timeout_seconds, policy.memory_bytes, policy.cpu_seconds) == \
         (7.0, 64 * 1024 * 1024, 1.5)
+
+
+# -- what can run ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,content", [("x.txt", b"hello"), ("notes", b"just words"),
+                                          ("data.bin", b"\x00\x01\x02")])
+def test_a_file_with_no_known_extension_that_cannot_run_by_itself_is_400_naming_interpreter(
+        h: Harness, name: str, content: bytes) -> None:
+    body = error(h.post_multipart(files=[(name, content)]), 400)
+    assert body["field"] == "interpreter"
+    assert name in body["details"] and ".py" in body["details"] and "#!" in body["details"]
+    assert h.manager.jobs == {}
+
+
+def test_an_executable_with_a_shebang_or_an_elf_header_runs_directly(h: Harness) -> None:
+    script = h.post_multipart(files=[("run", b"#!/bin/sh\necho hi\n")])
+    assert script.status == 200, script.body
+    assert h.run_of(script.json()["job_id"]).argv == ("./run",)
+    elf = tar_bytes({"job.json": '{"entrypoint": "bin/tool"}', "bin/tool": b"\x7fELF" + b"\0" * 60},
+                    executable=("bin/tool",))
+    assert h.post_multipart(files=[("t.tar.gz", elf)]).status == 200
+
+
+def test_a_shebang_file_that_is_not_executable_is_400(h: Harness) -> None:
+    archive = tar_bytes({"job.json": '{"entrypoint": "run"}', "run": "#!/bin/sh\necho hi\n"})
+    assert error(h.post_multipart(files=[("t.tar.gz", archive)]), 400)["field"] == "interpreter"
+    # ... unless an interpreter is named.
+    named = h.post_multipart({"manifest": '{"entrypoint": "run", "interpreter": "bash"}'},
+                             [("t.tar.gz", archive)])
+    assert named.status == 200, named.body

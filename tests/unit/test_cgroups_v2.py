@@ -90,6 +90,16 @@ def test_a_cgroup_without_the_cpu_controller_is_refused_by_name(tree: FakeTree) 
         tree.manager()
 
 
+def test_a_read_only_cgroup_tree_is_refused_with_what_a_container_needs(
+        tree: FakeTree, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree.cgroup("/", ())
+    # As a container without --privileged sees it: /sys/fs/cgroup mounted read-only.
+    monkeypatch.setattr(cgroups.os, "access", lambda path, mode: False)
+    with pytest.raises(DelegationError, match=r"cgroup v2: / is not writable here.*"
+                                              r"--privileged --cgroupns=private"):
+        locate_v2(str(tree.root), frozenset({WORKER}), tree.start_in("/"))
+
+
 def test_missing_controllers_are_all_named(tree: FakeTree) -> None:
     tree.cgroup("/svc", (WORKER,), controllers="io")
     with pytest.raises(DelegationError, match="the memory, pids, cpu controllers not"):
@@ -159,3 +169,50 @@ def test_memory_events_report_an_oom_kill_and_cpu_stat_the_time_used(tmp_path: P
 
 def test_keyed_files_skip_what_is_not_a_number() -> None:
     assert cgroups.parse_keyed("oom_kill 2\nweird\nlow x\n\n") == {"oom_kill": 2}
+
+
+class Exec(Exception):
+    """os.execv was called (and would not have returned)."""
+
+
+def refuse(*args: object, **kwargs: object) -> None:
+    raise DelegationError("cgroup v2: /user.slice/session-3.scope also holds 2 processes that "
+                          "are not Sandrun's; run it as its systemd unit")
+
+
+def test_serve_from_a_login_session_re_runs_itself_in_a_delegated_scope(
+        tree: FakeTree, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandrun import cli
+
+    execs: list[list[str]] = []
+    monkeypatch.setattr(cgroups, "ROOT", str(tree.root))
+    monkeypatch.setattr(cgroups, "locate_v2", refuse)
+    monkeypatch.setattr(cli.os.path, "isdir", lambda path: path == "/run/systemd/system")
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/systemd-run")
+    environ: dict[str, str] = {}
+    monkeypatch.setattr(cli.os, "environ", environ)
+
+    def execv(path: str, argv: list[str]) -> None:
+        execs.append(argv)
+        raise Exec
+
+    monkeypatch.setattr(cli.os, "execv", execv)
+    with pytest.raises(Exec):
+        cli.ensure_own_cgroup(["/opt/sandrun/bin/python", "-m", "sandrun", "serve"])
+    assert execs == [["/usr/bin/systemd-run", "--scope", "--quiet", "--collect", "-p",
+                      "Delegate=yes", "--description=sandrun", "--",
+                      "/opt/sandrun/bin/python", "-m", "sandrun", "serve"]]
+    assert environ[cli.IN_SCOPE] == "1"  # so that the re-run never loops
+
+
+def test_without_systemd_or_once_in_its_scope_it_exits_with_the_one_line(
+        tree: FakeTree, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandrun import cli
+
+    monkeypatch.setattr(cgroups, "ROOT", str(tree.root))
+    monkeypatch.setattr(cgroups, "locate_v2", refuse)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(SystemExit) as exited:
+        cli.ensure_own_cgroup(["sandrun", "serve"])
+    assert str(exited.value.code).startswith("sandrun: cannot start: cgroup v2: /user.slice/")
+    assert "\n" not in str(exited.value.code)

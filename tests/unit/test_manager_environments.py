@@ -56,7 +56,7 @@ def used(h: Harness) -> float:
     return float(h.get("/stats").json()["your_quota"]["used"])
 
 
-def test_the_install_runs_first_in_the_sandbox_then_the_job_and_both_outputs_are_logged(
+def test_the_install_runs_first_in_the_sandbox_then_the_job_and_each_has_its_own_log(
         h: Harness) -> None:
     job_id = h.submit(FILES, WITH_REQUIREMENTS)
     install = h.run_of(job_id)
@@ -72,8 +72,10 @@ def test_the_install_runs_first_in_the_sandbox_then_the_job_and_both_outputs_are
     assert status["execution_metadata"]["cpu_seconds"] == 1.25
     assert status["execution_metadata"]["wall_time_ms"] == 600.0
     logs = h.get(f"/logs/{job_id}").json()
-    assert logs["stdout"] == "Successfully installed six-1.16.0\nok\n"
-    assert logs["stderr"] == "sandrun: 1 pip package(s)\n"
+    assert logs["stdout"] == "ok\n"  # the program's output only
+    assert logs["stderr"] == ""
+    assert logs["install"] == "sandrun: 1 pip package(s)\nSuccessfully installed six-1.16.0\n"
+    assert h.get(f"/logs/{job_id}?format=text").body == b"ok\n"
 
 
 def test_cpu_is_charged_live_across_the_install_and_the_run_never_going_back(
@@ -160,7 +162,9 @@ def test_a_failed_fetch_ends_the_job_install_failed_with_the_message_and_runs_no
     meta = status["execution_metadata"]
     assert meta["reason"] == "install_failed"
     assert meta["message"] == "nosuch-pkg: no such package, or no version matching"
-    assert "sandrun: install failed: nosuch-pkg" in h.get(f"/logs/{job_id}").json()["stderr"]
+    logs = h.get(f"/logs/{job_id}").json()
+    assert "sandrun: install failed: nosuch-pkg" in logs["install"]
+    assert logs["stdout"] == logs["stderr"] == ""
     assert job_id not in h.sandbox.runs
 
 
@@ -187,7 +191,7 @@ def test_installed_dependencies_are_not_outputs_and_cannot_be_downloaded(h: Harn
     run.write("result.txt", "42")
     run.finish()
     outputs = h.get(f"/outputs/{job_id}").json()["files"]
-    assert [f["path"] for f in outputs] == ["main.py", "requirements.txt", "result.txt"]
+    assert [f["path"] for f in outputs] == ["result.txt"]
     assert h.get(f"/download/{job_id}/.deps/python/six.py").status == 404
 
 

@@ -51,7 +51,7 @@ def test_a_minimal_manifest_gets_every_default_from_the_limits() -> None:
         stdin="",
         outputs=(),
         requirements=None,
-        environment="default",
+        environment=None,  # not named: default once built, else the host's interpreters
         timeout=42,
         memory_mb=100,
         cpu_seconds=None,
@@ -394,9 +394,13 @@ def test_environment_names_a_template(name: str) -> None:
     assert parse(environment=name).environment == name
 
 
-@pytest.mark.parametrize("name", ["", "-x", "Default", "a_b", "../x", "a b", 3, None])
+@pytest.mark.parametrize("name", ["", "-x", "Default", "a_b", "../x", "a b", 3])
 def test_an_environment_that_is_not_a_name_is_refused(name: object) -> None:
     assert refused_field(environment=name).field == "environment"
+
+
+def test_an_environment_of_null_is_not_naming_one() -> None:
+    assert parse(environment=None).environment is None
 
 
 # -- numbers ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from sandrun.api.stream import StreamSettings, stream_resource
 from sandrun.config import WorkerConfig
 from sandrun.environments import Environments, Registry
 from sandrun.jobs.manifest import Manifest
+from sandrun.jobs.metrics import WorkerMetrics
 from sandrun.jobs.model import Job
 from sandrun.wire import JobStatus, Reason
 
@@ -68,6 +69,7 @@ class FakeManager:
     def __init__(self, *jobs: Job) -> None:
         self.reactor = reactor
         self.jobs = {job.id: job for job in jobs}
+        self.metrics = WorkerMetrics()  # WorkerAPI counts open streams in it
 
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)

@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from treq.testing import StubTreq
 from twisted.internet import defer, task
@@ -27,6 +28,7 @@ from sandrun.api.app import WorkerAPI
 from sandrun.api.uploads import request_factory
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
 from sandrun.environments import DependencyCache, Environments, Registry
+from sandrun.jobs.gpus import GpuPool
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.storage import StorageFull
@@ -34,6 +36,7 @@ from sandrun.sandbox.policy import SandboxPolicy
 from sandrun.sandbox.supervisor import SandboxResult, SandboxUnavailable, Slot
 from sandrun.wire import Reason
 from tests.bodies import multipart, tar_bytes  # noqa: F401 - re-exported for the tests
+from tests.contract import check_response
 
 
 def synchronous(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
@@ -147,6 +150,9 @@ class FakeStorage:
         os.makedirs(self.uploads_dir, exist_ok=True)
         self.full = False
 
+    def pack_path(self, job_id: str) -> str:
+        return os.path.join(self.jobs_dir, job_id + ".tar.gz")
+
     def create(self, job_id: str) -> str:
         if self.full:
             raise StorageFull("the worker holds as much job data as it may")
@@ -158,12 +164,16 @@ class FakeStorage:
 
     def delete(self, job_id: str) -> None:
         shutil.rmtree(os.path.join(self.jobs_dir, job_id), ignore_errors=True)
+        for path in (self.pack_path(job_id), self.pack_path(job_id) + ".part"):
+            if os.path.exists(path):
+                os.unlink(path)
 
     def exists(self, job_id: str) -> bool:
         return os.path.isdir(os.path.join(self.jobs_dir, job_id))
 
     def job_ids(self) -> list[str]:
-        return sorted(n for n in os.listdir(self.jobs_dir) if not n.endswith(".log"))
+        return sorted(n for n in os.listdir(self.jobs_dir)
+                      if not n.endswith((".log", ".tar.gz", ".part")))
 
     def logs(self) -> list[str]:
         """Output log files left beside the job directories."""
@@ -202,7 +212,8 @@ class Harness:
                  quotas: QuotaConfig = ROOMY_QUOTAS, max_concurrent: int = 2,
                  queue_size: int = 10, identity: ident.WorkerIdentity | None = None,
                  trusted_proxies: tuple[str, ...] = (), start: bool = True,
-                 environments: Environments | None = None) -> None:
+                 environments: Environments | None = None,
+                 gpus: GpuPool | None = None) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)  # a plausible wall clock for timestamps
         self.config = WorkerConfig(max_concurrent=max_concurrent, queue_size=queue_size,
@@ -218,7 +229,7 @@ class Harness:
             DependencyCache(os.path.join(root, "deps")))
         self.manager = JobManager(self.clock, self.sandbox, self.storage,  # type: ignore[arg-type]
                                   self.config, self.limiter, identity, blocking=synchronous,
-                                  environments=self.environments)
+                                  environments=self.environments, gpus=gpus)
         if start:
             self.manager.start()
         self.api = WorkerAPI(self.manager, self.config, identity)
@@ -264,9 +275,16 @@ class Harness:
     def reply(self, d: defer.Deferred[Any]) -> Reply:
         response = self._settle(d)
         content = self._settle(response.content())
-        return Reply(response.code,
+        reply = Reply(response.code,
                      {k.decode().lower(): [v.decode("latin-1") for v in vs]
                       for k, vs in response.headers.getAllRawHeaders()}, content)
+        # Every answer a test sees is checked against the OpenAPI document.
+        sent = response.request
+        uri = urlsplit(sent.absoluteURI.decode())
+        check_response("worker", sent.method.decode(), uri.path + ("?" + uri.query if uri.query
+                                                                   else ""),
+                       reply.status, reply.header("content-type"), reply.body)
+        return reply
 
     def _settle(self, d: defer.Deferred[Any]) -> Any:
         results: list[Any] = []
