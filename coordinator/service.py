@@ -180,8 +180,7 @@ class CoordinatorService(service.MultiService):
     @defer.inlineCallbacks
     def startService(self) -> Any:
         yield self.health.check_all()
-        self.port = yield serverFromString(self.reactor, self.config.listen).listen(
-            self.connections)
+        self.port = yield serverFromString(self.reactor, self.config.listen).listen(self.site)
         if self.config.metrics_listen is not None:
             try:
                 self.metrics_port = yield serverFromString(

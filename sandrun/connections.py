@@ -4,8 +4,10 @@ A wire helper, like ``sandrun.httpjson``: Twisted and the standard library
 (and ``sandrun.netaddr``), nothing else from Sandrun, so the coordinator
 imports it too.  What one client can hold, and for how long:
 
-- ``ConnectionCaps`` (a ``twisted.protocols.policies.WrappingFactory``):
-  open connections per client address and in all.  Past either cap a new
+- ``ConnectionCaps``: open connections per client address and in all
+  (``twisted.protocols.policies.LimitConnectionsByPeer`` would wrap every
+  connection's protocol, which hides TLS from the WebSocket upgrade, and it
+  reads peers as tuples; counting at the site's ``buildProtocol`` does not).  Past either cap a new
   connection is answered at once with a JSON 429 (its address) or 503 (all)
   and closed, before a byte of its request is read.  The global cap stays
   below the process's descriptor limit (``RLIMIT_NOFILE``, whose soft value
@@ -38,7 +40,6 @@ from collections import Counter
 from typing import Any
 
 from twisted.internet.protocol import Protocol
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web import http
 
 from sandrun.daemon import ConnectionPolicy, connection_cap
@@ -59,7 +60,7 @@ Refusal = tuple[int, dict[str, Any], dict[str, str]]
 
 
 def guard_site(site: Any, policy: ConnectionPolicy, reserve: int) -> ConnectionCaps:
-    """Give ``site`` the policy's timeouts; the factory to listen with (the connection caps).
+    """Give ``site`` the policy's timeouts and connection caps; the caps, for logs and tests.
 
     ``site.protocol`` must be a ``GuardedChannel``; ``reserve`` descriptors are kept
     free of client connections (jobs' pipes, files, connections to workers).
@@ -67,8 +68,20 @@ def guard_site(site: Any, policy: ConnectionPolicy, reserve: int) -> ConnectionC
     site.timeOut = policy.idle_timeout
     site.protocol = type(site.protocol.__name__, (site.protocol,),
                          {"header_timeout": policy.header_timeout})
-    return ConnectionCaps(site, connection_cap(policy.max_connections, reserve),
+    caps = ConnectionCaps(connection_cap(policy.max_connections, reserve),
                           policy.max_connections_per_ip, policy.exempt)
+    build = site.buildProtocol
+
+    def buildProtocol(addr: Any) -> Any:
+        counted, refusal = caps.admit(addr)
+        if refusal is not None:
+            return refusal
+        protocol = build(addr)
+        protocol.counted = counted
+        return protocol
+
+    site.buildProtocol = buildProtocol
+    return caps
 
 
 def _peer_host(address: Any) -> str:
@@ -90,54 +103,86 @@ class _Refused(Protocol):
         pass  # the request is never read
 
 
-class ConnectionCaps(WrappingFactory):
-    """Counts open connections per client address and in all; refuses past the caps."""
+class _Open:
+    """One open connection, as the caps count it."""
 
-    noisy = False
+    __slots__ = ("closed", "transport")
 
-    def __init__(self, wrapped: Any, max_total: int, max_per_ip: int,
-                 exempt: tuple[str, ...] = ()) -> None:
-        super().__init__(wrapped)
+    def __init__(self) -> None:
+        self.transport: Any = None  # set when the connection is made
+        self.closed = False
+
+    def live(self) -> bool:
+        # A connection handed to a WebSocket protocol no longer reports to its channel;
+        # its transport still says when it is gone.
+        return not self.closed and not (self.transport is not None
+                                        and getattr(self.transport, "disconnected", False))
+
+
+class ConnectionCaps:
+    """Counts open connections per client address and in all; refuses past the caps.
+
+    Used by a site's ``buildProtocol`` (see ``guard_site``): a connection over a cap
+    gets a protocol that writes one JSON answer and closes, never an HTTP channel.
+    """
+
+    def __init__(self, max_total: int, max_per_ip: int, exempt: tuple[str, ...] = ()) -> None:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
         self.exempt = exempt
-        self.per_ip: Counter[str] = Counter()
-        self._keys: dict[Any, str] = {}  # each open connection's client key
-        self.total = 0
+        self._by_key: dict[str, list[_Open]] = {}
+        self._count = 0
         self.refused = 0  # connections refused so far (for logs and tests)
 
-    def buildProtocol(self, addr: Any) -> Any:
+    @property
+    def total(self) -> int:
+        self._prune_all()
+        return self._count
+
+    @property
+    def per_ip(self) -> dict[str, int]:
+        self._prune_all()
+        return {key: len(entries) for key, entries in self._by_key.items()}
+
+    def admit(self, addr: Any) -> tuple[_Open | None, Protocol | None]:
+        """(what to track, None) for a connection let in; (None, the refusal) otherwise."""
         host = _peer_host(addr)
         key = client_key(host)
-        if self.total >= self.max_total:
+        if self._count >= self.max_total:
+            self._prune_all()
+        if self._count >= self.max_total:
             self.refused += 1
-            return _Refused(json_response(503, {
+            return None, _Refused(json_response(503, {
                 "error": "Too many connections", "retry_after": 1,
                 "details": f"the server holds {self.max_total} connections, its limit"},
                 {"Retry-After": "1"}))
-        if self.per_ip[key] >= self.max_per_ip and not address_in(host, self.exempt):
+        entries = self._by_key.setdefault(key, [])
+        if len(entries) >= self.max_per_ip:
+            self._prune(key)
+            entries = self._by_key.setdefault(key, [])
+        if len(entries) >= self.max_per_ip and not address_in(host, self.exempt):
             self.refused += 1
-            return _Refused(json_response(429, {
+            return None, _Refused(json_response(429, {
                 "error": "Too many connections", "retry_after": 1,
                 "details": f"at most {self.max_per_ip} open connections per client address"},
                 {"Retry-After": "1"}))
-        protocol = super().buildProtocol(addr)
-        if protocol is None:
-            return None
-        self._keys[protocol] = key
-        self.total += 1
-        self.per_ip[key] += 1
-        return protocol
+        entry = _Open()
+        entries.append(entry)
+        self._count += 1
+        return entry, None
 
-    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
-        super().unregisterProtocol(p)
-        key = self._keys.pop(p, None)
-        if key is None:
-            return
-        self.total -= 1
-        self.per_ip[key] -= 1
-        if self.per_ip[key] <= 0:
-            del self.per_ip[key]
+    def _prune(self, key: str) -> None:
+        entries = self._by_key.get(key, [])
+        alive = [e for e in entries if e.live()]
+        self._count -= len(entries) - len(alive)
+        if alive:
+            self._by_key[key] = alive
+        else:
+            self._by_key.pop(key, None)
+
+    def _prune_all(self) -> None:
+        for key in list(self._by_key):
+            self._prune(key)
 
 
 class GuardedChannel(http.HTTPChannel):
@@ -146,8 +191,11 @@ class GuardedChannel(http.HTTPChannel):
     header_timeout: float | None = 10.0
     _header_call: Any = None
     _in_request = False  # headers complete, answer not yet finished
+    counted: _Open | None = None  # this connection in the site's ConnectionCaps
 
     def connectionMade(self) -> None:
+        if self.counted is not None:
+            self.counted.transport = self.transport
         super().connectionMade()
         self._arm_header_timer()
 
@@ -168,6 +216,8 @@ class GuardedChannel(http.HTTPChannel):
             self._arm_header_timer()  # the next request's headers: as prompt as the first's
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self.counted is not None:
+            self.counted.closed = True
         self._disarm_header_timer()
         super().connectionLost(reason)
 

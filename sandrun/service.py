@@ -89,7 +89,9 @@ class WorkerService(service.MultiService):
         self.site = WorkerSite(self.api.resource())
         self.site.displayTracebacks = False
         self.port: Any = None
-        self.connections: Any = None  # the connection caps the port listens with
+        # Header deadline, idle timeout, connection caps; descriptors kept for jobs' pipes.
+        self.connections = guard_site(self.site, config.connections,
+                                      reserve=64 + 16 * config.max_concurrent)
         self.announcer: Announcer | None = None
         self._started: list[str] = []  # what stopService must undo, in start order
 
@@ -113,10 +115,8 @@ class WorkerService(service.MultiService):
             self.manager.start()
             self.api.runtime_list.start()  # asks each interpreter its version, in a thread
             self._started.append("manager")
-            self.connections = guard_site(self.site, policy,
-                                          reserve=64 + 16 * self.config.max_concurrent)
             self.port = yield serverFromString(self.reactor, self.config.listen).listen(
-                self.connections)
+                self.site)
             if self.config.metrics_listen is not None:
                 self.metrics_port = yield serverFromString(
                     self.reactor, self.config.metrics_listen).listen(self.metrics_site)

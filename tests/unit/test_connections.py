@@ -45,10 +45,17 @@ def connect(factory: Any, host: str, clock: Clock | None = None) -> tuple[Any, S
     protocol = factory.buildProtocol(address(host))
     transport = StringTransport(peerAddress=address(host))
     if clock is not None:
-        inner = getattr(protocol, "wrappedProtocol", protocol)
-        inner.callLater = clock.callLater
+        protocol.callLater = clock.callLater
     protocol.makeConnection(transport)
     return protocol, transport
+
+
+def capped(max_total: int, max_per_ip: int, exempt: tuple[str, ...] = ()) -> tuple[
+        server.Site, ConnectionCaps]:
+    s = site()
+    policy = ConnectionPolicy(max_connections=max_total, max_connections_per_ip=max_per_ip,
+                              exempt=exempt)
+    return s, guard_site(s, policy, reserve=0)
 
 
 def answer(transport: StringTransport) -> tuple[int, dict[str, Any]]:
@@ -57,49 +64,60 @@ def answer(transport: StringTransport) -> tuple[int, dict[str, Any]]:
 
 
 def test_a_connection_past_the_per_address_cap_is_answered_429_and_closed() -> None:
-    caps = ConnectionCaps(site(), max_total=100, max_per_ip=2)
-    connect(caps, "10.0.0.1")
-    connect(caps, "10.0.0.1")
-    _, refused = connect(caps, "10.0.0.1")
+    s, caps = capped(100, 2)
+    connect(s, "10.0.0.1")
+    connect(s, "10.0.0.1")
+    _, refused = connect(s, "10.0.0.1")
     status, body = answer(refused)
     assert status == 429 and body["error"] == "Too many connections"
     assert b"Retry-After: 1" in refused.value()
     assert refused.disconnecting
-    _, other = connect(caps, "10.0.0.2")  # another address is served
+    _, other = connect(s, "10.0.0.2")  # another address is served
     assert other.value() == b"" and not other.disconnecting
     assert caps.per_ip == {"10.0.0.1": 2, "10.0.0.2": 1} and caps.total == 3
 
 
 def test_a_closed_connection_frees_its_place() -> None:
-    caps = ConnectionCaps(site(), max_total=100, max_per_ip=1)
-    first, _ = connect(caps, "10.0.0.1")
+    s, caps = capped(100, 1)
+    first, _ = connect(s, "10.0.0.1")
     first.connectionLost(None)
     assert caps.total == 0 and caps.per_ip == {}
-    _, again = connect(caps, "10.0.0.1")
+    _, again = connect(s, "10.0.0.1")
     assert again.value() == b""
 
 
+def test_a_connection_taken_over_by_another_protocol_is_freed_when_its_transport_goes() -> None:
+    """A WebSocket upgrade hands the transport to another protocol: the channel never hears
+    of the end, the transport does."""
+    s, caps = capped(100, 1)
+    _, transport = connect(s, "10.0.0.1")
+    transport.disconnected = True  # type: ignore[attr-defined]
+    _, again = connect(s, "10.0.0.1")
+    assert again.value() == b""
+    assert caps.total == 1
+
+
 def test_past_the_global_cap_everyone_gets_503() -> None:
-    caps = ConnectionCaps(site(), max_total=2, max_per_ip=10)
-    connect(caps, "10.0.0.1")
-    connect(caps, "10.0.0.2")
-    _, refused = connect(caps, "10.0.0.3")
+    s, caps = capped(2, 10)
+    connect(s, "10.0.0.1")
+    connect(s, "10.0.0.2")
+    _, refused = connect(s, "10.0.0.3")
     assert answer(refused)[0] == 503
     assert caps.refused == 1
 
 
 def test_an_exempt_address_has_no_per_address_cap_but_the_global_one_holds() -> None:
-    caps = ConnectionCaps(site(), max_total=3, max_per_ip=1, exempt=("10.1.0.0/16",))
+    s, _ = capped(3, 1, ("10.1.0.0/16",))
     for _ in range(3):
-        assert connect(caps, "10.1.2.3")[1].value() == b""
-    assert answer(connect(caps, "10.1.2.3")[1])[0] == 503
+        assert connect(s, "10.1.2.3")[1].value() == b""
+    assert answer(connect(s, "10.1.2.3")[1])[0] == 503
 
 
 def test_ipv6_clients_are_capped_by_their_64() -> None:
-    caps = ConnectionCaps(site(), max_total=10, max_per_ip=1)
-    protocol = caps.buildProtocol(IPv6Address("TCP", "2001:db8::1", 1))
+    s, _ = capped(10, 1)
+    protocol = s.buildProtocol(IPv6Address("TCP", "2001:db8::1", 1))
     protocol.makeConnection(StringTransport())
-    refused = caps.buildProtocol(IPv6Address("TCP", "2001:db8::2", 1))
+    refused = s.buildProtocol(IPv6Address("TCP", "2001:db8::2", 1))
     transport = StringTransport()
     refused.makeConnection(transport)
     assert answer(transport)[0] == 429
