@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -336,13 +337,14 @@ class WorkerAPI:
             return job, position
 
         def failed(failure: Any) -> Any:
-            if self.manager.get(job_id) is None:
-                self.manager.discard_workspace(job_id)
             if failure.check(uploads.Unsupported):
-                raise APIError(415, "Unsupported content type",
-                               f"{failure.value.kind}: use multipart/form-data or "
-                               "application/json")
-            return failure
+                failure = Failure(APIError(415, "Unsupported content type",
+                                           f"{failure.value.kind}: use multipart/form-data "
+                                           "or application/json"))
+            if self.manager.get(job_id) is not None:
+                return failure
+            # Answered once the job's data is gone: a refused upload leaves nothing behind.
+            return self.manager.discard_workspace(job_id).addCallback(lambda _: failure)
 
         # Extraction and hashing touch up to hundreds of MB: off the reactor thread.
         d = self.blocking(parse)

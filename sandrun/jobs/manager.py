@@ -141,12 +141,14 @@ class JobManager:
     def create_workspace(self, job_id: str) -> str:
         return self.storage.create(job_id)
 
-    def discard_workspace(self, job_id: str) -> None:
+    def discard_workspace(self, job_id: str) -> defer.Deferred[None]:
         """Delete a job's data off the reactor thread: unmounting a tmpfs that holds
-        many files frees them all, which takes long enough to stall the reactor."""
+        many files frees them all, which takes long enough to stall the reactor.
+        Fires once it is gone (never fails: a failure is logged)."""
         d = self.blocking(self.storage.delete, job_id)
         d.addErrback(lambda f: log.failure("deleting the data of job {job_id} failed", f,
                                            job_id=job_id))
+        return d
 
     def submit(self, job: Job) -> int:
         """Queue a job whose workspace is ready; returns its queue position (1-based)."""

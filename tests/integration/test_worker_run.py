@@ -113,6 +113,10 @@ def test_run_with_keep_0_leaves_nothing_behind(worker: Worker) -> None:
     assert body["stdout"] == "done\n" and body["kept"] is False
     assert body["outputs"][0]["download_url"] is None
     assert worker.get(f"/status/{body['job_id']}").status == 404
+    # The job's data is deleted off the reactor thread, just after the answer.
+    deadline = time.monotonic() + 5
+    while job_dirs(worker) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert job_dirs(worker) == []
 
 
