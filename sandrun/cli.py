@@ -9,6 +9,7 @@ import argparse
 import difflib
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import sandrun
@@ -77,6 +78,9 @@ def add_serve_command(commands: Any) -> None:
     flag("--max-concurrent", type=int, metavar="N", default=os.cpu_count() or 1,
          help="jobs running at once (default: number of cores, here %(default)s)")
     flag("--queue-size", type=int, metavar="N", default=100, help="jobs waiting (default %(default)s)")
+    flag("--max-finished-jobs", type=int, metavar="N", default=WorkerConfig.max_finished_jobs,
+         help="finished jobs held for download; past it the oldest finished is deleted "
+              "(default %(default)s)")
     flag("--state-dir", metavar="DIR", default="/run/sandrun",
          help="where the worker mounts its tmpfs (default %(default)s)")
     flag("--env-dir", metavar="DIR", default=WorkerConfig.env_dir,
@@ -200,13 +204,15 @@ def load_config_file(path: str, serve: argparse.ArgumentParser) -> dict[str, Any
             kind = "a list of strings" if dest in _LIST_OPTIONS else "a number or a string"
             raise ConfigFileError(f"{path}: {key} must be {kind}")
         converted = []
+        convert: Callable[[str], Any] = action.type if callable(action.type) else str
         for item in values:
             try:
-                converted.append(action.type(str(item)) if action.type else str(item))
+                converted.append(convert(str(item)))
             except argparse.ArgumentTypeError as e:
                 raise ConfigFileError(f"{path}: {key}: {e}") from None
             except ValueError:
-                kind = {int: "an integer", float: "a number"}.get(action.type, "valid")
+                kind = "an integer" if convert is int else "a number" if convert is float \
+                    else "valid"
                 raise ConfigFileError(f"{path}: {key}: {item!r} is not {kind}") from None
         settings[dest] = converted if dest in _LIST_OPTIONS else converted[0]
     return settings
@@ -225,6 +231,7 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                          exempt=tuple(args.quota_exempt or ()))
     return WorkerConfig(listen=args.listen, max_concurrent=args.max_concurrent,
                         queue_size=args.queue_size, limits=limits, quotas=quotas,
+                        max_finished_jobs=args.max_finished_jobs,
                         state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
@@ -259,9 +266,22 @@ def check_config(config: WorkerConfig) -> str | None:
         return "--default-timeout must be between 1 and --max-timeout"
     if not 16 <= limits.default_memory_mb <= limits.max_memory_mb:
         return "--default-memory-mb must be between 16 and --max-memory-mb"
+    if config.max_finished_jobs < 0:
+        return "--max-finished-jobs must be 0 or more"
     if not limits.max_cpus >= 0.01:
         return "--max-cpus must be at least 0.01"
     return None
+
+
+def _allow_open_files() -> None:
+    """Descriptors up to the hard limit: each held job keeps its output log open, and a
+    worker may hold thousands (``--max-finished-jobs``) besides its connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def serve(config: WorkerConfig) -> None:
@@ -272,6 +292,7 @@ def serve(config: WorkerConfig) -> None:
     from sandrun.service import WorkerService
 
     start_logging()
+    _allow_open_files()
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:

@@ -54,6 +54,7 @@ class WorkerConfig:
     listen: str = "tcp:8443:interface=127.0.0.1"
     max_concurrent: int = field(default_factory=lambda: os.cpu_count() or 1)
     queue_size: int = 100
+    max_finished_jobs: int = 5000  # finished jobs held for download; past it the oldest go
     limits: Limits = field(default_factory=Limits)
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     state_dir: str = "/run/sandrun"  # tmpfs for job data is mounted beneath

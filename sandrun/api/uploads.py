@@ -134,8 +134,7 @@ class WorkerChannel(http.HTTPChannel):
         if self._first and data:
             self._first = False
             if data[:1] == _TLS_HANDSHAKE:
-                if self.transport is not None:
-                    self.transport.abortConnection()
+                self.loseConnection()  # nothing was written: it closes at once
                 return
         super().dataReceived(data)
 

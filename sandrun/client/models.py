@@ -91,7 +91,8 @@ class ExecutionMetadata:
     @classmethod
     def from_json(cls, document: Any) -> ExecutionMetadata:
         d = _object(document or {}, "execution_metadata")
-        limits = d.get("limits") if isinstance(d.get("limits"), dict) else {}
+        given = d.get("limits")
+        limits: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
         return cls(cpu_seconds=_opt(d, "cpu_seconds", (int, float)),
                    memory_peak_bytes=_opt(d, "memory_peak_bytes", int),
                    wall_time_ms=_opt(d, "wall_time_ms", (int, float)),

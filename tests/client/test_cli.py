@@ -16,18 +16,18 @@ from sandrun.client.cli import (
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
     _directory_manifest,
-    error_exit_code,
     _manifest,
+    error_exit_code,
     exit_code_for,
     run_client_command,
 )
 from sandrun.client.errors import (
     BadRequestError,
-    SandrunError,
     NotFoundError,
     QueueFullError,
     RateLimitedError,
     SandrunConnectionError,
+    SandrunError,
     ServerError,
 )
 

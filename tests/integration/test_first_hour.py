@@ -133,7 +133,7 @@ def test_row_70_an_install_that_fails_and_its_log_is_shown_even_quietly(
 
 def test_row_69_a_server_that_is_not_sandrun_is_one_line(tmp_path: Path) -> None:
     class Page(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+        def do_POST(self) -> None:
             body = b"<!DOCTYPE html><html><body><h1>Not here</h1>" + b"x" * 500 + b"</html>"
             self.send_response(404 if self.path.startswith("/status") else 502)
             self.send_header("Content-Type", "text/html")
@@ -141,7 +141,7 @@ def test_row_69_a_server_that_is_not_sandrun_is_one_line(tmp_path: Path) -> None
             self.end_headers()
             self.wfile.write(body)
 
-        do_GET = do_POST  # noqa: N815
+        do_GET = do_POST
 
         def log_message(self, *args: object) -> None:
             pass

@@ -62,13 +62,13 @@ class Block:
 def blocks() -> list[Block]:
     text = README.read_text()
     return [Block(text[:m.start()].count("\n") + 1, m.group(1), m.group(2))
-            for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M)]
+            for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.DOTALL | re.MULTILINE)]
 
 
 def talks_to_a_worker(block: Block) -> bool:
     return block.language in ("sh", "python") and (
         DOCUMENTED in block.text or "$W" in block.text or "$JOB" in block.text
-        or re.search(r"^\s*(?:\S+\s*\|\s*)?(?:\w+=\$\()?sandrun ", block.text, re.M) is not None)
+        or re.search(r"^\s*(?:\S+\s*\|\s*)?(?:\w+=\$\()?sandrun ", block.text, re.MULTILINE) is not None)
 
 
 def not_here(block: Block) -> str | None:
@@ -110,7 +110,7 @@ def run_block(block: Block, worker: Worker, job_id: str, cwd: Path,
     if block.language == "python":
         argv = [sys.executable, "-c", text]
     else:
-        text = re.sub(r"^JOB=job-….*$", "JOB=$(last_job_id)", text, flags=re.M)
+        text = re.sub(r"^JOB=job-….*$", "JOB=$(last_job_id)", text, flags=re.MULTILINE)
         argv = ["bash", "-c", PRELUDE + text]
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120, stdin=subprocess.DEVNULL, check=False)
