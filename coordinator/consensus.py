@@ -24,9 +24,13 @@ Who is at fault in a disagreement decides whose reputation suffers.  The
 (workers.json) worker and is a strict majority; failing that, the group of
 every listed replica when they all agree with each other (so an open worker
 can never out-vote a listed one, and its disagreeing with one costs only the
-open worker).  Replicas outside the reference count a disagreement, those in
-it an agreement.  Without a reference every replica counts a disagreement:
-nobody can tell which is right.
+open worker).  Replicas outside the reference count a disagreement (a strike
+towards suspension), those in it an agreement.  Without a reference (every
+replica differs, or two listed ones split evenly) nobody can tell which is
+right and nobody is blamed: each counts an *unresolved* disagreement, which
+is shown but is no strike.  Otherwise a client could get honest workers
+suspended just by asking for replicas of a job that prints random numbers.
+A replica whose signature does not verify is always to blame.
 
 A job that is not deterministic (time, randomness, thread scheduling in its
 output) disagrees with itself; asking for replicas of one is the user's
@@ -97,7 +101,8 @@ class ReplicaReport:
 class Verdict:
     outcome: Outcome
     agreeing: tuple[str, ...] = ()  # worker ids in the reference (all of them when agreed)
-    disagreeing: tuple[str, ...] = ()  # worker ids outside it
+    disagreeing: tuple[str, ...] = ()  # worker ids blamed: outside it, or unsigned
+    unresolved: tuple[str, ...] = ()  # worker ids in a disagreement nobody can settle
     lost: tuple[str, ...] = ()
     differing: tuple[str, ...] = ()  # compared fields that are not the same everywhere
     unsigned: tuple[str, ...] = ()  # worker ids whose result does not verify
@@ -147,9 +152,14 @@ def judge(reports: list[ReplicaReport]) -> Verdict:
                       if len({canonical_json(r.get(name)) for r in results.values()}) > 1)
     reference = _reference(reports, list(groups.values()))
     agreeing = tuple(r.worker_id for r in reference)
-    return Verdict(Outcome.DISAGREED, agreeing=agreeing,
-                   disagreeing=tuple(w for w in everyone if w not in agreeing),
-                   differing=differing, unsigned=tuple(unsigned))
+    if reference:
+        disagreeing = tuple(w for w in everyone if w not in agreeing)
+        unresolved: tuple[str, ...] = ()
+    else:
+        disagreeing = tuple(unsigned)
+        unresolved = tuple(w for w in everyone if w not in unsigned)
+    return Verdict(Outcome.DISAGREED, agreeing=agreeing, disagreeing=disagreeing,
+                   unresolved=unresolved, differing=differing, unsigned=tuple(unsigned))
 
 
 def _reference(reports: list[ReplicaReport],

@@ -7,7 +7,11 @@ What differs, and why:
   sends the body to the least-loaded worker (``scheduling.py``).  A worker
   that refuses (429, 503) or cannot be reached is skipped for the next one;
   when none takes it the answer is 503 with ``retry_after`` (or the workers'
-  429).  The answer's ``job_id`` is the coordinator's (``jobids.py``).
+  429).  The answer's ``job_id`` is the coordinator's (``jobids.py``).  When
+  the worker answers ``replicas: N`` (the manifest's), N - 1 more copies go to
+  other workers (``replication.py``); job endpoints then answer for the job as
+  one, ``/status`` with a ``consensus`` block (``consensus.py``).
+- ``POST /pool/join``: open enrollment (``enrollment.py``).
 - ``POST /run`` places the job as ``/submit`` does (the client's lock is held
   only for that), then waits with the worker's long poll (``/status?wait=``)
   and answers with the status, the worker's ``/logs`` and its ``/outputs``
@@ -29,8 +33,8 @@ What differs, and why:
   and downloads answer 410 with the same reason.
 - ``/download`` streams the worker's body to the client with back-pressure:
   the worker connection is paused while the client's is full.
-- ``/stats`` sums the client's quota over the workers; ``/health`` and
-  ``/`` describe the coordinator; ``/environments`` comes from a healthy worker.
+- ``/stats`` sums the client's quota and the workers' own figures over the
+  pool; ``/health`` and ``/`` describe the coordinator; ``/environments`` comes from a healthy worker.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ from coordinator.scheduling import (
 )
 from coordinator.statusdocs import iso as _iso
 from coordinator.statusdocs import lost_status
+from coordinator.rewrite import LineRewriter
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
     BadWorkerResponse,
@@ -281,6 +286,8 @@ class CoordinatorAPI:
     @app.route("/", methods=["GET"])
     @_api
     async def root(self, request: Request) -> bytes:
+        if pages.wants_html(request):
+            return pages.serve_page(request)
         limits: dict[str, Any] = {}
         try:
             state = self.pick_healthy()
@@ -698,22 +705,27 @@ class CoordinatorAPI:
                                       self.forwarded(request, **extra))
         kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if kind.startswith(b"application/json"):
-            return self.relay_json(request, response, await read_json(response), job_id)
+            if response.code != 200:
+                return self.relay_json(request, response, await read_json(response), job_id)
+            # Up to 3 x 10 MiB of output, as JSON: streamed, with our job id.
+            return await self.relay_body(request, response, rewriter=LineRewriter(job_id))
         return await self.relay_body(request, response)
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
     @_api
-    async def outputs(self, request: Request, job_id: str) -> bytes:
+    async def outputs(self, request: Request, job_id: str) -> bytes | None:
         ref, state = self.locate(job_id)
         refs = self.replicas_of(job_id)
         if len(refs) > 1:
             await self.replication.require_agreement(job_id, refs, self.forwarded(request))
         response = await self.forward(ref, state, "GET", _job_path("outputs", ref),
                                       self.forwarded(request))
-        doc = await read_json(response)
-        if response.code == 200 and isinstance(doc, dict) and isinstance(doc.get("files"), list):
-            doc["files"] = self.rewrite_outputs(job_id, doc["files"])
-        return self.relay_json(request, response, doc, job_id)
+        if response.code != 200:
+            return self.relay_json(request, response, await read_json(response), job_id)
+        # Up to 10,000 entries: streamed, each entry with our download URL.
+        await self.relay_body(request, response, rewriter=LineRewriter(
+            job_id, lambda entry: self.rewrite_outputs(job_id, [entry])[0]))
+        return None
 
     def rewrite_outputs(self, job_id: str, files: list[Any], kept: bool = True) -> list[Any]:
         """A worker's outputs listing with our download URLs (none when not kept)."""
@@ -749,18 +761,21 @@ class CoordinatorAPI:
         return await self.relay_body(request, response, rename=(ref.worker_job_id, job_id))
 
     async def relay_body(self, request: Request, response: Any,
-                         rename: tuple[str, str] | None = None) -> None:
-        """Stream a worker's answer to the client, pausing the worker while the client lags."""
+                         rename: tuple[str, str] | None = None,
+                         rewriter: LineRewriter | None = None) -> None:
+        """Stream a worker's answer to the client, pausing the worker while the client lags.
+
+        With a ``rewriter`` the body's length changes: it goes chunked."""
         request.setResponseCode(response.code)
         for name in _PASSED_HEADERS:
             for value in response.headers.getRawHeaders(name, []):
                 if rename is not None and name == b"content-disposition":
                     value = value.replace(rename[0].encode(), rename[1].encode())
                 request.setHeader(name, value)
-        if isinstance(response.length, int):
+        if isinstance(response.length, int) and rewriter is None:
             request.setHeader(b"Content-Length", str(response.length).encode())
         cors(request)
-        await relay(response, request)
+        await relay(response, request, rewriter)
 
     @app.route("/jobs/<string:job_id>", methods=["DELETE"])
     @_api
@@ -799,6 +814,10 @@ class CoordinatorAPI:
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: Request) -> bytes:
         return pages.serve_openapi(request, "coordinator")
+
+    @app.route("/ui/", methods=["GET"])
+    def page(self, request: Request) -> bytes:
+        return pages.serve_page(request)
 
     @app.route("/docs", methods=["GET"])
     def docs(self, request: Request) -> bytes:
@@ -878,9 +897,12 @@ _DONE = Failure(ResponseDone())
 class _Relay(Protocol):
     """Copies a response body into a request; the worker's transport is the producer."""
 
-    def __init__(self, request: Request, done: defer.Deferred[None]) -> None:
+    def __init__(self, request: Request, done: defer.Deferred[None],
+                 rewriter: LineRewriter | None = None) -> None:
         self.request = request
         self.done = done
+        self.rewriter = rewriter
+        self.failed = False
 
     def connectionMade(self) -> None:
         # The transport (the worker connection) is paused whenever the client's
@@ -889,13 +911,32 @@ class _Relay(Protocol):
         self.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
-        self.request.write(data)
+        if self.failed:
+            return
+        if self.rewriter is not None:
+            try:
+                data = self.rewriter.feed(data)
+            except BadWorkerResponse:
+                self.failed = True
+                self.done.errback()
+                self.abort()
+                return
+        if data:
+            self.request.write(data)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:  # type: ignore[override]
         self.request.unregisterProducer()
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
+            if self.rewriter is not None:
+                try:
+                    rest = self.rewriter.end()
+                except BadWorkerResponse:
+                    self.done.errback()
+                    return
+                if rest:
+                    self.request.write(rest)
             self.done.callback(None)
         else:
             self.done.errback(reason)
@@ -906,13 +947,14 @@ class _Relay(Protocol):
             worker.stopProducing()
 
 
-def relay(response: Any, request: Request) -> defer.Deferred[None]:
+def relay(response: Any, request: Request,
+          rewriter: LineRewriter | None = None) -> defer.Deferred[None]:
     """Stream ``response``'s body into ``request``; fires when all of it was written.
 
     Cancelling (Klein does when the client disconnects) aborts the worker side.
     """
     protocol: list[_Relay] = []
     done: defer.Deferred[None] = defer.Deferred(lambda d: protocol[0].abort())
-    protocol.append(_Relay(request, done))
+    protocol.append(_Relay(request, done, rewriter))
     response.deliverBody(protocol[0])
     return done

@@ -26,7 +26,7 @@ A worker is one of:
   (``--open-enrollment``, ``enrollment.py``).  It only ever gets extra
   replicas of jobs whose first replica went to a listed worker.
 
-Reputation (``agreements``, ``disagreements``, ``lost_jobs``) is counted per
+Reputation (``agreements``, ``disagreements``, ``unresolved``, ``lost_jobs``) is counted per
 worker from the consensus of replicated jobs and from jobs it lost; like
 everything here it is soft state, and a coordinator restart starts it again.
 """
@@ -87,6 +87,7 @@ class WorkerState:
     agreements: int = 0  # replicated jobs where its result agreed with the reference
     disagreements: int = 0  # ... where it did not (ever, this coordinator process)
     strikes: int = 0  # disagreements since it was last admitted
+    unresolved: int = 0  # ... where no replica could be taken as right (no strike)
     lost_jobs: int = 0  # jobs it took and then lost (went down or restarted)
     suspended_since: float | None = None  # strikes reached the threshold
 
@@ -135,7 +136,8 @@ class WorkerState:
             "last_check": iso(self.last_check), "last_error": self.last_error,
             "reputation": {"agreements": self.agreements,
                            "disagreements": self.disagreements,
-                           "strikes": self.strikes, "lost_jobs": self.lost_jobs,
+                           "strikes": self.strikes, "unresolved": self.unresolved,
+                           "lost_jobs": self.lost_jobs,
                            "suspended": self.suspended_since is not None,
                            "suspended_since": iso(self.suspended_since)},
         }
@@ -284,6 +286,9 @@ class WorkerRegistry:
             log.warn("worker {worker} suspended after {count} disagreements with other "  # noqa: G010
                      "replicas; a reload with its key still listed re-admits it",
                      worker=state.entry.label, count=state.strikes)
+
+    def record_unresolved(self, state: WorkerState) -> None:
+        state.unresolved += 1
 
     def record_lost(self, state: WorkerState) -> None:
         state.lost_jobs += 1

@@ -75,10 +75,13 @@ class Replication:
             raise APIError(400, "Invalid manifest",
                            f"replicas: this pool runs at most {self.config.max_replicas}",
                            field="replicas")
-        tried = {first.state.worker_id}
+        tried = {first.state.worker_id}  # place() adds every worker it tries
         while len(placed) < replicas:
-            used = {p.state.worker_id for p in placed}
-            extra = await self.place(body, headers, set(tried | used), open_ok=True)
+            try:
+                extra = await self.place(body, headers, tried, open_ok=True)
+            except Exception:
+                await self.cancel(placed, headers)  # no copy is left running unanswered
+                raise
             if extra.state is None:
                 await self.cancel(placed, headers)
                 if extra.response is not None and extra.response.code == 429:
@@ -160,9 +163,13 @@ class Replication:
             state = self.registry.get(worker_id)
             if state is not None:
                 self.registry.record_lost(state)
+        for worker_id in verdict.unresolved:
+            state = self.registry.get(worker_id)
+            if state is not None:
+                self.registry.record_unresolved(state)
         if verdict.outcome == Outcome.DISAGREED:
             log.warn("replicas of a job disagree in {fields}; {count} worker(s) "  # noqa: G010
-                     "counted a disagreement", fields=list(verdict.differing),
+                     "blamed", fields=list(verdict.differing),
                      count=len(verdict.disagreeing))
 
     async def status(self, job_id: str, refs: list[JobRef],
@@ -257,6 +264,7 @@ def consensus_block(reports: list[ReplicaReport], verdict: Verdict) -> dict[str,
         "replicas": len(reports), "outcome": verdict.outcome.value,
         "agreed": (verdict.outcome == Outcome.AGREED) if final else None,
         "agreeing": list(verdict.agreeing), "disagreeing": list(verdict.disagreeing),
+        "unresolved": list(verdict.unresolved),
         "lost": list(verdict.lost), "differing": list(verdict.differing),
         "unsigned": list(verdict.unsigned), "compared": list(COMPARED),
         "results": [r.as_json() for r in reports],

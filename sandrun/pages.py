@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import mimetypes
-from importlib import resources
+from importlib import metadata, resources
 from typing import Any
 
 import yaml
@@ -31,6 +31,14 @@ ASSET_DIRS = ("ui", "vendor")
 _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
           ".html": "text/html; charset=utf-8", ".txt": "text/plain; charset=utf-8",
           ".svg": "image/svg+xml"}
+
+
+def _version() -> str:
+    """The installed package's version: the document describes this release's API."""
+    try:
+        return metadata.version("sandrun")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _static() -> Any:
@@ -66,6 +74,7 @@ def openapi_document(role: str) -> dict[str, Any]:
     document: dict[str, Any] = _for_role(_source(), role)
     document["info"]["title"] = "Sandrun worker" if role == "worker" \
         else "Sandrun coordinator"
+    document["info"]["version"] = _version()
     return document
 
 
@@ -110,6 +119,13 @@ def serve_asset(request: IRequest, name: str) -> bytes:
     return _send(request, *found)
 
 
+def serve_page(request: IRequest) -> bytes:
+    """``/ui/`` (and ``/`` for a browser): the page to write, run and watch jobs."""
+    found = _asset("ui/index.html")
+    assert found is not None, "sandrun/static/ui/index.html is part of the package"
+    return _send(request, *found)
+
+
 def serve_docs(request: IRequest) -> bytes:
     """``/docs``: the OpenAPI document rendered by the bundled Redoc."""
     found = _asset("ui/docs.html")
@@ -120,8 +136,10 @@ def serve_docs(request: IRequest) -> bytes:
 def wants_html(request: IRequest) -> bool:
     """Whether the client is a browser asking for a page (``Accept`` names ``text/html``).
 
-    Programs (curl, requests, treq) send ``*/*`` or nothing, and get JSON.
+    Programs (curl, requests, treq) send ``*/*`` or nothing, and get JSON.  The
+    answer is marked ``Vary: Accept`` either way, so a cache keeps both apart.
     """
+    request.setHeader(b"Vary", b"Accept")
     accept = request.getHeader(b"accept") or b""
     if isinstance(accept, str):
         accept = accept.encode("latin-1")

@@ -46,6 +46,7 @@ test_packages=(
     iproute2 procps    # ip, ps: used by tests to check for leftovers
     bubblewrap         # reference sandbox for the launch benchmark
     gcc libc6-dev      # tests compile small C probes (raw syscalls, setuid, static binaries)
+    chromium chromium-driver   # the web page's browser test (headless, driven by Selenium)
 )
 [ $tests = 1 ] || test_packages=()
 # Wanted, but Sandrun runs without them (a note is printed if apt cannot get them).

@@ -15,20 +15,17 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet import defer
-from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import PathConverter
-from zope.interface import implementer
 
 import sandrun
 from sandrun import httpjson, pages
 from sandrun import identity as ident
-from sandrun.api import results, stream, uploads
+from sandrun.api import results, sending, stream, uploads
 from sandrun.api.errors import refusal_kind, to_api_error
 from sandrun.api.packs import PackOnce
 from sandrun.config import WorkerConfig
@@ -119,9 +116,6 @@ class WorkerAPI:
 
     app = Klein()
     app.url_map.converters["anypath"] = _AnyPath
-    # "/download/ID//etc/passwd" is a JSON 404 like any unknown path, never werkzeug's HTML
-    # 308 to a merged path (with a Location built from the Host header).
-    app.url_map.merge_slashes = False
 
     def __init__(self, manager: JobManager, config: WorkerConfig,
                  identity: ident.WorkerIdentity | None = None,
@@ -202,6 +196,8 @@ class WorkerAPI:
     @app.route("/", methods=["GET"])
     @_api
     def root(self, request: IRequest) -> bytes:
+        if pages.wants_html(request):
+            return pages.serve_page(request)
         return write_json(request, {
             "service": "sandrun", "version": sandrun.__version__, "status": "running",
             "description": DESCRIPTION, "privacy": PRIVACY,
@@ -294,12 +290,14 @@ class WorkerAPI:
                                       on_cancel=lambda: self.manager.cancel(job.id))
             return ended.addCallback(lambda _: job)
 
-        def answer(job: Job) -> bytes:
-            body = write_json(request, results.run_document(
-                self.status_document(job), job, keep=keep))
-            if not keep:
-                self.manager.delete(job.id)
-            return body
+        def answer(job: Job) -> Any:
+            request.setHeader(b"Content-Type", b"application/json")
+            cors(request)
+            members = results.run_document(self.status_document(job), job, keep=keep)
+            sent = sending.send_pieces(request, sending.object_json(members))
+            if not keep:  # once sent: the output is read from the job's log as it goes
+                sent.addBoth(lambda result: (self.manager.delete(job.id), result)[1])
+            return sent
 
         return self.accept(request).addCallback(wait).addCallback(answer)
 
@@ -317,12 +315,13 @@ class WorkerAPI:
         exempt = self.quota_exempt(request)
         self.manager.admit(client, exempt)
         job_id = new_job_id()
-        base = self.manager.create_workspace(job_id)
 
-        def parse() -> uploads.Submission:
-            return self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
+        def parse() -> tuple[str, uploads.Submission]:
+            base = self.manager.create_workspace(job_id)  # a tmpfs mount: kernel work
+            return base, self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
 
-        def queued(submission: uploads.Submission) -> tuple[Job, int]:
+        def queued(parsed: tuple[str, uploads.Submission]) -> tuple[Job, int]:
+            base, submission = parsed
             environment = self.check_environment(submission.manifest)
             self.manager.check_gpu(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
@@ -339,14 +338,15 @@ class WorkerAPI:
         def failed(failure: Any) -> Any:
             if failure.check(uploads.Unsupported):
                 failure = Failure(APIError(415, "Unsupported content type",
-                                           f"{failure.value.kind}: use multipart/form-data "
-                                           "or application/json"))
+                                           f"{failure.value.kind}: use multipart/form-data or "
+                                           "application/json"))
             if self.manager.get(job_id) is not None:
                 return failure
-            # Answered once the job's data is gone: a refused upload leaves nothing behind.
-            return self.manager.discard_workspace(job_id).addCallback(lambda _: failure)
+            # Answered once nothing of the refused job is left.
+            self.manager.discard_workspace(job_id)
+            return self.manager.removed(job_id).addCallback(lambda _: failure)
 
-        # Extraction and hashing touch up to hundreds of MB: off the reactor thread.
+        # Mounting, extraction and hashing (up to hundreds of MB): off the reactor thread.
         d = self.blocking(parse)
         d.addCallback(queued)
         d.addErrback(failed)
@@ -385,26 +385,30 @@ class WorkerAPI:
 
     @app.route("/logs/<string:job_id>", methods=["GET"])
     @_api
-    def logs(self, request: IRequest, job_id: str) -> bytes:
+    def logs(self, request: IRequest, job_id: str) -> Any:
+        # Streamed with back-pressure (sending.py): up to 3 x 10 MiB of output, as JSON.
         job = self.job(job_id)
         accept = request.getHeader(b"accept") or b""
         fmt = request.args.get(b"format", [b""])[0]
         if fmt == b"text" or (fmt != b"json" and b"text/plain" in accept.lower()):
             request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
             cors(request)
-            return job.log.text().encode()
-        return write_json(request, {"job_id": job.id, "stdout": job.log.text("stdout"),
-                                    "stderr": job.log.text("stderr"),
-                                    "install": job.log.text("install"),
-                                    "truncated": job.truncated})
+            return sending.send_pieces(request, job.log.pieces())
+        request.setHeader(b"Content-Type", b"application/json")
+        cors(request)
+        streams = {name: job.log.pieces(name) for name in ("stdout", "stderr", "install")}
+        return sending.send_pieces(request, sending.logs_json(job.id, streams,
+                                                              dict(job.truncated)))
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
     @_api
-    def outputs(self, request: IRequest, job_id: str) -> bytes:
+    def outputs(self, request: IRequest, job_id: str) -> Any:
         job = self.job(job_id)
         files = results.output_listing(job)
-        return write_json(request, {"job_id": job.id, "status": job.status.value,
-                                    "total_files": len(files), "files": files})
+        request.setHeader(b"Content-Type", b"application/json")
+        cors(request)
+        head = {"job_id": job.id, "status": job.status.value, "total_files": len(files)}
+        return sending.send_pieces(request, sending.listing_json(head, files))
 
     @app.route("/download/<string:job_id>/<anypath:path>", methods=["GET"])
     @_api
@@ -427,6 +431,7 @@ class WorkerAPI:
         d = self.packs.get(job)
 
         def send(path: str) -> Any:
+            self.manager.storage.measure(job.id)  # the pack counts until the job goes
             f = open(path, "rb")  # noqa: SIM115 (closed by the producer)
             request.setHeader(b"Content-Type", b"application/gzip")
             request.setHeader(b"Content-Disposition",
@@ -450,12 +455,14 @@ class WorkerAPI:
 
     @app.route("/jobs/<string:job_id>", methods=["DELETE"])
     @_api
-    def delete(self, request: IRequest, job_id: str) -> bytes:
+    def delete(self, request: IRequest, job_id: str) -> defer.Deferred[bytes]:
         job = self.job(job_id)
         was = job.status
         self.manager.cancel(job_id)
-        return write_json(request, {"job_id": job_id, "deleted": True,
-                                    "cancelled": was in (JobStatus.QUEUED, JobStatus.RUNNING)})
+        # Answered once its data is gone (a running job's goes when its sandbox stops).
+        return self.manager.removed(job_id).addCallback(lambda _: write_json(
+            request, {"job_id": job_id, "deleted": True,
+                      "cancelled": was in (JobStatus.QUEUED, JobStatus.RUNNING)}))
 
     # -- live output (the WebSocket itself is in stream.py) ------------------------
 
@@ -483,6 +490,10 @@ class WorkerAPI:
     def openapi(self, request: IRequest) -> bytes:
         return pages.serve_openapi(request, "worker")
 
+    @app.route("/ui/", methods=["GET"])
+    def page(self, request: IRequest) -> bytes:
+        return pages.serve_page(request)
+
     @app.route("/docs", methods=["GET"])
     def docs(self, request: IRequest) -> bytes:
         return pages.serve_docs(request)
@@ -502,62 +513,12 @@ class WorkerAPI:
         return httpjson.no_route(request, getattr(failure.value, "valid_methods", None))
 
 
-SEND_CHUNK = 65536
-
-
-@implementer(IPushProducer)
-class _FileProducer:
-    """Writes a file to a request while the transport wants more (a push producer).
-
-    Reads happen on the reactor thread: the file is on tmpfs, a memory copy.
-    ``done`` fires once every byte was written, and fails when the client went
-    away first.
-    """
-
-    def __init__(self, f: Any, request: Any) -> None:
-        self.f: Any = f
-        self.request = request
-        self.paused = False
-        self.done: defer.Deferred[None] = defer.Deferred()
-
-    def start(self) -> defer.Deferred[None]:
-        self.request.registerProducer(self, True)
-        self.resumeProducing()
-        return self.done
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        while not self.paused and self.f is not None:
-            data = self.f.read(SEND_CHUNK)
-            if not data:
-                self._end(None)
-                return
-            self.request.write(data)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def stopProducing(self) -> None:
-        self._end(ConnectionLost("the client went away during the download"))
-
-    def _end(self, error: Exception | None) -> None:
-        if self.f is None:
-            return
-        self.f.close()
-        self.f = None
-        self.request.unregisterProducer()
-        if error is None:
-            self.done.callback(None)
-        else:
-            self.done.errback(error)
-
-
 def _send_file(f: Any, request: IRequest) -> defer.Deferred[None]:
     """Stream a file with back-pressure; fires once every byte was written.
 
     Fails (and the caller's follow-up is skipped) when the client went away.
     """
-    return _FileProducer(f, request).start()
+    return sending.send_file(f, request)
 
 
 def content_disposition(name: str) -> bytes:

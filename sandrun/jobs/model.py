@@ -6,7 +6,7 @@ import array
 import datetime
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -69,6 +69,10 @@ class LogChunks(Sequence[tuple[str, bytes]]):
         else:
             self._offsets.append(-1)
             self._memory[i] = data
+
+    def stream(self, i: int) -> str:
+        """Which stream chunk ``i`` belongs to (without reading its data)."""
+        return _STREAMS[self._streams[i]]
 
     def in_memory(self) -> int:
         """How many chunks are held in the worker's memory rather than the file."""
@@ -190,6 +194,23 @@ class JobLog:
         """The sha256 hex of everything ``stream`` kept so far."""
         return self.digests[stream].hexdigest()
 
+    def pieces(self, stream: str | None = None) -> Iterator[bytes]:
+        """``text``'s bytes as they are now, one chunk at a time (read as consumed): a
+        large log is sent without being held whole in memory."""
+        wanted = PROGRAM_STREAMS if stream is None else (stream,)
+        count = len(self.chunks)
+        held = bytes(self._pending) if self._pending and self._pending_stream in wanted \
+            else b""
+
+        def read() -> Iterator[bytes]:
+            for i in range(count):
+                if self.chunks.stream(i) in wanted:
+                    yield self.chunks[i][1]
+            if held:
+                yield held
+
+        return read()
+
     def text(self, stream: str | None = None) -> str:
         """One stream's text; None: the program's stdout and stderr, in arrival order."""
         wanted = PROGRAM_STREAMS if stream is None else (stream,)
@@ -265,6 +286,10 @@ class Job:
                 "message": self.message,
                 "environment": self.environment or "none",
                 "interpreter": self.manifest.interpreter,
+                # The limits it ran under, defaults filled: "timeout (300 s)" can say so.
+                "limits": {"timeout": self.manifest.timeout,
+                           "memory_mb": self.manifest.memory_mb,
+                           "cpu_seconds": self.manifest.cpu_seconds},
                 "stdout_sha256": self.log.sha256("stdout") if self.finished else None,
                 "stderr_sha256": self.log.sha256("stderr") if self.finished else None}
 

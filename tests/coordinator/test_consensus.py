@@ -76,11 +76,16 @@ def test_one_differing_replica_is_outvoted_and_named(changes: dict[str, Any],
     assert list(verdict.differing) == fields
 
 
-def test_two_listed_replicas_that_disagree_both_count_a_disagreement() -> None:
+def test_a_disagreement_nobody_can_settle_blames_nobody() -> None:
     a, b = report(1), report(2, stdout_sha256="e" * 64)
     verdict = judge([a, b])
     assert verdict.outcome == Outcome.DISAGREED
-    assert verdict.agreeing == () and set(verdict.disagreeing) == {a.worker_id, b.worker_id}
+    assert verdict.agreeing == () and verdict.disagreeing == ()
+    assert set(verdict.unresolved) == {a.worker_id, b.worker_id}
+    # Three different answers (a job that prints random numbers): no strike for anyone.
+    three = judge([report(1), report(2, stdout_sha256="e" * 64),
+                   report(3, stdout_sha256="f" * 64)])
+    assert three.disagreeing == () and len(three.unresolved) == 3
 
 
 def test_open_workers_never_outvote_a_listed_one() -> None:
@@ -321,3 +326,42 @@ def test_a_long_poll_of_a_replicated_job_ends_when_every_replica_has_ended(
     pool.workers[second].sandbox.holding()[0].finish()
     doc = pool.reply(d).json()
     assert doc["status"] == "completed" and doc["consensus"]["agreed"] is True
+
+
+def test_a_replica_that_cannot_be_placed_for_a_timeout_cancels_the_copies_placed(
+        tmp_path: Any) -> None:
+    pool = ready(tmp_path, 2)
+    stalled = endpoint(1).split("//")[1]
+    real = pool.network.request
+
+    def stall(method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Any:
+        if stalled.encode() in uri and uri.endswith(b"/submit"):
+            from twisted.internet import defer
+
+            return defer.Deferred()  # never answers: the submit times out
+        return real(method, uri, headers, body)
+
+    pool.network.request = stall  # type: ignore[method-assign,assignment]
+    d = pool.begin("POST", "/submit", json.dumps(
+        {"manifest": {"entrypoint": "main.py", "replicas": 2},
+         "files": {"main.py": HOLD}}).encode(),
+        {"Content-Type": "application/json", "X-Forwarded-For": "192.0.2.10"})
+    pool.clock.advance(pool.config.submit_timeout + 1)
+    reply = pool.reply(d)
+    assert reply.status == 504
+    # The first copy went to worker 0 and was deleted there.
+    assert (b"POST", b"/submit") in pool.workers[0].requests
+    assert any(m == b"DELETE" for m, _ in pool.workers[0].requests)
+    assert all(not w.sandbox.holding() for w in pool.workers)
+
+
+def test_a_job_that_is_not_deterministic_fails_but_gets_no_worker_suspended(
+        tmp_path: Any) -> None:
+    pool = ready(tmp_path, max_disagreements=1)
+    for worker, tamper in zip(pool.workers, (None, "stdout", "output"), strict=True):
+        worker.sandbox.tamper = tamper  # three different, honestly signed results
+    status = pool.get(f"/status/{replicated(pool, 3)}").json()
+    assert status["execution_metadata"]["reason"] == "replica_disagreement"
+    assert status["consensus"]["disagreeing"] == [] and len(status["consensus"]["unresolved"]) == 3
+    assert [reputation(pool, i)["unresolved"] for i in range(3)] == [1, 1, 1]
+    assert not any(reputation(pool, i)["suspended"] for i in range(3))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import os
 import shutil
 import signal
@@ -37,15 +38,17 @@ import pytest
 
 from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
 from tests.contract import check_response
-from tests.integration.worker import Response, mounts_under, request, why_no_worker
+from tests.integration.worker import REPO, Response, mounts_under, request, why_no_worker
 from tests.timing import scaled
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-INTERVAL = 1.0  # the coordinator's --health-interval in these tests
+# The coordinator's --health-interval in these tests (and its --health-timeout half of it),
+# longer on a slow machine (tests/timing), where a worker takes longer to answer.
+INTERVAL = scaled(1.0)
 WORKER_FLAGS = ("--max-concurrent", "2", "--queue-size", "2", "--trusted-proxy", "127.0.0.1",
                 "--cpu-quota", "100000", "--max-active-per-ip", "100000",
                 "--jobs-per-hour", "100000")
-POOL_FLAGS = ("--health-interval", str(INTERVAL), "--health-timeout", "0.5",
+POOL_FLAGS = ("--health-interval", str(INTERVAL), "--health-timeout", str(INTERVAL / 2),
               "--cpu-quota", "100000", "--max-active-per-ip", "100000",
               "--jobs-per-hour", "100000")
 
@@ -424,6 +427,39 @@ def test_a_worker_killed_mid_job_gives_worker_lost_and_comes_back_after_a_restar
         assert pool.coordinator.wait(j)["status"] == "completed"
 
 
+def test_sandrun_run_through_the_coordinator_exits_70_in_one_line_when_its_worker_dies(
+        pool: Pool, tmp_path: Any) -> None:
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    env = dict(os.environ, SANDRUN_URL=pool.coordinator.url,
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ran = subprocess.Popen([sys.executable, "-m", "sandrun", "run", str(script)], env=env,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    assert ran.stderr is not None
+    first = ran.stderr.readline()
+    found = re.search(r"sandrun: job (\S+) ", first)
+    assert found, first
+    job = found.group(1)
+    victim = pool.worker_of(job)
+    wait_for(lambda: pool.coordinator.status(job)["status"] == "running", 10, "running")
+    victim.kill()
+    try:
+        code = ran.wait(scaled(30))
+        said = first + ran.stderr.read()
+        assert code == 70, said
+        # What it said: queued (running), then lost, in one line; no error of its own.
+        lines = [line for line in said.splitlines() if not line.endswith(("queued", "running"))]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"sandrun: job {job} was lost with its worker (it died or restarted)"), said
+        assert "Traceback" not in said and "410" not in said
+    finally:
+        victim.start()
+        victim.wait_healthy()
+        wait_for(lambda: pool.coordinator.pool()[victim.name]["healthy"], 2 * INTERVAL + 1,
+                 "the restarted worker back in the pool")
+
+
 def test_a_restarted_coordinator_still_serves_status_and_downloads(pool: Pool) -> None:
     job = pool.coordinator.accepted("open('out.txt', 'w').write('kept')\n", outputs=["out.txt"])
     assert pool.coordinator.wait(job)["status"] == "completed"
@@ -496,6 +532,36 @@ def test_a_big_download_to_a_slow_client_is_streamed_not_buffered(pool: Pool) ->
     assert digest.hexdigest() == hashlib.sha256(bytes(range(256)) * (size // 256)).hexdigest()
     print(f"coordinator RSS grew by {held} KiB while a client stalled on a 64 MiB download")
     assert held < 16 * 1024, f"the coordinator grew by {held} KiB during a 64 MiB download"
+
+
+def test_twenty_unread_logs_through_the_coordinator_keep_its_rss_bounded(pool: Pool) -> None:
+    code = ("import os\nchunk = b'\\x01' * (1024 * 1024)\n"
+            "for _ in range(10):\n    os.write(1, chunk)\n    os.write(2, chunk)\n")
+    job = pool.coordinator.accepted(code)
+    assert pool.coordinator.wait(job, timeout=60)["status"] in ("completed", "failed")
+    assert pool.coordinator.proc is not None
+    pid = pool.coordinator.proc.pid
+    before = rss_kib(pid)
+    sockets = []
+    try:
+        for _ in range(20):  # each answer is ~120 MB of JSON; none is read
+            sock = socket.create_connection(("127.0.0.1", pool.coordinator.port), timeout=30)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(f"GET /logs/{job} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sockets.append(sock)
+        time.sleep(2.0)
+        held = rss_kib(pid) - before
+    finally:
+        for sock in sockets:
+            sock.close()
+    print(f"coordinator RSS grew by {held} KiB with 20 unread /logs answers")
+    assert held < 150 * 1024, held
+    logs = pool.coordinator.get(f"/logs/{job}", timeout=60).json()
+    assert logs["job_id"] == job
+    assert logs["stdout"] == "\x01" * (10 * 1024 * 1024) == logs["stderr"]
+    listing = pool.coordinator.get(f"/outputs/{job}").json()
+    assert listing["job_id"] == job
+    assert all(f["download_url"].startswith(f"/download/{job}/") for f in listing["files"])
 
 
 def test_a_second_coordinator_answers_for_the_first_and_per_ip_limits_hold_pool_wide(

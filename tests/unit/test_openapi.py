@@ -27,7 +27,7 @@ IMPLICIT = {"HEAD", "OPTIONS"}
 
 def routes(app: Any) -> set[tuple[str, str]]:
     """(METHOD, /path/{param}) for every rule of a Klein app but the CORS catch-all."""
-    found = set()
+    found: set[tuple[str, str]] = set()
     for rule in app.url_map.iter_rules():
         methods = set(rule.methods or ()) - IMPLICIT
         path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
@@ -119,3 +119,44 @@ def test_the_contract_check_catches_a_body_outside_the_schema() -> None:
         worker.check("GET", "/status/job-x", 502, "application/json", b"{}")
     with pytest.raises(AssertionError):
         worker.check("GET", "/nowhere", 200, "application/json", b"{}")
+
+
+# -- the web page ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path,accept", [
+    ("/ui/", "*/*"), ("/", "text/html,application/xhtml+xml,*/*;q=0.8")])
+def test_the_page_is_served_at_ui_and_to_browsers_at_the_root(tmp_path: Any, path: str,
+                                                               accept: str) -> None:
+    h = Harness(str(tmp_path))
+    page = h.get(path, headers={"Accept": accept})
+    assert page.status == 200 and (page.header("content-type") or "").startswith("text/html")
+    assert b"<title>Sandrun</title>" in page.body
+    # Every script and style sheet it loads is served here: nothing from elsewhere.
+    assets = re.findall(rb'(?:src|href)="(/ui/[^"]+)"', page.body)
+    assert len(assets) >= 10
+    for asset in assets:
+        assert h.get(asset.decode()).status == 200, asset
+    assert not re.findall(rb'(?:src|href)="(?:https?:)?//', page.body)
+
+
+def test_the_root_still_answers_json_to_programs(tmp_path: Any) -> None:
+    h = Harness(str(tmp_path))
+    for accept in (None, "*/*", "application/json"):
+        reply = h.get("/", headers={"Accept": accept} if accept else {})
+        assert reply.json()["service"] == "sandrun"
+        assert reply.header("vary") == "Accept"
+
+
+def test_the_coordinator_serves_the_page_too(tmp_path: Any) -> None:
+    pool = Pool(str(tmp_path), 1)
+    assert b"<title>Sandrun</title>" in pool.get("/", headers={"Accept": "text/html"}).body
+    assert pool.get("/ui/app.js").status == 200
+    assert pool.get("/").json()["service"] == "sandrun-coordinator"
+
+
+def test_the_bundled_libraries_come_with_their_licences(tmp_path: Any) -> None:
+    h = Harness(str(tmp_path))
+    for library in ("codemirror", "redoc"):
+        licence = h.get(f"/ui/vendor/{library}/LICENSE")
+        assert licence.status == 200 and b"Permission is hereby granted" in licence.body
