@@ -115,6 +115,12 @@ def run_job(client: Client, job: dict[str, Any], args: argparse.Namespace,
     is then fetched after the clock stopped (``full_status``), or made from that frame.
     """
     t0 = time.perf_counter()
+    if args.detect == "run":  # one request: the answer is the end, with the output
+        code, answer = client.json("POST", "/run" if args.keep else "/run?keep=0", job)
+        t1 = time.perf_counter()
+        if code != 200:
+            raise RuntimeError(f"run: {code} {answer}")
+        return (t1 - t0) * 1000, (t1 - t0) * 1000, answer, 0
     code, answer = client.json("POST", "/submit", job)
     t_submit = time.perf_counter()
     if code != 200:
@@ -133,7 +139,11 @@ def run_job(client: Client, job: dict[str, Any], args: argparse.Namespace,
     return (t1 - t0) * 1000, (t_submit - t0) * 1000, status, polls
 
 
-def collect(client: Client, job_id: str, keep: bool) -> dict[str, Any]:
+def collect(client: Client, status: dict[str, Any], keep: bool) -> dict[str, Any]:
+    """The job's logs, then (unless ``keep``) delete it; a /run answer holds both already."""
+    if "stdout" in status:
+        return status
+    job_id = status["job_id"]
     code, logs = client.json("GET", f"/logs/{job_id}")
     if code != 200:
         raise RuntimeError(f"/logs: {code} {logs}")
@@ -158,7 +168,7 @@ def latency(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.warmup):
         for _, job, argv, expected in LATENCY_CASES:
             _, _, status, _ = run_job(client, job, args)
-            collect(client, status["job_id"], args.keep)
+            collect(client, status, args.keep)
             run_bare(argv, expected)
     tries = [latency_try(worker, client, args)]
     while len(tries) < args.tries and tries[-1]["cpu"]["others_cores"] > QUIET_CORES:
@@ -209,7 +219,7 @@ def latency_try(worker: Worker, client: Client, args: argparse.Namespace) -> dic
                 got = series[name]
                 got["bare"].append(run_bare(argv, expected))
                 t, submit, status, polls = run_job(client, job, args)
-                logs = collect(client, status["job_id"], args.keep)
+                logs = collect(client, status, args.keep)
                 if status["status"] != "completed" or logs["stdout"] != expected.decode():
                     errors += 1
                     continue
@@ -227,6 +237,8 @@ def latency_try(worker: Worker, client: Client, args: argparse.Namespace) -> dic
 
 
 def detection_text(args: argparse.Namespace, backoff: float = 1.0) -> str:
+    if args.detect == "run":
+        return "one POST /run" + ("" if args.keep else "?keep=0") + " per job (answered at the end)"
     if args.detect == "ws":
         return "the WebSocket's done frame (one new connection per job)"
     if backoff == 1.0:
@@ -260,7 +272,7 @@ def throughput_at(worker: Worker, concurrency: int, args: argparse.Namespace
                 t, _, status, p = run_job(client, TRIVIAL, args, full_status=False,
                                           backoff=args.backoff)
                 ended = time.perf_counter()
-                collect(client, status["job_id"], args.keep)
+                collect(client, status, args.keep)
             except Exception as e:  # noqa: BLE001 - every failure is an error to count
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
@@ -302,7 +314,7 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
     client = worker.client()
     for _ in range(args.warmup):
         _, _, status, _ = run_job(client, TRIVIAL, args, backoff=args.backoff)
-        collect(client, status["job_id"], args.keep)
+        collect(client, status, args.keep)
     client.close()
     results = []
     for concurrency in args.concurrency:
@@ -334,6 +346,7 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
                         f"{r['concurrency']}: " + ", ".join(
                             f"{t['jobs_per_s']:.1f} @ {t['others_cores']:.2f}"
                             for t in r["tries"]) for r in results)),
+                    "per job: one POST /run" if args.detect == "run" else
                     "per job: POST /submit, wait for its end, GET /logs"
                     + ("" if args.keep else ", DELETE /jobs/{id}")])
     return {"job": "sh true.sh (exit 0)", "target_jobs_per_s": THROUGHPUT_TARGET,
@@ -345,6 +358,7 @@ def retain(worker: Worker, count: int) -> dict[str, int]:
     """Leave ``count`` finished trivial jobs in the worker (each keeps its tmpfs mount for
     the retention time), as a busy worker whose clients never collect would hold them."""
     client = worker.client()
+    before = worker.rss_kb()
     submitted = 0
     while submitted < count:
         code, answer = client.json("POST", "/submit", TRIVIAL)
@@ -361,9 +375,13 @@ def retain(worker: Worker, count: int) -> dict[str, int]:
         time.sleep(0.2)
     client.close()
     mounts = len(worker.mounts())
-    print(f"{count} finished jobs retained: {mounts} mounts under the state directory\n",
-          flush=True)
-    return {"jobs": count, "mounts": mounts}
+    after = worker.rss_kb()
+    per_job = (after["total"] - before["total"]) / count
+    print(f"{count} finished jobs retained: {mounts} mounts under the state directory; "
+          f"worker + launcher RSS {before['total'] / 1024:.1f} -> {after['total'] / 1024:.1f} "
+          f"MiB ({per_job:.2f} KiB per held job)\n", flush=True)
+    return {"jobs": count, "mounts": mounts, "rss_kb_before": before, "rss_kb_after": after,
+            "rss_kib_per_held_job": per_job}
 
 
 def main() -> None:
@@ -383,9 +401,10 @@ def main() -> None:
                         help="throughput runs: longest sleep between polls (default 0.02)")
     parser.add_argument("--max-concurrent", type=int, default=os.cpu_count() or 1,
                         help="the worker's --max-concurrent (default: cores, as sandrun's)")
-    parser.add_argument("--detect", choices=("poll", "ws"), default="poll",
-                        help="learn a job's end by polling /status (default) or from its "
-                             "WebSocket's done frame")
+    parser.add_argument("--detect", choices=("poll", "ws", "run"), default="poll",
+                        help="learn a job's end by polling /status (default), from its "
+                             "WebSocket's done frame, or by one POST /run?keep=0 (submit, "
+                             "wait, output and delete in one request)")
     parser.add_argument("--keep", action="store_true",
                         help="do not DELETE finished jobs (they stay as tmpfs mounts)")
     parser.add_argument("--tries", type=int, default=1,
@@ -416,7 +435,8 @@ def main() -> None:
         {"method": "poll GET /status", "latency_sleep_s": args.poll,
          "throughput_first_sleep_s": args.poll, "throughput_backoff": args.backoff,
          "throughput_max_sleep_s": args.max_poll} if args.detect == "poll" else
-        {"method": "WebSocket /logs/{id}/stream?format=json until the done frame"})
+        {"method": "WebSocket /logs/{id}/stream?format=json until the done frame"}
+        if args.detect == "ws" else {"method": "POST /run (keep=0 unless --keep)"})
     detection["delete_after"] = not args.keep
     results: dict[str, Any] = {"sources": source, "worker_flags": list(flags),
                                "completion_detection": detection}

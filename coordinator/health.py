@@ -53,7 +53,8 @@ class Verdict:
 def judge_health(code: int, body: Any, worker_id: str, nonce: str, now: float,
                  max_skew: float = 60.0) -> Verdict:
     """Judge a ``/health?nonce=`` answer against the configured key; pure."""
-    if code != 200:
+    # 503: a worker that cannot run jobs (launcher gone, slots lost) says so, still signed.
+    if code not in (200, 503):
         return Verdict(False, False, f"health check answered HTTP {code}")
     if not isinstance(body, dict):
         return Verdict(False, False, "health answer is not a JSON object")
@@ -91,8 +92,10 @@ def judge_health(code: int, body: Any, worker_id: str, nonce: str, now: float,
     load = _load(claimed.get("load"))
     if load is None:
         return Verdict(False, True, "signed health text has no valid load")
-    if body.get("status") != "healthy":
-        return Verdict(False, True, f"worker reports status {body.get('status')!r}")
+    if body.get("status") != "healthy" or code != 200:
+        problem = body.get("problem")
+        why = f": {problem[:200]}" if isinstance(problem, str) else ""
+        return Verdict(False, True, f"worker reports status {body.get('status')!r}{why}")
     started = claimed.get("started_at", body.get("started_at"))
     started_at = float(started) if isinstance(started, (int, float)) \
         and not isinstance(started, bool) and math.isfinite(started) else None

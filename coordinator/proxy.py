@@ -713,7 +713,7 @@ class CoordinatorAPI:
 
     @app.route("/outputs/<string:job_id>", methods=["GET"])
     @_api
-    async def outputs(self, request: Request, job_id: str) -> bytes:
+    async def outputs(self, request: Request, job_id: str) -> bytes | None:
         ref, state = self.locate(job_id)
         refs = self.replicas_of(job_id)
         if len(refs) > 1:
@@ -723,8 +723,9 @@ class CoordinatorAPI:
         if response.code != 200:
             return self.relay_json(request, response, await read_json(response), job_id)
         # Up to 10,000 entries: streamed, each entry with our download URL.
-        return await self.relay_body(request, response, rewriter=LineRewriter(
+        await self.relay_body(request, response, rewriter=LineRewriter(
             job_id, lambda entry: self.rewrite_outputs(job_id, [entry])[0]))
+        return None
 
     def rewrite_outputs(self, job_id: str, files: list[Any], kept: bool = True) -> list[Any]:
         """A worker's outputs listing with our download URLs (none when not kept)."""

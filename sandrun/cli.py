@@ -9,6 +9,7 @@ import argparse
 import difflib
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import sandrun
@@ -17,9 +18,13 @@ from sandrun.daemon import listen_description, start_logging, stop_signal
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sandrun.client.cli import add_connection_options
+
     parser = argparse.ArgumentParser(prog="sandrun", description=sandrun.__doc__)
     parser.add_argument("--version", action="version", version=f"sandrun {sandrun.__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    # Before the command (sandrun --server URL run x.py) as well as after it.
+    add_connection_options(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     add_serve_command(commands)
 
@@ -36,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the worker's base64 public key (optional for a coordinator's "
                              "consensus answer: each replica is checked under its own key, "
                              "and a given id must be one of them)")
-    verify.add_argument("--server", help="worker or coordinator URL for a job id "
-                        "(default: $SANDRUN_URL or http://127.0.0.1:8443)")
+    verify.add_argument("--server", default=argparse.SUPPRESS,
+                        help="worker or coordinator URL for a job id "
+                             "(default: $SANDRUN_URL or http://127.0.0.1:8443)")
 
     install = commands.add_parser(
         "install-service", help="install and start the systemd unit (Delegate=yes)")
@@ -72,12 +78,19 @@ def add_serve_command(commands: Any) -> None:
     flag("--max-concurrent", type=int, metavar="N", default=os.cpu_count() or 1,
          help="jobs running at once (default: number of cores, here %(default)s)")
     flag("--queue-size", type=int, metavar="N", default=100, help="jobs waiting (default %(default)s)")
+    flag("--max-finished-jobs", type=int, metavar="N", default=WorkerConfig.max_finished_jobs,
+         help="finished jobs held for download; past it the oldest finished is deleted "
+              "(default %(default)s)")
     flag("--state-dir", metavar="DIR", default="/run/sandrun",
          help="where the worker mounts its tmpfs (default %(default)s)")
     flag("--env-dir", metavar="DIR", default=WorkerConfig.env_dir,
          help="built templates, as sandrun env --root (default %(default)s)")
     flag("--deps-dir", metavar="DIR", default=WorkerConfig.deps_dir,
          help="cache of fetched job dependencies (default %(default)s)")
+    flag("--deps-cache-mb", type=int, metavar="MIB",
+         default=WorkerConfig.deps_cache_bytes // 2**20,
+         help="most the dependency cache may hold; beyond, the least recently used entries "
+              "no running job uses are deleted (default %(default)s)")
     flag("--gpu-dev-dir", metavar="DIR", default=WorkerConfig.gpu_dev_dir,
          help="where the NVIDIA device nodes are (default %(default)s); GPUs are found "
               "through NVML (nvidia-ml-py) at start, none without it")
@@ -191,13 +204,15 @@ def load_config_file(path: str, serve: argparse.ArgumentParser) -> dict[str, Any
             kind = "a list of strings" if dest in _LIST_OPTIONS else "a number or a string"
             raise ConfigFileError(f"{path}: {key} must be {kind}")
         converted = []
+        convert: Callable[[str], Any] = action.type if callable(action.type) else str
         for item in values:
             try:
-                converted.append(action.type(str(item)) if action.type else str(item))
+                converted.append(convert(str(item)))
             except argparse.ArgumentTypeError as e:
                 raise ConfigFileError(f"{path}: {key}: {e}") from None
             except ValueError:
-                kind = {int: "an integer", float: "a number"}.get(action.type, "valid")
+                kind = "an integer" if convert is int else "a number" if convert is float \
+                    else "valid"
                 raise ConfigFileError(f"{path}: {key}: {item!r} is not {kind}") from None
         settings[dest] = converted if dest in _LIST_OPTIONS else converted[0]
     return settings
@@ -216,9 +231,11 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                          exempt=tuple(args.quota_exempt or ()))
     return WorkerConfig(listen=args.listen, max_concurrent=args.max_concurrent,
                         queue_size=args.queue_size, limits=limits, quotas=quotas,
+                        max_finished_jobs=args.max_finished_jobs,
                         state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
+                        deps_cache_bytes=args.deps_cache_mb * 2**20,
                         trusted_proxies=tuple(args.trusted_proxy or ()),
                         allow_unlimited_swap=args.allow_unlimited_swap,
                         join=args.join, advertise=args.advertise,
@@ -249,9 +266,22 @@ def check_config(config: WorkerConfig) -> str | None:
         return "--default-timeout must be between 1 and --max-timeout"
     if not 16 <= limits.default_memory_mb <= limits.max_memory_mb:
         return "--default-memory-mb must be between 16 and --max-memory-mb"
+    if config.max_finished_jobs < 0:
+        return "--max-finished-jobs must be 0 or more"
     if not limits.max_cpus >= 0.01:
         return "--max-cpus must be at least 0.01"
     return None
+
+
+def _allow_open_files() -> None:
+    """Descriptors up to the hard limit: each held job keeps its output log open, and a
+    worker may hold thousands (``--max-finished-jobs``) besides its connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def serve(config: WorkerConfig) -> None:
@@ -262,6 +292,7 @@ def serve(config: WorkerConfig) -> None:
     from sandrun.service import WorkerService
 
     start_logging()
+    _allow_open_files()
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
@@ -291,10 +322,68 @@ def _strerror(error: Any) -> str:
     return getattr(error, "strerror", None) or str(error)
 
 
+def unknown_option(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Refuse a mistyped option or command, suggesting the close one (``--memroy``:
+    did you mean ``--memory``?), before argparse blames the words after it."""
+    commands = _subcommands(parser)
+    known = {s for a in parser._actions for s in a.option_strings}
+    takes_value = {s for a in parser._actions if a.nargs != 0 for s in a.option_strings}
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):  # options before the command
+        name = argv[i].split("=", 1)[0]
+        if name not in known and argv[i] not in ("-", "--"):
+            _refuse(parser, name, known)
+        i += 2 if name in takes_value and "=" not in argv[i] else 1
+    if i >= len(argv):
+        return
+    command = argv[i]
+    if command not in commands:
+        close = difflib.get_close_matches(command, list(commands), n=1)
+        if close:
+            parser.error(f"unknown command {command!r} (did you mean {close[0]}?)")
+        return  # argparse lists the choices
+    sub = commands[command]
+    known = _options_within(sub)
+    for word in argv[i + 1:]:
+        if word == "--":
+            break
+        if word.startswith("--"):
+            name = word.split("=", 1)[0]
+            if name not in known and not _abbreviates(name, known):
+                _refuse(sub, name, known)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _options_within(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and of its own subcommands (``env build ...``)."""
+    found = {s for a in parser._actions for s in a.option_strings}
+    for sub in _subcommands(parser).values():
+        found |= _options_within(sub)
+    return found
+
+
+def _abbreviates(name: str, known: set[str]) -> bool:
+    """argparse takes an unambiguous prefix of a long option."""
+    return len([k for k in known if k.startswith(name) and k.startswith("--")]) == 1
+
+
+def _refuse(parser: argparse.ArgumentParser, name: str, known: set[str]) -> None:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    parser.error(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    unknown_option(parser, argv)
     try:
-        args = apply_config_file(parser, sys.argv[1:] if argv is None else argv)
+        args = apply_config_file(parser, argv)
     except ConfigFileError as e:
         sys.exit(f"sandrun: cannot start: {e}")
     if args.command == "serve":
@@ -304,8 +393,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"sandrun: cannot start: {problem}")
         if os.geteuid() != 0:
             sys.exit("sandrun serve must run as root: it creates namespaces, cgroups and mounts")
-        ensure_own_cgroup([sys.executable, "-m", "sandrun",
-                           *(sys.argv[1:] if argv is None else argv)])
+        ensure_own_cgroup([sys.executable, "-m", "sandrun", *argv])
         if config.worker_key:
             from sandrun.identity import IdentityError, WorkerIdentity
 
@@ -327,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit("sandrun install-service must run as root")
         sys.exit(install_service(args.coordinator, start=not args.no_start))
     elif args.command == "verify":
-        sys.exit(_verify(args.status, args.worker_id, args.server))
+        sys.exit(_verify(args))
     elif args.command == "env":
         from sandrun.environments.cli import run_env_command
 
@@ -374,9 +462,12 @@ def ensure_own_cgroup(command: list[str], who: str = "sandrun") -> None:
     sys.exit(f"{who}: cannot start: {problem}")
 
 
-def _verify(target: str, worker_id: str | None, server: str | None) -> int:
+def _verify(args: argparse.Namespace) -> int:
     """``sandrun verify``: a saved /status document, or a job id fetched from a server."""
+    from sandrun.client.cli import ssl_context_for
     from sandrun.identity import verify_main
+
+    target, worker_id = args.status, args.worker_id
 
     # A worker's job id, or a coordinator's (``<tag>.<time>.job-...``, ``~`` between replicas).
     is_job_id = target.startswith("job-") or ".job-" in target
@@ -389,7 +480,8 @@ def _verify(target: str, worker_id: str | None, server: str | None) -> int:
     from sandrun.client.errors import SandrunError
 
     try:
-        document = SandrunClient(server).status(target).raw
+        document = SandrunClient(args.server, ssl_context=ssl_context_for(args)).status(
+            target).raw
     except SandrunError as e:
         from sandrun.client.cli import error_exit_code
 

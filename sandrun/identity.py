@@ -53,6 +53,7 @@ __all__ = [
     "health_response",
     "job_hash",
     "keygen_main",
+    "show_key_main",
     "sign_result",
     "status_result",
     "verify_health",

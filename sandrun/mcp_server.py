@@ -85,16 +85,20 @@ def build_server(client: SandrunClient) -> Any:
         return await _call(run)
 
     @server.tool()
-    async def run_files(files: dict[str, str], manifest: dict[str, Any]) -> dict[str, Any]:
-        """Run a set of text files with a Sandrun manifest and wait for it to finish.
+    async def run_files(files: dict[str, str],
+                        manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run a set of text files, with an optional Sandrun manifest, and wait for it to finish.
 
-        files: path -> text content. manifest: entrypoint (required unless there
-        is one file), args, env, stdin, outputs (glob patterns), timeout,
+        files: path -> text content. manifest (optional for one file, which is then its
+        own entrypoint): entrypoint, args, env, stdin, outputs (glob patterns), timeout,
         memory_mb, interpreter, requirements, environment.
-        Returns status, reason, exit_code, stdout, stderr and outputs.
+        Returns status, reason, exit_code, stdout, stderr, install (the dependency
+        install's log), limits (the limits it ran under) and outputs.
         """
+        manifest = dict(manifest or {})
+
         def run() -> dict[str, Any]:
-            submitted = client.submit_files(files, manifest)
+            submitted = client.submit_files(files, manifest or None)
             limit = manifest.get("timeout") if isinstance(manifest.get("timeout"), int) else None
             inputs = {} if manifest.get("outputs") else \
                 {path: _sha256(text) for path, text in files.items()}
@@ -113,6 +117,7 @@ def build_server(client: SandrunClient) -> Any:
         def logs() -> dict[str, Any]:
             got = client.logs(job_id)
             return {"job_id": got.job_id, "stdout": got.stdout, "stderr": got.stderr,
+                    "install": got.install,
                     "stdout_truncated": got.stdout_truncated,
                     "stderr_truncated": got.stderr_truncated}
 
@@ -154,7 +159,7 @@ def _finish(client: SandrunClient, job_id: str, timeout: int | None,
         return result
     logs = client.logs(job_id)
     result = _status(job)
-    result.update(stdout=logs.stdout, stderr=logs.stderr,
+    result.update(stdout=logs.stdout, stderr=logs.stderr, install=logs.install,
                   stdout_truncated=logs.stdout_truncated, stderr_truncated=logs.stderr_truncated,
                   outputs=_outputs(client, job_id, unchanged))
     return result
@@ -166,6 +171,9 @@ def _status(job: Job) -> dict[str, Any]:
             "exit_code": run.exit_code, "signal": run.signal, "message": run.message,
             "queue_position": job.queue_position, "wall_time_ms": run.wall_time_ms,
             "cpu_seconds": run.cpu_seconds, "memory_peak_bytes": run.memory_peak_bytes,
+            # What it ran under, the worker's defaults filled in: "timeout" means "300 s".
+            "limits": {"timeout": run.timeout, "memory_mb": run.memory_mb,
+                       "cpu_seconds": run.cpu_seconds_limit},
             "worker_id": job.worker.worker_id}
 
 

@@ -73,7 +73,8 @@ class WorkerService(service.MultiService):
                                allow_unlimited_swap=config.allow_unlimited_swap)
         self.limiter = RateLimiter(config.quotas)
         self.environments = Environments(Registry(config.env_dir),
-                                         DependencyCache(config.deps_dir))
+                                         DependencyCache(config.deps_dir,
+                                                         max_total_bytes=config.deps_cache_bytes))
         self.gpus = GpuPool()
         self.manager = JobManager(reactor, self.sandbox, self.storage, config, self.limiter,
                                   self.identity, environments=self.environments,

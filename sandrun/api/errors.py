@@ -12,7 +12,6 @@ from sandrun.jobs.manifest import ManifestError
 from sandrun.jobs.storage import StorageFull
 from sandrun.jobs.workspace import OutputNotFound, UploadError
 
-
 # Told with every 429: the quotas protect a public worker; its operator can lift them.
 LIFT_QUOTA = ("The worker's operator can exempt trusted addresses (sandrun serve --quota-exempt "
               "CIDR) or raise the limits (--jobs-per-hour, --cpu-quota, --max-active-per-ip)")

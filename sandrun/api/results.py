@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.internet import defer
 
+from sandrun.api.sending import Text
 from sandrun.httpjson import APIError
 from sandrun.jobs.model import Job
 
@@ -108,8 +109,10 @@ def output_listing(job: Job, kept: bool = True) -> list[dict[str, Any]]:
             for o in job.outputs]
 
 
-def run_document(status: dict[str, Any], job: Job, *, keep: bool) -> dict[str, Any]:
-    """``POST /run``'s answer: the final status document, the output and the outputs."""
-    return {**status, "stdout": job.log.text("stdout"), "stderr": job.log.text("stderr"),
-            "install": job.log.text("install"), "truncated": dict(job.truncated), "outputs": output_listing(job, keep),
-            "kept": keep}
+def run_document(status: dict[str, Any], job: Job, *, keep: bool) -> list[tuple[str, Any]]:
+    """``POST /run``'s answer, member by member: the final status document, the output
+    (streamed: ``sending.Text``, up to 3 x 10 MiB) and the outputs."""
+    return [*status.items(), ("stdout", Text(job.log.pieces("stdout"))),
+            ("stderr", Text(job.log.pieces("stderr"))),
+            ("install", Text(job.log.pieces("install"))), ("truncated", dict(job.truncated)),
+            ("outputs", output_listing(job, keep)), ("kept", keep)]

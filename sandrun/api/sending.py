@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from twisted.internet import defer
@@ -112,7 +112,7 @@ def json_string(chunks: Iterable[bytes]) -> Iterator[bytes]:
     yield b'"'
 
 
-def logs_json(job_id: str, streams: dict[str, Iterable[bytes]],
+def logs_json(job_id: str, streams: Mapping[str, Iterable[bytes]],
               truncated: dict[str, bool]) -> Iterator[bytes]:
     """``{"job_id", <each stream>, "truncated"}``, the streams' text streamed."""
     yield b"{" + _member("job_id", job_id) + b",\n"
@@ -136,6 +136,26 @@ def listing_json(head: dict[str, Any], files: Iterable[dict[str, Any]]) -> Itera
         yield separator + json.dumps(entry).encode()
         separator = b",\n"
     yield b"\n]}"
+
+
+class Text:
+    """A string member of ``object_json`` whose UTF-8 bytes come in chunks."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self.chunks = chunks
+
+
+def object_json(members: Iterable[tuple[str, Any]]) -> Iterator[bytes]:
+    """A JSON object of ``members`` in order; a ``Text`` value is streamed."""
+    separator = b"{"
+    for name, value in members:
+        yield separator + json.dumps(name).encode() + b": "
+        if isinstance(value, Text):
+            yield from json_string(value.chunks)
+        else:
+            yield json.dumps(value).encode()
+        separator = b", "
+    yield b"}" if separator == b", " else b"{}"
 
 
 def _member(name: str, value: Any) -> bytes:

@@ -20,7 +20,7 @@ or grow the worker's memory; run here, it can only use up its own child:
 A child that runs past a limit answers nothing; that is a 400 naming the
 limits: the upload, not the worker, was at fault.  ``Unpacker.parse`` blocks
 (run it in a thread, as the worker's ``blocking`` does) and waits in
-``select``, off the GIL.
+``poll``, off the GIL.
 """
 
 from __future__ import annotations
@@ -162,9 +162,12 @@ def _read_all(fd: int, timeout: float) -> bytes | None:
     chunks: list[bytes] = []
     size = 0
     deadline = time.monotonic() + timeout
+    # poll, not select: a worker holding thousands of jobs has descriptors past 1024.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     while True:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not poller.poll(left * 1000):
             return None
         chunk = os.read(fd, _READ)
         if not chunk:

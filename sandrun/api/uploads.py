@@ -116,8 +116,27 @@ class UploadRequest(RawBodyRequest):
         self.answer(status, {"error": error, "details": details})
 
 
+# The first byte of a TLS handshake record: a client speaking https:// to a plain port.
+_TLS_HANDSHAKE = b"\x16"
+
+
 class WorkerChannel(http.HTTPChannel):
-    """twisted's HTTP/1.1 channel, answering a malformed request with a JSON 400."""
+    """twisted's HTTP/1.1 channel, answering a malformed request with a JSON 400.
+
+    A TLS ClientHello on this plain-HTTP port is closed at once: it holds no
+    line end, so it would otherwise wait for the rest of a request line until
+    the client's own timeout, and the client could tell nobody what was wrong.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first and data:
+            self._first = False
+            if data[:1] == _TLS_HANDSHAKE:
+                self.loseConnection()  # nothing was written: it closes at once
+                return
+        super().dataReceived(data)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         if self.transport is not None:

@@ -81,7 +81,8 @@ def json_answer(status: int, body: bytes) -> Any:
         return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("Unexpected response",
-                            f"HTTP {status} with a body that is not JSON") from None
+                            f"HTTP {status} with a body that is not JSON: is this URL a "
+                            "Sandrun worker or coordinator?") from None
 
 
 LONG_POLL_SECONDS = 30.0  # how long one ``/status?wait=`` asks the server to hold

@@ -5,30 +5,33 @@
 to run one.  Output of the job goes to stdout and stderr as the job wrote it;
 everything ``sandrun`` itself says goes to stderr, prefixed ``sandrun:``.
 
-Exit status of ``sandrun run`` (``EXIT_CODES`` and ``exit_code_for`` below):
+Exit status of ``sandrun run`` (``EXIT_CODES`` and ``exit_code_for`` below; the README's
+table is this one, and ``tests/integration/test_first_hour.py`` runs every row):
 
 ====  ================================================================
-0     the job completed (its entrypoint exited 0)
+0     the job completed (its entrypoint exited 0); ``--detach``: submitted
 N     the job's entrypoint exited with N (1-255)
 128+N the job was killed by signal N
 124   the job ran out of time (``timeout``)
 125   the job hit a resource limit: memory, CPU time, output or disk
-130   the job was cancelled (or you pressed Ctrl-C: the job is cancelled)
+130   the job was cancelled, here (Ctrl-C) or elsewhere (``sandrun cancel``,
+      ``DELETE``)
 75    try again later: rate limited (429) or queue/storage full (503);
       the message gives the server's reason and ``retry_after``
 70    the job could not run: sandbox error, dependency install failed,
-      worker lost or shut down
-69    the server could not be reached, or answered with a server error
+      worker lost (also through a coordinator) or shut down
+69    the server could not be reached, is not a Sandrun server, or
+      answered with a server error
 66    PATH does not exist or cannot be read
 65    the server refused the submission (invalid manifest/upload, too large)
 76    ``--worker-id`` was given and the result's signature does not verify,
-      or a coordinator ran the job on several workers (``--replicas``) and
-      their signed results disagree (``replica_disagreement``)
+      or the replicas of a ``--replicas N`` job disagree
 1     any other error (unknown or expired job, unsafe output archive, ...)
 2     bad command line
 ====  ================================================================
 
-The other commands exit 0 on success and use the same codes for errors.
+The other commands (and ``sandrun verify``) exit 0 on success and use the same codes for
+errors.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = ["EXIT_CODES", "add_client_commands", "error_exit_code", "exit_code_fo
 
 COMMANDS = ("run", "status", "logs", "download", "cancel")
 UPLOAD_PROGRESS_BYTES = 1024 * 1024
+MAX_STDIN_BYTES = 1024 * 1024  # the worker's own cap on a manifest's stdin (Limits)
 
 EX_DATAERR = 65
 EX_NOINPUT = 66
@@ -100,9 +104,7 @@ def exit_code_for(status: str, reason: str | None, exit_code: int | None,
 def add_client_commands(subparsers: Any) -> None:
     """Add ``run``, ``status``, ``logs``, ``download`` and ``cancel`` to ``sandrun``'s parser."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", metavar="URL",
-                        help="worker or coordinator URL (default: $SANDRUN_URL or "
-                             "http://127.0.0.1:8443)")
+    add_connection_options(common, suppress=True)
     common.add_argument("-q", "--quiet", action="store_true",
                         help="say nothing on stderr but errors")
 
@@ -141,6 +143,14 @@ def add_client_commands(subparsers: Any) -> None:
     run.add_argument("--keep", action="store_true",
                      help="leave the job on the server (default: delete it once done)")
     run.add_argument("--worker-id", help="verify the signed result against this worker id")
+    run.add_argument("-i", "--interactive", action="store_true",
+                     help="send our stdin to the job even from a terminal (read to end of "
+                          "file first); without it stdin is sent when it is not a terminal")
+    run.add_argument("--json", action="store_true",
+                     help="print one JSON document (status, logs, output paths) on stdout "
+                          "instead of the job's live output")
+    run.add_argument("-d", "--detach", action="store_true",
+                     help="print the job id on stdout and exit 0 once the job is accepted")
 
     status = subparsers.add_parser("status", parents=[common],
                                    help="show a job's status (JSON)")
@@ -163,6 +173,37 @@ def add_client_commands(subparsers: Any) -> None:
     cancel = subparsers.add_parser("cancel", parents=[common],
                                    help="cancel a job and delete its data")
     cancel.add_argument("job_id", metavar="JOB_ID")
+
+
+def add_connection_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """``--server``, ``--cacert``, ``--insecure``: before the subcommand (global, with
+    ``suppress=False``) or after it (``suppress=True``: absent unless given, so the
+    global value stands)."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--server", metavar="URL", default=default,
+                        help="worker or coordinator URL (default: $SANDRUN_URL or "
+                             "http://127.0.0.1:8443)")
+    parser.add_argument("--cacert", metavar="FILE", default=default,
+                        help="CA certificate(s) that sign an https:// server's certificate "
+                             "(default: the system's, or $SSL_CERT_FILE)")
+    parser.add_argument("--insecure", action="store_true",
+                        default=argparse.SUPPRESS if suppress else False,
+                        help="do not check an https:// server's certificate (testing only)")
+
+
+def ssl_context_for(args: argparse.Namespace) -> Any:
+    """The TLS context ``--cacert``/``--insecure`` ask for; None: the system's defaults
+    (which honour ``SSL_CERT_FILE``)."""
+    import ssl
+
+    cacert, insecure = getattr(args, "cacert", None), getattr(args, "insecure", False)
+    if not cacert and not insecure:
+        return None
+    context = ssl.create_default_context(cafile=cacert or None)
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 class _SplitAtDashes(argparse.ArgumentParser):
@@ -192,8 +233,8 @@ def run_client_command(args: argparse.Namespace, stdout: IO[str] | None = None,
     err = stderr or sys.stderr
     say = _Say(err, args.quiet)
     try:
-        client = SandrunClient(args.server)
-    except ValueError as e:
+        client = SandrunClient(getattr(args, "server", None), ssl_context=ssl_context_for(args))
+    except (ValueError, OSError) as e:  # a bad URL; a --cacert that cannot be read
         say.error(str(e))
         return 2
     handlers: dict[str, Callable[[Any, argparse.Namespace, IO[str], _Say], int]] = {
@@ -213,6 +254,9 @@ def error_exit_code(e: Exception) -> int:
     """The exit status for a client error (see the module table)."""
     from sandrun.client import errors
 
+    reason = getattr(e, "reason", None)
+    if reason in ("worker_lost", "shutdown"):  # a coordinator's 410 for a lost worker
+        return EXIT_CODES[reason]
     if isinstance(e, (errors.RateLimitedError, errors.ServiceUnavailableError)):
         return EX_TEMPFAIL
     if isinstance(e, (errors.SandrunConnectionError, errors.ServerError, errors.ProtocolError)):
@@ -237,7 +281,7 @@ class _Say:
 
 
 def _run(client: Any, args: argparse.Namespace, out: IO[str], say: _Say) -> int:
-    from sandrun.client.errors import StreamUnavailableError
+    from sandrun.client.errors import NotFoundError, SandrunError, StreamUnavailableError
 
     path = args.path
     if not os.path.exists(path):
@@ -245,9 +289,14 @@ def _run(client: Any, args: argparse.Namespace, out: IO[str], say: _Say) -> int:
         return EX_NOINPUT
     try:
         manifest = _manifest(args)
+        given = None if args.stdin_file else _stdin_for_job(args)
     except (ValueError, OSError) as e:
         say.error(str(e))
         return EX_NOINPUT if isinstance(e, OSError) else 2
+    if given:  # piped in, as docker run -i does
+        manifest = {**(manifest or {}), "stdin": given}
+    if args.json:  # stdout is the JSON document alone
+        say = _Say(say.stream, True)
     progress = _UploadProgress(say)
     inputs: dict[str, str] = {}
     if os.path.isdir(path):
@@ -271,20 +320,40 @@ def _run(client: Any, args: argparse.Namespace, out: IO[str], say: _Say) -> int:
         inputs = {os.path.basename(path): _sha256_file(path)}
     progress.finish()
     job_id = submitted.job_id
+    if args.detach:
+        out.write(job_id + "\n")
+        out.flush()
+        return 0
     say.info(f"job {job_id} {submitted.status}"
              + (f" (position {submitted.position})" if submitted.position else ""))
+    shown = _Shown()
     try:
         try:
-            _follow(client, job_id, out, say)
+            if args.json:
+                client.wait(job_id)
+            else:
+                _follow(client, job_id, out, say, shown)
         except StreamUnavailableError:
-            _poll(client, job_id, out, say)
+            _poll(client, job_id, out, say, shown)
         job = client.status(job_id)
         if not job.finished:
             job = client.wait(job_id)
     except KeyboardInterrupt:
         _cancel_quietly(client, job_id, say)
         return EXIT_CANCELLED
+    except NotFoundError:
+        # Gone while we watched: cancelled (DELETE, sandrun cancel) from elsewhere.
+        say.error(f"job {job_id} was cancelled and deleted elsewhere")
+        return EXIT_CANCELLED
     code = exit_code_for(job.status, job.reason, job.exit_code, job.execution.signal)
+    logs = None
+    if args.json or job.reason == "install_failed":
+        try:
+            logs = client.logs(job_id)
+        except SandrunError:
+            logs = None
+    if job.reason == "install_failed" and logs is not None and not shown.install:
+        _write(say.stream, logs.install)  # why it failed, even with -q
     if job.status != "completed":
         say.info(_describe_failure(job, args))
     if args.worker_id:
@@ -293,8 +362,57 @@ def _run(client: Any, args: argparse.Namespace, out: IO[str], say: _Say) -> int:
             return EX_PROTOCOL
         say.info("result signature verified")
     keep_all = bool(args.output) or bool((manifest or {}).get("outputs"))
-    _collect_outputs(client, job, args, inputs, keep_all, say)
+    written: list[str] = []
+    if job.reason != "worker_lost":  # its outputs went with it
+        written = _collect_outputs(client, job, args, inputs, keep_all, say)
+    if args.keep:  # the id is what --keep is for: shown even with -q
+        say.error(f"job {job_id} kept on the server: sandrun download {job_id}, "
+                  f"sandrun cancel {job_id}")
+    if args.json:
+        document = {"job_id": job_id, "status": job.status, "reason": job.reason,
+                    "exit_code": job.exit_code, "signal": job.execution.signal,
+                    "message": job.execution.message, "exit_status": code,
+                    "execution_metadata": job.raw.get("execution_metadata"),
+                    "stdout": logs.stdout if logs else None,
+                    "stderr": logs.stderr if logs else None,
+                    "install": logs.install if logs else None,
+                    "outputs": written, "kept": bool(args.keep)}
+        out.write(json.dumps(document, indent=2) + "\n")
+        out.flush()
     return code
+
+
+class _Shown:
+    """What of a job's log has been shown on our terminal."""
+
+    def __init__(self) -> None:
+        self.install = False
+
+
+def _stdin_for_job(args: argparse.Namespace, stdin: IO[str] | None = None) -> str | None:
+    """Our stdin, for the job: when it is not a terminal, or with ``-i``; None: none."""
+    stream = stdin if stdin is not None else sys.stdin
+    if stream is None or stream.closed:
+        return None
+    try:
+        tty = stream.isatty()
+    except (OSError, ValueError):
+        return None
+    if tty and not args.interactive:
+        return None
+    try:
+        data = stream.buffer.read(MAX_STDIN_BYTES + 1) if hasattr(stream, "buffer") \
+            else stream.read(MAX_STDIN_BYTES + 1).encode()
+    except (OSError, ValueError):  # not readable after all
+        return None
+    if len(data) > MAX_STDIN_BYTES:
+        raise ValueError(f"stdin: more than {MAX_STDIN_BYTES} bytes; the worker takes at most "
+                         "that (put the data in a file of the upload instead)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("stdin: not UTF-8 text; put binary data in a file of the upload") \
+            from None
 
 
 def _manifest(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -361,16 +479,26 @@ def _directory_manifest(path: str, given: dict[str, Any] | None) -> dict[str, An
     return manifest
 
 
-def _follow(client: Any, job_id: str, out: IO[str], say: _Say) -> None:
-    """Copy the live output to our stdout and stderr until the job ends."""
-    from sandrun.client.errors import SandrunConnectionError, StreamUnavailableError
+def _follow(client: Any, job_id: str, out: IO[str], say: _Say,
+            shown: _Shown | None = None) -> None:
+    """Copy the live output to our stdout and stderr until the job ends.
+
+    The install step's log goes to stderr (unless ``-q``): it is never the job's stdout.
+    """
+    from sandrun.client.errors import SandrunConnectionError, SandrunError, StreamUnavailableError
     from sandrun.client.models import OutputChunk, StatusUpdate
 
-    printed = {"stdout": 0, "stderr": 0}
+    shown = shown or _Shown()
+    printed = {"stdout": 0, "stderr": 0, "install": 0}
     try:
         for event in client.stream(job_id):
             if isinstance(event, OutputChunk):
-                _write(out if event.stream == "stdout" else say.stream, event.data)
+                if event.stream == "install":
+                    if not say.quiet:
+                        _write(say.stream, event.data)
+                        shown.install = True
+                else:
+                    _write(out if event.stream == "stdout" else say.stream, event.data)
                 printed[event.stream] = printed.get(event.stream, 0) + len(event.data)
             elif isinstance(event, StatusUpdate) and event.status == "running":
                 say.info(f"job {job_id} running")
@@ -378,16 +506,29 @@ def _follow(client: Any, job_id: str, out: IO[str], say: _Say) -> None:
         if not any(printed.values()):
             raise StreamUnavailableError(e.error, e.details) from None
         say.info(f"live output interrupted ({e.details}); waiting for the job")
-        client.wait(job_id)
-        logs = client.logs(job_id)
+        job = client.wait(job_id)
+        if job.reason == "worker_lost":
+            return  # nothing more to fetch from a worker that is gone
+        try:
+            logs = client.logs(job_id)
+        except SandrunError as lost:
+            say.info(f"the rest of the output is lost: {lost}")
+            return
         _write(out, logs.stdout[printed["stdout"]:])
         _write(say.stream, logs.stderr[printed["stderr"]:])
 
 
-def _poll(client: Any, job_id: str, out: IO[str], say: _Say) -> None:
+def _poll(client: Any, job_id: str, out: IO[str], say: _Say,
+          shown: _Shown | None = None) -> None:
     """No live output: wait for the end, then print everything at once."""
-    client.wait(job_id)
+    job = client.wait(job_id)
+    if job.reason == "worker_lost":
+        return
     logs = client.logs(job_id)
+    if logs.install and not say.quiet:
+        _write(say.stream, logs.install)
+        if shown is not None:
+            shown.install = True
     _write(out, logs.stdout)
     _write(say.stream, logs.stderr)
 
@@ -400,15 +541,22 @@ def _write(stream: IO[str], text: str) -> None:
 
 def _describe_failure(job: Any, args: argparse.Namespace) -> str:
     reason = job.reason or "unknown"
+    run = job.execution
+    # The limits it ran under come from the worker (its defaults filled in).
+    timeout = run.timeout or args.timeout
+    memory = run.memory_mb or args.memory
+    cpu = run.cpu_seconds_limit or args.cpu_seconds
     what = {"exit_nonzero": f"exited with status {job.exit_code}",
             "signaled": f"was killed by signal {job.execution.signal}",
-            "timeout": "ran out of time" + (f" ({args.timeout} s)" if args.timeout else ""),
-            "memory_limit": "ran out of memory" + (f" ({args.memory} MB)" if args.memory
-                                                   else ""),
-            "cpu_limit": "used up its CPU time",
+            "timeout": "ran out of time" + (f" ({timeout} s)" if timeout else ""),
+            "memory_limit": "ran out of memory" + (f" ({memory} MB)" if memory else ""),
+            "cpu_limit": "used up its CPU time" + (f" ({cpu:g} s)" if cpu else ""),
             "output_limit": "printed more output than the worker keeps",
             "disk_limit": "filled its job directory",
             "cancelled": "was cancelled",
+            "worker_lost": "was lost with its worker (it died or restarted)",
+            "install_failed": "could not install its dependencies",
+            "sandbox_error": "could not be started in the sandbox",
             "replica_disagreement": "got different results from its replicas"}.get(
                 reason, f"failed ({reason})")
     message = job.execution.message
@@ -416,26 +564,28 @@ def _describe_failure(job: Any, args: argparse.Namespace) -> str:
 
 
 def _collect_outputs(client: Any, job: Any, args: argparse.Namespace, inputs: Mapping[str, str],
-                     keep_all: bool, say: _Say) -> None:
+                     keep_all: bool, say: _Say) -> list[str]:
     """Download the outputs, then delete the job from the server unless ``--keep``.
 
-    Without an explicit ``outputs`` list every file of the job directory is an
-    output, including the uploaded ones: files that come back unchanged are
-    not downloaded again.
+    Without an explicit ``outputs`` list the worker lists only what the job
+    made or changed; uploaded files that come back unchanged are never
+    downloaded again (older workers list them too).
     """
     if args.no_download:
-        return
+        return []
     wanted = [path for path, info in job.output_files.items()
               if keep_all or inputs.get(path) != info.sha256]
     dest = args.outputs_dir or os.path.join("sandrun-outputs", job.job_id)
     if wanted and not args.keep and len(wanted) == len(job.output_files):
-        written = client.download_all(job.job_id, dest)  # the worker deletes the job after
+        # The worker deletes the job after; the archive's paths are relative to dest.
+        written = [os.path.join(dest, p) for p in client.download_all(job.job_id, dest)]
     else:
         written = [client.download_to(job.job_id, path, dest) for path in wanted]
         if not args.keep:
             client.cancel(job.job_id)
     if written:
         say.info(f"{len(written)} output file{'s' if len(written) != 1 else ''} in {dest}")
+    return [str(path) for path in written]
 
 
 def _cancel_quietly(client: Any, job_id: str, say: _Say) -> None:

@@ -129,6 +129,28 @@ _BY_STATUS: dict[int, type[SandrunError]] = {
 }
 
 
+def connection_problem(e: BaseException, scheme: str, timeout: float | None) -> str:
+    """Why a connection failed, in one line a person can act on (TLS above all)."""
+    import ssl
+
+    text = str(e)
+    if isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+        detail = getattr(e, "verify_message", None) or "not trusted"
+        return (f"the server's TLS certificate is {detail}: give its CA with --cacert FILE "
+                "(or SSL_CERT_FILE), or --insecure to skip the check while testing")
+    if scheme == "https" and (isinstance(e, (ssl.SSLError, ConnectionResetError))
+                              or "WRONG_VERSION_NUMBER" in text or "EOF" in text
+                              or "handshake" in text):
+        return ("the server does not speak TLS on this port (the TLS handshake failed: "
+                f"{getattr(e, 'reason', None) or type(e).__name__}); for a plain-HTTP "
+                "worker use an http:// URL")
+    if isinstance(e, ssl.SSLError):
+        return f"TLS failed: {getattr(e, 'reason', None) or text}"
+    if isinstance(e, TimeoutError) or "timed out" in text:
+        return f"no answer within {timeout:g} s" if timeout else "timed out"
+    return getattr(e, "strerror", None) or text or type(e).__name__
+
+
 def error_from_response(status: int, body: bytes,
                         headers: Mapping[str, str] | None = None) -> SandrunError:
     """The exception for an HTTP error answer (``status`` >= 400).
@@ -150,7 +172,13 @@ def error_from_response(status: int, body: bytes,
         details = given_details if isinstance(given_details, str) else ""
     else:
         error = f"HTTP {status}"
-        details = "" if document else body[:200].decode("utf-8", "replace").strip()
+        kind = (headers or {}).get("content-type", "").split(";")[0].strip()
+        text = body[:200].decode("utf-8", "replace").strip()
+        if document or (text.isprintable() and not text.startswith("<") and "html" not in kind):
+            details = "" if document else text  # a short plain line says it best
+        else:  # a web page or worse: say what it is, not what it holds
+            details = (f"the answer is not the Sandrun API ({kind or 'no content type'}, "
+                       f"{len(body)} bytes): is this URL a Sandrun worker or coordinator?")
     reason = document.get("reason") if isinstance(document.get("reason"), str) else None
     retry_after = _number(document.get("retry_after"))
     if retry_after is None and headers is not None:

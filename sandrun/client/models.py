@@ -84,16 +84,24 @@ class ExecutionMetadata:
     environment: str | None = None
     interpreter: str | None = None
     message: str | None = None
+    timeout: int | None = None  # the limits it ran under (``limits``), defaults filled
+    memory_mb: int | None = None
+    cpu_seconds_limit: float | None = None
 
     @classmethod
     def from_json(cls, document: Any) -> ExecutionMetadata:
         d = _object(document or {}, "execution_metadata")
+        given = d.get("limits")
+        limits: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
         return cls(cpu_seconds=_opt(d, "cpu_seconds", (int, float)),
                    memory_peak_bytes=_opt(d, "memory_peak_bytes", int),
                    wall_time_ms=_opt(d, "wall_time_ms", (int, float)),
                    exit_code=_opt(d, "exit_code", int), signal=_opt(d, "signal", int),
                    reason=_opt(d, "reason", str), environment=_opt(d, "environment", str),
-                   interpreter=_opt(d, "interpreter", str), message=_opt(d, "message", str))
+                   interpreter=_opt(d, "interpreter", str), message=_opt(d, "message", str),
+                   timeout=_opt(limits, "timeout", int),
+                   memory_mb=_opt(limits, "memory_mb", int),
+                   cpu_seconds_limit=_opt(limits, "cpu_seconds", (int, float)))
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,7 @@ class Logs:
     stderr: str
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    install: str = ""  # the dependency install step's own log
 
     @classmethod
     def from_json(cls, document: Any) -> Logs:
@@ -197,7 +206,7 @@ class Logs:
         truncated: Mapping[str, Any] = cut if isinstance(cut, Mapping) else {}
         return cls(_str(d, "job_id", "the logs document"), _opt(d, "stdout", str) or "",
                    _opt(d, "stderr", str) or "", truncated.get("stdout") is True,
-                   truncated.get("stderr") is True)
+                   truncated.get("stderr") is True, _opt(d, "install", str) or "")
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from sandrun.client.errors import (
     SandrunError,
     StreamUnavailableError,
     WaitTimeoutError,
+    connection_problem,
     error_from_response,
 )
 from sandrun.client.models import (
@@ -419,8 +420,8 @@ class SandrunClient:
         return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
 
     def _unreachable(self, e: BaseException) -> SandrunError:
-        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        return SandrunConnectionError(f"Cannot reach {self.server_url}", why)
+        return SandrunConnectionError(f"Cannot reach {self.server_url}",
+                                      connection_problem(e, self._scheme, self.timeout))
 
     def _ssl_for_ws(self) -> ssl.SSLContext | None:
         if self._scheme != "https":

@@ -17,11 +17,17 @@ either absent or whole.  Everything is world-readable and root-owned: jobs
 bind an entry read-only at ``/opt/deps`` and install from it inside their
 sandbox with the network off.
 
+The cache is capped (``max_total_bytes``): after each new fetch the least
+recently used entries (a hit refreshes an entry's time) are deleted until it
+fits, except entries a running job binds.  A fetch is killed when its job is
+cancelled (``stop``), and the tools' CPU time is measured for the client's quota.
+
 Blocking: the worker calls ``fetch`` from a thread.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -78,6 +84,7 @@ class Fetched:
     packages: tuple[str, ...]  # what was fetched: wheel, package or gem file names
     notes: tuple[str, ...] = ()  # warnings for the job's log
     cached: bool = False  # True when no fetch was needed
+    cpu_seconds: float = 0.0  # what fetching used this time, charged to the client
 
 
 @dataclass(frozen=True)
@@ -99,9 +106,15 @@ class DependencyCache:
                  pip_args: tuple[str, ...] = (), npm: str = "npm",
                  npm_args: tuple[str, ...] = (), gem: str = "gem", ruby: str = "ruby",
                  gem_source: str = "https://rubygems.org/",
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None,
+                 max_total_bytes: int = 0) -> None:
         self.root = root
         self.timeout = timeout  # seconds one fetch may take, all its tools together
+        # Bytes all entries may hold (0: no cap); beyond, the least recently used entries
+        # no running job binds are deleted, after each new fetch.
+        self.max_total_bytes = max_total_bytes
+        self._in_use: dict[str, int] = {}  # entry path -> jobs binding it now
+        self._prune_lock = threading.Lock()
         self.max_bytes = max_bytes  # bytes one fetch may download and unpack
         self.python = python
         self.pip_args = pip_args  # index options, e.g. ("--index-url", URL)
@@ -109,22 +122,50 @@ class DependencyCache:
         self.gem, self.ruby, self.gem_source = gem, ruby, gem_source
         self.environ = dict(os.environ if environ is None else environ)
         self._locks: dict[str, threading.Lock] = {}
+        self._local = threading.local()  # the calling thread's stop event and CPU used
+        self._npm_allow: tuple[str, ...] | None = None  # found once: see npm_allow_flags
         self._locks_guard = threading.Lock()
 
     def entry(self, requirements: Requirements) -> str:
         return os.path.join(self.root, requirements.kind, requirements.key)
 
-    def fetch(self, requirements: Requirements) -> Fetched:
+    def fetch(self, requirements: Requirements, stop: threading.Event | None = None) -> Fetched:
         """The complete entry for ``requirements``, fetching it first if needed.
 
         Raises ``DependencyError`` with a message for the job's ``/status``
-        and the tool's output for its logs.
+        and the tool's output for its logs.  Setting ``stop`` (the job was
+        cancelled) kills the tools within a tenth of a second.  The result's
+        ``cpu_seconds`` is what the tools used, for the client's quota.
         """
+        self._local.stop, self._local.cpu = stop, 0.0
+        try:
+            fetched = self._fetch(requirements)
+        finally:
+            self._local.stop = None
+        if not fetched.cached and self.max_total_bytes:
+            self.prune(self.max_total_bytes, min_idle_seconds=0.0)
+        return dataclasses.replace(fetched, cpu_seconds=self._local.cpu)
+
+    def release(self, path: str) -> None:
+        """A job that bound the entry at ``path`` has ended: it may be evicted again."""
+        with self._locks_guard:
+            left = self._in_use.get(path, 0) - 1
+            if left > 0:
+                self._in_use[path] = left
+            else:
+                self._in_use.pop(path, None)
+
+    def _hold(self, path: str) -> None:
+        with self._locks_guard:
+            self._in_use[path] = self._in_use.get(path, 0) + 1
+
+    def _fetch(self, requirements: Requirements) -> Fetched:
         final = self.entry(requirements)
         with self._lock(final):
             found = _read_info(final, cached=True)
             if found is not None:
                 os.utime(final)  # last use, for pruning
+                self._hold(final)
                 return found
             kind_dir = os.path.dirname(final)
             os.makedirs(kind_dir, mode=0o755, exist_ok=True)
@@ -143,28 +184,42 @@ class DependencyCache:
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
+            self._hold(final)
             return Fetched(fetched.kind, final, fetched.packages, fetched.notes)
 
     def prune(self, max_total_bytes: int, min_idle_seconds: float = 2 * 3600.0) -> int:
-        """Delete least recently used entries, idle at least ``min_idle_seconds`` (a
-        running job may still bind a newer one), until the cache fits; returns how many."""
-        entries = []
-        for kind in ("pip", "npm", "gem"):
-            kind_dir = os.path.join(self.root, kind)
-            if os.path.isdir(kind_dir):
-                for name in os.listdir(kind_dir):
-                    path = os.path.join(kind_dir, name)
-                    entries.append((os.stat(path).st_mtime, tree_size(path), path))
-        total = sum(size for _, size, _ in entries)
-        removed = 0
-        now = time.time()
-        for mtime, size, path in sorted(entries):
-            if total <= max_total_bytes or now - mtime < min_idle_seconds:
-                break
-            shutil.rmtree(path, ignore_errors=True)
-            total -= size
-            removed += 1
-        return removed
+        """Delete least recently used entries, idle at least ``min_idle_seconds`` and
+        bound by no running job, until the cache fits; returns how many.
+
+        Entries (and fetches under way) only: whatever else is in the root stays.
+        """
+        with self._prune_lock:
+            entries = []
+            for kind in ("pip", "npm", "gem"):
+                kind_dir = os.path.join(self.root, kind)
+                if os.path.isdir(kind_dir):
+                    for name in os.listdir(kind_dir):
+                        path = os.path.join(kind_dir, name)
+                        try:
+                            entries.append((os.stat(path).st_mtime, tree_size(path), path))
+                        except OSError:
+                            continue
+            total = sum(size for _, size, _ in entries)
+            removed = 0
+            now = time.time()
+            for mtime, size, path in sorted(entries):
+                if total <= max_total_bytes or now - mtime < min_idle_seconds:
+                    break
+                if os.path.basename(path).startswith(".fetch-"):
+                    continue  # a fetch under way; counted, never removed here
+                with self._locks_guard:
+                    if self._in_use.get(path):
+                        continue
+                with self._lock(path):  # not while it is fetched or looked up
+                    shutil.rmtree(path, ignore_errors=True)
+                total -= size
+                removed += 1
+            return removed
 
     def _lock(self, key: str) -> threading.Lock:
         with self._locks_guard:
@@ -177,7 +232,11 @@ class DependencyCache:
             raise DependencyError(f"fetching the dependencies took longer than "
                                   f"{self.timeout:g} s")
         finished = run_bounded(argv, cwd=cwd, env=env, timeout=remaining, watch=watch,
-                               max_bytes=self.max_bytes)
+                               max_bytes=self.max_bytes, stop=getattr(self._local, "stop", None))
+        self._local.cpu = getattr(self._local, "cpu", 0.0) + finished.cpu_seconds
+        if finished.stopped:
+            raise DependencyError("the job was cancelled while its dependencies were fetched",
+                                  finished.output)
         if finished.timed_out:
             raise DependencyError(f"fetching the dependencies took longer than "
                                   f"{self.timeout:g} s", finished.output)
@@ -250,10 +309,11 @@ class DependencyCache:
             f.write(requirements.rewritten())
         env = {k: v for k, v in self.environ.items() if not k.lower().startswith("npm_config_")}
         env.update(NO_UPDATE_NOTIFIER="1")
+        if self._npm_allow is None:
+            self._npm_allow = npm_allow_flags(self.npm, env)
         argv = [self.npm, "install", "--ignore-scripts", "--no-audit", "--no-fund",
                 "--no-update-notifier", "--omit=dev", "--no-package-lock",
-                "--allow-git=none", "--allow-remote=none", "--allow-file=none",
-                "--allow-directory=none", "--git=/bin/false",
+                *self._npm_allow, "--git=/bin/false",
                 "--cache", os.path.join(work, ".npm-cache"), *self.npm_args]
         finished = self._run(argv, work, env, deadline, work)
         shutil.rmtree(os.path.join(work, ".npm-cache"), ignore_errors=True)
@@ -322,6 +382,28 @@ class DependencyCache:
         except (ValueError, IndexError, KeyError, TypeError):
             raise DependencyError(f"{os.path.basename(path)}: unreadable gem",
                                   finished.output) from None
+
+
+NPM_ALLOW_FLAGS = ("--allow-git=none", "--allow-remote=none", "--allow-file=none",
+                   "--allow-directory=none")
+
+
+def npm_allow_flags(npm: str, env: Mapping[str, str]) -> tuple[str, ...]:
+    """npm's ``--allow-*=none`` flags if the installed npm knows them, else none.
+
+    Older npm takes an unknown flag for a config value and ignores it, so passing
+    them blindly would only look safe; there, the manifest's own specs are still
+    refused by ``requirements`` (no git, URL, file or directory specs) and git
+    itself is ``/bin/false``.  Asked once per worker from ``npm config ls -l``.
+    """
+    try:
+        listing = subprocess.run([npm, "config", "ls", "-l"], capture_output=True, text=True,
+                                 env=dict(env), timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    known = {line.split("=", 1)[0].strip() for line in listing.stdout.splitlines()}
+    names = [flag[2:].split("=", 1)[0] for flag in NPM_ALLOW_FLAGS]
+    return NPM_ALLOW_FLAGS if all(name in known for name in names) else ()
 
 
 def _npm_inventory(modules: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

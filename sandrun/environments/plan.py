@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,6 +76,7 @@ class EnvironmentPlan:
     log: str = ""  # what fetching printed, for the job's stderr log
     output_excludes: tuple[str, ...] = ()  # paths in the job dir that are not outputs
     packages: tuple[str, ...] = field(default=(), compare=False)  # fetched, for the record
+    fetch_cpu_seconds: float = field(default=0.0, compare=False)  # charged to the client
 
     def job_env(self, manifest_env: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
         return merge_env(manifest_env, self.env)
@@ -104,13 +106,20 @@ class Environments:
         """The ``GET /environments`` document."""
         return self.registry.describe()
 
+    def release(self, plan: EnvironmentPlan) -> None:
+        """The job that ran with ``plan`` has ended: its dependency set may be evicted."""
+        for host, inside in plan.ro_binds:
+            if inside == DEPS_MOUNT:
+                self.cache.release(host)
+
     def check(self, manifest: ManifestLike) -> str | None:
         """Raise ``EnvironmentUnavailable`` (a 400) unless the job's template can be had;
         the template the job gets (None: the host's interpreters alone)."""
         built = self.registry.require(manifest.environment)
         return built.name if built is not None else None
 
-    def prepare(self, manifest: ManifestLike, job_work_dir: str) -> EnvironmentPlan:
+    def prepare(self, manifest: ManifestLike, job_work_dir: str,
+                stop: threading.Event | None = None) -> EnvironmentPlan:
         """The plan for one job.  Blocking (fetches); call it from a thread.
 
         Raises ``EnvironmentUnavailable`` when the template went away since
@@ -121,7 +130,7 @@ class Environments:
         fetched = None
         if manifest.requirements is not None:
             data = read_job_file(job_work_dir, manifest.requirements)
-            fetched = self.cache.fetch(parse_requirements(manifest.requirements, data))
+            fetched = self.cache.fetch(parse_requirements(manifest.requirements, data), stop)
         return build_plan(built.name if built is not None else None, built, fetched)
 
 
@@ -166,7 +175,8 @@ def build_plan(environment: str | None, built: BuiltEnvironment | None,
         env["PYTHONPATH"] = ":".join(python_path)
     return EnvironmentPlan(environment, tuple(binds), tuple(sorted(env.items())), install,
                            "".join(line + "\n" for line in log), excludes,
-                           fetched.packages if fetched else ())
+                           fetched.packages if fetched else (),
+                           fetched.cpu_seconds if fetched else 0.0)
 
 
 def read_job_file(job_work_dir: str, relative: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:

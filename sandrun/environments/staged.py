@@ -25,6 +25,7 @@ installer sees the plan's variables only, never the manifest's ``env``.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +54,9 @@ def run_in_environment(
         manifest: ManifestLike, argv: tuple[str, ...], job_dir: str, policy: SandboxPolicy,
         on_output: OutputCallback, stdin: bytes = b"",
         cancelled: Callable[[], Reason | None] = lambda: None,
-        on_installed: Callable[[SandboxResult], None] = lambda result: None) -> Any:
+        on_installed: Callable[[SandboxResult], None] = lambda result: None,
+        stop: threading.Event | None = None,
+        on_fetched: Callable[[float], None] = lambda cpu_seconds: None) -> Any:
     """Fire with the job's ``SandboxResult``.  Fails only as ``Sandbox.run`` or an
     unexpected host error would (the manager's ``sandbox_error`` path).
 
@@ -61,17 +64,38 @@ def run_in_environment(
     ``cancelled`` says whether (and why) the job was stopped between steps, when
     ``Sandbox.kill`` has no run to kill.  ``on_installed`` hears the install
     step's result as soon as it ends (``Sandbox.cpu_seconds`` counts the job's
-    own run from 0 again, so a live CPU charge adds the install's).
+    own run from 0 again, so a live CPU charge adds the install's).  Setting
+    ``stop`` kills a fetch under way (a cancelled job must not hold its worker
+    slot for the fetch's whole deadline); ``on_fetched`` hears the CPU time the
+    fetch used, for the client's quota.
     """
     try:
-        plan: EnvironmentPlan = yield blocking(environments.prepare, manifest, job_dir)
+        plan: EnvironmentPlan = yield blocking(environments.prepare, manifest, job_dir, stop)
     except (DependencyError, EnvironmentUnavailable) as e:
+        stopped = cancelled()
+        if stopped is not None:
+            return SandboxResult(stopped)
         output = getattr(e, "output", "")
         if output:
             on_output(INSTALL, output.encode()[-TAIL_BYTES * 8:])
         message = e.message if isinstance(e, DependencyError) else e.details
         on_output(INSTALL, f"sandrun: install failed: {message}\n".encode())
         return SandboxResult(Reason.INSTALL_FAILED, message=message)
+    on_fetched(plan.fetch_cpu_seconds)
+    try:
+        result = yield _prepared(sandbox, blocking, job_id, plan, manifest, argv, job_dir,
+                                 policy, on_output, stdin, cancelled, on_installed)
+        return result
+    finally:
+        environments.release(plan)  # its dependency set may be evicted from now on
+
+
+@defer.inlineCallbacks
+def _prepared(sandbox: Sandbox, blocking: Blocking, job_id: str, plan: EnvironmentPlan,
+              manifest: ManifestLike, argv: tuple[str, ...], job_dir: str,
+              policy: SandboxPolicy, on_output: OutputCallback, stdin: bytes,
+              cancelled: Callable[[], Reason | None],
+              on_installed: Callable[[SandboxResult], None]) -> Any:
     if plan.log:
         on_output(INSTALL, plan.log.encode())
     env = plan.job_env(manifest.env)

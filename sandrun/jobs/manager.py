@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import secrets
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -101,12 +102,17 @@ class JobManager:
         self.jobs: dict[str, Job] = {}
         self.queue: collections.deque[str] = collections.deque()
         self.running: set[str] = set()
+        # Finished jobs still held, oldest first: at most config.max_finished_jobs.
+        self.finished: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._timers: dict[str, Any] = {}
+        self._removals: dict[str, defer.Deferred[None]] = {}  # data being removed, by job id
         self._charger = task.LoopingCall(self._charge_cpu)
         self._charger.clock = reactor
         self._stopping = False
         self._in_sandbox: set[str] = set()  # started jobs whose sandbox has not reported
         self._drained: list[defer.Deferred[None]] = []  # stop() waiting for those
+        self._fetch_stops: dict[str, threading.Event] = {}  # set: kill the job's fetch
+        self._fetch_cpu: dict[str, float] = {}  # CPU its dependency fetch used, charged
 
     @property
     def worker_id(self) -> str | None:
@@ -139,14 +145,37 @@ class JobManager:
         return JobLog(base_dir.rstrip("/") + ".log", clock=self.reactor)
 
     def create_workspace(self, job_id: str) -> str:
+        """Mount a job's tmpfs (blocks on the kernel: the API calls it in a thread)."""
         return self.storage.create(job_id)
 
     def discard_workspace(self, job_id: str) -> None:
-        """Delete a job's data off the reactor thread: unmounting a tmpfs that holds
-        many files frees them all, which takes long enough to stall the reactor."""
-        d = self.blocking(self.storage.delete, job_id)
-        d.addErrback(lambda f: log.failure("deleting the data of job {job_id} failed", f,
-                                           job_id=job_id))
+        """Unmount and remove a job's tmpfs, in a thread: unmounting is kernel work
+        (and grows with the mount table) that the reactor need not wait for.
+        ``removed`` tells when it is done."""
+        def failed(failure: Any) -> None:
+            log.failure("removing the data of job {job_id} failed", failure, job_id=job_id)
+
+        def done(_: None) -> None:
+            self._removals.pop(job_id, None)
+
+        d = self.blocking(self.storage.delete, job_id).addErrback(failed)
+        if not d.called:
+            self._removals[job_id] = d
+            d.addCallback(done)
+
+    def removed(self, job_id: str) -> defer.Deferred[None]:
+        """Fires once the job's data removal under way (if any) has finished."""
+        pending = self._removals.get(job_id)
+        if pending is None:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+
+        def tell(result: Any) -> Any:
+            waiter.callback(None)
+            return result
+
+        pending.addBoth(tell)
+        return waiter
 
     def submit(self, job: Job) -> int:
         """Queue a job whose workspace is ready; returns its queue position (1-based)."""
@@ -160,6 +189,7 @@ class JobManager:
             job.log.close()
             self.discard_workspace(job.id)
             raise
+        self.storage.measure(job.id)  # the upload, now written, counts towards the cap
         self.jobs[job.id] = job
         self.queue.append(job.id)
         log.info("job {job_id} queued", job_id=job.id)
@@ -188,7 +218,11 @@ class JobManager:
     def stats(self) -> dict[str, int]:
         return {"queue_length": len(self.queue), "active_jobs": len(self.running),
                 "capacity": self.config.max_concurrent,
-                "queue_capacity": self.config.queue_size}
+                "queue_capacity": self.config.queue_size,
+                "finished_jobs_held": len(self.finished),
+                "max_finished_jobs": self.config.max_finished_jobs,
+                "storage_used_bytes": self.storage.used_bytes(),
+                "storage_bytes": self.storage.total_bytes}
 
     # -- running -----------------------------------------------------------
 
@@ -251,7 +285,9 @@ class JobManager:
             job_id=job.id, manifest=manifest, argv=tuple(manifest.argv()),
             job_dir=store.work_dir(job.base_dir), policy=self._policy(job, gpu),
             on_output=job.log.append, stdin=manifest.stdin.encode(),
-            cancelled=lambda: self._stopped_why(job), on_installed=installed)
+            cancelled=lambda: self._stopped_why(job), on_installed=installed,
+            stop=self._fetch_stops.setdefault(job.id, threading.Event()),
+            on_fetched=lambda cpu: self._fetch_cpu.__setitem__(job.id, cpu))
 
         def broken(failure: Any) -> SandboxResult:
             log.warn("sandbox could not run job {job_id}: {error}", job_id=job.id,  # noqa: G010
@@ -269,11 +305,13 @@ class JobManager:
         return Reason.CANCELLED if job.deleted else None
 
     def _cpu_used(self, job: Job) -> float:
-        """CPU time so far: a finished install step and the run now in the sandbox."""
-        return job.install_cpu_seconds + (self.sandbox.cpu_seconds(job.id) or 0.0)
+        """CPU time so far: its fetch, a finished install step and the run in the sandbox."""
+        return self._fetch_cpu.get(job.id, 0.0) + job.install_cpu_seconds + (
+            self.sandbox.cpu_seconds(job.id) or 0.0)
 
     @defer.inlineCallbacks
     def _ran(self, result: SandboxResult, job: Job) -> Any:
+        self._fetch_stops.pop(job.id, None)
         self.running.discard(job.id)
         self.gpus.release(job.id)
         self._sandbox_done(job.id)
@@ -304,6 +342,8 @@ class JobManager:
                     error=type(e).__name__)
         if job.finished:
             return
+        if not job.deleted:
+            self.storage.measure(job.id)  # what the job left counts until it is deleted
         self._end(job, JobStatus.COMPLETED if reason == Reason.COMPLETED else JobStatus.FAILED)
         self._pump()
 
@@ -312,7 +352,9 @@ class JobManager:
         job.move_to(status)
         job.finished_at = self.reactor.seconds()
         now = job.finished_at
-        self.limiter.release(job.client, job.id, now, cpu_seconds_total=job.cpu_seconds)
+        # The fetch ran on the host, not in the job: charged, not in its cpu_seconds.
+        self.limiter.release(job.client, job.id, now, cpu_seconds_total=job.cpu_seconds
+                             + self._fetch_cpu.pop(job.id, 0.0))
         job.signed, job.signature = ident.sign_result(self.identity,
                                                       job.signed_result(self.worker_id))
         self.metrics.job_ended(job.reason, job.cpu_seconds, now - job.submitted_at)
@@ -323,6 +365,13 @@ class JobManager:
             self._forget(job.id)
         else:
             self._timers[job.id] = self.reactor.callLater(keep, self.delete, job.id)
+            self.finished[job.id] = None
+            while len(self.finished) > self.config.max_finished_jobs:
+                # The oldest finished job goes first: a worker holds a bounded number.
+                oldest = next(iter(self.finished))
+                log.info("job {job_id} deleted early: {held} finished jobs held",
+                         job_id=oldest, held=len(self.finished))
+                self.delete(oldest)
         for listener in list(job.end_listeners):
             listener(job)
 
@@ -351,11 +400,19 @@ class JobManager:
             # lands within milliseconds, and the job is already gone for the client.
             self.limiter.release(job.client, job_id, self.reactor.seconds(),
                                  cpu_seconds_total=self._cpu_used(job))
+            self._stop_fetch(job_id)
             self.sandbox.kill(job_id, Reason.CANCELLED)
             # The data goes once the sandbox has let go of it (in _end via _forget).
         else:
             self.delete(job_id)
         return True
+
+    def _stop_fetch(self, job_id: str) -> None:
+        """Kill the job's dependency fetch, if one runs: its worker slot is freed
+        within a tenth of a second, not at the fetch's deadline."""
+        stop = self._fetch_stops.get(job_id)
+        if stop is not None:
+            stop.set()
 
     def delete(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
@@ -374,6 +431,7 @@ class JobManager:
         if job is not None:
             job.deleted = True
             job.log.close()
+        self.finished.pop(job_id, None)
         self.discard_workspace(job_id)
         log.info("job {job_id} deleted", job_id=job_id)
 
@@ -402,6 +460,7 @@ class JobManager:
         for job_id in list(self.running):
             job = self.jobs[job_id]
             job.deleted = True
+            self._stop_fetch(job_id)
             self.sandbox.kill(job_id, Reason.SHUTDOWN)
             if not job.finished:  # the sandbox reports later, if at all: end it now
                 job.reason = Reason.SHUTDOWN

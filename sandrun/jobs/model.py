@@ -286,6 +286,10 @@ class Job:
                 "message": self.message,
                 "environment": self.environment or "none",
                 "interpreter": self.manifest.interpreter,
+                # The limits it ran under, defaults filled: "timeout (300 s)" can say so.
+                "limits": {"timeout": self.manifest.timeout,
+                           "memory_mb": self.manifest.memory_mb,
+                           "cpu_seconds": self.manifest.cpu_seconds},
                 "stdout_sha256": self.log.sha256("stdout") if self.finished else None,
                 "stderr_sha256": self.log.sha256("stderr") if self.finished else None}
 

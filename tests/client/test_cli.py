@@ -16,8 +16,8 @@ from sandrun.client.cli import (
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
     _directory_manifest,
-    error_exit_code,
     _manifest,
+    error_exit_code,
     exit_code_for,
     run_client_command,
 )
@@ -27,6 +27,7 @@ from sandrun.client.errors import (
     QueueFullError,
     RateLimitedError,
     SandrunConnectionError,
+    SandrunError,
     ServerError,
 )
 
@@ -61,6 +62,18 @@ def test_client_errors_map_to_their_exit_statuses() -> None:
     assert error_exit_code(ServerError("HTTP 500")) == EX_UNAVAILABLE
     assert error_exit_code(BadRequestError("Invalid manifest")) == EX_DATAERR
     assert error_exit_code(NotFoundError("Job not found")) == 1
+    # A coordinator answers 410 for the logs of a job whose worker is gone.
+    lost = SandrunError("Worker lost", "w1 is down", status=410, reason="worker_lost")
+    assert error_exit_code(lost) == 70
+
+
+def test_server_and_tls_options_go_before_the_command_as_well_as_after_it() -> None:
+    assert parse("--server", "http://a:1", "status", "job-x").server == "http://a:1"
+    assert parse("status", "job-x", "--server", "http://b:2").server == "http://b:2"
+    assert parse("status", "job-x").server is None
+    both = parse("--insecure", "--cacert", "ca.pem", "run", "x.py")
+    assert both.insecure is True and both.cacert == "ca.pem"
+    assert parse("run", "x.py", "--insecure").insecure is True
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -80,6 +80,14 @@ def test_an_authentic_worker_that_reports_itself_unhealthy_is_out_but_authentica
     assert not verdict.ok and verdict.authenticated
 
 
+def test_a_worker_whose_slots_are_lost_answers_503_and_is_out_with_its_problem_named(
+) -> None:
+    body = {**answer(REAL, status="unhealthy"), "problem": "1 sandbox slot(s) lost"}
+    verdict = judge_health(503, body, REAL.worker_id, "n1", NOW)
+    assert not verdict.ok and verdict.authenticated
+    assert verdict.error == "worker reports status 'unhealthy': 1 sandbox slot(s) lost"
+
+
 # -- against real worker apps --------------------------------------------------------
 
 

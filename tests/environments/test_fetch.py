@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -175,3 +177,75 @@ def test_pure_ruby_gems_are_fetched_with_their_dependencies(tmp_path: str) -> No
     assert not os.path.exists(mark)
     with pytest.raises(DependencyError, match="gem sandrun-missing: could not fetch it"):
         fetch(cache, "Gemfile", 'gem "sandrun-missing"\n')
+
+
+def test_a_set_stop_kills_the_tool_within_a_fraction_of_a_second(tmp_path: Any) -> None:
+    import threading
+
+    from sandrun.environments.process import run_bounded
+
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    finished = run_bounded(["sleep", "30"], cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin"},
+                           timeout=60, stop=stop)
+    assert finished.stopped and finished.returncode is None and not finished.ok
+    assert time.monotonic() - started < 2.0
+
+
+def test_the_tools_cpu_time_is_measured(tmp_path: Any) -> None:
+    from sandrun.environments.process import run_bounded
+
+    spin = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    finished = run_bounded([sys.executable, "-c", spin], cwd=str(tmp_path), env={},
+                           timeout=60)
+    assert finished.ok and finished.cpu_seconds >= 0.3
+
+
+def test_past_its_size_cap_the_cache_evicts_its_least_recently_used_entries_not_in_use(
+        tmp_path: str) -> None:
+    index = os.path.join(str(tmp_path), "index")
+    os.makedirs(index)
+    for n in range(4):
+        make_wheel(index, f"sandrun-p{n}", "1.0", "DATA = '" + f"{n}" * 100_000 + "'\n")
+    # Room for about two entries of ~100 KB.
+    cache = DependencyCache(os.path.join(str(tmp_path), "cache"), max_total_bytes=250_000,
+                            pip_args=("--no-index", "--find-links", index))
+
+    def fetch(n: int) -> str:
+        return cache.fetch(parse_requirements("requirements.txt",
+                                              f"sandrun-p{n}==1.0\n".encode())).path
+
+    first = fetch(0)
+    second = fetch(1)
+    cache.release(first)
+    cache.release(second)
+    os.utime(first, (time.time() - 100, time.time() - 100))  # the least recently used
+    third = fetch(2)  # evicts the oldest idle entry: the first
+    assert not os.path.exists(first) and os.path.exists(second) and os.path.exists(third)
+    # An entry a running job binds is never evicted, whatever its age.
+    os.utime(second, (time.time() - 200, time.time() - 200))
+    os.utime(third, (time.time() - 300, time.time() - 300))  # in use: kept
+    fourth = fetch(3)
+    assert os.path.exists(third) and os.path.exists(fourth) and not os.path.exists(second)
+
+
+def fake_npm(tmp_path: str, config: str) -> str:
+    path = os.path.join(str(tmp_path), "npm")
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\ncat <<'EOF'\n{config}\nEOF\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+def test_npms_allow_flags_are_used_only_when_the_installed_npm_knows_them(
+        tmp_path: str) -> None:
+    from sandrun.environments.fetch import NPM_ALLOW_FLAGS, npm_allow_flags
+
+    new = fake_npm(tmp_path, 'allow-directory = "all"\nallow-file = "all"\n'
+                   'allow-git = "all"\nallow-remote = "all"\naudit = true')
+    assert npm_allow_flags(new, {}) == NPM_ALLOW_FLAGS
+    os.unlink(new)
+    old = fake_npm(tmp_path, 'audit = true\ngit = "git"')  # an npm without them
+    assert npm_allow_flags(old, {}) == ()
+    assert npm_allow_flags(os.path.join(str(tmp_path), "absent"), {}) == ()

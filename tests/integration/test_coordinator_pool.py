@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import os
 import shutil
 import signal
@@ -37,15 +38,17 @@ import pytest
 
 from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
 from tests.contract import check_response
-from tests.integration.worker import Response, mounts_under, request, why_no_worker
+from tests.integration.worker import REPO, Response, mounts_under, request, why_no_worker
 from tests.timing import scaled
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-INTERVAL = 1.0  # the coordinator's --health-interval in these tests
+# The coordinator's --health-interval in these tests (and its --health-timeout half of it),
+# longer on a slow machine (tests/timing), where a worker takes longer to answer.
+INTERVAL = scaled(1.0)
 WORKER_FLAGS = ("--max-concurrent", "2", "--queue-size", "2", "--trusted-proxy", "127.0.0.1",
                 "--cpu-quota", "100000", "--max-active-per-ip", "100000",
                 "--jobs-per-hour", "100000")
-POOL_FLAGS = ("--health-interval", str(INTERVAL), "--health-timeout", "0.5",
+POOL_FLAGS = ("--health-interval", str(INTERVAL), "--health-timeout", str(INTERVAL / 2),
               "--cpu-quota", "100000", "--max-active-per-ip", "100000",
               "--jobs-per-hour", "100000")
 
@@ -422,6 +425,39 @@ def test_a_worker_killed_mid_job_gives_worker_lost_and_comes_back_after_a_restar
     assert victim.name in {pool.worker_of(j).name for j in jobs}
     for j in [other, *jobs]:
         assert pool.coordinator.wait(j)["status"] == "completed"
+
+
+def test_sandrun_run_through_the_coordinator_exits_70_in_one_line_when_its_worker_dies(
+        pool: Pool, tmp_path: Any) -> None:
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    env = dict(os.environ, SANDRUN_URL=pool.coordinator.url,
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ran = subprocess.Popen([sys.executable, "-m", "sandrun", "run", str(script)], env=env,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    assert ran.stderr is not None
+    first = ran.stderr.readline()
+    found = re.search(r"sandrun: job (\S+) ", first)
+    assert found, first
+    job = found.group(1)
+    victim = pool.worker_of(job)
+    wait_for(lambda: pool.coordinator.status(job)["status"] == "running", 10, "running")
+    victim.kill()
+    try:
+        code = ran.wait(scaled(30))
+        said = first + ran.stderr.read()
+        assert code == 70, said
+        # What it said: queued (running), then lost, in one line; no error of its own.
+        lines = [line for line in said.splitlines() if not line.endswith(("queued", "running"))]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"sandrun: job {job} was lost with its worker (it died or restarted)"), said
+        assert "Traceback" not in said and "410" not in said
+    finally:
+        victim.start()
+        victim.wait_healthy()
+        wait_for(lambda: pool.coordinator.pool()[victim.name]["healthy"], 2 * INTERVAL + 1,
+                 "the restarted worker back in the pool")
 
 
 def test_a_restarted_coordinator_still_serves_status_and_downloads(pool: Pool) -> None:

@@ -62,7 +62,8 @@ def test_the_server_lists_its_tools_with_their_parameters(worker: Worker) -> Non
     run_code = tools["run_code"].input_schema
     assert set(run_code["required"]) == {"language", "code"}
     assert {"args", "stdin", "timeout"} <= set(run_code["properties"])
-    assert set(tools["run_files"].input_schema["required"]) == {"files", "manifest"}
+    assert set(tools["run_files"].input_schema["required"]) == {"files"}  # manifest optional
+    assert "manifest" in tools["run_files"].input_schema["properties"]
     assert tools["get_status"].input_schema["required"] == ["job_id"]
 
 
@@ -140,3 +141,15 @@ def test_an_unreachable_worker_is_a_tool_error_not_a_crash() -> None:
 
     answer = session_run("http://127.0.0.1:1", steps)
     assert answer.is_error and "Cannot reach http://127.0.0.1:1" in answer.content[0].text
+
+
+def test_run_files_needs_no_manifest_for_one_file_and_says_the_limits_it_ran_under(
+        worker: Worker) -> None:
+    async def steps(session: Any) -> Any:
+        return result_of(await session.call_tool(
+            "run_files", {"files": {"hello.py": "print('hi from one file')\n"}}))
+
+    ran = session_run(worker.url, steps)
+    assert (ran["status"], ran["exit_code"]) == ("completed", 0), ran
+    assert ran["stdout"] == "hi from one file\n" and ran["install"] == ""
+    assert ran["limits"] == {"timeout": 300, "memory_mb": 512, "cpu_seconds": None}

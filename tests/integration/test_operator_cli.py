@@ -35,8 +35,8 @@ def test_serve_on_a_port_in_use_says_so_in_one_line_and_exits_1(tmp_path: Path) 
                        "--state-dir", str(tmp_path / "state"))
     assert done.returncode == 1, done.stderr
     errors = [line for line in done.stderr.splitlines() if "sandrun:" in line]
-    assert errors == [f"sandrun: cannot start: cannot listen on 127.0.0.1:{port}: "
-                      "Address already in use"], done.stderr
+    expected = f"sandrun: cannot start: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert errors == [expected], done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -257,3 +257,29 @@ def test_a_bad_cacert_file_stops_the_coordinator_with_one_line(tls_pool: TLSPool
     log = process.log().strip()
     expected = f"sandrun-coordinator: cannot start: --worker-cacert {bogus}: no PEM certificate in it"
     assert log.splitlines() == [expected], log
+
+
+def test_the_sandrun_command_trusts_a_worker_through_cacert_or_ssl_cert_file_or_insecure(
+        tls_pool: TLSPool, tmp_path: Any) -> None:
+    import sys
+
+    from tests.integration.worker import REPO
+
+    script = tmp_path / "hi.py"
+    script.write_text("print('over tls')\n")
+    url = f"https://localhost:{tls_pool.worker.port}"
+    base = {k: v for k, v in os.environ.items() if k not in ("SANDRUN_URL", "SSL_CERT_FILE")}
+    base["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+
+    def sandrun(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sandrun", "--server", url, *argv],
+                              env={**base, **env}, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, check=False)
+
+    untrusted = sandrun("run", str(script))
+    assert untrusted.returncode == 69 and untrusted.stderr.count("\n") == 1, untrusted.stderr
+    assert "certificate" in untrusted.stderr and "--cacert" in untrusted.stderr
+    for ran in (sandrun("--cacert", tls_pool.ca, "run", str(script)),
+                sandrun("run", str(script), SSL_CERT_FILE=tls_pool.ca),
+                sandrun("run", str(script), "--insecure")):
+        assert ran.returncode == 0 and ran.stdout == "over tls\n", ran.stderr

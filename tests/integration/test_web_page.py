@@ -52,7 +52,8 @@ SNIPPET = ("import time\n"
            "print('line 2', flush=True); time.sleep(1.0)\n"
            "print('line 3', flush=True)\n"
            "open('result.txt', 'w').write('got ' + open('data.txt').read())\n")
-SLEEPER = {"manifest": {"timeout": 60}, "files": {"main.py": "import time\ntime.sleep(60)\n"}}
+SLEEPER_FILES = {"main.py": "import time\ntime.sleep(60)\n"}
+SLEEPER_MANIFEST: dict[str, Any] = {"timeout": 60}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def browser() -> Iterator[Any]:
         "safebrowsing.enabled": False})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.set_page_load_timeout(30)
-    driver.downloads = downloads
+    driver.downloads = downloads  # type: ignore[attr-defined]
     try:
         yield driver
     finally:
@@ -142,6 +143,13 @@ def exercise(driver: Any, url: str, artifacts: str, tag: str,
 
     def shot(step: str) -> None:
         driver.save_screenshot(os.path.join(artifacts, f"{tag}-{step}.png"))
+
+    # The API reference renders from the bundled Redoc and this service's own document.
+    driver.get(url + "/docs")
+    title = "Sandrun worker" if tag == "worker" else "Sandrun coordinator"
+    until(lambda: title in driver.find_element(By.TAG_NAME, "body").text, 30, "the docs")
+    assert "/submit" in driver.find_element(By.TAG_NAME, "body").text
+    shot("0-docs")
 
     driver.get(url + "/")
     assert driver.title == "Sandrun"
@@ -234,8 +242,12 @@ def watch_the_run(driver: Any, shot: Callable[[str], None], signed: str) -> None
 def test_the_page_runs_a_job_on_a_real_worker(browser: Any, artifacts: str) -> None:
     with run_worker("--max-active-per-ip", "1") as worker:
         def occupy() -> Callable[[], None]:
-            job_id = worker.submit(SLEEPER["files"], SLEEPER["manifest"])
-            return lambda: worker.delete(f"/jobs/{job_id}")
+            job_id = worker.submit(SLEEPER_FILES, SLEEPER_MANIFEST)
+
+            def undo() -> None:
+                worker.delete(f"/jobs/{job_id}")
+
+            return undo
 
         exercise(browser, worker.url, artifacts, "worker", occupy, signed="unsigned")
 
@@ -263,11 +275,16 @@ def test_the_page_runs_a_job_through_a_real_coordinator(browser: Any, artifacts:
         coordinator.start_and_wait()
 
         def occupy() -> Callable[[], None]:
-            reply = request(coordinator.url, "POST", "/submit",
-                            json.dumps(SLEEPER).encode(), {"Content-Type": "application/json"})
+            sleeper = {"manifest": SLEEPER_MANIFEST, "files": SLEEPER_FILES}
+            reply = request(coordinator.url, "POST", "/submit", json.dumps(sleeper).encode(),
+                            {"Content-Type": "application/json"})
             assert reply.status == 200, reply.body
             job_id = reply.json()["job_id"]
-            return lambda: request(coordinator.url, "DELETE", f"/jobs/{job_id}")
+
+            def undo() -> None:
+                request(coordinator.url, "DELETE", f"/jobs/{job_id}")
+
+            return undo
 
         exercise(browser, coordinator.url, artifacts, "coordinator", occupy,
                  signed="signature verified")

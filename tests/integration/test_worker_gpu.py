@@ -107,15 +107,16 @@ def test_a_gpu_request_this_worker_can_never_meet_is_a_400_naming_the_field(
 def test_a_second_job_for_the_same_gpu_waits_while_a_job_without_one_runs(
         worker: Worker) -> None:
     big = {"required": True, "min_vram_gb": 40}  # only the A100
-    first = worker.submit({"main.py": "import time; time.sleep(2)"},
-                          {"entrypoint": "main.py", "gpu": big})
+    first = worker.submit({"main.py": "import time; time.sleep(60)"},
+                          {"entrypoint": "main.py", "gpu": big, "timeout": 120})
     worker.wait(first, until=("running",))
     second = worker.submit({"probe.py": PROBE}, {"entrypoint": "probe.py", "gpu": big})
     plain = worker.submit({"main.py": "print('no gpu')"}, {"entrypoint": "main.py"})
     assert worker.wait(plain)["status"] == "completed"
     assert worker.get(f"/status/{second}").json()["status"] == "queued"
     assert [g["busy"] for g in worker.get("/health").json()["gpus"]] == [True, False]
-    assert worker.wait(first)["status"] == "completed"
+    # The first job gives its GPU back when it ends (here: cancelled); the second gets it.
+    assert worker.delete(f"/jobs/{first}").status == 200
     assert worker.wait(second)["status"] == "completed"
     seen = json.loads(worker.get(f"/logs/{second}").json()["stdout"])
     assert seen["visible"] == "GPU-aaaa" and "nvidia0" in seen["nodes"]

@@ -89,8 +89,10 @@ def test_jobs_beyond_the_concurrency_limit_wait_and_start_in_order(tmp_path: Any
     ids = [h.submit() for _ in range(4)]
     assert list(h.sandbox.running) == ids[:2]
     assert [h.status(i)["queue_position"] for i in ids] == [0, 0, 1, 2]
-    assert h.get("/stats").json()["system"] == {"queue_length": 2, "active_jobs": 2,
-                                                "capacity": 2, "queue_capacity": 10}
+    system = h.get("/stats").json()["system"]
+    assert {k: system[k] for k in ("queue_length", "active_jobs", "capacity",
+                                   "queue_capacity")} == {"queue_length": 2, "active_jobs": 2,
+                                                          "capacity": 2, "queue_capacity": 10}
     h.run_of(ids[1]).finish()
     assert list(h.sandbox.running) == [ids[0], ids[2]]
     assert h.status(ids[2])["status"] == "running"
@@ -415,3 +417,23 @@ def test_a_submission_refused_after_its_upload_leaves_no_log_file(
     monkeypatch.setattr(h.manager, "admit", lambda client, exempt=False: None)
     assert h.post_json({"files": {"a.py": ""}}).status == 429
     assert len(h.storage.logs()) == 1 and len(h.storage.job_ids()) == 1
+
+
+def test_past_the_cap_on_finished_jobs_the_oldest_finished_is_deleted(tmp_path: Any) -> None:
+    h = Harness(str(tmp_path), max_finished_jobs=3)
+    ids = [h.submit() for _ in range(2)]
+    running = h.submit()  # still running: never counted, never deleted early
+    for job_id in ids:
+        h.run_of(job_id).finish()
+    more = []
+    for _ in range(3):
+        job_id = h.submit()
+        h.run_of(job_id).finish()
+        more.append(job_id)
+    held = [*ids, *more][-3:]
+    assert list(h.manager.finished) == held
+    assert sorted(h.manager.jobs) == sorted([*held, running])
+    assert h.get(f"/status/{ids[0]}").status == 404
+    assert h.status(running)["status"] == "running"
+    assert sorted(h.storage.job_ids()) == sorted([*held, running])
+    assert h.get("/stats").json()["system"]["finished_jobs_held"] == 3

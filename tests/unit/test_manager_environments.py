@@ -35,7 +35,8 @@ class ScriptedEnvironments(Environments):
         self.answer: Any = PLAN
         self.prepared = 0
 
-    def prepare(self, manifest: Any, job_work_dir: str) -> Any:
+    def prepare(self, manifest: Any, job_work_dir: str, stop: Any = None) -> Any:
+        self.stop = stop
         self.prepared += 1
         if isinstance(self.answer, Exception):
             raise self.answer
@@ -248,3 +249,33 @@ def test_a_failed_install_returns_the_slot(h: Harness) -> None:
     h.run_of(job_id).finish(Reason.EXIT_NONZERO)
     assert h.status(job_id)["execution_metadata"]["reason"] == "install_failed"
     assert h.sandbox.slots_held == set()
+
+
+@pytest.mark.parametrize("stop", ["cancel", "shutdown"])
+def test_stopping_a_job_during_its_fetch_kills_the_fetch_and_frees_the_slot_at_once(
+        h: Harness, envs: ScriptedEnvironments, stop: str) -> None:
+    fetch: defer.Deferred[EnvironmentPlan] = defer.Deferred()
+    envs.answer = fetch
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    assert not envs.stop.is_set()
+    if stop == "cancel":
+        h.delete(f"/jobs/{job_id}")
+    else:
+        h.manager.stop()
+    assert envs.stop.is_set()  # the fetch's tools are killed within a tenth of a second
+    # ... and the killed fetch fails as a cancelled one would.
+    fetch.errback(DependencyError("the job was cancelled while its dependencies were fetched"))
+    assert h.manager.running == set() and h.manager.jobs == {}
+
+
+def test_the_fetchs_cpu_time_is_charged_to_the_client_but_not_reported_as_the_jobs(
+        h: Harness, envs: ScriptedEnvironments) -> None:
+    envs.answer = EnvironmentPlan("default", install_argv=INSTALL, fetch_cpu_seconds=2.0)
+    job_id = h.submit(FILES, WITH_REQUIREMENTS)
+    assert used(h) == 0.0
+    h.clock.advance(CPU_CHARGE_INTERVAL)
+    assert used(h) == 2.0  # charged live once the fetch ended
+    h.run_of(job_id).finish(cpu_seconds=0.5)
+    h.run_of(job_id).finish(cpu_seconds=0.25)
+    assert h.status(job_id)["execution_metadata"]["cpu_seconds"] == 0.75
+    assert used(h) == 2.75

@@ -96,3 +96,12 @@ def test_a_client_that_goes_away_stops_the_answer_and_its_cleanup_runs() -> None
     done.addErrback(failures.append)
     request.producer.stopProducing()
     assert closed == [1] and len(failures) == 1
+
+
+def test_an_object_with_streamed_text_members_is_the_json_built_whole() -> None:
+    members = [("job_id", "job-x"), ("stdout", sending.Text([b"a\n", b"\xe2\x82", b"\xac"])),
+               ("outputs", [{"path": "p"}]), ("kept", False)]
+    body = b"".join(sending.object_json(members))
+    assert json.loads(body) == {"job_id": "job-x", "stdout": "a\n€", "outputs": [{"path": "p"}],
+                                "kept": False}
+    assert b"".join(sending.object_json([])) == b"{}"
