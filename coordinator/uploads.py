@@ -16,6 +16,7 @@ are sent to a worker from there, again if that worker refuses.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from typing import Any
@@ -76,3 +77,21 @@ def request_factory(max_body_bytes: int, spool_dir: str | None,
     Request.upload_budget = upload_budget
     return Request
 
+
+
+def independent_reader(body: Any) -> Any:
+    """A new reader of a spooled body, with its own position: several copies of one
+    submission (a job's replicas) can then be sent at the same time.
+
+    A spooled file is reopened through ``/proc/self/fd`` (a new open file
+    description of the same unlinked file: no copy; one still in memory is
+    first moved to the spool directory, which ``fileno`` does); a plain
+    in-memory body is copied.  The caller closes it.
+    """
+    try:
+        fd = body.fileno()
+    except (AttributeError, io.UnsupportedOperation, OSError):
+        body.seek(0)
+        return io.BytesIO(body.read())
+    body.flush()
+    return open(f"/proc/self/fd/{fd}", "rb")  # the caller closes it
