@@ -2,10 +2,11 @@
 
 Against a real worker, and against a real coordinator in front of a real
 worker: load the page and the API reference, type a Python snippet into the
-editor, upload a file (a tarball, through the coordinator), run it with Ctrl+Enter, see its output arrive line by line over the WebSocket
-and the final status, download the output file it wrote, and see the API's
-message for a 400 (a refused environment variable) and a 429 (over the
-client's quota).  Screenshots of each step are written to the folder this
+editor, upload a file (a tarball, through the coordinator), run it with
+Ctrl+Enter, see its output arrive line by line over the WebSocket and the final
+status, download the output file it wrote, see the API's message for a 400 (a
+refused environment variable) and a 429 (over the client's quota), and check
+the page fits a phone's width.  Screenshots of each step are written to the folder this
 test prints (``bench/results/web-page/`` by default, or ``$SANDRUN_ARTIFACTS``).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/install.sh``)
