@@ -68,6 +68,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
 from coordinator.replication import Replication
+from coordinator.rewrite import LineRewriter
 from coordinator.scheduling import (
     drain_retry_after,
     free_slots,
@@ -78,7 +79,6 @@ from coordinator.scheduling import (
 )
 from coordinator.statusdocs import iso as _iso
 from coordinator.statusdocs import lost_status
-from coordinator.rewrite import LineRewriter
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
     BadWorkerResponse,
