@@ -116,6 +116,9 @@ class WorkerAPI:
 
     app = Klein()
     app.url_map.converters["anypath"] = _AnyPath
+    # "/download/ID//etc/passwd" is a JSON 404 like any unknown path, never werkzeug's HTML
+    # 308 to a merged path (with a Location built from the Host header).
+    app.url_map.merge_slashes = False
 
     def __init__(self, manager: JobManager, config: WorkerConfig,
                  identity: ident.WorkerIdentity | None = None,
