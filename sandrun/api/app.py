@@ -137,7 +137,8 @@ class WorkerAPI:
         self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
         self.packs = PackOnce(self.blocking, pack_outputs,
                               lambda job_id: manager.storage.pack_path(job_id),
-                              lambda job_id: manager.get(job_id) is not None)
+                              lambda job_id: manager.get(job_id) is not None,
+                              lambda job_id: manager.storage.measure(job_id))
         self.metrics = manager.metrics
         self.metrics.watch(streams=lambda: len(self.streams))
 
