@@ -7,15 +7,15 @@ the attacks are not simply rate-limited away) and, for each attack, probes
 those answers next to the idle figure measured the same way first (the
 reference), and the worker's RSS before and after:
 
-- ``sparse-map``: 5 gzip'd tars whose pax header declares a GNU sparse member
-  with a map of 4 million entries (an unprotected worker grew 73 MB -> 806 MB
-  and answered after 21.7 s, once);
-- ``pax-digits``: 5 archives of six 64 KiB all-digit pax headers (CVE-2024-6232:
-  the quadratic regex held the GIL for about a minute per upload);
+- ``sparse-map``: for 5 s, one after another, gzip'd tars whose pax header
+  declares a GNU sparse member with a map of 4 million entries (an unprotected
+  worker grew 73 MB -> 806 MB and answered after 21.7 s, once);
+- ``pax-digits``: the same with archives of six 64 KiB all-digit pax headers
+  (CVE-2024-6232: the quadratic regex held the GIL for about a minute per upload);
 - ``idle-connections``: 1,100 connections that never send a byte, from 8
   addresses (an unprotected worker under ``ulimit -n 1024`` stopped answering);
 - ``slowloris``: 200 connections sending a header line every second;
-- ``bodies-to-health``: 3 parallel 60 MB bodies to ``POST /health``, 3 rounds
+- ``bodies-to-health``: 3 parallel 60 MB bodies to ``POST /health``, 20 rounds
   (an unprotected worker spooled each one whole before its 405);
 - ``parallel-uploads``: 6 parallel 60 MB ``/submit`` bodies from one address.
 
@@ -107,10 +107,15 @@ def post(worker: Worker, body: bytes, content_type: str, source: str,
         return 0
 
 
-def archive_attack(archive: bytes, times: int) -> Callable[[Worker, float], list[int]]:
+def archive_attack(archive: bytes, seconds: float = 5.0) -> Callable[[Worker, float], list[int]]:
+    """Upload ``archive`` again and again, one at a time, for ``seconds``."""
     def run(worker: Worker, timeout: float) -> list[int]:
         body, kind = multipart({"manifest": MANIFEST}, [("evil.tgz", archive)])
-        return [post(worker, body, kind, "127.0.0.2", timeout=timeout) for _ in range(times)]
+        statuses = []
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            statuses.append(post(worker, body, kind, "127.0.0.2", timeout=timeout))
+        return statuses
     return run
 
 
@@ -171,20 +176,21 @@ def parallel(request: Callable[[], int], count: int) -> list[int]:
 def bodies_to_health(worker: Worker, timeout: float) -> list[int]:
     body = b"x" * 60_000_000
     statuses: list[int] = []
-    for _ in range(3):
+    for _ in range(20):
         statuses += parallel(lambda: post(worker, body, "application/octet-stream",
                                           "127.0.0.2", "/health", timeout), 3)
     return statuses
 
 
 def parallel_uploads(worker: Worker, timeout: float) -> list[int]:
-    body, kind = multipart({"manifest": MANIFEST}, [("data.bin", b"x" * 60_000_000)])
+    body, kind = multipart({"manifest": MANIFEST}, [("main.py", b"print(1)"),
+                                                    ("data.bin", b"x" * 60_000_000)])
     return parallel(lambda: post(worker, body, kind, "127.0.0.2", timeout=timeout), 6)
 
 
 ATTACKS: dict[str, Callable[[Worker, float], list[int]]] = {
-    "sparse-map": archive_attack(ha.sparse_map_bomb(), 5),
-    "pax-digits": archive_attack(ha.digit_pax_headers(), 5),
+    "sparse-map": archive_attack(ha.sparse_map_bomb()),
+    "pax-digits": archive_attack(ha.digit_pax_headers()),
     "idle-connections": idle_connections,
     "slowloris": slowloris,
     "bodies-to-health": bodies_to_health,

@@ -88,11 +88,12 @@ def state_used_bytes(worker: Worker) -> int:
 PER_IP_CONNECTIONS = 20
 MAX_CONNECTIONS = 60
 HEADER_TIMEOUT = 2.0
+IDLE_TIMEOUT = 4.0
 UPLOAD_MB = 40
 WORKER_FLAGS = ("--max-concurrent", "2", "--max-active-per-ip", "2", "--jobs-per-hour", "1000",
                 "--cpu-quota", "1000", "--max-connections", str(MAX_CONNECTIONS),
                 "--max-connections-per-ip", str(PER_IP_CONNECTIONS),
-                "--header-timeout", str(HEADER_TIMEOUT), "--idle-timeout", "4",
+                "--header-timeout", str(HEADER_TIMEOUT), "--idle-timeout", str(IDLE_TIMEOUT),
                 "--max-upload-mb", str(UPLOAD_MB), "--max-inflight-upload-mb-per-ip",
                 str(UPLOAD_MB), "--max-inflight-upload-mb", str(3 * UPLOAD_MB))
 
@@ -399,6 +400,22 @@ def test_a_slow_request_gets_408_within_the_header_deadline(worker: Worker) -> N
         code, _, body = read_answer(s)
         assert code == 408 and json.loads(body)["error"] == "Request timeout"
         assert time.monotonic() - started < HEADER_TIMEOUT + 1.5
+
+
+def test_a_body_that_stalls_is_cut_off_at_the_idle_timeout_and_its_share_returned(
+        worker: Worker, contained: None) -> None:
+    size = UPLOAD_MB * 10**6 * 3 // 4  # most of this address's in-flight share
+    with socket.create_connection((worker.host, worker.port), timeout=15,
+                                  source_address=(ATTACKER, 0)) as s:
+        started = time.monotonic()
+        s.sendall(post_head("/submit", size, "multipart/form-data; boundary=b") + b"--b\r\n")
+        assert s.recv(100) == b""  # closed by the worker, with nothing to say
+        assert IDLE_TIMEOUT - 0.5 < time.monotonic() - started < IDLE_TIMEOUT + 5
+    # The share is back: a whole upload of the same size is taken (here refused only for
+    # its body, which is not multipart, after it was read).
+    reply = worker.request("POST", "/submit", b"x" * size,
+                           {"Content-Type": "multipart/form-data; boundary=b"}, source=ATTACKER)
+    assert reply.status == 400, reply.body
 
 
 # -- the contract's JSON everywhere --------------------------------------------------------------
