@@ -3,9 +3,10 @@
 A ``CollectorRegistry`` of its own (never the library's global one).  Per
 worker, labelled by its name in workers.json (or its endpoint): whether it is
 healthy, the round trip of its last health check, its running and queued jobs
-(as that check said), and the jobs routed to it,
-answers of worker_lost for its jobs, and submissions it refused.  For the pool: submissions refused, by kind,
-and open WebSocket relays.  No label holds a job id or a client address.
+(as that check said), the jobs routed to it, answers of worker_lost for its
+jobs, and submissions it refused.  For the pool: bytes of accepted submissions,
+submissions refused by kind, and open WebSocket relays.  No label holds a job id
+or a client address.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class CoordinatorMetrics:
             "sandrun_coordinator_worker_refusals",
             "Submissions a worker refused (429, 503) or could not be sent",
             ["worker"], registry=r)
+        self.uploaded = Counter("sandrun_coordinator_upload_bytes",
+                                "Request body bytes of submissions a worker accepted",
+                                registry=r)
         self.refusals = Counter("sandrun_coordinator_refusals",
                                 "Submissions the coordinator refused, by kind", ["kind"],
                                 registry=r)

@@ -14,7 +14,14 @@ from typing import Any
 
 import sandrun
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
-from sandrun.daemon import listen_description, start_logging, stop_signal
+from sandrun.daemon import (
+    add_connection_flags,
+    check_connections,
+    connection_policy,
+    listen_description,
+    start_logging,
+    stop_signal,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +150,7 @@ def add_serve_command(commands: Any) -> None:
     flag("--quota-exempt", action="append", default=None, metavar="CIDR",
          help="address or network to which no per-IP quota applies, e.g. 127.0.0.1 or "
               "10.0.0.0/8 (repeatable; default: none)")
+    add_connection_flags(flag)
 
 
 # ``serve`` options that take a list (repeatable flags; a list in the TOML file).
@@ -242,7 +250,9 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         metrics_listen=args.metrics_listen,
                         metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
                         else WorkerConfig.metrics_allow,
-                        gpu_dev_dir=os.path.abspath(args.gpu_dev_dir))
+                        gpu_dev_dir=os.path.abspath(args.gpu_dev_dir),
+                        connections=connection_policy(
+                            args, tuple(args.trusted_proxy or ()) + quotas.exempt))
 
 
 def check_config(config: WorkerConfig) -> str | None:
@@ -270,7 +280,7 @@ def check_config(config: WorkerConfig) -> str | None:
         return "--max-finished-jobs must be 0 or more"
     if not limits.max_cpus >= 0.01:
         return "--max-cpus must be at least 0.01"
-    return None
+    return check_connections(config.connections, limits.max_upload_bytes)
 
 
 def _allow_open_files() -> None:

@@ -116,6 +116,9 @@ class WorkerAPI:
 
     app = Klein()
     app.url_map.converters["anypath"] = _AnyPath
+    # "/download/ID//etc/passwd" is a JSON 404 like any unknown path, never werkzeug's HTML
+    # 308 to a merged path (with a Location built from the Host header).
+    app.url_map.merge_slashes = False
 
     def __init__(self, manager: JobManager, config: WorkerConfig,
                  identity: ident.WorkerIdentity | None = None,
@@ -134,7 +137,8 @@ class WorkerAPI:
         self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
         self.packs = PackOnce(self.blocking, pack_outputs,
                               lambda job_id: manager.storage.pack_path(job_id),
-                              lambda job_id: manager.get(job_id) is not None)
+                              lambda job_id: manager.get(job_id) is not None,
+                              lambda job_id: manager.storage.measure(job_id))
         self.metrics = manager.metrics
         self.metrics.watch(streams=lambda: len(self.streams))
 

@@ -1,11 +1,12 @@
 """The web page in a real browser: headless Chromium driven by Selenium.
 
 Against a real worker, and against a real coordinator in front of a real
-worker: load the page, type a Python snippet into the editor, upload a file,
-run it with Ctrl+Enter, see its output arrive line by line over the WebSocket
-and the final status, download the output file it wrote, and see the API's
-message for a 400 (a refused environment variable) and a 429 (over the
-client's quota).  Screenshots of each step are written to the folder this
+worker: load the page and the API reference, type a Python snippet into the
+editor, upload a file (a tarball, through the coordinator), run it with
+Ctrl+Enter, see its output arrive line by line over the WebSocket and the final
+status, download the output file it wrote, see the API's message for a 400 (a
+refused environment variable) and a 429 (over the client's quota), and check
+the page fits a phone's width.  Screenshots of each step are written to the folder this
 test prints (``bench/results/web-page/`` by default, or ``$SANDRUN_ARTIFACTS``).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/install.sh``)
@@ -14,10 +15,12 @@ and root (the worker sandboxes real jobs).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -137,7 +140,7 @@ def type_code(driver: Any, code: str) -> None:
 
 
 def exercise(driver: Any, url: str, artifacts: str, tag: str,
-             occupy: Callable[[], Callable[[], None]], signed: str) -> None:
+             occupy: Callable[[], Callable[[], None]], signed: str, tarball: bool) -> None:
     """The whole flow against one server; ``occupy`` spends the client's quota (returns undo)."""
     from selenium.webdriver.common.by import By
 
@@ -160,11 +163,21 @@ def exercise(driver: Any, url: str, artifacts: str, tag: str,
     type_code(driver, SNIPPET)
     typed = driver.execute_script("return window.sandrunEditor.getValue()")
     assert typed.strip() == SNIPPET.strip()
-    upload = os.path.join(driver.downloads, "data.txt")
-    with open(upload, "w") as f:
-        f.write("uploaded bytes")
+    # The worker gets a plain file (the JSON form); the coordinator a tarball (the
+    # multipart form, unpacked by the worker).
+    if tarball:
+        upload = os.path.join(driver.downloads, "data.tar.gz")
+        with tarfile.open(upload, "w:gz") as tar:
+            member = tarfile.TarInfo("data.txt")
+            member.size = len(b"uploaded bytes")
+            tar.addfile(member, io.BytesIO(b"uploaded bytes"))
+    else:
+        upload = os.path.join(driver.downloads, "data.txt")
+        with open(upload, "w") as f:
+            f.write("uploaded bytes")
     driver.find_element(By.ID, "files").send_keys(upload)
-    until(lambda: "data.txt" in text(driver, "filelist"), 5, "the upload listed")
+    listed = os.path.basename(upload)
+    until(lambda: listed in text(driver, "filelist"), 5, "the upload listed")
     shot("2-typed")
 
     run_with_keyboard(driver)
@@ -249,7 +262,8 @@ def test_the_page_runs_a_job_on_a_real_worker(browser: Any, artifacts: str) -> N
 
             return undo
 
-        exercise(browser, worker.url, artifacts, "worker", occupy, signed="unsigned")
+        exercise(browser, worker.url, artifacts, "worker", occupy, signed="unsigned",
+                 tarball=False)
 
 
 def test_the_page_runs_a_job_through_a_real_coordinator(browser: Any, artifacts: str) -> None:
@@ -287,7 +301,7 @@ def test_the_page_runs_a_job_through_a_real_coordinator(browser: Any, artifacts:
             return undo
 
         exercise(browser, coordinator.url, artifacts, "coordinator", occupy,
-                 signed="signature verified")
+                 signed="signature verified", tarball=True)
         assert coordinator.stop() == 0, coordinator.log()
         assert worker.stop() == 0, worker.log()
         assert worker.mounts() == []

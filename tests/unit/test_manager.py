@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from sandrun.config import QuotaConfig
 from sandrun.jobs import manager as manager_module
@@ -437,3 +437,26 @@ def test_past_the_cap_on_finished_jobs_the_oldest_finished_is_deleted(tmp_path: 
     assert h.status(running)["status"] == "running"
     assert sorted(h.storage.job_ids()) == sorted([*held, running])
     assert h.get("/stats").json()["system"]["finished_jobs_held"] == 3
+
+
+def test_a_job_deleted_while_its_directory_is_chowned_never_starts(tmp_path: Any) -> None:
+    # The chown runs in a thread; a DELETE meanwhile has no sandbox run to kill yet.
+    h = Harness(str(tmp_path))
+    chowns: list[defer.Deferred[Any]] = []
+    plain = h.manager.blocking
+
+    def blocking(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        if getattr(f, "__name__", "") == "chown_tree":
+            d: defer.Deferred[Any] = defer.Deferred()
+            chowns.append(d)
+            return d
+        return plain(f, *args, **kwargs)
+
+    h.manager.blocking = blocking
+    job_id = h.submit()
+    assert len(chowns) == 1 and h.sandbox.runs == {}
+    assert h.delete(f"/jobs/{job_id}").status == 200
+    chowns[0].callback(None)
+    assert h.sandbox.runs == {}  # never launched
+    assert h.get("/stats").json()["system"]["active_jobs"] == 0
+    assert h.manager.jobs == {}

@@ -149,6 +149,7 @@ def test_the_coordinator_counts_jobs_routed_lost_and_refused_per_worker(tmp_path
     routed = [value(text, "sandrun_coordinator_jobs_routed_total", worker=f"w{i}")
               for i in range(2)]
     assert sum(routed) == 4 and all(routed)
+    assert value(text, "sandrun_coordinator_upload_bytes_total") > 4 * len("print(1)")
     assert value(text, "sandrun_coordinator_worker_healthy", worker="w0") == 1
     assert value(text, "sandrun_coordinator_worker_rtt_seconds", worker="w1") >= 0
     pool.check()  # the loads the workers report now: the four jobs, still running
