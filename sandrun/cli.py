@@ -456,7 +456,7 @@ def ensure_own_cgroup(command: list[str], who: str = "sandrun") -> None:
     if not os.path.exists(os.path.join(cgroups.ROOT, "cgroup.controllers")):
         return  # cgroup v1: the launcher checks its hierarchies
     try:
-        cgroups.locate_v2(ours=frozenset({os.getpid()}))
+        cgroups.enter_leaf()  # so that every process it starts is born in the leaf
         return
     except cgroups.DelegationError as e:
         problem = str(e)

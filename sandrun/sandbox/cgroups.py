@@ -166,6 +166,9 @@ def locate_v2(root: str = ROOT, ours: frozenset[int] = frozenset(),
     if not os.path.exists(os.path.join(own, "cgroup.type")):
         return own, []
     inside = _procs(own)
+    # Ours: the given processes and whatever they started (the worker's short-lived
+    # probes, the launcher), which are born in the same cgroup.
+    ours = frozenset(pid for pid in inside if _descends_from(pid, ours))
     others = inside - ours
     if others:
         raise DelegationError(
@@ -173,6 +176,36 @@ def locate_v2(root: str = ROOT, ours: frozenset[int] = frozenset(),
             f"{'es' if len(others) > 1 else ''} that {'are' if len(others) > 1 else 'is'} not "
             f"Sandrun's, so it cannot be given limited child cgroups; {HOW_TO_DELEGATE}")
     return own, sorted(inside & ours)
+
+
+def _descends_from(pid: int, ancestors: frozenset[int]) -> bool:
+    """Whether ``pid`` is one of ``ancestors`` or a descendant of one (through /proc)."""
+    for _ in range(64):  # deeper than any process tree the worker makes
+        if pid in ancestors:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return False  # gone (or not on this host): not ours to move
+        pid = int(stat.rsplit(b")", 1)[1].split()[1])
+        if pid <= 1:
+            return False
+    return False
+
+
+def enter_leaf(root: str = ROOT) -> None:
+    """cgroup v2: move this process, alone in its delegated cgroup, into the ``supervisor`` leaf.
+
+    Done by ``sandrun serve`` before it starts anything, so that every process
+    it starts is born in the leaf and the cgroup above stays free to give job
+    cgroups their controllers.  ``locate_v2`` must have found it usable.
+    """
+    subtree, movers = locate_v2(root, frozenset({os.getpid()}))
+    if os.getpid() in movers:
+        leaf = os.path.join(subtree, SUPERVISOR)
+        os.makedirs(leaf, exist_ok=True)
+        _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
 
 
 @dataclass

@@ -216,3 +216,21 @@ def test_without_systemd_or_once_in_its_scope_it_exits_with_the_one_line(
         cli.ensure_own_cgroup(["sandrun", "serve"])
     assert str(exited.value.code).startswith("sandrun: cannot start: cgroup v2: /user.slice/")
     assert "\n" not in str(exited.value.code)
+
+
+def test_what_our_processes_started_is_ours_too_and_moves_with_them(tree: FakeTree) -> None:
+    # The worker's own children (a launcher, a short-lived probe) are born in its cgroup.
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        tree.cgroup("/system.slice/sandrun.service", (os.getpid(), child.pid))
+        subtree, movers = locate_v2(str(tree.root), frozenset({os.getpid()}),
+                                    tree.start_in("/system.slice/sandrun.service"))
+        assert movers == sorted([os.getpid(), child.pid])
+        tree.cgroup("/system.slice/sandrun.service", (os.getpid(), child.pid, SSHD))
+        with pytest.raises(DelegationError, match="1 process that is not Sandrun's"):
+            locate_v2(str(tree.root), frozenset({os.getpid()}), str(tree.proc_file))
+    finally:
+        child.kill()
+        child.wait()
