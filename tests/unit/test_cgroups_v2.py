@@ -225,7 +225,7 @@ def test_what_our_processes_started_is_ours_too_and_moves_with_them(tree: FakeTr
     child = subprocess.Popen(["sleep", "30"])
     try:
         tree.cgroup("/system.slice/sandrun.service", (os.getpid(), child.pid))
-        subtree, movers = locate_v2(str(tree.root), frozenset({os.getpid()}),
+        _, movers = locate_v2(str(tree.root), frozenset({os.getpid()}),
                                     tree.start_in("/system.slice/sandrun.service"))
         assert movers == sorted([os.getpid(), child.pid])
         tree.cgroup("/system.slice/sandrun.service", (os.getpid(), child.pid, SSHD))
