@@ -115,6 +115,12 @@ def run_job(client: Client, job: dict[str, Any], args: argparse.Namespace,
     is then fetched after the clock stopped (``full_status``), or made from that frame.
     """
     t0 = time.perf_counter()
+    if args.detect == "run":  # one request: the answer is the end, with the output
+        code, answer = client.json("POST", "/run" if args.keep else "/run?keep=0", job)
+        t1 = time.perf_counter()
+        if code != 200:
+            raise RuntimeError(f"run: {code} {answer}")
+        return (t1 - t0) * 1000, (t1 - t0) * 1000, answer, 0
     code, answer = client.json("POST", "/submit", job)
     t_submit = time.perf_counter()
     if code != 200:
@@ -133,7 +139,11 @@ def run_job(client: Client, job: dict[str, Any], args: argparse.Namespace,
     return (t1 - t0) * 1000, (t_submit - t0) * 1000, status, polls
 
 
-def collect(client: Client, job_id: str, keep: bool) -> dict[str, Any]:
+def collect(client: Client, status: dict[str, Any], keep: bool) -> dict[str, Any]:
+    """The job's logs, then (unless ``keep``) delete it; a /run answer holds both already."""
+    if "stdout" in status:
+        return status
+    job_id = status["job_id"]
     code, logs = client.json("GET", f"/logs/{job_id}")
     if code != 200:
         raise RuntimeError(f"/logs: {code} {logs}")
@@ -158,7 +168,7 @@ def latency(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.warmup):
         for _, job, argv, expected in LATENCY_CASES:
             _, _, status, _ = run_job(client, job, args)
-            collect(client, status["job_id"], args.keep)
+            collect(client, status, args.keep)
             run_bare(argv, expected)
     tries = [latency_try(worker, client, args)]
     while len(tries) < args.tries and tries[-1]["cpu"]["others_cores"] > QUIET_CORES:
@@ -209,7 +219,7 @@ def latency_try(worker: Worker, client: Client, args: argparse.Namespace) -> dic
                 got = series[name]
                 got["bare"].append(run_bare(argv, expected))
                 t, submit, status, polls = run_job(client, job, args)
-                logs = collect(client, status["job_id"], args.keep)
+                logs = collect(client, status, args.keep)
                 if status["status"] != "completed" or logs["stdout"] != expected.decode():
                     errors += 1
                     continue
@@ -227,6 +237,8 @@ def latency_try(worker: Worker, client: Client, args: argparse.Namespace) -> dic
 
 
 def detection_text(args: argparse.Namespace, backoff: float = 1.0) -> str:
+    if args.detect == "run":
+        return "one POST /run" + ("" if args.keep else "?keep=0") + " per job (answered at the end)"
     if args.detect == "ws":
         return "the WebSocket's done frame (one new connection per job)"
     if backoff == 1.0:
@@ -260,7 +272,7 @@ def throughput_at(worker: Worker, concurrency: int, args: argparse.Namespace
                 t, _, status, p = run_job(client, TRIVIAL, args, full_status=False,
                                           backoff=args.backoff)
                 ended = time.perf_counter()
-                collect(client, status["job_id"], args.keep)
+                collect(client, status, args.keep)
             except Exception as e:  # noqa: BLE001 - every failure is an error to count
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
@@ -302,20 +314,37 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
     client = worker.client()
     for _ in range(args.warmup):
         _, _, status, _ = run_job(client, TRIVIAL, args, backoff=args.backoff)
-        collect(client, status["job_id"], args.keep)
+        collect(client, status, args.keep)
     client.close()
     results = []
+    # With --detect run, the reference is the three-request cycle (submit, poll, logs,
+    # delete) on the same worker right after each try: the ratio holds on a busy host.
+    reference_args = argparse.Namespace(**{**vars(args), "detect": "poll"})
     for concurrency in args.concurrency:
-        tries = [throughput_at(worker, concurrency, args)]
-        while len(tries) < args.tries and tries[-1]["cpu"]["others_cores"] > QUIET_CORES:
-            tries.append(throughput_at(worker, concurrency, args))
+        tries = []
+        while not tries or (len(tries) < args.tries
+                            and tries[-1]["cpu"]["others_cores"] > QUIET_CORES):
+            got = throughput_at(worker, concurrency, args)
+            if args.detect == "run":
+                ref = throughput_at(worker, concurrency, reference_args)
+                got["reference_jobs_per_s"] = ref["jobs_per_s"]
+                got["reference_errors"] = ref["errors"]
+                got["reference_cpu"] = ref["cpu"]
+                got["ratio_to_reference"] = got["jobs_per_s"] / max(ref["jobs_per_s"], 1e-9)
+                got["reference_cpu_ms_per_job"] = ref["worker_cpu_ms_per_job"]
+            tries.append(got)
         chosen = min(tries, key=lambda t: t["cpu"]["others_cores"])
         chosen["tries"] = [{"jobs_per_s": t["jobs_per_s"], "errors": t["errors"],
-                            "others_cores": t["cpu"]["others_cores"]} for t in tries]
+                            "others_cores": t["cpu"]["others_cores"],
+                            "reference_jobs_per_s": t.get("reference_jobs_per_s")}
+                           for t in tries]
         results.append(chosen)
-    rows = [(r["concurrency"], r["completed"], r["jobs_per_s"], r["errors"],
+    rows = [(r["concurrency"], r["completed"], r["jobs_per_s"],
+             r.get("reference_jobs_per_s", float("nan")),
+             r.get("ratio_to_reference", float("nan")), r["errors"],
              r["latency_ms"].get("p50", float("nan")), r["latency_ms"].get("p99", float("nan")),
              r["polls_per_job"].get("p50", float("nan")), r["worker_cpu_ms_per_job"],
+             r.get("reference_cpu_ms_per_job", float("nan")),
              r["cpu"]["client_cpu_s"] / r["cpu"]["seconds"],
              r["cpu"]["others_cores"])
             for r in results]
@@ -323,17 +352,23 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
     # Every try counts for errors, not only the one kept.
     clean = all(t["errors"] == 0 for r in results for t in r["tries"])
     print_table(f"Throughput, trivial job (sh true.sh), {args.seconds:g} s per concurrency",
-                ("clients", "completed", "jobs/s", "errors", "p50 ms", "p99 ms", "polls/job",
-                 "worker+launcher CPU ms/job", "client cores", "others' cores"), rows, notes=[
+                ("clients", "completed", "jobs/s", "ref jobs/s", "ratio", "errors", "p50 ms",
+                 "p99 ms", "polls/job",
+                 "worker+launcher CPU ms/job", "ref CPU ms/job", "client cores",
+                 "others' cores"), rows, notes=[
                     f"best {best:.1f} jobs/s (target >= {THROUGHPUT_TARGET:g}, zero errors): "
                     + ("met" if best >= THROUGHPUT_TARGET and clean else "MISSED"),
                     "worker flags: " + " ".join(worker.flags),
                     "completion: " + detection_text(args, args.backoff),
                     "others' cores: CPU used on the host by anything but this run (2 cores in all)",
+                    ("ref jobs/s (--detect run only): the reference, the same clients' "
+                     "submit, poll /status, GET /logs, DELETE cycle right after each try; "
+                     "ratio = jobs/s over it"),
                     ("tries (jobs/s @ others' cores): " + "; ".join(
                         f"{r['concurrency']}: " + ", ".join(
                             f"{t['jobs_per_s']:.1f} @ {t['others_cores']:.2f}"
                             for t in r["tries"]) for r in results)),
+                    "per job: one POST /run" if args.detect == "run" else
                     "per job: POST /submit, wait for its end, GET /logs"
                     + ("" if args.keep else ", DELETE /jobs/{id}")])
     return {"job": "sh true.sh (exit 0)", "target_jobs_per_s": THROUGHPUT_TARGET,
@@ -345,6 +380,7 @@ def retain(worker: Worker, count: int) -> dict[str, int]:
     """Leave ``count`` finished trivial jobs in the worker (each keeps its tmpfs mount for
     the retention time), as a busy worker whose clients never collect would hold them."""
     client = worker.client()
+    before = worker.rss_kb()
     submitted = 0
     while submitted < count:
         code, answer = client.json("POST", "/submit", TRIVIAL)
@@ -361,9 +397,13 @@ def retain(worker: Worker, count: int) -> dict[str, int]:
         time.sleep(0.2)
     client.close()
     mounts = len(worker.mounts())
-    print(f"{count} finished jobs retained: {mounts} mounts under the state directory\n",
-          flush=True)
-    return {"jobs": count, "mounts": mounts}
+    after = worker.rss_kb()
+    per_job = (after["total"] - before["total"]) / count
+    print(f"{count} finished jobs retained: {mounts} mounts under the state directory; "
+          f"worker + launcher RSS {before['total'] / 1024:.1f} -> {after['total'] / 1024:.1f} "
+          f"MiB ({per_job:.2f} KiB per held job)\n", flush=True)
+    return {"jobs": count, "mounts": mounts, "rss_kb_before": before, "rss_kb_after": after,
+            "rss_kib_per_held_job": per_job}
 
 
 def main() -> None:
@@ -383,9 +423,10 @@ def main() -> None:
                         help="throughput runs: longest sleep between polls (default 0.02)")
     parser.add_argument("--max-concurrent", type=int, default=os.cpu_count() or 1,
                         help="the worker's --max-concurrent (default: cores, as sandrun's)")
-    parser.add_argument("--detect", choices=("poll", "ws"), default="poll",
-                        help="learn a job's end by polling /status (default) or from its "
-                             "WebSocket's done frame")
+    parser.add_argument("--detect", choices=("poll", "ws", "run"), default="poll",
+                        help="learn a job's end by polling /status (default), from its "
+                             "WebSocket's done frame, or by one POST /run?keep=0 (submit, "
+                             "wait, output and delete in one request)")
     parser.add_argument("--keep", action="store_true",
                         help="do not DELETE finished jobs (they stay as tmpfs mounts)")
     parser.add_argument("--tries", type=int, default=1,
@@ -416,15 +457,29 @@ def main() -> None:
         {"method": "poll GET /status", "latency_sleep_s": args.poll,
          "throughput_first_sleep_s": args.poll, "throughput_backoff": args.backoff,
          "throughput_max_sleep_s": args.max_poll} if args.detect == "poll" else
-        {"method": "WebSocket /logs/{id}/stream?format=json until the done frame"})
+        {"method": "WebSocket /logs/{id}/stream?format=json until the done frame"}
+        if args.detect == "ws" else {"method": "POST /run (keep=0 unless --keep)"})
     detection["delete_after"] = not args.keep
     results: dict[str, Any] = {"sources": source, "worker_flags": list(flags),
                                "completion_detection": detection}
     try:
+        if args.retain and args.only == "latency":
+            # The same runs with none held first, in this process: the difference is the cost
+            # of holding them.
+            results["latency_none_held"] = latency(worker, args)
         if args.retain:
             results["retained_jobs"] = retain(worker, args.retain)
         if args.only in (None, "latency"):
             results["latency"] = latency(worker, args)
+            if "latency_none_held" in results:
+                none = results["latency_none_held"]["cases"]
+                held = results["latency"]["cases"]
+                diffs = {name: held[name]["end_to_end"]["p50"] - none[name]["end_to_end"]["p50"]
+                         for name in held}
+                results["p50_held_minus_none_ms"] = diffs
+                print("p50 with " + str(args.retain) + " finished jobs held minus with none: "
+                      + ", ".join(f"{name} {d:+.2f} ms" for name, d in diffs.items()) + "\n",
+                      flush=True)
         if args.only in (None, "throughput"):
             results["throughput"] = throughput(worker, args)
         results["worker_rss_kb_after"] = worker.rss_kb()

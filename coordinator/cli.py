@@ -13,7 +13,15 @@ import sys
 from typing import Any
 
 from coordinator.config import CoordinatorConfig, PoolQuota, WorkersFileError, load_workers
-from sandrun.daemon import listen_description, start_logging, stop_signal
+from sandrun.daemon import (
+    add_connection_flags,
+    check_connections,
+    connection_policy,
+    listen_description,
+    raise_open_files_limit,
+    start_logging,
+    stop_signal,
+)
 from sandrun.netaddr import parse_trusted_proxies
 
 
@@ -97,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-cacert", metavar="PEM",
                         help="CA certificate(s) that sign the https:// workers' certificates "
                              "(default: the system's trust store)")
+    add_connection_flags(parser.add_argument)
     return parser
 
 
@@ -115,7 +124,8 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
         max_open_workers=args.max_open_workers, worker_cacert=args.worker_cacert,
         metrics_listen=args.metrics_listen,
         metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
-        else CoordinatorConfig.metrics_allow)
+        else CoordinatorConfig.metrics_allow,
+        connections=connection_policy(args, tuple(args.trusted_proxy) + tuple(args.quota_exempt)))
 
 
 def serve(config: CoordinatorConfig) -> None:
@@ -124,6 +134,7 @@ def serve(config: CoordinatorConfig) -> None:
     from coordinator.service import CoordinatorService
 
     start_logging()
+    raise_open_files_limit()  # the connection cap stays below what this leaves
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:
@@ -151,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             sys.exit(f"sandrun-coordinator: bad {flag}: {e}")
     config = config_from(args)
+    problem = check_connections(config.connections, config.max_upload_bytes)
+    if problem:
+        sys.exit(f"sandrun-coordinator: cannot start: {problem}")
     try:
         load_workers(config.workers_path)  # refuse a bad file with its message, not a traceback
     except WorkersFileError as e:

@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from coordinator.jobids import worker_tag
+from sandrun.daemon import ConnectionPolicy
 
 MAX_WORKERS_FILE_BYTES = 1024 * 1024
 _ENTRY_KEYS = {"worker_id", "endpoint", "max_concurrent_jobs", "name", "comment"}
@@ -98,6 +99,8 @@ class CoordinatorConfig:
     # never on the API's; otherwise at the API's /metrics, to these addresses or networks.
     metrics_listen: str | None = None
     metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    # Connections and uploads in flight clients may hold; header and idle timeouts.
+    connections: ConnectionPolicy = field(default_factory=ConnectionPolicy)
 
 
 def parse_workers(text: str | bytes) -> tuple[WorkerEntry, ...]:

@@ -2,9 +2,11 @@
 
 A ``CollectorRegistry`` of its own (never the library's global one).  Per
 worker, labelled by its name in workers.json (or its endpoint): whether it is
-healthy, the round trip of its last health check, and the jobs routed to it,
-answers of worker_lost for its jobs, and submissions it refused.  For the pool: submissions refused, by kind,
-and open WebSocket relays.  No label holds a job id or a client address.
+healthy, the round trip of its last health check, its running and queued jobs
+(as that check said), the jobs routed to it, answers of worker_lost for its
+jobs, and submissions it refused.  For the pool: bytes of accepted submissions,
+submissions refused by kind, and open WebSocket relays.  No label holds a job id
+or a client address.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ REFUSAL_KINDS = ("cpu_quota", "hourly_limit", "concurrency_limit", "no_worker",
 
 
 class _PoolCollector(Collector):
-    """Health and round-trip time of every configured worker, read when scraped."""
+    """Health, round-trip time and load of every configured worker, read when scraped."""
 
     def __init__(self, registry: WorkerRegistry) -> None:
         self.registry = registry
@@ -37,12 +39,21 @@ class _PoolCollector(Collector):
         rtt = GaugeMetricFamily("sandrun_coordinator_worker_rtt_seconds",
                                 "Round trip of the worker's last health check",
                                 labels=["worker"])
+        running = GaugeMetricFamily("sandrun_coordinator_jobs_running",
+                                    "Jobs running on each worker, as its last health check said",
+                                    labels=["worker"])
+        queued = GaugeMetricFamily("sandrun_coordinator_jobs_queued",
+                                   "Jobs queued on each worker, as its last health check said",
+                                   labels=["worker"])
         for state in self.registry.workers():
-            healthy.add_metric([state.entry.label], 1.0 if state.healthy else 0.0)
+            label = [state.entry.label]
+            healthy.add_metric(label, 1.0 if state.healthy else 0.0)
             if state.rtt_seconds is not None:
-                rtt.add_metric([state.entry.label], state.rtt_seconds)
-        yield healthy
-        yield rtt
+                rtt.add_metric(label, state.rtt_seconds)
+            if state.load is not None:
+                running.add_metric(label, state.load.active_jobs)
+                queued.add_metric(label, state.load.queued_jobs)
+        yield from (healthy, rtt, running, queued)
 
 
 class CoordinatorMetrics:
@@ -62,6 +73,9 @@ class CoordinatorMetrics:
             "sandrun_coordinator_worker_refusals",
             "Submissions a worker refused (429, 503) or could not be sent",
             ["worker"], registry=r)
+        self.uploaded = Counter("sandrun_coordinator_upload_bytes",
+                                "Request body bytes of submissions a worker accepted",
+                                registry=r)
         self.refusals = Counter("sandrun_coordinator_refusals",
                                 "Submissions the coordinator refused, by kind", ["kind"],
                                 registry=r)

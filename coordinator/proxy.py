@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import wraps
@@ -68,6 +69,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
 from coordinator.replication import Replication
+from coordinator.rewrite import LineRewriter
 from coordinator.scheduling import (
     drain_retry_after,
     free_slots,
@@ -78,7 +80,6 @@ from coordinator.scheduling import (
 )
 from coordinator.statusdocs import iso as _iso
 from coordinator.statusdocs import lost_status
-from coordinator.rewrite import LineRewriter
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
     BadWorkerResponse,
@@ -442,6 +443,9 @@ class CoordinatorAPI:
             raise APIError(503, "No worker available",
                            "every worker's queue is full, refused the job, or is unavailable",
                            retry_after=self.retry_after_full())
+        if body is not None:
+            body.seek(0, os.SEEK_END)  # the producer sends from the start, each time
+            self.metrics.uploaded.inc(body.tell())
         replicas = placed.doc.get("replicas", 1)
         if isinstance(replicas, int) and not isinstance(replicas, bool) and replicas > 1:
             answer = await self.replication.submit(placed, replicas, body, headers)

@@ -144,7 +144,7 @@ class WorkerState:
 
 
 class WorkerRegistry:
-    """The configured workers (plus draining ones), keyed by worker id."""
+    """The configured workers (plus draining and open ones), keyed by worker id."""
 
     def __init__(self, entries: tuple[WorkerEntry, ...], drain_seconds: float = 3600.0,
                  max_disagreements: int = 3) -> None:

@@ -3,7 +3,8 @@
 The first replica is placed like any job, on a listed worker; that worker
 parses the manifest and answers ``replicas: N`` (the coordinator reads no
 submission).  The coordinator then places N - 1 copies of the same body on
-other workers, open (enrolled) ones included, each on a distinct worker.  If
+other workers at once, open (enrolled) ones included, each on a distinct
+worker.  If
 the pool cannot hold them all, every copy already placed is cancelled and the
 answer is 503: a job asked to be checked N times is never run fewer.
 
@@ -19,12 +20,13 @@ agree answer 409: there is no result to hand out.
 from __future__ import annotations
 
 import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from coordinator.config import CoordinatorConfig
 from coordinator.consensus import COMPARED, Ledger, Outcome, ReplicaReport, Verdict, judge
@@ -33,6 +35,7 @@ from coordinator.jobids import JobRef, encode_replicas
 from coordinator.registry import WorkerRegistry
 from coordinator.scheduling import drain_retry_after
 from coordinator.statusdocs import lost_status
+from coordinator.uploads import independent_reader
 from coordinator.worker_client import (
     BadWorkerResponse,
     WorkerClient,
@@ -48,7 +51,7 @@ from sandrun.wire import JobStatus, Reason
 log = Logger()
 
 Forward = Callable[..., Awaitable[Any]]  # CoordinatorAPI.forward
-Place = Callable[..., Awaitable[Any]]  # CoordinatorAPI.place -> Placement
+Place = Callable[..., Coroutine[Any, Any, Any]]  # CoordinatorAPI.place -> Placement
 
 
 class Replication:
@@ -75,30 +78,44 @@ class Replication:
             raise APIError(400, "Invalid manifest",
                            f"replicas: this pool runs at most {self.config.max_replicas}",
                            field="replicas")
-        tried = {first.state.worker_id}  # place() adds every worker it tries
-        while len(placed) < replicas:
-            try:
-                extra = await self.place(body, headers, tried, open_ok=True)
-            except Exception:
-                await self.cancel(placed, headers)  # no copy is left running unanswered
-                raise
-            if extra.state is None:
-                await self.cancel(placed, headers)
-                if extra.response is not None and extra.response.code == 429:
-                    raise APIError(429, "Rate limit exceeded",
-                                   "a worker refused a replica of this job for your quota",
-                                   retry_after=self.retry_after())
-                raise APIError(503, "No worker available",
-                               f"the pool has no {replicas} distinct workers with room for "
-                               "this job's replicas", retry_after=self.retry_after())
-            tried.add(extra.state.worker_id)
-            placed.append(extra)
+        extras = await self.place_extras(replicas - 1, body, headers, {first.state.worker_id})
+        placed += [p for p in extras if not isinstance(p, Failure) and p.state is not None]
+        if len(placed) < replicas:
+            await self.cancel(placed, headers)
+            failure = next((p for p in extras if isinstance(p, Failure)), None)
+            if failure is not None:
+                failure.raiseException()  # as for the first copy: 502, 504...
+            if any(p.response is not None and p.response.code == 429 for p in extras):
+                raise APIError(429, "Rate limit exceeded",
+                               "a worker refused a replica of this job for your quota",
+                               retry_after=self.retry_after())
+            raise APIError(503, "No worker available",
+                           f"the pool has no {replicas} distinct workers with room for "
+                           "this job's replicas", retry_after=self.retry_after())
         job_id = encode_replicas([p.ref() for p in placed])
         log.info("job dispatched to {count} replicas", count=replicas)
         answer = dict(first.doc)
         answer["job_id"] = job_id
         answer["replicas"] = replicas
         return answer
+
+    async def place_extras(self, count: int, body: Any, headers: dict[bytes, list[bytes]],
+                           tried: set[str]) -> list[Any]:
+        """Place ``count`` copies at once, each on another worker; a Placement or a Failure each.
+
+        Every placement picks its worker before it first waits and adds it to
+        the shared ``tried``, so no two copies go to one worker; each sends from
+        its own reader of the body.
+        """
+        readers = [independent_reader(body) for _ in range(count)]
+        try:
+            results = await defer.DeferredList(
+                [defer.ensureDeferred(self.place(reader, headers, tried, open_ok=True))
+                 for reader in readers], consumeErrors=True)
+        finally:
+            for reader in readers:
+                reader.close()
+        return [result for _, result in results]
 
     def retry_after(self) -> int:
         return drain_retry_after(self.registry.workers(), self.config.health_interval)

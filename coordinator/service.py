@@ -37,18 +37,29 @@ from coordinator.stream import StreamRelay
 from coordinator.tls import load_trust_root
 from coordinator.uploads import default_spool_dir, request_factory
 from coordinator.worker_client import WorkerClient
+from sandrun.connections import BodyRoutes, GuardedChannel, UploadBudget, guard_site
 from sandrun.daemon import address_text
 
 log = Logger()
 
 CONNECT_TIMEOUT = 5.0  # seconds to open a TCP connection to a worker
 MAX_CONNECTIONS_PER_WORKER = 32  # idle keep-alive connections kept per worker
+# Seconds an idle keep-alive connection to a worker is kept: below the workers' idle
+# timeout (--idle-timeout, 30 s by default), so the coordinator closes it first and never
+# sends a submission down a connection the worker is closing.
+IDLE_CONNECTION_SECONDS = 20
+RESERVED_DESCRIPTORS = 512  # kept free of client connections: connections to workers, relays
 
 
 class QuietSite(server.Site):
-    """A Site that writes no access log: paths hold job ids, which are bearer secrets."""
+    """A Site that writes no access log: paths hold job ids, which are bearer secrets.
+
+    Its channel has a header deadline and answers malformed HTTP in JSON
+    (``sandrun.connections.GuardedChannel``).
+    """
 
     noisy = False
+    protocol = GuardedChannel  # type: ignore[assignment]
 
     def log(self, request: Any) -> None:
         pass
@@ -116,6 +127,7 @@ def http_client(reactor: Any, trust_root: Any = None) -> tuple[Any, HTTPConnecti
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory  # the documented way to quieten it
     pool.maxPersistentPerHost = MAX_CONNECTIONS_PER_WORKER
+    pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
     pool.retryAutomatically = True  # idempotent requests retry once on a stale connection
     agent = Agent.usingEndpointFactory(reactor, _NoDelayEndpoints(reactor, trust_root),
                                        pool=pool)
@@ -157,7 +169,12 @@ class CoordinatorService(service.MultiService):
         self.site = QuietSite(self.api.resource())
         self.site.displayTracebacks = False
         spool = config.spool_dir if config.spool_dir is not None else default_spool_dir()
-        self.site.requestFactory = request_factory(config.max_upload_bytes, spool)
+        policy = config.connections
+        self.site.requestFactory = request_factory(
+            config.max_upload_bytes, spool, BodyRoutes(CoordinatorAPI.app.url_map),
+            UploadBudget(policy.max_inflight_upload_bytes,
+                         policy.max_inflight_upload_bytes_per_ip, policy.exempt))
+        self.connections = guard_site(self.site, policy, reserve=RESERVED_DESCRIPTORS)
         self.port: Any = None
 
     @defer.inlineCallbacks

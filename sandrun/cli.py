@@ -14,7 +14,14 @@ from typing import Any
 
 import sandrun
 from sandrun.config import Limits, QuotaConfig, WorkerConfig
-from sandrun.daemon import listen_description, start_logging, stop_signal
+from sandrun.daemon import (
+    add_connection_flags,
+    check_connections,
+    connection_policy,
+    listen_description,
+    start_logging,
+    stop_signal,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +85,9 @@ def add_serve_command(commands: Any) -> None:
     flag("--max-concurrent", type=int, metavar="N", default=os.cpu_count() or 1,
          help="jobs running at once (default: number of cores, here %(default)s)")
     flag("--queue-size", type=int, metavar="N", default=100, help="jobs waiting (default %(default)s)")
+    flag("--max-finished-jobs", type=int, metavar="N", default=WorkerConfig.max_finished_jobs,
+         help="finished jobs held for download; past it the oldest finished is deleted "
+              "(default %(default)s)")
     flag("--state-dir", metavar="DIR", default="/run/sandrun",
          help="where the worker mounts its tmpfs (default %(default)s)")
     flag("--env-dir", metavar="DIR", default=WorkerConfig.env_dir,
@@ -140,6 +150,7 @@ def add_serve_command(commands: Any) -> None:
     flag("--quota-exempt", action="append", default=None, metavar="CIDR",
          help="address or network to which no per-IP quota applies, e.g. 127.0.0.1 or "
               "10.0.0.0/8 (repeatable; default: none)")
+    add_connection_flags(flag)
 
 
 # ``serve`` options that take a list (repeatable flags; a list in the TOML file).
@@ -228,6 +239,7 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                          exempt=tuple(args.quota_exempt or ()))
     return WorkerConfig(listen=args.listen, max_concurrent=args.max_concurrent,
                         queue_size=args.queue_size, limits=limits, quotas=quotas,
+                        max_finished_jobs=args.max_finished_jobs,
                         state_dir=os.path.abspath(args.state_dir), worker_key=args.worker_key,
                         env_dir=os.path.abspath(args.env_dir),
                         deps_dir=os.path.abspath(args.deps_dir),
@@ -238,7 +250,9 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
                         metrics_listen=args.metrics_listen,
                         metrics_allow=tuple(args.metrics_allow) if args.metrics_allow
                         else WorkerConfig.metrics_allow,
-                        gpu_dev_dir=os.path.abspath(args.gpu_dev_dir))
+                        gpu_dev_dir=os.path.abspath(args.gpu_dev_dir),
+                        connections=connection_policy(
+                            args, tuple(args.trusted_proxy or ()) + quotas.exempt))
 
 
 def check_config(config: WorkerConfig) -> str | None:
@@ -262,9 +276,22 @@ def check_config(config: WorkerConfig) -> str | None:
         return "--default-timeout must be between 1 and --max-timeout"
     if not 16 <= limits.default_memory_mb <= limits.max_memory_mb:
         return "--default-memory-mb must be between 16 and --max-memory-mb"
+    if config.max_finished_jobs < 0:
+        return "--max-finished-jobs must be 0 or more"
     if not limits.max_cpus >= 0.01:
         return "--max-cpus must be at least 0.01"
-    return None
+    return check_connections(config.connections, limits.max_upload_bytes)
+
+
+def _allow_open_files() -> None:
+    """Descriptors up to the hard limit: each held job keeps its output log open, and a
+    worker may hold thousands (``--max-finished-jobs``) besides its connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def serve(config: WorkerConfig) -> None:
@@ -275,6 +302,7 @@ def serve(config: WorkerConfig) -> None:
     from sandrun.service import WorkerService
 
     start_logging()
+    _allow_open_files()
 
     @defer.inlineCallbacks
     def run(reactor: Any) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from sandrun.daemon import ConnectionPolicy
+
 MB = 1000 * 1000
 MiB = 1024 * 1024
 
@@ -54,6 +56,7 @@ class WorkerConfig:
     listen: str = "tcp:8443:interface=127.0.0.1"
     max_concurrent: int = field(default_factory=lambda: os.cpu_count() or 1)
     queue_size: int = 100
+    max_finished_jobs: int = 5000  # finished jobs held for download; past it the oldest go
     limits: Limits = field(default_factory=Limits)
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     state_dir: str = "/run/sandrun"  # tmpfs for job data is mounted beneath
@@ -69,5 +72,7 @@ class WorkerConfig:
     env_dir: str = "/var/lib/sandrun/environments"  # built templates (sandrun env --root)
     deps_dir: str = "/var/cache/sandrun/deps"  # jobs' fetched dependencies, by file hash
     deps_cache_bytes: int = 4096 * MiB  # all of deps_dir; least recently used entries go
+    # Connections and uploads in flight clients may hold; header and idle timeouts.
+    connections: ConnectionPolicy = field(default_factory=ConnectionPolicy)
     allow_unlimited_swap: bool = False  # start where a job's swap cannot be capped at 0
     gpu_dev_dir: str = "/dev"  # where the NVIDIA device nodes of the GPUs found by NVML are

@@ -1,4 +1,5 @@
-"""What the worker's and the coordinator's ``cli.py`` share: where to listen, when to stop.
+"""What the worker's and the coordinator's ``cli.py`` share: where to listen, when to stop,
+what clients may hold open.
 
 A leaf shared with the coordinator, like the wire helpers: it imports only the
 standard library and Twisted, nothing from the rest of Sandrun.  Only a
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import sys
+from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.internet import defer
@@ -103,3 +106,91 @@ def start_logging(stream: IO[str] | None = None) -> ILogObserver:
         observer = textFileLogObserver(stream)
     globalLogBeginner.beginLoggingTo([observer])
     return observer
+
+
+MB = 1000 * 1000
+
+
+@dataclass(frozen=True)
+class ConnectionPolicy:
+    """What clients may hold open at once, and for how long; flags of the same names."""
+
+    # Open client connections, all clients; lowered to stay below RLIMIT_NOFILE.
+    max_connections: int = 1000
+    max_connections_per_ip: int = 64  # open connections from one client address
+    # Seconds to a request's last header, from the connection or the request's first byte.
+    header_timeout: float = 10.0
+    # Seconds without a byte from the client, between requests or inside a body.
+    idle_timeout: float = 30.0
+    max_inflight_upload_bytes: int = 400 * MB  # request bodies in flight, all clients, bytes
+    max_inflight_upload_bytes_per_ip: int = 100 * MB  # ... from one client address, bytes
+    exempt: tuple[str, ...] = ()  # addresses or networks with no per-address cap
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft ``RLIMIT_NOFILE`` to the hard limit; the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_cap(wanted: int, reserve: int) -> int:
+    """``wanted``, lowered so that ``reserve`` descriptors stay free for everything else."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - reserve))
+
+
+def add_connection_flags(flag: Any) -> None:
+    """What clients may hold open (``sandrun.connections``): the worker's and the
+    coordinator's flags alike.  --trusted-proxy and --quota-exempt addresses have no
+    per-address cap."""
+    c = ConnectionPolicy()
+    flag("--max-connections", type=int, metavar="N", default=c.max_connections,
+         help="open client connections at once, all clients; lowered to stay below the "
+              "open-files limit, whose soft value is raised to the hard one at start "
+              "(default %(default)s)")
+    flag("--max-connections-per-ip", type=int, metavar="N", default=c.max_connections_per_ip,
+         help="open connections from one client address (default %(default)s)")
+    flag("--header-timeout", type=float, metavar="SECONDS", default=c.header_timeout,
+         help="a request's headers must arrive within this long, else 408 "
+              "(default %(default)g)")
+    flag("--idle-timeout", type=float, metavar="SECONDS", default=c.idle_timeout,
+         help="a connection that sends nothing for this long is closed, between requests "
+              "or inside a body (default %(default)g)")
+    flag("--max-inflight-upload-mb", type=int, metavar="MB", default=None,
+         help="request bodies being received at once, all clients, MB; past it 503 "
+              "(default: four times --max-upload-mb)")
+    flag("--max-inflight-upload-mb-per-ip", type=int, metavar="MB", default=None,
+         help="request bodies being received at once from one client address, MB; past it "
+              "429, before the body is read (default: --max-upload-mb, one whole upload)")
+
+
+def connection_policy(args: argparse.Namespace, exempt: tuple[str, ...]) -> ConnectionPolicy:
+    per_ip = args.max_inflight_upload_mb_per_ip or args.max_upload_mb
+    total = args.max_inflight_upload_mb or 4 * args.max_upload_mb
+    return ConnectionPolicy(max_connections=args.max_connections,
+                            max_connections_per_ip=args.max_connections_per_ip,
+                            header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+                            max_inflight_upload_bytes=total * 10**6,
+                            max_inflight_upload_bytes_per_ip=per_ip * 10**6, exempt=exempt)
+
+
+def check_connections(c: ConnectionPolicy, max_upload_bytes: int) -> str | None:
+    """What is wrong with the connection flags (worker and coordinator alike); or None."""
+    if c.max_connections < 1 or c.max_connections_per_ip < 1:
+        return "--max-connections and --max-connections-per-ip must be at least 1"
+    if not (c.header_timeout > 0 and c.idle_timeout > 0):
+        return "--header-timeout and --idle-timeout must be positive"
+    if c.max_inflight_upload_bytes_per_ip < max_upload_bytes:
+        return "--max-inflight-upload-mb-per-ip must be at least --max-upload-mb"
+    if c.max_inflight_upload_bytes < c.max_inflight_upload_bytes_per_ip:
+        return "--max-inflight-upload-mb must be at least --max-inflight-upload-mb-per-ip"
+    return None
+    return None

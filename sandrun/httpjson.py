@@ -72,11 +72,14 @@ def no_route(request: IRequest, valid_methods: Iterable[str] | None = None) -> b
     return write_error(request, APIError(405, "Method not allowed", "see the API documentation"))
 
 
+_PHRASES = {429: b"Too Many Requests"}  # not in twisted.web.http.RESPONSES
+
+
 def json_response(status: int, document: dict[str, Any],
                   headers: dict[str, str] | None = None) -> bytes:
     """A whole HTTP response, for writing straight to the transport; the connection closes."""
     body = json.dumps(document).encode()
-    phrase = http.RESPONSES.get(status, b"Error")
+    phrase = http.RESPONSES.get(status, _PHRASES.get(status, b"Error"))
     extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in (headers or {}).items())
     return (b"HTTP/1.1 %d " % status + phrase + b"\r\nContent-Type: application/json\r\n"
             b"Access-Control-Allow-Origin: *\r\nConnection: close\r\n" + extra
@@ -93,6 +96,45 @@ class RawBodyRequest(server.Request):
 
     original_content_type: bytes | None = None
     _refused = False
+    # Set by a site's request factory (``sandrun.connections``): which routes take a
+    # body (``BodyRoutes``), and the budget of body bytes in flight (``UploadBudget``).
+    body_routes: Any = None
+    upload_budget: Any = None
+    _reserved = 0
+
+    def refuse_early(self, length: int | None) -> bool:
+        """From the headers alone: refuse a body its route does not take, or one over the
+        in-flight budget.  ``length`` is None for a chunked body.  True when answered."""
+        if length == 0:
+            return False
+        command = getattr(self.channel, "_command", None)
+        path = getattr(self.channel, "_path", None)
+        routes = type(self).body_routes
+        if routes is not None and command is not None and path is not None:
+            refusal = routes.refusal(command, path)
+            if refusal is not None:
+                self.answer(*refusal)
+                return True
+        return length is not None and not self.take_budget(length)
+
+    def take_budget(self, nbytes: int) -> bool:
+        """Count ``nbytes`` more of this body against the budget; False (answered) if over."""
+        budget = type(self).upload_budget
+        if budget is None or nbytes <= 0:
+            return True
+        host = str(getattr(self.getClientAddress(), "host", None) or "unix")
+        refusal = budget.reserve(host, nbytes)
+        if refusal is not None:
+            self.answer(*refusal)
+            return False
+        if not self._reserved:
+            def release(result: Any) -> None:
+                budget.release(host, self._reserved)
+                self._reserved = 0
+
+            self.notifyFinish().addBoth(release)
+        self._reserved += nbytes
+        return True
 
     def answer(self, status: int, document: dict[str, Any],
                headers: dict[str, str] | None = None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import mimetypes
-from importlib import resources
+from importlib import metadata, resources
 from typing import Any
 
 import yaml
@@ -31,6 +31,14 @@ ASSET_DIRS = ("ui", "vendor")
 _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
           ".html": "text/html; charset=utf-8", ".txt": "text/plain; charset=utf-8",
           ".svg": "image/svg+xml"}
+
+
+def _version() -> str:
+    """The installed package's version: the document describes this release's API."""
+    try:
+        return metadata.version("sandrun")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _static() -> Any:
@@ -66,6 +74,7 @@ def openapi_document(role: str) -> dict[str, Any]:
     document: dict[str, Any] = _for_role(_source(), role)
     document["info"]["title"] = "Sandrun worker" if role == "worker" \
         else "Sandrun coordinator"
+    document["info"]["version"] = _version()
     return document
 
 

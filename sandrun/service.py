@@ -19,6 +19,7 @@ from sandrun.api.app import WorkerAPI
 from sandrun.api.unpacker import Unpacker
 from sandrun.api.uploads import WorkerSite, request_factory
 from sandrun.config import WorkerConfig
+from sandrun.connections import BodyRoutes, UploadBudget, guard_site
 from sandrun.environments import DependencyCache, Environments, Registry
 from sandrun.jobs.gpus import GpuPool, discover
 from sandrun.jobs.manager import JobManager
@@ -89,6 +90,9 @@ class WorkerService(service.MultiService):
         self.site = WorkerSite(self.api.resource())
         self.site.displayTracebacks = False
         self.port: Any = None
+        # Header deadline, idle timeout, connection caps; descriptors kept for jobs' pipes.
+        self.connections = guard_site(self.site, config.connections,
+                                      reserve=64 + 16 * config.max_concurrent)
         self.announcer: Announcer | None = None
         self._started: list[str] = []  # what stopService must undo, in start order
 
@@ -100,9 +104,12 @@ class WorkerService(service.MultiService):
             self._started.append("storage")
             self.unpacker.start()
             self._started.append("unpacker")
-            self.site.requestFactory = request_factory(self.config.limits,
-                                                       self.storage.uploads_dir,
-                                                       self.api.early_refusal)
+            policy = self.config.connections
+            self.site.requestFactory = request_factory(
+                self.config.limits, self.storage.uploads_dir, self.api.early_refusal,
+                BodyRoutes(WorkerAPI.app.url_map),
+                UploadBudget(policy.max_inflight_upload_bytes,
+                             policy.max_inflight_upload_bytes_per_ip, policy.exempt))
             self._started.append("sandbox")
             yield self.sandbox.start()
             yield self._find_gpus()
@@ -124,6 +131,12 @@ class WorkerService(service.MultiService):
         log.info("sandrun worker listening on {host}:{port} (worker id {worker_id}, "
                  "{stale} stale job directories removed)", host=getattr(host, "host", host),
                  port=getattr(host, "port", ""), worker_id=self.manager.worker_id, stale=stale)
+        log.info("connections: at most {total} ({per_ip} per client address), headers within "
+                 "{header:g} s, idle {idle:g} s; uploads in flight at most {inflight} bytes "
+                 "({inflight_ip} per address)", total=self.connections.max_total,
+                 per_ip=policy.max_connections_per_ip, header=policy.header_timeout,
+                 idle=policy.idle_timeout, inflight=policy.max_inflight_upload_bytes,
+                 inflight_ip=policy.max_inflight_upload_bytes_per_ip)
         if self.config.join and self.identity is not None:
             self.announcer = Announcer(self.reactor, self.config.join, self.identity.worker_id,
                                        self.config.advertise or _listen_url(host))

@@ -11,7 +11,7 @@
 # Delegate=yes scope), service (a plain systemd service), root (the root cgroup).  The VM
 # runs under software emulation here, 10-20x slower than the host: test timeouts are scaled
 # by SANDRUN_TEST_TIME_SCALE (default 10).  Each mode's "== RESULT" lines and pytest's
-# summary go to docs/vm-check.md; the full logs to $SR_VM_LOGS (default /tmp/sandrun-vm).
+# summary go to docs/vm-check-<mode>.md; the full logs to $SR_VM_LOGS (default /tmp/sandrun-vm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNNER=${SR_VM_RUNNER:-../shared/vm/run-in-vm.sh}
@@ -24,17 +24,10 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do modes+=("$1"); shift; done
 [ $# -gt 0 ] || set -- tests/integration
 [ -x "$RUNNER" ] || { echo "no VM runner at $RUNNER (set SR_VM_RUNNER)" >&2; exit 2; }
 mkdir -p "$LOGS"
-report=docs/vm-check.md
-{
-    echo "# Sandrun in a Debian 12 VM (cgroup v2)"
-    echo
-    echo "Made by \`scripts/vm-check.sh ${modes[*]} -- $*\` on $(date -u +%Y-%m-%dT%H:%MZ)" \
-         "from commit $(git rev-parse --short HEAD 2>/dev/null || echo '?');" \
-         "install.sh ran as on a fresh host (Debian's python3, no pip, no network)."
-} > "$report.new"
 status=0
 for mode in "${modes[@]}"; do
     log=$LOGS/$mode.log
+    report=docs/vm-check-$mode.md
     echo "== $mode: log in $log"
     start=$SECONDS
     set +e
@@ -45,8 +38,13 @@ for mode in "${modes[@]}"; do
     set -e
     [ $rc = 0 ] || status=$rc
     {
+        echo "# Sandrun in a Debian 12 VM (cgroup v2), started from: $mode"
         echo
-        echo "## SR_VM_CGROUP=$mode: exited $rc after $(( (SECONDS - start) / 60 )) min"
+        echo "Made by \`scripts/vm-check.sh $mode -- $*\` on $(date -u +%Y-%m-%dT%H:%MZ)" \
+             "from commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
+             "(SR_VM_CGROUP=$mode, SR_VM_PYTHON=raw: install.sh ran as on a fresh host, with" \
+             "Debian's python3, no pip and no network); exited $rc after" \
+             "$(( (SECONDS - start) / 60 )) min."
         echo
         echo '```'
         grep -E '^== RESULT|^    |^install.sh:|^sandrun installed|^tests capped|^tests:' "$log" \
@@ -55,8 +53,7 @@ for mode in "${modes[@]}"; do
             | tail -40 || true
         tail -1 "$log"
         echo '```'
-    } >> "$report.new"
+    } > "$report"
+    echo "== $mode: summary in $report"
 done
-mv "$report.new" "$report"
-echo "== summary in $report"
 exit $status

@@ -3,7 +3,8 @@
 # copied checkout, after `bash ./scripts/install.sh` ran there as on a fresh machine.
 #   1. `sandrun serve` started the README's way, from wherever this script runs, and a job;
 #   2. the shipped systemd unit (`sandrun install-service`), a job through it, its journal;
-#   3. the test suite (its arguments), by exec, so that it runs in this script's cgroup.
+#   3. the worker alone at the root of its own cgroup namespace, as in a container;
+#   4. the test suite (its arguments), by exec, so that it runs in this script's cgroup.
 # Lines starting "== RESULT" are what vm-check.sh keeps in docs/vm-check.md.
 set -uo pipefail
 URL=http://127.0.0.1:8443
@@ -64,6 +65,29 @@ else
     journalctl -u sandrun.service -o cat --no-pager -n 20 | sed 's/^/    /'
 fi
 
-# 3. The tests, in this script's own cgroup.
+# 3. As in a container with its own cgroup namespace and a writable cgroup2 mount (what
+#    `docker run --privileged --cgroupns=private` gives): the worker alone in a cgroup that is
+#    the root of its namespace, as PID 1 of a container would be.
+ct=/sys/fs/cgroup/sandrun-container-check
+mkdir -p "$ct"
+(
+    echo "$BASHPID" > "$ct/cgroup.procs"
+    exec unshare --cgroup --mount --propagation private sh -c \
+        'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec sandrun serve --listen 127.0.0.1:8444 --state-dir /run/sandrun-ct'
+) > /tmp/container.log 2>&1 &
+container=$!
+if URL=http://127.0.0.1:8444 healthy; then
+    echo "== RESULT own cgroup namespace: job $(URL=http://127.0.0.1:8444 job);" \
+         "worker in host cgroup $(cut -d: -f3 /proc/$container/cgroup);" \
+         "made: $(ls "$ct" | grep -E '^(supervisor|sandrun-)' | paste -sd' ')"
+else
+    echo "== RESULT own cgroup namespace: never healthy"; tail -5 /tmp/container.log
+fi
+kill -TERM "$container" 2>/dev/null
+wait "$container"
+echo "== RESULT own cgroup namespace: worker exited $? on SIGTERM"
+rmdir "$ct/supervisor" "$ct" 2>/dev/null
+
+# 4. The tests, in this script's own cgroup.
 echo "== RESULT tests: bash ./scripts/test.sh $*"
 exec bash ./scripts/test.sh "$@"

@@ -60,8 +60,9 @@ def sparse_map_bomb(entries: int = 4_000_000) -> bytes:
     """
     sparse = (pax_record("GNU.sparse.major", "1") + pax_record("GNU.sparse.minor", "0")
               + pax_record("GNU.sparse.name", "bomb") + pax_record("GNU.sparse.realsize", "1"))
-    size = 10 * 1024 * 1024  # the map sits in the member's data
-    data = (str(entries).encode() + b"\n" + b"0\n1\n" * (size // 4))[:size]
+    # The map sits in the member's data: its count, then an offset and a size per entry.
+    data = str(entries).encode() + b"\n" + b"0\n1\n" * entries
+    size = len(data)
     return gz(pax(sparse) + header("GNUSparseFile.0/bomb", b"0", size) + padded(data) + END)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -115,6 +116,9 @@ class WorkerAPI:
 
     app = Klein()
     app.url_map.converters["anypath"] = _AnyPath
+    # "/download/ID//etc/passwd" is a JSON 404 like any unknown path, never werkzeug's HTML
+    # 308 to a merged path (with a Location built from the Host header).
+    app.url_map.merge_slashes = False
 
     def __init__(self, manager: JobManager, config: WorkerConfig,
                  identity: ident.WorkerIdentity | None = None,
@@ -133,7 +137,8 @@ class WorkerAPI:
         self.streams = stream.Subscribers(manager.reactor)  # closed with 1001 at shutdown
         self.packs = PackOnce(self.blocking, pack_outputs,
                               lambda job_id: manager.storage.pack_path(job_id),
-                              lambda job_id: manager.get(job_id) is not None)
+                              lambda job_id: manager.get(job_id) is not None,
+                              lambda job_id: manager.storage.measure(job_id))
         self.metrics = manager.metrics
         self.metrics.watch(streams=lambda: len(self.streams))
 
@@ -314,12 +319,13 @@ class WorkerAPI:
         exempt = self.quota_exempt(request)
         self.manager.admit(client, exempt)
         job_id = new_job_id()
-        base = self.manager.create_workspace(job_id)
 
-        def parse() -> uploads.Submission:
-            return self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
+        def parse() -> tuple[str, uploads.Submission]:
+            base = self.manager.create_workspace(job_id)  # a tmpfs mount: kernel work
+            return base, self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
 
-        def queued(submission: uploads.Submission) -> tuple[Job, int]:
+        def queued(parsed: tuple[str, uploads.Submission]) -> tuple[Job, int]:
+            base, submission = parsed
             environment = self.check_environment(submission.manifest)
             self.manager.check_gpu(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
@@ -334,15 +340,17 @@ class WorkerAPI:
             return job, position
 
         def failed(failure: Any) -> Any:
-            if self.manager.get(job_id) is None:
-                self.manager.discard_workspace(job_id)
             if failure.check(uploads.Unsupported):
-                raise APIError(415, "Unsupported content type",
-                               f"{failure.value.kind}: use multipart/form-data or "
-                               "application/json")
-            return failure
+                failure = Failure(APIError(415, "Unsupported content type",
+                                           f"{failure.value.kind}: use multipart/form-data or "
+                                           "application/json"))
+            if self.manager.get(job_id) is not None:
+                return failure
+            # Answered once nothing of the refused job is left.
+            self.manager.discard_workspace(job_id)
+            return self.manager.removed(job_id).addCallback(lambda _: failure)
 
-        # Extraction and hashing touch up to hundreds of MB: off the reactor thread.
+        # Mounting, extraction and hashing (up to hundreds of MB): off the reactor thread.
         d = self.blocking(parse)
         d.addCallback(queued)
         d.addErrback(failed)
@@ -427,6 +435,7 @@ class WorkerAPI:
         d = self.packs.get(job)
 
         def send(path: str) -> Any:
+            self.manager.storage.measure(job.id)  # the pack counts until the job goes
             f = open(path, "rb")  # noqa: SIM115 (closed by the producer)
             request.setHeader(b"Content-Type", b"application/gzip")
             request.setHeader(b"Content-Disposition",
@@ -450,12 +459,14 @@ class WorkerAPI:
 
     @app.route("/jobs/<string:job_id>", methods=["DELETE"])
     @_api
-    def delete(self, request: IRequest, job_id: str) -> bytes:
+    def delete(self, request: IRequest, job_id: str) -> defer.Deferred[bytes]:
         job = self.job(job_id)
         was = job.status
         self.manager.cancel(job_id)
-        return write_json(request, {"job_id": job_id, "deleted": True,
-                                    "cancelled": was in (JobStatus.QUEUED, JobStatus.RUNNING)})
+        # Answered once its data is gone (a running job's goes when its sandbox stops).
+        return self.manager.removed(job_id).addCallback(lambda _: write_json(
+            request, {"job_id": job_id, "deleted": True,
+                      "cancelled": was in (JobStatus.QUEUED, JobStatus.RUNNING)}))
 
     # -- live output (the WebSocket itself is in stream.py) ------------------------
 

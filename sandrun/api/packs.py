@@ -30,11 +30,13 @@ class PackOnce:
     """Packs a job's outputs at most once at a time, and keeps the result."""
 
     def __init__(self, blocking: Blocking, pack: Packer,
-                 pack_path: Callable[[str], str], exists: Callable[[str], bool]) -> None:
+                 pack_path: Callable[[str], str], exists: Callable[[str], bool],
+                 on_packed: Callable[[str], Any] = lambda job_id: None) -> None:
         self.blocking = blocking
         self.pack = pack
         self.pack_path = pack_path  # job id -> where its pack lives
         self.exists = exists  # whether the job still exists (else its pack is removed)
+        self.on_packed = on_packed  # a pack was made for this job id: count it
         self._waiting: dict[str, list[defer.Deferred[str]]] = {}
 
     def get(self, job: Any) -> defer.Deferred[str]:
@@ -65,11 +67,14 @@ class PackOnce:
 
     def _done(self, result: Any, job_id: str, path: str) -> None:
         waiters = self._waiting.pop(job_id, [])
-        if not isinstance(result, Failure) and not self.exists(job_id):
-            try:  # deleted while it was packed: nobody would remove the pack
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        if not isinstance(result, Failure):
+            if self.exists(job_id):
+                self.on_packed(job_id)
+            else:
+                try:  # deleted while it was packed: nobody would remove the pack
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         for waiter in waiters:
             if isinstance(result, Failure):
                 waiter.errback(result)

@@ -6,7 +6,9 @@
   and a chunked body is cut off with 413 as soon as it passes the limit (a
   JSON body has its own, smaller cap: it is parsed whole);
 - a submission the worker could not take now (queue full, the client over its
-  quota) is refused from its headers alone, before the upload is read;
+  quota) is refused from its headers alone, before the upload is read, and so
+  is a body sent to a route that takes none, or one past the budget of upload
+  bytes in flight per client address and in all (``sandrun.connections``);
 - the body is spooled to an unlinked file on the worker's tmpfs, never to
   disk and never whole in the worker's memory;
 - twisted.web does not parse multipart bodies into memory itself: we do, as a
@@ -22,6 +24,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -29,10 +32,11 @@ from typing import Any, BinaryIO
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 from twisted.logger import Logger
-from twisted.web import http, server
+from twisted.web import server
 
 from sandrun.config import Limits
-from sandrun.httpjson import RawBodyRequest, json_response
+from sandrun.connections import BodyRoutes, GuardedChannel, UploadBudget
+from sandrun.httpjson import RawBodyRequest
 from sandrun.jobs import workspace
 from sandrun.jobs.manifest import (
     ALLOWED_INTERPRETERS,
@@ -68,6 +72,7 @@ class UploadRequest(RawBodyRequest):
     admission: Callable[[Any], Refusal | None] | None = None
 
     _received = 0
+    _chunked = False
 
     def _body_limit(self) -> int:
         kind, _ = parse_options_header(self.requestHeaders.getRawHeaders(b"content-type",
@@ -84,6 +89,9 @@ class UploadRequest(RawBodyRequest):
             self._refuse(413, "Upload too large",
                          f"the limit is {self._body_limit()} bytes; Content-Length is {length}")
             return
+        self._chunked = length is None
+        if self.refuse_early(length):  # a body where none is taken; over the in-flight budget
+            return
         admission = type(self).admission
         if admission is not None and self._is_submission():
             refusal = admission(self)
@@ -95,7 +103,10 @@ class UploadRequest(RawBodyRequest):
         # without them (another twisted) the route refuses later, after the body.
         command = getattr(self.channel, "_command", None)
         path = getattr(self.channel, "_path", None) or b""
-        return command == b"POST" and path.split(b"?", 1)[0] in SUBMISSION_PATHS
+        # Decoded as the router decodes it: "/%73ubmit" is "/submit".
+        decoded = b"/".join(urllib.parse.unquote_to_bytes(part)
+                            for part in path.split(b"?", 1)[0].split(b"/"))
+        return command == b"POST" and decoded in SUBMISSION_PATHS
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -104,6 +115,8 @@ class UploadRequest(RawBodyRequest):
         if self._received > self._body_limit():
             self._refuse(413, "Upload too large",
                          f"the limit is {self._body_limit()} bytes; the body went past it")
+            return
+        if self._chunked and not self.take_budget(len(data)):
             return
         try:
             super().handleContentChunk(data)
@@ -120,12 +133,12 @@ class UploadRequest(RawBodyRequest):
 _TLS_HANDSHAKE = b"\x16"
 
 
-class WorkerChannel(http.HTTPChannel):
-    """twisted's HTTP/1.1 channel, answering a malformed request with a JSON 400.
+class WorkerChannel(GuardedChannel):
+    """The worker's HTTP/1.1 channel: a header deadline, malformed requests answered in JSON.
 
     A TLS ClientHello on this plain-HTTP port is closed at once: it holds no
     line end, so it would otherwise wait for the rest of a request line until
-    the client's own timeout, and the client could tell nobody what was wrong.
+    the header deadline, and the client could tell nobody what was wrong.
     """
 
     _first = True
@@ -137,18 +150,6 @@ class WorkerChannel(http.HTTPChannel):
                 self.loseConnection()  # nothing was written: it closes at once
                 return
         super().dataReceived(data)
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        if self.transport is not None:
-            self.transport.write(json_response(400, {
-                "error": "Bad request",
-                "details": "malformed HTTP: request line, headers (too many or too large), "
-                           "Content-Length or chunked encoding"}))
-        self.loseConnection()
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        # A request line or header over MAX_LENGTH: twisted would just hang up.
-        self._respondToBadRequestAndDisconnect()
 
 
 # Endpoints whose second path segment is a job id; anything after it (an
@@ -189,12 +190,15 @@ class WorkerSite(server.Site):
 
 
 def request_factory(limits: Limits, spool_dir: str,
-                    admission: Callable[[Any], Refusal | None] | None = None
-                    ) -> type[UploadRequest]:
-    """The worker's request class: its upload cap, spool directory and early admission."""
+                    admission: Callable[[Any], Refusal | None] | None = None,
+                    body_routes: BodyRoutes | None = None,
+                    upload_budget: UploadBudget | None = None) -> type[UploadRequest]:
+    """The worker's request class: its upload cap, spool directory and early refusals
+    (admission of a submission; a body its route does not take; the in-flight budget)."""
     return type("SandrunRequest", (UploadRequest,),
                 {"max_body_bytes": limits.max_upload_bytes, "spool_dir": spool_dir,
-                 "admission": staticmethod(admission) if admission else None})
+                 "admission": staticmethod(admission) if admission else None,
+                 "body_routes": body_routes, "upload_budget": upload_budget})
 
 
 @dataclass

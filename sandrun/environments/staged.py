@@ -107,6 +107,10 @@ def _prepared(sandbox: Sandbox, blocking: Blocking, job_id: str, plan: Environme
     slot = sandbox.take_slot()
     try:
         yield blocking(chown_tree, job_dir, slot.uid, slot.gid)
+        # Cancelled during the chown (a thread): no run to kill yet, so it must not start.
+        stopped = cancelled()
+        if stopped is not None:
+            return SandboxResult(stopped)
         result = yield _install_then_run(sandbox, slot, job_id, plan, argv, env, job_dir,
                                          policy, on_output, stdin, cancelled, on_installed)
         return result

@@ -102,7 +102,10 @@ class JobManager:
         self.jobs: dict[str, Job] = {}
         self.queue: collections.deque[str] = collections.deque()
         self.running: set[str] = set()
+        # Finished jobs still held, oldest first: at most config.max_finished_jobs.
+        self.finished: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._timers: dict[str, Any] = {}
+        self._removals: dict[str, defer.Deferred[None]] = {}  # data being removed, by job id
         self._charger = task.LoopingCall(self._charge_cpu)
         self._charger.clock = reactor
         self._stopping = False
@@ -142,14 +145,37 @@ class JobManager:
         return JobLog(base_dir.rstrip("/") + ".log", clock=self.reactor)
 
     def create_workspace(self, job_id: str) -> str:
+        """Mount a job's tmpfs (blocks on the kernel: the API calls it in a thread)."""
         return self.storage.create(job_id)
 
     def discard_workspace(self, job_id: str) -> None:
-        """Delete a job's data off the reactor thread: unmounting a tmpfs that holds
-        many files frees them all, which takes long enough to stall the reactor."""
-        d = self.blocking(self.storage.delete, job_id)
-        d.addErrback(lambda f: log.failure("deleting the data of job {job_id} failed", f,
-                                           job_id=job_id))
+        """Unmount and remove a job's tmpfs, in a thread: unmounting is kernel work
+        (and grows with the mount table) that the reactor need not wait for.
+        ``removed`` tells when it is done."""
+        def failed(failure: Any) -> None:
+            log.failure("removing the data of job {job_id} failed", failure, job_id=job_id)
+
+        def done(_: None) -> None:
+            self._removals.pop(job_id, None)
+
+        d = self.blocking(self.storage.delete, job_id).addErrback(failed)
+        if not d.called:
+            self._removals[job_id] = d
+            d.addCallback(done)
+
+    def removed(self, job_id: str) -> defer.Deferred[None]:
+        """Fires once the job's data removal under way (if any) has finished."""
+        pending = self._removals.get(job_id)
+        if pending is None:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+
+        def tell(result: Any) -> Any:
+            waiter.callback(None)
+            return result
+
+        pending.addBoth(tell)
+        return waiter
 
     def submit(self, job: Job) -> int:
         """Queue a job whose workspace is ready; returns its queue position (1-based)."""
@@ -163,6 +189,7 @@ class JobManager:
             job.log.close()
             self.discard_workspace(job.id)
             raise
+        self.storage.measure(job.id)  # the upload, now written, counts towards the cap
         self.jobs[job.id] = job
         self.queue.append(job.id)
         log.info("job {job_id} queued", job_id=job.id)
@@ -191,7 +218,11 @@ class JobManager:
     def stats(self) -> dict[str, int]:
         return {"queue_length": len(self.queue), "active_jobs": len(self.running),
                 "capacity": self.config.max_concurrent,
-                "queue_capacity": self.config.queue_size}
+                "queue_capacity": self.config.queue_size,
+                "finished_jobs_held": len(self.finished),
+                "max_finished_jobs": self.config.max_finished_jobs,
+                "storage_used_bytes": self.storage.used_bytes(),
+                "storage_bytes": self.storage.total_bytes}
 
     # -- running -----------------------------------------------------------
 
@@ -311,6 +342,8 @@ class JobManager:
                     error=type(e).__name__)
         if job.finished:
             return
+        if not job.deleted:
+            self.storage.measure(job.id)  # what the job left counts until it is deleted
         self._end(job, JobStatus.COMPLETED if reason == Reason.COMPLETED else JobStatus.FAILED)
         self._pump()
 
@@ -332,6 +365,13 @@ class JobManager:
             self._forget(job.id)
         else:
             self._timers[job.id] = self.reactor.callLater(keep, self.delete, job.id)
+            self.finished[job.id] = None
+            while len(self.finished) > self.config.max_finished_jobs:
+                # The oldest finished job goes first: a worker holds a bounded number.
+                oldest = next(iter(self.finished))
+                log.info("job {job_id} deleted early: {held} finished jobs held",
+                         job_id=oldest, held=len(self.finished))
+                self.delete(oldest)
         for listener in list(job.end_listeners):
             listener(job)
 
@@ -391,6 +431,7 @@ class JobManager:
         if job is not None:
             job.deleted = True
             job.log.close()
+        self.finished.pop(job_id, None)
         self.discard_workspace(job_id)
         log.info("job {job_id} deleted", job_id=job_id)
 

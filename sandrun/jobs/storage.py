@@ -9,7 +9,9 @@ Layout under the state directory (itself a tmpfs the worker mounts)::
     <state>/jobs/<id>.log   the job's output (see ``model.JobLog``), on the state tmpfs
 
 Nothing here ever touches a disk.  At start every leftover job mount of a
-crashed worker is unmounted and removed.
+crashed worker is unmounted and removed.  The state tmpfs is a private mount,
+so job mounts are seen in the worker's own mount namespace only; the sandbox
+receives each job's directory as a detached mount (``open_tree``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import time
+import threading
 
 from twisted.logger import Logger
 
@@ -38,12 +40,20 @@ class StateDirInUse(Exception):
     """Another worker holds the state directory: starting would destroy its jobs."""
 
 
-USAGE_REFRESH_SECONDS = 1.0  # how stale the all-jobs usage figure may be
 PARTIAL = ".part"  # suffix of a pack still being written
 INODE_BYTES = 1024  # what a file or directory costs in kernel memory, charged as storage
 
 
 class Storage:
+    """The worker's tmpfs mounts and a running total of the job data they hold.
+
+    The total is kept per job (``measure``: after the upload is written, at the
+    job's end and once its outputs are packed; dropped on ``delete``), so checking
+    the cap on a submission costs nothing however many jobs are held.  ``create``,
+    ``measure`` and ``delete`` may run in threads (mounting and unmounting are
+    kernel work kept off the reactor): the figures are kept under a lock.
+    """
+
     def __init__(self, state_dir: str, job_dir_bytes: int, total_bytes: int,
                  job_dir_inodes: int = 0) -> None:
         self.state_dir = state_dir
@@ -55,7 +65,9 @@ class Storage:
         self.job_dir_inodes = job_dir_inodes
         self.total_bytes = total_bytes or _quarter_of_ram()
         self._lock: int | None = None
-        self._usage = (float("-inf"), 0)  # (when measured, bytes)
+        self._figures = threading.Lock()
+        self._sizes: dict[str, int] = {}  # job id -> bytes last measured for it
+        self._used = 0
 
     def _take_lock(self) -> None:
         """One worker per state directory; the lock dies with the process."""
@@ -80,6 +92,11 @@ class Storage:
             ns.mount("tmpfs", self.state_dir, "tmpfs", ns.MS_NOSUID, options)
         else:  # left by a crashed worker, perhaps of another size
             ns.mount(None, self.state_dir, None, ns.MS_REMOUNT | ns.MS_NOSUID, options)
+        # Private: the job mounts made beneath it stay in this mount namespace.  Were it
+        # shared, each would also appear in the launcher's namespace (a copy of this one
+        # taken at its start), and every job's new namespace, copied from the launcher's,
+        # would copy every job mount the worker holds: thousands, for a busy worker.
+        ns.mount(None, self.state_dir, None, ns.MS_PRIVATE)
         os.makedirs(self.uploads_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.jobs_dir, mode=0o711, exist_ok=True)
         stale = 0
@@ -91,6 +108,9 @@ class Storage:
         return stale
 
     def stop(self) -> None:
+        with self._figures:
+            self._sizes.clear()
+            self._used = 0
         for name in os.listdir(self.jobs_dir):
             self._remove(os.path.join(self.jobs_dir, name))
         if _is_mountpoint(self.state_dir):
@@ -100,51 +120,59 @@ class Storage:
             self._lock = None
 
     def used_bytes(self) -> int:
-        """Bytes held by all jobs' tmpfs, measured at most once a second.
-
-        Measuring walks every job mount, so a worker holding thousands of
-        finished jobs would pay it on every submission otherwise.
-        """
-        measured, used = self._usage
-        now = time.monotonic()
-        if now - measured < USAGE_REFRESH_SECONDS:
-            return used
-        used = 0
-        for name in os.listdir(self.jobs_dir):
-            path = os.path.join(self.jobs_dir, name)
-            try:  # a job being deleted (in a thread) may vanish meanwhile
-                if os.path.isdir(path):
-                    st = os.statvfs(path)
-                    used += (st.f_blocks - st.f_bfree) * st.f_frsize
-                    # An empty file takes no block, but kernel memory all the same.
-                    used += (st.f_files - st.f_ffree) * INODE_BYTES
-                else:  # output logs and download packs, on the state tmpfs
-                    used += os.lstat(path).st_blocks * 512
-            except OSError:
-                continue
-        self._usage = (now, used)
-        return used
+        """Bytes held by all jobs (tmpfs pages, inodes, logs, packs), as last measured."""
+        return self._used
 
     def create(self, job_id: str) -> str:
         """Mount a fresh tmpfs for a job; returns the job's base directory."""
-        if self.used_bytes() >= self.total_bytes:
-            raise StorageFull("the worker holds as much job data as it may")
+        with self._figures:
+            if self._used >= self.total_bytes:
+                raise StorageFull("the worker holds as much job data as it may")
+            self._sizes[job_id] = 0
         base = os.path.join(self.jobs_dir, job_id)
-        os.mkdir(base, 0o700)
         try:
+            os.mkdir(base, 0o700)
             inodes = f",nr_inodes={self.job_dir_inodes}" if self.job_dir_inodes else ""
             ns.mount("tmpfs", base, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV,
                      f"size={self.job_dir_bytes},mode=0711{inodes}")
             os.mkdir(os.path.join(base, "work"), 0o755)
             os.mkdir(os.path.join(base, "staging"), 0o700)
         except OSError:
-            self._remove(base)
+            self.delete(job_id)
             raise
         return base
+
+    def measure(self, job_id: str) -> int:
+        """Measure what a job holds now and update the total; its bytes (0 once deleted).
+
+        Its tmpfs (pages, and each file's inode: an empty file takes no block, but
+        kernel memory all the same), its output log and its download pack.
+        """
+        base = os.path.join(self.jobs_dir, job_id)
+        used = 0
+        try:
+            st = os.statvfs(base)
+            used += (st.f_blocks - st.f_bfree) * st.f_frsize
+            used += (st.f_files - st.f_ffree) * INODE_BYTES
+        except OSError:
+            pass
+        for path in (base + ".log", self.pack_path(job_id), self.pack_path(job_id) + PARTIAL):
+            try:
+                used += os.lstat(path).st_blocks * 512
+            except OSError:
+                continue
+        with self._figures:
+            if job_id not in self._sizes:  # deleted meanwhile
+                return 0
+            self._used += used - self._sizes[job_id]
+            self._sizes[job_id] = used
+        return used
 
     def delete(self, job_id: str) -> None:
         """Remove a job's tmpfs and its download pack.  Blocking: unmounting a tmpfs
         frees every file in it (a million of them take seconds); call it from a thread."""
+        with self._figures:
+            self._used -= self._sizes.pop(job_id, 0)
         self._remove(os.path.join(self.jobs_dir, job_id))
         for path in (self.pack_path(job_id), self.pack_path(job_id) + PARTIAL):
             try:
@@ -159,7 +187,11 @@ class Storage:
 
     def _remove(self, base: str) -> None:
         if _is_mountpoint(base):
-            ns.umount(base, ns.MNT_DETACH)
+            try:
+                ns.umount(base, ns.MNT_DETACH)
+            except OSError:  # unmounted meanwhile (a delete in a thread and a stop)
+                if _is_mountpoint(base):
+                    raise
         if os.path.isdir(base):
             shutil.rmtree(base, ignore_errors=True)
         elif os.path.lexists(base):  # a stale output log

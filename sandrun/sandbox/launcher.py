@@ -26,8 +26,12 @@ layer says so when it is given a job, which then fails closed.
 Protocol, over a ``SOCK_SEQPACKET`` socket (one JSON object per message):
 
 worker -> launcher
-    ``{"op": "spawn", "id": ID, "request": LaunchRequest}`` with three
-    descriptors attached (stdin, stdout, stderr);
+    ``{"op": "spawn", "id": ID, "request": LaunchRequest}`` with four
+    descriptors attached (stdin, stdout, stderr, and the job directory as a
+    detached mount from ``open_tree``: the launcher has a mount namespace of
+    its own, copied at its start, and the worker's state tmpfs is private, so
+    job mounts never reach the launcher's namespace, nor the spares' copies of
+    it, however many jobs the worker holds);
     ``{"op": "kill", "id": ID}``: SIGKILL the job's PID namespace.
 launcher -> worker
     ``{"event": "ready", "cgroup_version", "stale_cgroups"}`` once, or
@@ -218,7 +222,7 @@ class Launcher:
                 self._remove_doomed()
 
     def _handle_message(self) -> bool:
-        data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 3, socket.MSG_CMSG_CLOEXEC)
+        data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 4, socket.MSG_CMSG_CLOEXEC)
         if not data:
             return False
         try:
@@ -324,8 +328,9 @@ class Launcher:
         zygote: _Zygote | None = None
         mntns = -1
         try:
-            if len(fds) != 3:
-                raise SetupError("spawn", "needs stdin, stdout and stderr descriptors")
+            if len(fds) != 4:
+                raise SetupError("spawn", "needs stdin, stdout, stderr and job directory "
+                                          "descriptors")
             try:
                 request = LaunchRequest.from_wire(json.loads(data)["request"])
             except (KeyError, TypeError, ValueError) as e:
@@ -360,7 +365,7 @@ class Launcher:
                     raise SetupError("devices", e) from None
                 group.dirs["devices"] = zygote.cgroup.dirs["devices"] = held
             try:
-                for host in (request.job_dir, *(h for h, _ in request.ro_binds)):
+                for host, _ in request.ro_binds:
                     trees.append(ns.open_tree_clone(host))
             except OSError as e:
                 raise SetupError("filesystem", e) from None
@@ -662,6 +667,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     sock = socket.socket(fileno=args.fd)
     try:
+        # A mount namespace of its own, copied now: the worker's state tmpfs is private
+        # (storage.py), so the job mounts the worker makes from now on never appear here,
+        # nor in the spares' namespaces copied from this one, however many are held.
+        ns.unshare(ns.CLONE_NEWNS)
         ns.drop_bounding_set(ns.last_capability())
         launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp, args.loopback,
                             allow_unlimited_swap=args.allow_unlimited_swap)

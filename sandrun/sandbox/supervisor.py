@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sandrun.sandbox import mounts, seccomp
+from sandrun.sandbox import namespaces as ns
 from sandrun.sandbox.cgroups import JobCgroup
 from sandrun.sandbox.network import loopback_up_request
 from sandrun.sandbox.policy import LaunchRequest, SandboxPolicy
@@ -306,6 +307,9 @@ class Sandbox:
                 read_end, write_end = os.pipe2(os.O_CLOEXEC)
                 ours.append(read_end)
                 theirs.append(write_end)
+            # The job directory as a detached mount, taken here: the launcher's mount
+            # namespace does not see the worker's job mounts (see launcher.py).
+            theirs.append(ns.open_tree_clone(job_dir))
             message = {"op": "spawn", "id": job_id, "request": request.to_wire()}
             job.requested_at = self.reactor.seconds()
             socket.send_fds(self._sock, [json.dumps(message).encode()], theirs)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 WIRE = {"sandrun.wire", "sandrun.httpjson", "sandrun.netaddr", "sandrun.daemon",
-        "sandrun.pages", "sandrun.gpuwire"}
+        "sandrun.pages", "sandrun.gpuwire", "sandrun.connections"}
 ALLOWED_IN_COORDINATOR = WIRE | {"sandrun.identity"}
 
 

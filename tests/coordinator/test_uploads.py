@@ -94,3 +94,41 @@ def test_a_multipart_body_is_kept_whole_with_its_content_type_and_never_parsed()
         assert parsed == b"unparsed" and int(size) == len(body) and start == body[:16]
     finally:
         yield port.stopListening()
+
+
+def test_independent_readers_of_one_body_each_read_all_of_it_side_by_side(
+        tmp_path: Any) -> None:
+    import contextlib
+    import io
+    import tempfile
+
+    data = bytes(range(256)) * 4096  # 1 MiB
+    with contextlib.ExitStack() as stack:
+        small = stack.enter_context(tempfile.SpooledTemporaryFile(
+            max_size=10 * len(data), dir=str(tmp_path)))  # stays in memory
+        large = stack.enter_context(tempfile.SpooledTemporaryFile(
+            max_size=1024, dir=str(tmp_path)))  # rolls over to a file
+        read_side_by_side((io.BytesIO(data), small, large), data)
+
+
+def read_side_by_side(bodies: Any, data: bytes) -> None:
+    import io
+
+    from coordinator.uploads import independent_reader
+
+    for body in bodies:
+        if not isinstance(body, io.BytesIO):
+            body.write(data)
+        readers = [independent_reader(body) for _ in range(3)]
+        chunks: list[list[bytes]] = [[], [], []]
+        while True:  # interleaved reads: each keeps its own position
+            parts = [r.read(65536) for r in readers]
+            if not any(parts):
+                break
+            for got, part in zip(chunks, parts, strict=True):
+                got.append(part)
+        assert [b"".join(c) for c in chunks] == [data] * 3
+        for r in readers:
+            r.close()
+        body.seek(0)
+        assert body.read() == data  # the original is still whole

@@ -124,12 +124,12 @@ async def test_a_job_cancelled_between_install_and_run_never_starts(
     checks: list[None] = []
 
     def cancelled() -> Reason | None:  # not yet before the install, then cancelled
-        checks.append(None)
-        return Reason.CANCELLED if len(checks) > 1 else None
+        checks.append(None)  # before the chown, after it, after the install
+        return Reason.CANCELLED if len(checks) > 2 else None
 
     result, log = await staged(env_sandbox, envs, directory, cancelled=cancelled)
     assert result.reason == Reason.CANCELLED
-    assert "Successfully installed" in log and len(checks) == 2
+    assert "Successfully installed" in log and len(checks) == 3
     assert not os.path.exists(os.path.join(directory, "ran"))
     first, _ = await staged(env_sandbox, envs, job_dir(tmp_path, "open('/job/ran', 'w')\n"),
                             cancelled=lambda: Reason.SHUTDOWN)

@@ -42,11 +42,13 @@ from tests.integration.worker import REPO, Response, mounts_under, request, why_
 from tests.timing import scaled
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-INTERVAL = 1.0  # the coordinator's --health-interval in these tests
+# The coordinator's --health-interval in these tests (and its --health-timeout half of it),
+# longer on a slow machine (tests/timing), where a worker takes longer to answer.
+INTERVAL = scaled(1.0)
 WORKER_FLAGS = ("--max-concurrent", "2", "--queue-size", "2", "--trusted-proxy", "127.0.0.1",
                 "--cpu-quota", "100000", "--max-active-per-ip", "100000",
                 "--jobs-per-hour", "100000")
-POOL_FLAGS = ("--health-interval", str(INTERVAL), "--health-timeout", "0.5",
+POOL_FLAGS = ("--health-interval", str(INTERVAL), "--health-timeout", str(INTERVAL / 2),
               "--cpu-quota", "100000", "--max-active-per-ip", "100000",
               "--jobs-per-hour", "100000")
 

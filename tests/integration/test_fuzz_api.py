@@ -52,7 +52,7 @@ def fuzz(role: str, base_url: str) -> dict[str, int]:
     seen: dict[str, int] = {}
     failures: list[str] = []
     for result in schema.get_all_operations():
-        operation = result.ok()
+        operation = result.ok()  # type: ignore[union-attr]  # an invalid one raises
         if operation.label in SKIPPED:
             continue
 
@@ -129,6 +129,12 @@ def test_fuzzing_a_real_coordinator_finds_no_5xx_and_no_answer_outside_the_schem
         print(f"\ncoordinator fuzzed in {time.monotonic() - started:.1f} s: statuses {seen}")
         assert seen.get("200", 0) > 10 and seen.get("404", 0) > 0, seen
         wait_idle(worker.url)
+        # The document's examples were routed to the one worker as real jobs.
+        metrics = request(coordinator.url, path="/metrics").body.decode()
+        routed = re.search(r'^sandrun_coordinator_jobs_routed_total\{worker="w1"\} (\S+)$',
+                           metrics, re.M)
+        assert routed and float(routed.group(1)) >= 2, metrics
+        assert 'sandrun_coordinator_worker_healthy{worker="w1"} 1.0' in metrics
         assert coordinator.stop() == 0, coordinator.log()[-3000:]
         assert worker.stop() == 0, worker.log()[-3000:]
         assert worker.mounts() == []

@@ -223,18 +223,52 @@ def test_sync_and_syncfs_are_denied_and_fsync_works(worker: Worker) -> None:
                       "fsync ok\n")
 
 
-def test_swap_is_capped_for_every_job_or_the_worker_would_not_have_started(
-        worker: Worker) -> None:
-    # This host's worker started without --allow-unlimited-swap: either swap is off, or
-    # its jobs' swap is capped (v1 memory.memsw, v2 memory.swap.max).
-    with open("/proc/swaps") as f:
-        swap_areas = f.read().splitlines()[1:]
-    v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
-    capped = os.path.exists("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes") if not v2 \
-        else True  # checked per job by the launcher (memory.swap.max)
-    assert not swap_areas or capped
-    assert "--allow-unlimited-swap" not in " ".join(open(f"/proc/{worker.pid}/cmdline").read()
-                                                    .split("\0"))
+def job_swap_limit(worker: Worker, job_id: str) -> tuple[str, str] | None:
+    """(memory limit, memory+swap or swap limit) of a running job, read from the host."""
+    instance = "sandrun-" + hashlib.sha256(worker.state_dir.encode()).hexdigest()[:12]
+    with open(f"/proc/{worker.pid}/cgroup") as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    for _, controllers, path in lines:
+        if "memory" in controllers.split(","):
+            base = os.path.join(f"/sys/fs/cgroup/{controllers}{path}", instance,
+                                f"job-{job_id}")
+            names = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+        elif controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            base = os.path.join("/sys/fs/cgroup" + path, instance)
+            found = [d for d in os.listdir(base) if d.startswith("spare-")] \
+                if os.path.isdir(base) else []
+            names = ("memory.max", "memory.swap.max")
+            for d in found:
+                try:
+                    return tuple(open(os.path.join(base, d, n)).read().strip()  # type: ignore
+                                 for n in names)
+                except OSError:
+                    continue
+            continue
+        else:
+            continue
+        try:
+            return tuple(open(os.path.join(base, n)).read().strip() for n in names)  # type: ignore
+        except OSError:
+            return None
+    return None
+
+
+def test_a_jobs_swap_is_capped_with_its_memory(worker: Worker) -> None:
+    # Where the host could not cap it, the worker would have refused to start without
+    # --allow-unlimited-swap (tests/unit/test_job_containment.py); this one did start.
+    job_id = worker.submit({"main.py": "import time\ntime.sleep(3)\n"},
+                           {"entrypoint": "main.py", "memory_mb": 64})
+    worker.wait(job_id, until=("running", "completed", "failed"))
+    limits = None
+    deadline = time.monotonic() + 10
+    while limits is None and time.monotonic() < deadline:
+        limits = job_swap_limit(worker, job_id)
+        time.sleep(0.02)
+    assert worker.wait(job_id)["status"] == "completed"
+    memory = str(64 * 1024 * 1024)
+    # v1: memory+swap equal to memory (no swap at all); v2: memory.swap.max 0.
+    assert limits in ((memory, memory), (memory, "0")), limits
 
 
 def test_args_too_large_for_the_launcher_are_a_400_naming_the_field_not_a_sandbox_error(

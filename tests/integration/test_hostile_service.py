@@ -16,16 +16,21 @@ Runs as root (a real ``sandrun serve``).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
 from tests import hostile_archives as ha
-from tests.integration.worker import Response, Worker, request, run_worker
+from tests.integration.test_coordinator_pool import CoordinatorProcess, keygen, wait_for
+from tests.integration.worker import Response, Worker, multipart, request, run_worker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,11 +52,11 @@ class HealthProbe:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> HealthProbe:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
 
@@ -79,10 +84,38 @@ def state_used_bytes(worker: Worker) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
+# Small caps, so that each attack reaches them cheaply.
+PER_IP_CONNECTIONS = 20
+MAX_CONNECTIONS = 60
+HEADER_TIMEOUT = 2.0
+IDLE_TIMEOUT = 4.0
+UPLOAD_MB = 40
+WORKER_FLAGS = ("--max-concurrent", "2", "--max-active-per-ip", "2", "--jobs-per-hour", "1000",
+                "--cpu-quota", "1000", "--max-connections", str(MAX_CONNECTIONS),
+                "--max-connections-per-ip", str(PER_IP_CONNECTIONS),
+                "--header-timeout", str(HEADER_TIMEOUT), "--idle-timeout", str(IDLE_TIMEOUT),
+                "--max-upload-mb", str(UPLOAD_MB), "--max-inflight-upload-mb-per-ip",
+                str(UPLOAD_MB), "--max-inflight-upload-mb", str(3 * UPLOAD_MB))
+
+
 @pytest.fixture(scope="module")
-def worker() -> Iterator[Worker]:
-    with run_worker("--max-concurrent", "2", "--max-active-per-ip", "2",
-                    "--jobs-per-hour", "1000", "--cpu-quota", "1000") as w:
+def scratch() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="sandrun-hostile-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def worker_key(scratch: str) -> tuple[str, str]:
+    """(key file, worker id) for the worker, so that a coordinator can front it."""
+    path = os.path.join(scratch, "worker.pem")
+    return path, keygen(path)
+
+
+@pytest.fixture(scope="module")
+def worker(worker_key: tuple[str, str]) -> Iterator[Worker]:
+    with run_worker(*WORKER_FLAGS, "--worker-key", worker_key[0],
+                    "--trusted-proxy", "127.0.0.1") as w:
         yield w
 
 
@@ -172,3 +205,350 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\x00", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+# -- raw sockets: requests whose bodies are never sent -------------------------------------------
+
+
+def raw_answer(host: str, port: int, head: bytes, source: str | None = None,
+               timeout: float = 5.0, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """Send ``head`` (and ``body``), read one answer: status, headers, body."""
+    with socket.create_connection((host, port), timeout=timeout,
+                                  source_address=(source, 0) if source else None) as s:
+        s.sendall(head + body)
+        return read_answer(s)
+
+
+def read_answer(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed without an answer: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    if "content-length" in headers:
+        while len(rest) < int(headers["content-length"]):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    return int(lines[0].split()[1]), headers, rest
+
+
+def post_head(path: str, length: int, content_type: str = "application/octet-stream",
+              method: str = "POST") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# -- row 6: bodies refused before they are read --------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path", "status", "error"), [
+    ("POST", "/health", 405, "Method not allowed"),
+    ("POST", "/no/such/endpoint", 404, "Not found"),
+    ("GET", "/status/job-abc", 413, "Request body not allowed"),
+    ("DELETE", "/jobs/job-abc", 413, "Request body not allowed"),
+])
+def test_a_body_sent_where_none_is_taken_is_refused_from_its_headers(
+        worker: Worker, contained: None, method: str, path: str, status: int,
+        error: str) -> None:
+    with HealthProbe(worker.url) as probe:
+        for _ in range(3):  # three 30 MB bodies: none is read, none is spooled
+            started = time.monotonic()
+            code, headers, body = raw_answer(worker.host, worker.port,
+                                             post_head(path, 30_000_000, method=method),
+                                             source=ATTACKER)
+            assert time.monotonic() - started < 2  # answered without waiting for the body
+            assert code == status and json.loads(body)["error"] == error
+            assert headers["content-type"] == "application/json"
+    probe.check()
+
+
+def test_an_encoded_submit_path_is_admitted_from_its_headers_like_submit(
+        worker: Worker, contained: None) -> None:
+    """``/%73ubmit`` is ``/submit``: a client over its quota is refused before its body."""
+    busy = "127.0.0.6"
+    jobs = [worker.submit({"main.sh": "sleep 30"}, {"timeout": 30}, source=busy)
+            for _ in range(2)]
+    try:
+        code, _, body = raw_answer(worker.host, worker.port,
+                                   post_head("/%73ubmit", 30_000_000, "multipart/form-data; boundary=b"),
+                                   source=busy)
+        assert code == 429 and json.loads(body)["error"] == "Rate limit exceeded"
+    finally:
+        for job in jobs:
+            worker.delete(f"/jobs/{job}")
+
+
+def test_a_second_big_parallel_upload_from_one_address_is_refused_before_its_body(
+        worker: Worker, contained: None) -> None:
+    spooled = state_used_bytes(worker)
+    size = UPLOAD_MB * 10**6 * 3 // 4  # two of these pass the per-address budget
+    first = socket.create_connection((worker.host, worker.port), source_address=(ATTACKER, 0))
+    try:
+        first.sendall(post_head("/submit", size, "multipart/form-data; boundary=b")
+                      + b"--b\r\n" + b"x" * 1_000_000)
+        time.sleep(0.3)
+        code, headers, body = raw_answer(
+            worker.host, worker.port, post_head("/submit", size, "multipart/form-data; boundary=b"),
+            source=ATTACKER)
+        assert code == 429, body
+        assert json.loads(body)["error"] == "Too many uploads"
+        assert headers["retry-after"] == "5"
+        # Another address still has its own share.
+        other = socket.create_connection((worker.host, worker.port),
+                                         source_address=(CLIENT, 0))
+        other.settimeout(1)
+        other.sendall(post_head("/submit", size, "multipart/form-data; boundary=b"))
+        with pytest.raises(socket.timeout):  # waiting for its body, not refused
+            other.recv(100)
+        other.close()
+        assert state_used_bytes(worker) - spooled < 4 * 1024 * 1024
+    finally:
+        first.close()
+    # The first upload's share comes back once its connection is gone.
+    def submitted() -> Response | None:
+        reply = worker.post_multipart("/submit", {"manifest": '{"entrypoint": "main.py"}'},
+                                      [("main.py", b"print(1)")], source=ATTACKER)
+        return reply if reply.status == 200 else None
+
+    reply = wait_for(submitted, 10, "the first upload's share returned")
+    assert worker.wait(reply.json()["job_id"], 60)["status"] == "completed"
+
+
+# -- row 5: connections --------------------------------------------------------------------------
+
+
+def test_connections_past_the_per_address_cap_are_refused_and_idle_ones_time_out(
+        worker: Worker, contained: None) -> None:
+    fds = open_fds(worker.pid)
+    socks: list[socket.socket] = []
+    answers: list[bytes] = []
+    with HealthProbe(worker.url) as probe:
+        try:
+            for i in range(200):
+                socks.append(socket.create_connection((worker.host, worker.port),
+                                                      source_address=(ATTACKER, 0)))
+                if i % 20 == 19:  # in bursts the accept queue (backlog 50) holds
+                    time.sleep(0.05)
+            # Each gets one answer: 429 at once past the cap, or 408 from the header
+            # deadline for the ones let in, which never send a request.
+            deadline = time.monotonic() + HEADER_TIMEOUT + 5
+            for s in socks:
+                s.settimeout(max(0.1, deadline - time.monotonic()))
+                try:
+                    answers.append(s.recv(200)[:12])
+                except OSError:
+                    answers.append(b"")
+        finally:
+            for s in socks:
+                s.close()
+    probe.check()
+    # Every connection was answered; the exact split depends on how fast the kernel hands
+    # them over (one let in frees its place at its 408), the cap itself is unit-tested.
+    assert set(answers) <= {b"HTTP/1.1 429", b"HTTP/1.1 408"}, answers
+    assert answers.count(b"HTTP/1.1 429") >= 200 - 3 * PER_IP_CONNECTIONS, answers
+    wait_for(lambda: open_fds(worker.pid) <= fds + 2, 5, "the connections' descriptors freed")
+
+
+def test_the_global_connection_cap_holds_and_frees_itself(worker: Worker,
+                                                         contained: None) -> None:
+    socks: list[socket.socket] = []
+    try:
+        for i in range(MAX_CONNECTIONS + 10):  # from many addresses, under each one's cap
+            socks.append(socket.create_connection(
+                (worker.host, worker.port), source_address=(f"127.0.1.{i % 8 + 1}", 0)))
+        time.sleep(0.3)
+        code, _, body = raw_answer(worker.host, worker.port,
+                                   b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", source=PROBE)
+        assert code == 503 and json.loads(body)["error"] == "Too many connections"
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: worker.healthy(), HEADER_TIMEOUT + 3, "served again")
+
+
+def test_the_worker_runs_with_its_soft_descriptor_limit_raised_to_the_hard_one(
+        worker: Worker) -> None:
+    with open(f"/proc/{worker.pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    assert soft == hard, line
+    assert "at most" in worker.log() and "per client address" in worker.log()
+
+
+def test_a_slow_request_gets_408_within_the_header_deadline(worker: Worker) -> None:
+    with socket.create_connection((worker.host, worker.port), timeout=10,
+                                  source_address=(ATTACKER, 0)) as s:
+        started = time.monotonic()
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(3):  # a header line now and then, never the end
+            time.sleep(0.5)
+            s.sendall(b"X-Slow: 1\r\n")
+        code, _, body = read_answer(s)
+        assert code == 408 and json.loads(body)["error"] == "Request timeout"
+        assert time.monotonic() - started < HEADER_TIMEOUT + 1.5
+
+
+def test_a_body_that_stalls_is_cut_off_at_the_idle_timeout_and_its_share_returned(
+        worker: Worker, contained: None) -> None:
+    size = UPLOAD_MB * 10**6 * 3 // 4  # most of this address's in-flight share
+    with socket.create_connection((worker.host, worker.port), timeout=15,
+                                  source_address=(ATTACKER, 0)) as s:
+        started = time.monotonic()
+        s.sendall(post_head("/submit", size, "multipart/form-data; boundary=b") + b"--b\r\n")
+        assert s.recv(100) == b""  # closed by the worker, with nothing to say
+        assert IDLE_TIMEOUT - 0.5 < time.monotonic() - started < IDLE_TIMEOUT + 5
+    # The share is back: a whole upload of the same size is taken (here refused only for
+    # its body, which is not multipart, after it was read).
+    reply = worker.request("POST", "/submit", b"x" * size,
+                           {"Content-Type": "multipart/form-data; boundary=b"}, source=ATTACKER)
+    assert reply.status == 400, reply.body
+
+
+# -- the contract's JSON everywhere --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/download/job-abc//etc/passwd",
+                                  "/download/job-abc/%2Fetc%2Fpasswd",
+                                  "/status//job-abc"])
+def test_doubled_or_encoded_slashes_get_the_contracts_json_404(worker: Worker,
+                                                               path: str) -> None:
+    code, headers, body = raw_answer(
+        worker.host, worker.port, f"GET {path} HTTP/1.1\r\nHost: evil.example\r\n"
+                                  "Connection: close\r\n\r\n".encode())
+    assert code == 404, (code, headers, body)
+    assert headers["content-type"] == "application/json"
+    assert "location" not in headers
+    assert not ("content-length" in headers and "transfer-encoding" in headers), headers
+    assert b"Not found" in body
+
+
+# -- the same at the coordinator -----------------------------------------------------------------
+
+POOL_FLAGS = ("--health-interval", "1", "--health-timeout", "0.5", "--cpu-quota", "100000",
+              "--max-active-per-ip", "100000", "--jobs-per-hour", "100000",
+              "--max-connections-per-ip", str(PER_IP_CONNECTIONS),
+              "--header-timeout", str(HEADER_TIMEOUT), "--max-upload-mb", str(UPLOAD_MB),
+              "--max-inflight-upload-mb-per-ip", str(UPLOAD_MB),
+              "--max-inflight-upload-mb", str(3 * UPLOAD_MB))
+
+
+@pytest.fixture(scope="module")
+def coordinator(worker: Worker, worker_key: tuple[str, str],
+                scratch: str) -> Iterator[CoordinatorProcess]:
+    workers_path = os.path.join(scratch, "workers.json")
+    with open(workers_path, "w") as f:
+        json.dump([{"name": "w1", "worker_id": worker_key[1], "endpoint": worker.url,
+                    "max_concurrent_jobs": 2}], f)
+    spool = os.path.join(scratch, "spool")
+    os.mkdir(spool)
+    process = CoordinatorProcess(scratch, workers_path, (*POOL_FLAGS, "--spool-dir", spool))
+    process.start_and_wait()
+    wait_for(lambda: process.pool()["w1"]["healthy"], 10, "the worker healthy to the pool")
+    try:
+        yield process
+        assert process.stop() == 0, process.log()
+    finally:
+        if process.running():
+            process.kill()
+
+
+def spooled_at(scratch: str) -> int:
+    """Bytes in the coordinator's spool directory (its uploads are unlinked: count blocks)."""
+    st = os.statvfs(os.path.join(scratch, "spool"))
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def coordinator_rss_kib(coordinator: CoordinatorProcess) -> int:
+    assert coordinator.proc is not None
+    with open(f"/proc/{coordinator.proc.pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def test_through_the_coordinator_hostile_archives_leave_another_clients_job_running(
+        coordinator: CoordinatorProcess, worker: Worker, contained: None) -> None:
+    """Unprotected, the pax regex held the worker so long the pool took it for lost."""
+    victim = coordinator.accepted("import time\ntime.sleep(3)\nprint('done')\n")
+    rss = coordinator_rss_kib(coordinator)
+    with HealthProbe(coordinator.url) as probe, HealthProbe(worker.url, CLIENT) as direct:
+        for archive in (ha.digit_pax_headers(), ha.sparse_map_bomb()):
+            body, kind = multipart({"manifest": '{"entrypoint": "main.py"}'},
+                                   [("evil.tgz", archive)])
+            reply = request(coordinator.url, "POST", "/submit", body,
+                            {"Content-Type": kind}, source=ATTACKER)
+            refused(reply, 400, "Invalid upload")
+        status = coordinator.wait(victim, 60)
+    probe.check()
+    direct.check()
+    assert status["status"] == "completed", status
+    assert coordinator_rss_kib(coordinator) - rss < RSS_BOUND_KIB
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("POST", "/health", 405), ("POST", "/no/such/endpoint", 404), ("GET", "/pool", 413)])
+def test_the_coordinator_refuses_a_body_where_none_is_taken_before_spooling_it(
+        coordinator: CoordinatorProcess, scratch: str, method: str, path: str,
+        status: int) -> None:
+    spooled = spooled_at(scratch)
+    for _ in range(3):
+        code, headers, body = raw_answer("127.0.0.1", coordinator.port,
+                                         post_head(path, 30_000_000, method=method),
+                                         source=ATTACKER)
+        assert code == status and headers["content-type"] == "application/json", body
+    assert spooled_at(scratch) - spooled < 1024 * 1024
+
+
+def test_the_coordinator_refuses_a_second_big_parallel_upload_from_one_address(
+        coordinator: CoordinatorProcess, scratch: str) -> None:
+    size = UPLOAD_MB * 10**6 * 3 // 4
+    spooled = spooled_at(scratch)
+    with socket.create_connection(("127.0.0.1", coordinator.port),
+                                  source_address=(ATTACKER, 0)) as first:
+        first.sendall(post_head("/submit", size, "multipart/form-data; boundary=b")
+                      + b"x" * 1_000_000)
+        time.sleep(0.3)
+        code, _, body = raw_answer("127.0.0.1", coordinator.port,
+                                   post_head("/submit", size, "multipart/form-data; boundary=b"),
+                                   source=ATTACKER)
+        assert code == 429 and json.loads(body)["error"] == "Too many uploads"
+        assert spooled_at(scratch) - spooled < 8 * 1024 * 1024
+
+
+def test_the_coordinator_caps_connections_per_address(coordinator: CoordinatorProcess) -> None:
+    socks = []
+    try:
+        for _ in range(PER_IP_CONNECTIONS):
+            socks.append(socket.create_connection(("127.0.0.1", coordinator.port),
+                                                  source_address=(ATTACKER, 0)))
+        time.sleep(0.3)
+        code, _, body = raw_answer("127.0.0.1", coordinator.port,
+                                   b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", source=ATTACKER)
+        assert code == 429 and json.loads(body)["error"] == "Too many connections"
+        assert request(coordinator.url, path="/health", source=PROBE).status == 200
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.parametrize("path", ["/download/job-abc//etc/passwd",
+                                  "/download/job-abc/%2Fetc%2Fpasswd", "/status//job-abc"])
+def test_the_coordinator_answers_doubled_slashes_with_the_contracts_json_404(
+        coordinator: CoordinatorProcess, path: str) -> None:
+    code, headers, _ = raw_answer(
+        "127.0.0.1", coordinator.port,
+        f"GET {path} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".encode())
+    assert code == 404 and headers["content-type"] == "application/json"
+    assert "location" not in headers

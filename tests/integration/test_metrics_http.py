@@ -45,7 +45,7 @@ def test_the_counters_equal_a_known_mix_of_real_jobs() -> None:
         assert worker.wait(hog)["execution_metadata"]["reason"] == "memory_limit"
         reply = worker.get("/metrics")
         assert reply.status == 200
-        assert reply.header("content-type").startswith("text/plain; version=0.0.4")
+        assert (reply.header("content-type") or "").startswith("text/plain; version=0.0.4")
         text = reply.body.decode()
         for reason, count in (("completed", 1), ("timeout", 1), ("memory_limit", 1),
                               ("exit_nonzero", 0), ("sandbox_error", 0)):

@@ -1,11 +1,12 @@
 """The web page in a real browser: headless Chromium driven by Selenium.
 
 Against a real worker, and against a real coordinator in front of a real
-worker: load the page, type a Python snippet into the editor, upload a file,
-run it with Ctrl+Enter, see its output arrive line by line over the WebSocket
-and the final status, download the output file it wrote, and see the API's
-message for a 400 (a refused environment variable) and a 429 (over the
-client's quota).  Screenshots of each step are written to the folder this
+worker: load the page and the API reference, type a Python snippet into the
+editor, upload a file (a tarball, through the coordinator), run it with
+Ctrl+Enter, see its output arrive line by line over the WebSocket and the final
+status, download the output file it wrote, see the API's message for a 400 (a
+refused environment variable) and a 429 (over the client's quota), and check
+the page fits a phone's width.  Screenshots of each step are written to the folder this
 test prints (``bench/results/web-page/`` by default, or ``$SANDRUN_ARTIFACTS``).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/install.sh``)
@@ -14,10 +15,12 @@ and root (the worker sandboxes real jobs).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -52,7 +55,8 @@ SNIPPET = ("import time\n"
            "print('line 2', flush=True); time.sleep(1.0)\n"
            "print('line 3', flush=True)\n"
            "open('result.txt', 'w').write('got ' + open('data.txt').read())\n")
-SLEEPER = {"manifest": {"timeout": 60}, "files": {"main.py": "import time\ntime.sleep(60)\n"}}
+SLEEPER_FILES = {"main.py": "import time\ntime.sleep(60)\n"}
+SLEEPER_MANIFEST: dict[str, Any] = {"timeout": 60}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,7 @@ def browser() -> Iterator[Any]:
         "safebrowsing.enabled": False})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.set_page_load_timeout(30)
-    driver.downloads = downloads
+    driver.downloads = downloads  # type: ignore[attr-defined]
     try:
         yield driver
     finally:
@@ -136,12 +140,19 @@ def type_code(driver: Any, code: str) -> None:
 
 
 def exercise(driver: Any, url: str, artifacts: str, tag: str,
-             occupy: Callable[[], Callable[[], None]], signed: str) -> None:
+             occupy: Callable[[], Callable[[], None]], signed: str, tarball: bool) -> None:
     """The whole flow against one server; ``occupy`` spends the client's quota (returns undo)."""
     from selenium.webdriver.common.by import By
 
     def shot(step: str) -> None:
         driver.save_screenshot(os.path.join(artifacts, f"{tag}-{step}.png"))
+
+    # The API reference renders from the bundled Redoc and this service's own document.
+    driver.get(url + "/docs")
+    title = "Sandrun worker" if tag == "worker" else "Sandrun coordinator"
+    until(lambda: title in driver.find_element(By.TAG_NAME, "body").text, 30, "the docs")
+    assert "/submit" in driver.find_element(By.TAG_NAME, "body").text
+    shot("0-docs")
 
     driver.get(url + "/")
     assert driver.title == "Sandrun"
@@ -152,11 +163,21 @@ def exercise(driver: Any, url: str, artifacts: str, tag: str,
     type_code(driver, SNIPPET)
     typed = driver.execute_script("return window.sandrunEditor.getValue()")
     assert typed.strip() == SNIPPET.strip()
-    upload = os.path.join(driver.downloads, "data.txt")
-    with open(upload, "w") as f:
-        f.write("uploaded bytes")
+    # The worker gets a plain file (the JSON form); the coordinator a tarball (the
+    # multipart form, unpacked by the worker).
+    if tarball:
+        upload = os.path.join(driver.downloads, "data.tar.gz")
+        with tarfile.open(upload, "w:gz") as tar:
+            member = tarfile.TarInfo("data.txt")
+            member.size = len(b"uploaded bytes")
+            tar.addfile(member, io.BytesIO(b"uploaded bytes"))
+    else:
+        upload = os.path.join(driver.downloads, "data.txt")
+        with open(upload, "w") as f:
+            f.write("uploaded bytes")
     driver.find_element(By.ID, "files").send_keys(upload)
-    until(lambda: "data.txt" in text(driver, "filelist"), 5, "the upload listed")
+    listed = os.path.basename(upload)
+    until(lambda: listed in text(driver, "filelist"), 5, "the upload listed")
     shot("2-typed")
 
     run_with_keyboard(driver)
@@ -234,10 +255,15 @@ def watch_the_run(driver: Any, shot: Callable[[str], None], signed: str) -> None
 def test_the_page_runs_a_job_on_a_real_worker(browser: Any, artifacts: str) -> None:
     with run_worker("--max-active-per-ip", "1") as worker:
         def occupy() -> Callable[[], None]:
-            job_id = worker.submit(SLEEPER["files"], SLEEPER["manifest"])
-            return lambda: worker.delete(f"/jobs/{job_id}")
+            job_id = worker.submit(SLEEPER_FILES, SLEEPER_MANIFEST)
 
-        exercise(browser, worker.url, artifacts, "worker", occupy, signed="unsigned")
+            def undo() -> None:
+                worker.delete(f"/jobs/{job_id}")
+
+            return undo
+
+        exercise(browser, worker.url, artifacts, "worker", occupy, signed="unsigned",
+                 tarball=False)
 
 
 def test_the_page_runs_a_job_through_a_real_coordinator(browser: Any, artifacts: str) -> None:
@@ -263,14 +289,19 @@ def test_the_page_runs_a_job_through_a_real_coordinator(browser: Any, artifacts:
         coordinator.start_and_wait()
 
         def occupy() -> Callable[[], None]:
-            reply = request(coordinator.url, "POST", "/submit",
-                            json.dumps(SLEEPER).encode(), {"Content-Type": "application/json"})
+            sleeper = {"manifest": SLEEPER_MANIFEST, "files": SLEEPER_FILES}
+            reply = request(coordinator.url, "POST", "/submit", json.dumps(sleeper).encode(),
+                            {"Content-Type": "application/json"})
             assert reply.status == 200, reply.body
             job_id = reply.json()["job_id"]
-            return lambda: request(coordinator.url, "DELETE", f"/jobs/{job_id}")
+
+            def undo() -> None:
+                request(coordinator.url, "DELETE", f"/jobs/{job_id}")
+
+            return undo
 
         exercise(browser, coordinator.url, artifacts, "coordinator", occupy,
-                 signed="signature verified")
+                 signed="signature verified", tarball=True)
         assert coordinator.stop() == 0, coordinator.log()
         assert worker.stop() == 0, worker.log()
         assert worker.mounts() == []

@@ -107,7 +107,9 @@ def test_stats_show_the_callers_own_quota_and_the_system(tmp_path: Any) -> None:
     assert body["your_quota"]["jobs_this_hour"] == 2
     assert body["your_quota"]["can_submit"] is True
     assert body["system"] == {"queue_length": 1, "active_jobs": 1, "capacity": 1,
-                              "queue_capacity": 10}
+                              "queue_capacity": 10, "finished_jobs_held": 0,
+                              "max_finished_jobs": 5000, "storage_used_bytes": 0,
+                              "storage_bytes": 1 << 30}
 
 
 def test_environments_list_the_default_template(h: Harness) -> None:

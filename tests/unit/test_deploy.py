@@ -34,7 +34,8 @@ def test_the_worker_unit_delegates_its_cgroup_restarts_and_names_this_installs_c
     assert unit["StateDirectory"] == ["sandrun"] and unit["CacheDirectory"] == ["sandrun"]
     # Options that would take away what the sandbox needs are absent.
     for option in ("ProtectControlGroups", "ProtectKernelTunables", "RestrictNamespaces",
-                   "PrivateDevices", "CapabilityBoundingSet", "MemoryDenyWriteExecute"):
+                   "PrivateDevices", "CapabilityBoundingSet", "MemoryDenyWriteExecute",
+                   "ProtectHostname"):
         assert option not in unit, option
     serve = unit["ExecStart"][0].split()
     assert serve[0] == deploy.command_path("sandrun", "sandrun") and serve[1] == "serve"

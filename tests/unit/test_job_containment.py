@@ -44,3 +44,20 @@ def test_sync_and_syncfs_are_denied_while_fsync_stays_allowed() -> None:
     assert {"sync", "syncfs"} <= set(seccomp.BLOCKED_SYSCALLS)
     assert not {"sync", "syncfs"} & set(seccomp.ALLOWED_SYSCALLS)
     assert {"fsync", "fdatasync"} <= set(seccomp.ALLOWED_SYSCALLS)
+
+
+def manager_without_swap_caps(monkeypatch: Any, proc_swaps: str) -> cgroups.CgroupManager:
+    manager = object.__new__(cgroups.CgroupManager)
+    manager.v1_memsw = manager.v2_swap = False
+    monkeypatch.setattr(cgroups, "_read", lambda path: proc_swaps)
+    return manager
+
+
+def test_a_host_with_swap_on_and_no_per_job_cap_is_refused_at_start(monkeypatch: Any) -> None:
+    on = "Filename\tType\tSize\tUsed\tPriority\n/swapfile file 1048572 0 -2\n"
+    assert manager_without_swap_caps(monkeypatch, on).swap_unlimited() is True
+    assert manager_without_swap_caps(monkeypatch, on.splitlines()[0] + "\n") \
+        .swap_unlimited() is False
+    capped = manager_without_swap_caps(monkeypatch, on)
+    capped.v1_memsw = True
+    assert capped.swap_unlimited() is False

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from sandrun.config import QuotaConfig
 from sandrun.jobs import manager as manager_module
@@ -89,8 +89,10 @@ def test_jobs_beyond_the_concurrency_limit_wait_and_start_in_order(tmp_path: Any
     ids = [h.submit() for _ in range(4)]
     assert list(h.sandbox.running) == ids[:2]
     assert [h.status(i)["queue_position"] for i in ids] == [0, 0, 1, 2]
-    assert h.get("/stats").json()["system"] == {"queue_length": 2, "active_jobs": 2,
-                                                "capacity": 2, "queue_capacity": 10}
+    system = h.get("/stats").json()["system"]
+    assert {k: system[k] for k in ("queue_length", "active_jobs", "capacity",
+                                   "queue_capacity")} == {"queue_length": 2, "active_jobs": 2,
+                                                          "capacity": 2, "queue_capacity": 10}
     h.run_of(ids[1]).finish()
     assert list(h.sandbox.running) == [ids[0], ids[2]]
     assert h.status(ids[2])["status"] == "running"
@@ -415,3 +417,46 @@ def test_a_submission_refused_after_its_upload_leaves_no_log_file(
     monkeypatch.setattr(h.manager, "admit", lambda client, exempt=False: None)
     assert h.post_json({"files": {"a.py": ""}}).status == 429
     assert len(h.storage.logs()) == 1 and len(h.storage.job_ids()) == 1
+
+
+def test_past_the_cap_on_finished_jobs_the_oldest_finished_is_deleted(tmp_path: Any) -> None:
+    h = Harness(str(tmp_path), max_finished_jobs=3)
+    ids = [h.submit() for _ in range(2)]
+    running = h.submit()  # still running: never counted, never deleted early
+    for job_id in ids:
+        h.run_of(job_id).finish()
+    more = []
+    for _ in range(3):
+        job_id = h.submit()
+        h.run_of(job_id).finish()
+        more.append(job_id)
+    held = [*ids, *more][-3:]
+    assert list(h.manager.finished) == held
+    assert sorted(h.manager.jobs) == sorted([*held, running])
+    assert h.get(f"/status/{ids[0]}").status == 404
+    assert h.status(running)["status"] == "running"
+    assert sorted(h.storage.job_ids()) == sorted([*held, running])
+    assert h.get("/stats").json()["system"]["finished_jobs_held"] == 3
+
+
+def test_a_job_deleted_while_its_directory_is_chowned_never_starts(tmp_path: Any) -> None:
+    # The chown runs in a thread; a DELETE meanwhile has no sandbox run to kill yet.
+    h = Harness(str(tmp_path))
+    chowns: list[defer.Deferred[Any]] = []
+    plain = h.manager.blocking
+
+    def blocking(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        if getattr(f, "__name__", "") == "chown_tree":
+            d: defer.Deferred[Any] = defer.Deferred()
+            chowns.append(d)
+            return d
+        return plain(f, *args, **kwargs)
+
+    h.manager.blocking = blocking
+    job_id = h.submit()
+    assert len(chowns) == 1 and h.sandbox.runs == {}
+    assert h.delete(f"/jobs/{job_id}").status == 200
+    chowns[0].callback(None)
+    assert h.sandbox.runs == {}  # never launched
+    assert h.get("/stats").json()["system"]["active_jobs"] == 0
+    assert h.manager.jobs == {}

@@ -47,7 +47,7 @@ def test_counters_equal_a_known_mix_of_jobs_and_refusals(tmp_path: Any) -> None:
     h.run_of(ids[1]).finish(Reason.TIMEOUT, cpu_seconds=1.5)
     h.run_of(ids[2]).finish(Reason.MEMORY_LIMIT, cpu_seconds=0.25)
     reply = h.get("/metrics")
-    assert reply.status == 200 and reply.header("content-type").startswith("text/plain")
+    assert reply.status == 200 and (reply.header("content-type") or "").startswith("text/plain")
     text = reply.body.decode()
     assert value(text, "sandrun_jobs_finished_total", reason="completed") == 1
     assert value(text, "sandrun_jobs_finished_total", reason="timeout") == 1
@@ -144,13 +144,18 @@ def test_a_fresh_metrics_object_starts_every_reason_at_zero() -> None:
 def test_the_coordinator_counts_jobs_routed_lost_and_refused_per_worker(tmp_path: Any) -> None:
     pool = Pool(str(tmp_path), 2)
     pool.check()
-    ids = [pool.post_submit().json()["job_id"] for _ in range(4)]
+    ids = [pool.post_submit(HOLD).json()["job_id"] for _ in range(4)]
     text = pool.get("/metrics").body.decode()
     routed = [value(text, "sandrun_coordinator_jobs_routed_total", worker=f"w{i}")
               for i in range(2)]
     assert sum(routed) == 4 and all(routed)
+    assert value(text, "sandrun_coordinator_upload_bytes_total") > 4 * len("print(1)")
     assert value(text, "sandrun_coordinator_worker_healthy", worker="w0") == 1
     assert value(text, "sandrun_coordinator_worker_rtt_seconds", worker="w1") >= 0
+    pool.check()  # the loads the workers report now: the four jobs, still running
+    text = pool.get("/metrics").body.decode()
+    assert sum(value(text, "sandrun_coordinator_jobs_running", worker=f"w{i}")
+               for i in range(2)) == 4
     # Worker w1 goes away: its job's status is worker_lost, and it takes no more jobs.
     pool.network.down.add(endpoint(1).split("//")[1])
     lost = next(i for i in ids if pool.worker_for(i) == 1)

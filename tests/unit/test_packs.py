@@ -24,6 +24,7 @@ class Packing:
         self.calls: list[tuple[Any, tuple[Any, ...]]] = []
         self.packed = 0
         self.alive = {"job-1"}
+        self.measured: list[str] = []  # job ids whose storage was measured after a pack
 
     def blocking(self, f: Any, *args: Any) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = defer.Deferred()
@@ -46,7 +47,7 @@ class Packing:
     def once(self) -> PackOnce:
         return PackOnce(self.blocking, self.pack,
                         lambda job_id: os.path.join(self.root, job_id + ".tar.gz"),
-                        lambda job_id: job_id in self.alive)
+                        lambda job_id: job_id in self.alive, self.measured.append)
 
 
 def test_requests_during_a_pack_wait_for_that_one_pack_and_later_ones_reuse_it(
@@ -61,6 +62,7 @@ def test_requests_during_a_pack_wait_for_that_one_pack_and_later_ones_reuse_it(
     assert got == [os.path.join(str(tmp_path), "job-1.tar.gz")] * 6
     packs.get(FakeJob("job-1")).addCallback(got.append)
     assert p.packed == 1 and len(got) == 7
+    assert p.measured == ["job-1"]  # the pack counts in the worker's storage
     assert sorted(os.listdir(str(tmp_path))) == ["job-1.tar.gz"]  # no partial left
 
 

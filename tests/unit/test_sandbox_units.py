@@ -221,3 +221,21 @@ def test_a_job_killed_at_its_timeout_is_a_timeout() -> None:
     _exited(sandbox, job, 5003.0, killed(signal.SIGKILL))
     result = job.done.result
     assert (result.reason, result.signal) == (Reason.TIMEOUT, signal.SIGKILL)
+
+
+def test_the_loopback_request_is_byte_for_byte_what_pyroute2_encodes() -> None:
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.rtnl import RTM_NEWLINK
+    from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
+
+    from sandrun.sandbox.network import loopback_up_request
+
+    msg = ifinfmsg()
+    msg["index"] = 1
+    msg["flags"] = IFF_UP
+    msg["change"] = IFF_UP
+    msg["header"]["type"] = RTM_NEWLINK
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+    msg["header"]["sequence_number"] = 1
+    msg.encode()
+    assert loopback_up_request() == bytes(msg.data)

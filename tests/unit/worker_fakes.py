@@ -179,7 +179,12 @@ class FakeStorage:
         """Output log files left beside the job directories."""
         return sorted(n for n in os.listdir(self.jobs_dir) if n.endswith(".log"))
 
+    total_bytes = 1 << 30
+
     def used_bytes(self) -> int:
+        return 0
+
+    def measure(self, job_id: str) -> int:
         return 0
 
 
@@ -213,10 +218,12 @@ class Harness:
                  queue_size: int = 10, identity: ident.WorkerIdentity | None = None,
                  trusted_proxies: tuple[str, ...] = (), start: bool = True,
                  environments: Environments | None = None,
-                 gpus: GpuPool | None = None) -> None:
+                 gpus: GpuPool | None = None,
+                 max_finished_jobs: int = 5000) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)  # a plausible wall clock for timestamps
         self.config = WorkerConfig(max_concurrent=max_concurrent, queue_size=queue_size,
+                                   max_finished_jobs=max_finished_jobs,
                                    limits=limits, quotas=quotas, state_dir=root,
                                    trusted_proxies=trusted_proxies)
         self.sandbox = FakeSandbox()
