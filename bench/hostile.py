@@ -314,7 +314,7 @@ def main() -> None:
         worker.stop()
         worker.remove_state_dir()
         if tree:
-            shutil.rmtree(os.path.dirname(tree), ignore_errors=True)
+            shutil.rmtree(tree, ignore_errors=True)
     p99_idle = idle["p99_ms"] or 1e-9
     print_table(
         f"/health while a hostile client attacks ({source}; probe every 20 ms, new connection)",

@@ -331,6 +331,7 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
                 got["reference_errors"] = ref["errors"]
                 got["reference_cpu"] = ref["cpu"]
                 got["ratio_to_reference"] = got["jobs_per_s"] / max(ref["jobs_per_s"], 1e-9)
+                got["reference_cpu_ms_per_job"] = ref["worker_cpu_ms_per_job"]
             tries.append(got)
         chosen = min(tries, key=lambda t: t["cpu"]["others_cores"])
         chosen["tries"] = [{"jobs_per_s": t["jobs_per_s"], "errors": t["errors"],
@@ -343,6 +344,7 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
              r.get("ratio_to_reference", float("nan")), r["errors"],
              r["latency_ms"].get("p50", float("nan")), r["latency_ms"].get("p99", float("nan")),
              r["polls_per_job"].get("p50", float("nan")), r["worker_cpu_ms_per_job"],
+             r.get("reference_cpu_ms_per_job", float("nan")),
              r["cpu"]["client_cpu_s"] / r["cpu"]["seconds"],
              r["cpu"]["others_cores"])
             for r in results]
@@ -352,7 +354,8 @@ def throughput(worker: Worker, args: argparse.Namespace) -> dict[str, Any]:
     print_table(f"Throughput, trivial job (sh true.sh), {args.seconds:g} s per concurrency",
                 ("clients", "completed", "jobs/s", "ref jobs/s", "ratio", "errors", "p50 ms",
                  "p99 ms", "polls/job",
-                 "worker+launcher CPU ms/job", "client cores", "others' cores"), rows, notes=[
+                 "worker+launcher CPU ms/job", "ref CPU ms/job", "client cores",
+                 "others' cores"), rows, notes=[
                     f"best {best:.1f} jobs/s (target >= {THROUGHPUT_TARGET:g}, zero errors): "
                     + ("met" if best >= THROUGHPUT_TARGET and clean else "MISSED"),
                     "worker flags: " + " ".join(worker.flags),

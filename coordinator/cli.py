@@ -62,17 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to a worker's response headers (default 30)")
     parser.add_argument("--submit-timeout", type=_positive(float), default=d.submit_timeout,
                         help="seconds to forward a submission (default 300)")
-    parser.add_argument("--max-upload-mb", type=_positive(int),
-                        default=d.max_upload_bytes // 10**6)
+    parser.add_argument("--max-upload-mb", type=_positive(int), metavar="MB",
+                        default=d.max_upload_bytes // 10**6,
+                        help="largest submission body, MB (default %(default)s)")
     parser.add_argument("--spool-dir", help="where uploads wait (default /dev/shm, RAM)")
     parser.add_argument("--trusted-proxy", action="append", default=[],
-                        help="address or CIDR whose X-Forwarded-For is believed (repeatable)")
+                        help="address or CIDR whose X-Forwarded-For is believed (repeatable; "
+                             "default: none)")
     parser.add_argument("--cpu-quota", type=_positive(float), default=q.cpu_seconds_per_minute,
-                        help="CPU-seconds per client IP per rolling minute, pool-wide")
+                        help="CPU-seconds per client IP per rolling minute, pool-wide "
+                             "(default %(default)g)")
     parser.add_argument("--max-active-per-ip", type=_positive(int), default=q.max_active_jobs,
-                        help="jobs queued or running per client IP, pool-wide")
+                        help="jobs queued or running per client IP, pool-wide (default %(default)s)")
     parser.add_argument("--jobs-per-hour", type=_positive(int), default=q.jobs_per_hour,
-                        help="submissions per client IP per rolling hour, pool-wide")
+                        help="submissions per client IP per rolling hour, pool-wide "
+                             "(default %(default)s)")
     parser.add_argument("--quota-exempt", action="append", default=[], metavar="CIDR",
                         help="address or network to which no pool-wide quota applies "
                              "(repeatable; default: none); give the workers the same")

@@ -14,8 +14,9 @@ imports it too.  What one client can hold, and for how long:
   ``sandrun.daemon.raise_open_files_limit`` lifts to the hard one at start),
   with room kept for jobs and files;
 - ``GuardedChannel``: a request's headers must be complete within
-  ``header_timeout`` seconds of the connection or of the previous answer
-  (a 408, then the connection closes: no slowloris), and twisted's idle
+  ``header_timeout`` seconds of the connection, or of the first byte of a
+  later request on it (a 408, then the connection closes: no slowloris),
+  and twisted's idle
   timeout (the site's ``timeOut``) closes a connection that sends nothing
   for ``idle_timeout`` seconds, between requests or inside a body.
   Malformed HTTP is a JSON 400, not a bare hang-up;
@@ -210,10 +211,10 @@ class GuardedChannel(http.HTTPChannel):
         super().allHeadersReceived()
 
     def requestDone(self, request: Any) -> None:
+        # Between requests the idle timeout holds (a kept-alive connection may rest, as a
+        # coordinator's pooled ones do); the next request's first byte starts its deadline.
         self._in_request = False
         super().requestDone(request)
-        if self.transport is not None and self.persistent:
-            self._arm_header_timer()  # the next request's headers: as prompt as the first's
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.counted is not None:

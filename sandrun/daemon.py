@@ -118,7 +118,7 @@ class ConnectionPolicy:
     # Open client connections, all clients; lowered to stay below RLIMIT_NOFILE.
     max_connections: int = 1000
     max_connections_per_ip: int = 64  # open connections from one client address
-    # Seconds to a request's last header, from the connection or the previous answer.
+    # Seconds to a request's last header, from the connection or the request's first byte.
     header_timeout: float = 10.0
     # Seconds without a byte from the client, between requests or inside a body.
     idle_timeout: float = 30.0

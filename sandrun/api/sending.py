@@ -53,16 +53,25 @@ class PiecesProducer:
     def resumeProducing(self) -> None:
         self.paused = False
         while not self.paused and self.pieces is not None:
+            # Pieces are gathered into writes of up to SEND_CHUNK bytes: each write is a
+            # chunk of its own on the wire (and a trip through twisted.web), and most
+            # answers are a few small pieces.  An answer that fits in its first write is
+            # sent with a Content-Length instead of chunked.
+            buffer = bytearray()
             try:
-                piece = next(self.pieces)
+                while len(buffer) < SEND_CHUNK:
+                    buffer += next(self.pieces)
             except StopIteration:
+                if buffer:
+                    if not getattr(self.request, "startedWriting", True):
+                        self.request.setHeader(b"Content-Length", str(len(buffer)).encode())
+                    self.request.write(bytes(buffer))
                 self._end(None)
                 return
             except Exception as e:  # noqa: BLE001 - reported through done
                 self._end(e)
                 return
-            if piece:
-                self.request.write(piece)
+            self.request.write(bytes(buffer))
 
     def pauseProducing(self) -> None:
         self.paused = True

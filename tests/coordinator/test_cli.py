@@ -95,3 +95,9 @@ def test_version_is_printed_like_the_workers(capsys: pytest.CaptureFixture[str])
         build_parser().parse_args(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("sandrun-coordinator ")
+
+
+def test_every_flag_says_what_it_does_and_its_default() -> None:
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest not in ("help", "version"):
+            assert action.help and "default" in action.help, (action.dest, action.help)

@@ -91,7 +91,8 @@ def test_a_client_that_does_not_read_pauses_its_answer_after_one_piece() -> None
 def test_a_client_that_goes_away_stops_the_answer_and_its_cleanup_runs() -> None:
     closed = []
     request = Transport(room=1)
-    done = sending.send_pieces(request, iter([b"a", b"b"]), on_end=lambda: closed.append(1))
+    done = sending.send_pieces(request, iter([b"a" * 65536, b"b"]),
+                               on_end=lambda: closed.append(1))
     failures: list[Any] = []
     done.addErrback(failures.append)
     request.producer.stopProducing()
@@ -105,3 +106,32 @@ def test_an_object_with_streamed_text_members_is_the_json_built_whole() -> None:
     assert json.loads(body) == {"job_id": "job-x", "stdout": "a\n€", "outputs": [{"path": "p"}],
                                 "kept": False}
     assert b"".join(sending.object_json([])) == b"{}"
+
+
+def test_small_pieces_go_out_in_one_write_with_a_content_length() -> None:
+    class Request(Transport):
+        startedWriting = 0
+        headers: dict[bytes, bytes] = {}
+
+        def setHeader(self, name: bytes, value: bytes) -> None:
+            self.headers = {**self.headers, name: value}
+
+    request = Request(room=10)
+    done = sending.send_pieces(request, iter([b"{", b'"a": 1', b"}"]))
+    assert request.written == [b'{"a": 1}'] and done.called
+    assert request.headers == {b"Content-Length": b"8"}
+
+
+def test_a_large_answer_goes_out_in_writes_of_about_64_kib_without_a_length() -> None:
+    class Request(Transport):
+        startedWriting = 1  # as twisted.web says once the first write went out
+        headers: dict[bytes, bytes] = {}
+
+        def setHeader(self, name: bytes, value: bytes) -> None:
+            self.headers = {**self.headers, name: value}
+
+    request = Request(room=100)
+    done = sending.send_pieces(request, (b"x" * 1000 for _ in range(200)))
+    assert done.called and b"".join(request.written) == b"x" * 200_000
+    assert [len(w) for w in request.written] == [66000, 66000, 66000, 2000]
+    assert request.headers == {}
