@@ -619,6 +619,12 @@ class Launcher:
             ns.clear_capabilities()
             # Set after the uid change, which would reset them.
             ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)
+            # A launcher that died before that sends no signal any more; its end of
+            # the channel is closed then (an init's getppid() is 0 and cannot tell).
+            hangup = select.poll()
+            hangup.register(channel.fileno(), 0)  # POLLHUP and POLLERR are always reported
+            if hangup.poll(0):
+                os._exit(1)
             pid1.harden()
             step = "no_new_privs"
             ns.prctl(ns.PR_SET_NO_NEW_PRIVS, 1)
