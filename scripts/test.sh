@@ -17,8 +17,16 @@ cd "$(dirname "$0")/.."
 # The Python install.sh set up (its own venv), else the one on the PATH.
 VENV=${SANDRUN_PREFIX:-/opt/sandrun}
 if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$VENV/bin/python" ]; then PYTHON=$VENV/bin/python; else PYTHON=python3; fi
+    # (a venv made with --worker-only has no pytest: then the PATH's)
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import pytest' 2>/dev/null; then
+        PYTHON=$VENV/bin/python
+    else
+        PYTHON=python3
+    fi
 fi
+# pytest's temporary directories of this run alone: by default every run on the host
+# shares /tmp/pytest-of-root and keeps only the last three, deleting other runs'.
+basetemp=$(mktemp -d "${TMPDIR:-/tmp}/sandrun-pytest-XXXXXX")
 MEMORY_CAP=${SANDRUN_TEST_MEMORY:-$((8 * 1024 * 1024 * 1024))}
 PIDS_CAP=${SANDRUN_TEST_PIDS:-4096}
 cg=/sys/fs/cgroup
@@ -36,6 +44,7 @@ cleanup() {
     for d in "${dirs[@]}"; do
         [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
     done
+    rm -rf "$basetemp"
 }
 trap cleanup EXIT
 
@@ -92,7 +101,7 @@ fi
 echo "tests capped at $((MEMORY_CAP / 1024 / 1024)) MiB and $PIDS_CAP processes ($PYTHON)"
 if [ -n "${runner:-}" ]; then   # v2: pytest joins its leaf before it starts
     sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$runner" \
-        "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
+        "$PYTHON" -m pytest -q -p no:cacheprovider --basetemp="$basetemp" "$@"
 else
-    "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
+    "$PYTHON" -m pytest -q -p no:cacheprovider --basetemp="$basetemp" "$@"
 fi

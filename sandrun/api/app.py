@@ -300,7 +300,10 @@ class WorkerAPI:
             members = results.run_document(self.status_document(job), job, keep=keep)
             sent = sending.send_pieces(request, sending.object_json(members))
             if not keep:  # once sent: the output is read from the job's log as it goes
-                sent.addBoth(lambda result: (self.manager.delete(job.id), result)[1])
+                def delete(result: object) -> object:
+                    self.manager.delete(job.id)
+                    return result
+                sent.addBoth(delete)
             return sent
 
         return self.accept(request).addCallback(wait).addCallback(answer)

@@ -553,6 +553,12 @@ class Launcher:
             mounts.prepare_root(self.root_dir, self.templates, self.lib_dirs)
             step = "capabilities"
             os.setgroups([])  # the same for every job, so done here
+            step = "scheduling"
+            # A worker started with a real-time policy (``chrt``) must not hand it to
+            # jobs, and cgroup v1 refuses real-time tasks a group with a CPU bandwidth
+            # limit (and no real-time budget of its own).
+            if os.sched_getscheduler(0) != os.SCHED_OTHER:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
             step = "init"
             pid1.prepare(self.arg_area)
             ns.warm_up()

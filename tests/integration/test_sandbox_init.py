@@ -40,8 +40,12 @@ SIGINT_ITSELF = "import os, signal; os.kill(os.getpid(), signal.SIGINT)"
 
 @pytest_twisted.ensureDeferred
 async def test_python_sending_itself_sigint_ends_as_it_does_outside(runner: JobRunner) -> None:
+    # Outside as a program started from a terminal: SIGINT at its default action (a
+    # suite started in the background of a non-interactive shell inherits it ignored,
+    # and Python then installs no KeyboardInterrupt handler).
     outside = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", SIGINT_ITSELF],
-                             capture_output=True, timeout=10, check=False)
+                             capture_output=True, timeout=10, check=False,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ran = await runner.python(SIGINT_ITSELF)
     inside = ran.result.exit_code if ran.result.exit_code is not None else -ran.result.signal
     assert inside == outside.returncode, ran.describe()

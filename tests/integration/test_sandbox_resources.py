@@ -437,3 +437,21 @@ async def test_sysv_ipc_objects_left_behind_are_gone_for_the_host_and_the_next_j
     assert _host_ipc() == before
     ran = await runner.python(SYSV_LOOK)
     assert ran.lines() == ["shm 0", "sem 0", "msg 0"], ran.describe()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_launcher_with_a_real_time_policy_hands_none_to_its_jobs(
+        runner: JobRunner) -> None:
+    launcher = runner.sandbox._proc
+    assert launcher is not None
+    os.sched_setscheduler(launcher.pid, os.SCHED_FIFO, os.sched_param(1))
+    try:
+        # More jobs than spares: the later ones run in spares forked while it was real-time.
+        policies = []
+        for _ in range(6):
+            ran = await runner.python("import os; print(os.sched_getscheduler(0))")
+            assert ran.reason == Reason.COMPLETED, ran.describe()
+            policies.append(int(ran.stdout))
+    finally:
+        os.sched_setscheduler(launcher.pid, os.SCHED_OTHER, os.sched_param(0))
+    assert policies == [os.SCHED_OTHER] * 6
