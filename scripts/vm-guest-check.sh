@@ -73,7 +73,7 @@ mkdir -p "$ct"
 (
     echo "$BASHPID" > "$ct/cgroup.procs"
     exec unshare --cgroup --mount --propagation private sh -c \
-        'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec sandrun serve --listen 127.0.0.1:8444 --state-dir /run/sandrun-ct'
+        'umount -l /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec sandrun serve --listen 127.0.0.1:8444 --state-dir /run/sandrun-ct'
 ) > /tmp/container.log 2>&1 &
 container=$!
 if URL=http://127.0.0.1:8444 healthy; then
