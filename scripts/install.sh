@@ -98,7 +98,14 @@ if [ $tests = 1 ]; then
 else
     "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir .
 fi
-for command in sandrun sandrun-coordinator sandrun-mcp; do
+commands=(sandrun sandrun-coordinator)
+# The MCP server needs the mcp package, which --worker-only leaves out.
+if "$PREFIX/bin/python" -c 'import mcp' 2>/dev/null; then
+    commands+=(sandrun-mcp)
+else
+    rm -f /usr/local/bin/sandrun-mcp
+fi
+for command in "${commands[@]}"; do
     ln -sfn "$PREFIX/bin/$command" "/usr/local/bin/$command"
 done
 echo "sandrun installed in $PREFIX: $("$PREFIX/bin/sandrun" --version); on the PATH as" \
