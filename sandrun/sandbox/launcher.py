@@ -542,6 +542,7 @@ class Launcher:
         step = "descriptors"
         error: str | None = None
         try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the launcher ignores it
             ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)
             # Nothing of other jobs, nor the worker's socket.
             ns.close_all_but(control, *cgroup_procs)
@@ -677,6 +678,10 @@ def main(argv: list[str] | None = None) -> None:
     # jobs must get the defaults.  The launcher sends with MSG_NOSIGNAL.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    # A Ctrl-C at the terminal reaches the whole process group: the worker stops the
+    # launcher itself (or it dies with the worker), never with a traceback.  Spares put
+    # the default back first thing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=args.fd)
     try:
         # A mount namespace of its own, copied now: the worker's state tmpfs is private
