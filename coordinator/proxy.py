@@ -356,16 +356,17 @@ class CoordinatorAPI:
     @app.route("/environments", methods=["GET"])
     @_api
     async def environments(self, request: Request) -> bytes:
-        state = self.pick_healthy()
-        code, body = await self.client.get_json(state.entry.endpoint + "/environments",
-                                                self.config.request_timeout)
-        return write_json(request, body, code)
+        return await self.from_a_healthy_worker(request, "/environments")
 
     @app.route("/runtimes", methods=["GET"])
     @_api
     async def runtimes(self, request: Request) -> bytes:
+        return await self.from_a_healthy_worker(request, "/runtimes")
+
+    async def from_a_healthy_worker(self, request: Request, path: str) -> bytes:
+        """A document every worker of the pool answers alike, from any healthy one."""
         state = self.pick_healthy()
-        code, body = await self.client.get_json(state.entry.endpoint + "/runtimes",
+        code, body = await self.client.get_json(state.entry.endpoint + path,
                                                 self.config.request_timeout)
         return write_json(request, body, code)
 

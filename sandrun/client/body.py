@@ -61,6 +61,12 @@ def code_document(code: str, language: str = "python", *, args: list[str] | None
 
     ``manifest`` adds fields or overrides those three; ``submit_code`` of both clients.
     """
+    return snippet_document(code, language, _manifest_fields(args, stdin, timeout, manifest))
+
+
+def _manifest_fields(args: list[str] | None, stdin: str | None, timeout: int | None,
+                     manifest: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``args``, ``stdin`` and ``timeout`` where given, then ``manifest`` over them."""
     fields: dict[str, Any] = {}
     if args is not None:
         fields["args"] = list(args)
@@ -69,7 +75,7 @@ def code_document(code: str, language: str = "python", *, args: list[str] | None
     if timeout is not None:
         fields["timeout"] = timeout
     fields.update(manifest or {})
-    return snippet_document(code, language, fields)
+    return fields
 
 
 def run_document(code: str | None, language: str = "python", *,
@@ -82,15 +88,7 @@ def run_document(code: str | None, language: str = "python", *,
     if code is not None:
         return code_document(code, language, args=args, stdin=stdin, timeout=timeout,
                              manifest=manifest)
-    fields: dict[str, Any] = {}
-    if args is not None:
-        fields["args"] = list(args)
-    if stdin is not None:
-        fields["stdin"] = stdin
-    if timeout is not None:
-        fields["timeout"] = timeout
-    fields.update(manifest or {})
-    return files_document(files or {}, fields)
+    return files_document(files or {}, _manifest_fields(args, stdin, timeout, manifest))
 
 
 def files_document(files: Mapping[str, Content],
