@@ -76,8 +76,11 @@ while True:
     states = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
-            with open(f"/proc/{pid}/stat") as f:
-                states.append(f.read().rsplit(")", 1)[1].split()[0])
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:
+                pass  # reaped by the init since the listing
     if len(states) == 2 or time.monotonic() > deadline:
         break
     time.sleep(0.01)
