@@ -92,7 +92,7 @@ else
             if [ -n "$(apt-cache show --no-all-versions "$p" 2>/dev/null)" ]; then
                 real+=("$p")
             else
-                without $list "$p" "apt has no package of its own named"
+                without $list "$p" "apt has no package (or only a virtual one) named"
             fi
         done
         [ ${#real[@]} -gt 0 ] || continue

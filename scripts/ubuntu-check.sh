@@ -134,14 +134,14 @@ start=$SECONDS
 set +e
 # The namespace's mounts: the root bound onto itself, /proc fresh (the sandbox mounts a /proc
 # of its own, which the kernel allows only where a whole one is visible), /sys and /dev from
-# the host; then pivot_root, and the host's tree unmounted.
+# the host, /run a tmpfs and /tmp on disk (as Ubuntu 24.04 has them); then pivot_root, and the
+# host's tree unmounted.
 unshare --mount --propagation private -- env -i ROOT="$ROOT" "${pip_env[@]}" bash -c '
     set -e
     mount --bind "$ROOT" "$ROOT"
     mount -t proc proc "$ROOT/proc"
     mount --rbind /sys "$ROOT/sys"
     mount --rbind /dev "$ROOT/dev"
-    mount -t tmpfs tmpfs "$ROOT/tmp"
     mount -t tmpfs tmpfs "$ROOT/run"
     mkdir -p "$ROOT/.host"
     cd "$ROOT"
