@@ -324,8 +324,9 @@ class WorkerAPI:
         job_id = new_job_id()
 
         def parse() -> tuple[str, uploads.Submission]:
-            base = self.manager.create_workspace(job_id)  # a tmpfs mount: kernel work
-            return base, self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
+            # A tmpfs mount (kernel work), the upload written into it, and measured.
+            return self.manager.store_upload(job_id, lambda base: self.unpack(
+                kind, body, store.work_dir(base), store.staging_dir(base)))
 
         def queued(parsed: tuple[str, uploads.Submission]) -> tuple[Job, int]:
             base, submission = parsed
