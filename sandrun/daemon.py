@@ -14,6 +14,7 @@ import resource
 import signal
 import sys
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.internet import defer
@@ -22,8 +23,9 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     globalLogBeginner,
-    textFileLogObserver,
 )
 
 
@@ -103,9 +105,34 @@ def start_logging(stream: IO[str] | None = None) -> ILogObserver:
     if stream is sys.stderr and _stderr_is_journal():
         observer = FileLogObserver(stream, journal_line)
     else:
-        observer = textFileLogObserver(stream)
+        observer = text_observer(stream)
     globalLogBeginner.beginLoggingTo([observer])
     return observer
+
+
+def text_observer(stream: IO[str]) -> ILogObserver:
+    """``textFileLogObserver``'s lines, with the time stamp formatted once a second, not
+    once a line (a busy worker logs a few lines per job)."""
+    format_time = _time_once_a_second()
+    return FileLogObserver(stream, lambda event: formatEventAsClassicLogText(
+        event, formatTime=format_time))
+
+
+def _time_once_a_second() -> Callable[[float | None], str]:
+    """``twisted.logger.formatTime`` (whole seconds), remembered for the second it names."""
+    last: list[tuple[int, str]] = [(-1, "")]
+
+    def format_time(when: float | None) -> str:
+        if when is None:
+            return formatTime(when)
+        second = int(when)
+        cached = last[0]  # one tuple, replaced whole: safe from a thread's log line
+        if cached[0] != second:
+            cached = (second, formatTime(second))
+            last[0] = cached
+        return cached[1]
+
+    return format_time
 
 
 MB = 1000 * 1000
