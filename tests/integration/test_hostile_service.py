@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -29,6 +30,7 @@ from typing import Any, Self
 import pytest
 
 from tests import hostile_archives as ha
+from tests.bodies import tar_bytes
 from tests.integration.test_coordinator_pool import CoordinatorProcess, keygen, wait_for
 from tests.integration.worker import Response, Worker, multipart, request, run_worker
 
@@ -191,15 +193,66 @@ def test_six_64_kib_all_digit_pax_headers_do_not_stall_health(
     probe.check()
 
 
-def test_uploads_are_parsed_in_a_child_process_not_in_the_worker(
+def unpacker_servers(worker: Worker) -> list[int]:
+    return [pid for pid in worker.children() if "sandrun.api.unpacker" in _cmdline(pid)]
+
+
+def test_archives_are_parsed_in_a_child_process_not_in_the_worker(
         worker: Worker, contained: None) -> None:
-    """The fork server is the worker's child; each submission forks one short-lived child."""
-    servers = [pid for pid in worker.children() if "sandrun.api.unpacker" in _cmdline(pid)]
+    """The fork server is the worker's child; each archive upload forks one short-lived child."""
+    servers = unpacker_servers(worker)
     assert len(servers) == 1, [(pid, _cmdline(pid)) for pid in worker.children()]
-    job = worker.submit({"main.py": "print(1)"}, source=CLIENT)
+    reply = worker.post_multipart("/submit", {"manifest": '{"entrypoint": "main.py"}'},
+                                  [("job.tgz", tar_bytes({"main.py": "print(1)"}))],
+                                  source=CLIENT)
+    assert reply.status == 200, reply.body
+    assert worker.wait(reply.json()["job_id"], 60)["status"] == "completed"
+    assert unpacker_servers(worker) == servers  # no child left behind
+
+
+@pytest.fixture
+def fork_server_stopped(worker: Worker) -> Iterator[int]:
+    """The fork server stopped (SIGSTOP): a submission sent to it would get no answer."""
+    (server,) = unpacker_servers(worker)
+    os.kill(server, signal.SIGSTOP)
+    try:
+        yield server
+    finally:
+        os.kill(server, signal.SIGCONT)
+
+
+HOSTILE_JSON = [
+    (b"[" * 200_000, "nested too deeply"),
+    (b'{"manifest": {"timeout": ' + b"9" * 200_000 + b'}, "files": {"a.py": ""}}',
+     "Exceeds the limit"),
+    (b'{"files": {"a.py": "\xff\xfe"}}', "not valid UTF-8"),
+    (b'{"files": {"a.py": ""}, "files": {"b.py": ""}}', "duplicate key"),
+    (b'{"manifest": {"timeout": Infinity}, "files": {"a.py": ""}}', "Infinity is not allowed"),
+]
+
+
+def test_a_small_json_submission_is_parsed_without_the_fork_server(
+        worker: Worker, contained: None, fork_server_stopped: int) -> None:
+    job = worker.submit({"main.py": "print(1)"}, source=CLIENT, timeout=10)
     assert worker.wait(job, 60)["status"] == "completed"
-    assert [pid for pid in worker.children()
-            if "sandrun.api.unpacker" in _cmdline(pid)] == servers  # no child left behind
+    reply = worker.post_json("/run?keep=0", {"files": {"main.py": "print(2)"}}, source=CLIENT,
+                             timeout=30)
+    assert reply.status == 200 and reply.json()["stdout"] == "2\n", reply.body[:500]
+
+
+@pytest.mark.parametrize(("body", "words"), HOSTILE_JSON,
+                         ids=["deep-nesting", "huge-integer", "invalid-utf8", "duplicate-key",
+                              "infinity"])
+def test_hostile_small_json_is_a_400_naming_the_problem_and_health_holds(
+        worker: Worker, contained: None, fork_server_stopped: int, body: bytes,
+        words: str) -> None:
+    with HealthProbe(worker.url) as probe:
+        for path in ("/submit", "/run"):
+            reply = worker.request("POST", path, body, {"Content-Type": "application/json"},
+                                   source=ATTACKER, timeout=10)
+            answer = refused(reply, 400, "Invalid manifest")
+            assert answer["field"] == "body" and words in answer["details"], answer
+    probe.check()
 
 
 def _cmdline(pid: int) -> str:
