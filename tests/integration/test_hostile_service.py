@@ -91,13 +91,16 @@ PER_IP_CONNECTIONS = 20
 MAX_CONNECTIONS = 60
 HEADER_TIMEOUT = 2.0
 IDLE_TIMEOUT = 4.0
+MIN_UPLOAD_RATE = 1000  # bytes a second, after UPLOAD_GRACE (longer than the idle timeout)
+UPLOAD_GRACE = 5.0
 UPLOAD_MB = 40
+RATE_FLAGS = ("--min-upload-rate", str(MIN_UPLOAD_RATE), "--upload-grace", str(UPLOAD_GRACE))
 WORKER_FLAGS = ("--max-concurrent", "2", "--max-active-per-ip", "2", "--jobs-per-hour", "1000",
                 "--cpu-quota", "1000", "--max-connections", str(MAX_CONNECTIONS),
                 "--max-connections-per-ip", str(PER_IP_CONNECTIONS),
                 "--header-timeout", str(HEADER_TIMEOUT), "--idle-timeout", str(IDLE_TIMEOUT),
                 "--max-upload-mb", str(UPLOAD_MB), "--max-inflight-upload-mb-per-ip",
-                str(UPLOAD_MB), "--max-inflight-upload-mb", str(3 * UPLOAD_MB))
+                str(UPLOAD_MB), "--max-inflight-upload-mb", str(3 * UPLOAD_MB), *RATE_FLAGS)
 
 
 @pytest.fixture(scope="module")
@@ -471,6 +474,39 @@ def test_a_body_that_stalls_is_cut_off_at_the_idle_timeout_and_its_share_returne
     assert reply.status == 400, reply.body
 
 
+def trickle_until_answered(port: int, size: int) -> tuple[int, dict[str, Any], float]:
+    """Send a body a byte every half second (inside the idle timeout, far below the least
+    rate) until the server answers: (status, JSON body, seconds it took)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15,
+                                  source_address=(ATTACKER, 0)) as s:
+        started = time.monotonic()
+        s.sendall(post_head("/submit", size, "multipart/form-data; boundary=b"))
+        s.settimeout(0.5)
+        for _ in range(60):
+            try:
+                data = s.recv(65536, socket.MSG_PEEK)
+            except TimeoutError:
+                s.sendall(b"x")
+                continue
+            assert data, "closed without an answer"
+            break
+        s.settimeout(15)
+        code, _, body = read_answer(s)
+        return code, json.loads(body), time.monotonic() - started
+
+
+def test_a_body_trickled_below_the_least_rate_gets_408_and_its_share_returned(
+        worker: Worker, contained: None) -> None:
+    size = UPLOAD_MB * 10**6 * 3 // 4
+    code, body, took = trickle_until_answered(worker.port, size)
+    assert code == 408 and body["error"] == "Request timeout", body
+    assert f"{MIN_UPLOAD_RATE} bytes a second" in body["details"]
+    assert UPLOAD_GRACE < took < UPLOAD_GRACE + 5
+    reply = worker.request("POST", "/submit", b"x" * size,
+                           {"Content-Type": "multipart/form-data; boundary=b"}, source=ATTACKER)
+    assert reply.status == 400, reply.body  # the share is back: the body was read, then refused
+
+
 # -- the contract's JSON everywhere --------------------------------------------------------------
 
 
@@ -496,7 +532,7 @@ POOL_FLAGS = ("--health-interval", "1", "--health-timeout", "0.5", "--cpu-quota"
               "--max-connections-per-ip", str(PER_IP_CONNECTIONS),
               "--header-timeout", str(HEADER_TIMEOUT), "--max-upload-mb", str(UPLOAD_MB),
               "--max-inflight-upload-mb-per-ip", str(UPLOAD_MB),
-              "--max-inflight-upload-mb", str(3 * UPLOAD_MB))
+              "--max-inflight-upload-mb", str(3 * UPLOAD_MB), *RATE_FLAGS)
 
 
 @pytest.fixture(scope="module")
@@ -578,6 +614,15 @@ def test_the_coordinator_refuses_a_second_big_parallel_upload_from_one_address(
                                    source=ATTACKER)
         assert code == 429 and json.loads(body)["error"] == "Too many uploads"
         assert spooled_at(scratch) - spooled < 8 * 1024 * 1024
+
+
+def test_the_coordinator_cuts_off_a_body_trickled_below_the_least_rate(
+        coordinator: CoordinatorProcess, scratch: str) -> None:
+    spooled = spooled_at(scratch)
+    code, body, took = trickle_until_answered(coordinator.port, UPLOAD_MB * 10**6 // 2)
+    assert code == 408 and body["error"] == "Request timeout", body
+    assert UPLOAD_GRACE < took < UPLOAD_GRACE + 5
+    assert spooled_at(scratch) - spooled < 1024 * 1024
 
 
 def test_the_coordinator_caps_connections_per_address(coordinator: CoordinatorProcess) -> None:
