@@ -43,12 +43,14 @@ class _Relay(Protocol):
         self.done = done
         self.rewriter = rewriter
         self.failed = False
+        self.registered = False
 
     def connectionMade(self) -> None:
         # The transport (the worker connection) is paused whenever the client's
         # buffers are full and resumed when they drain: nothing piles up here.
         assert IProducer.providedBy(self.transport)
         self.request.registerProducer(self.transport, True)
+        self.registered = True
 
     def dataReceived(self, data: bytes) -> None:
         if self.failed:
@@ -58,6 +60,7 @@ class _Relay(Protocol):
                 data = self.rewriter.feed(data)
             except BadWorkerResponse:
                 self.failed = True
+                self.unregister()  # before the caller ends the request
                 self.done.errback()
                 self.abort()
                 return
@@ -65,7 +68,7 @@ class _Relay(Protocol):
             self.request.write(data)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:  # type: ignore[override]
-        self.request.unregisterProducer()
+        self.unregister()
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -80,6 +83,12 @@ class _Relay(Protocol):
             self.done.callback(None)
         else:
             self.done.errback(reason)
+
+    def unregister(self) -> None:
+        if self.registered:
+            self.registered = False
+            if not getattr(self.request, "_disconnected", False):  # gone with the client
+                self.request.unregisterProducer()
 
     def abort(self) -> None:
         worker: Any = self.transport
