@@ -84,7 +84,7 @@ print(os.listdir(f"/etc/python3.{sys.version_info[1]}"))')"
     wait "$worker"
     echo "== RESULT serve exited $? on SIGTERM"
     echo "== RESULT tests: bash ./scripts/test.sh $*"
-    exec bash ./scripts/test.sh "$@"
+    exec bash ./scripts/test.sh -rs "$@"     # -rs: each skipped test's reason
 fi
 
 [ "$(id -u)" = 0 ] || { echo "ubuntu-check.sh must run as root" >&2; exit 1; }
@@ -169,7 +169,7 @@ set -e
     echo '```'
     grep -E '^== RESULT|^install.sh:|^sandrun installed|^tests capped' "$log" \
         | sed 's/^== RESULT //' || true
-    grep -E '^(FAILED|ERROR) |^=+ .*(passed|failed|error).* =+$|[0-9]+ (passed|failed)' "$log" \
+    grep -E '^(FAILED|ERROR|SKIPPED) |^=+ .*(passed|failed|error).* =+$|[0-9]+ (passed|failed)' "$log" \
         | tail -40 || true
     tail -1 "$log" | grep -vE '^== RESULT|[0-9]+ (passed|failed)' || true
     echo '```'
