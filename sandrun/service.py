@@ -26,7 +26,6 @@ from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.storage import Storage
 from sandrun.netaddr import parse_trusted_proxies
-from sandrun.sandbox.devices import V2_REFUSAL
 from sandrun.sandbox.supervisor import Sandbox
 
 log = Logger()
@@ -145,11 +144,9 @@ class WorkerService(service.MultiService):
 
     @defer.inlineCallbacks
     def _find_gpus(self) -> Any:
-        """Discover the GPUs (NVML, in a thread); refuse GPU jobs where they cannot be isolated."""
+        """Discover the GPUs (NVML, in a thread)."""
         self.gpus.inventory = yield self.manager.blocking(discover, None,
                                                           self.config.gpu_dev_dir)
-        if self.sandbox.cgroup_version != 1:
-            self.gpus.unusable = V2_REFUSAL
         for problem in self.gpus.inventory.problems:
             log.info("GPUs: {problem}", problem=problem)
         log.info("GPUs: {count} found{refused}", count=len(self.gpus.inventory.gpus),

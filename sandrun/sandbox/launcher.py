@@ -70,7 +70,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from sandrun.sandbox import cgroups, devices, mounts, network, pid1, seccomp
+from sandrun.sandbox import cgroups, devfilter, devices, mounts, network, pid1, seccomp
 from sandrun.sandbox import namespaces as ns
 from sandrun.sandbox.limits import apply_rlimits
 from sandrun.sandbox.policy import LaunchRequest
@@ -158,8 +158,12 @@ class Launcher:
                 "accounting, or start with --allow-unlimited-swap")
         self.stale = self.cgroups.cleanup_stale()
         self.devices = devices.DeviceCgroups(self.instance)
+        # cgroup v2: every job's device filter (see devices); None on v1.
+        self.device_filters: devices.DeviceFilters | None = None
         if self.cgroups.version == 1:
             self.stale += self.devices.cleanup_stale()
+        else:
+            self.device_filters = devices.DeviceFilters()
         with open(self.seccomp_file, "rb") as f:
             self.filters = seccomp.PreparedFilters(seccomp.split_programs(f.read()))
         with open(self.loopback_file, "rb") as f:
@@ -244,6 +248,9 @@ class Launcher:
         self.spares_made += 1
         group = self.cgroups.create_spare(self.spares_made)
         try:
+            if self.device_filters is not None:
+                # Before the spare joins: nothing ever runs there unfiltered.
+                self.device_filters.attach_standard(group.dirs["pids"])
             return self._fork_into(group)
         except BaseException:
             self._remove_now(group)
@@ -341,14 +348,14 @@ class Launcher:
                 raise SetupError("filesystem", e) from None
             gpu = request.policy.gpu
             if gpu is not None:
-                if self.cgroups.version != 1:
-                    raise SetupError("devices", devices.V2_REFUSAL)
                 try:
                     devices.check_nodes(gpu.nodes)
                 except devices.DeviceError as e:
                     raise SetupError("devices", e) from None
             try:
                 zygote = self._take_spare()
+            except devfilter.BpfError as e:  # a spare made now, whose filter would not attach
+                raise SetupError("devices", e) from None
             except (OSError, cgroups.CgroupError) as e:
                 raise SetupError("fork", e) from None
             mntns = _open_mount_namespace(zygote.pid)
@@ -358,12 +365,15 @@ class Launcher:
             except (OSError, cgroups.CgroupError) as e:
                 raise SetupError("cgroup", e) from None
             if gpu is not None:
+                # Before the spare has the job: its init and command are both held.
                 try:
-                    # Before the spare has the job: its init and command are both held.
-                    held = self.devices.create(job_id, gpu.nodes, zygote.pid)
+                    if self.device_filters is not None:
+                        self.device_filters.attach_gpu(group.dirs["pids"], gpu.nodes)
+                    else:
+                        held = self.devices.create(job_id, gpu.nodes, zygote.pid)
+                        group.dirs["devices"] = zygote.cgroup.dirs["devices"] = held
                 except (OSError, devices.DeviceError, cgroups.CgroupError) as e:
                     raise SetupError("devices", e) from None
-                group.dirs["devices"] = zygote.cgroup.dirs["devices"] = held
             try:
                 for host, _ in request.ro_binds:
                     trees.append(ns.open_tree_clone(host))
@@ -534,6 +544,8 @@ class Launcher:
         self._release_namespaces()
         self.cgroups.remove_bases()
         self.devices.remove_base()
+        if self.device_filters is not None:
+            self.device_filters.close()
 
     # -- in the child -------------------------------------------------------------------------
 
