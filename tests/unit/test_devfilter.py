@@ -14,8 +14,7 @@ import struct
 import pytest
 
 from sandrun.sandbox import devfilter, devices
-from sandrun.sandbox.devfilter import (ACC_ALL, ACC_MKNOD, ACC_READ, ACC_WRITE, DEV_BLOCK,
-                                       DEV_CHAR)
+from sandrun.sandbox.devfilter import ACC_ALL, ACC_MKNOD, ACC_READ, ACC_WRITE, DEV_BLOCK, DEV_CHAR
 
 RW = ACC_READ | ACC_WRITE
 GPU_NODES = (("nvidia1", 195, 1), ("nvidiactl", 195, 255), ("nvidia-uvm", 508, 0),
