@@ -18,7 +18,10 @@ Two things are signed, always as the UTF-8 bytes of canonical JSON (see
   can tell the real worker from an impostor at the same address.
 
 A leaf module: it imports only the standard library, PyNaCl, cryptography and
-``sandrun.wire``.
+``sandrun.wire``; PyNaCl and cryptography only where used: PyNaCl where a key
+signs or a signature is checked, cryptography where a PEM file is read or
+written (about 10 MB of a process's memory; a worker without a key loads
+neither).
 """
 
 from __future__ import annotations
@@ -34,15 +37,12 @@ import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
+from typing import TYPE_CHECKING, Any
 
 from sandrun.wire import canonical_json
+
+if TYPE_CHECKING:
+    from nacl.signing import SigningKey
 
 __all__ = [
     "CONSENSUS_FIELDS",
@@ -115,6 +115,8 @@ class WorkerIdentity:
     @classmethod
     def generate(cls) -> WorkerIdentity:
         """A fresh key from the operating system's random source."""
+        from nacl.signing import SigningKey
+
         return cls(SigningKey.generate())
 
     @classmethod
@@ -122,6 +124,8 @@ class WorkerIdentity:
         """The key whose 32-byte Ed25519 seed (RFC 8032 private key) is ``seed``."""
         if not isinstance(seed, bytes) or len(seed) != 32:
             raise IdentityError("an Ed25519 seed is exactly 32 bytes")
+        from nacl.signing import SigningKey
+
         return cls(SigningKey(seed))
 
     @classmethod
@@ -156,7 +160,7 @@ class WorkerIdentity:
             os.close(fd)
         if len(data) > _MAX_KEY_FILE_BYTES:
             raise IdentityError(f"key file {where!r} is too large to be a key")
-        return cls(SigningKey(_ed25519_seed_from_pem(data, where)))
+        return cls.from_seed(_ed25519_seed_from_pem(data, where))
 
     def sign(self, data: bytes) -> str:
         """The Ed25519 signature of ``data``, standard base64 (88 characters)."""
@@ -164,6 +168,9 @@ class WorkerIdentity:
 
     def to_pem(self) -> bytes:
         """The private key as unencrypted PKCS#8 PEM, as openssl writes it."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         private = Ed25519PrivateKey.from_private_bytes(bytes(self._key))
         return private.private_bytes(
             serialization.Encoding.PEM,
@@ -189,6 +196,10 @@ def _read_at_most(fd: int, limit: int) -> bytes:
 
 
 def _ed25519_seed_from_pem(data: bytes, where: str) -> bytes:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -274,6 +285,9 @@ def verify_signature(worker_id: str, data: bytes, signature_b64: str) -> bool:
     signature = _unb64(signature_b64, 64)
     if public is None or signature is None or not isinstance(data, bytes):
         return False
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+
     try:
         VerifyKey(public).verify(data, signature)
     except (BadSignatureError, ValueError, TypeError):

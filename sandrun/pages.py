@@ -18,7 +18,6 @@ import mimetypes
 from importlib import metadata, resources
 from typing import Any
 
-import yaml
 from twisted.web.iweb import IRequest
 
 from sandrun.httpjson import APIError, cors, write_error
@@ -47,6 +46,8 @@ def _static() -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _source() -> dict[str, Any]:
+    import yaml  # here: a worker that never serves the document need not hold PyYAML
+
     loaded: dict[str, Any] = yaml.safe_load((_static() / "openapi.yaml").read_text("utf-8"))
     return loaded
 
