@@ -21,7 +21,6 @@ Coordinator processes never call this: they dial https:// workers.
 
 from __future__ import annotations
 
-import importlib.abc
 import sys
 from collections.abc import Iterable, Sequence
 from types import ModuleType
@@ -42,8 +41,12 @@ def uses_tls(listen: Iterable[str | None], urls: Iterable[str | None]) -> bool:
         any(u and u.lower().startswith("https:") for u in urls)
 
 
-class _RefuseTLS(importlib.abc.MetaPathFinder):
-    """A meta path finder that fails the import of every ``REFUSED`` package."""
+class _RefuseTLS:
+    """A meta path finder that fails the import of every ``REFUSED`` package.
+
+    (Not an ``importlib.abc.MetaPathFinder``: that module would load
+    ``importlib.resources`` only for its base class.)
+    """
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import mimetypes
-from importlib import metadata, resources
+from importlib import resources
 from typing import Any
 
 from twisted.web.iweb import IRequest
@@ -34,6 +34,8 @@ _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=ut
 
 def _version() -> str:
     """The installed package's version: the document describes this release's API."""
+    from importlib import metadata  # here, with csv and the rest: for one document
+
     try:
         return metadata.version("sandrun")
     except metadata.PackageNotFoundError:
