@@ -20,7 +20,7 @@ Two things are signed, always as the UTF-8 bytes of canonical JSON (see
 A leaf module: it imports only the standard library, PyNaCl, cryptography and
 ``sandrun.wire``; PyNaCl and cryptography only where used: PyNaCl where a key
 signs or a signature is checked, cryptography where a PEM file is read or
-written (about 10 MB of a process's memory; a worker without a key loads
+written (8 MB of a worker's memory, PyNaCl 1 MB; a worker without a key loads
 neither).
 """
 

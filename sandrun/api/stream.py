@@ -181,7 +181,7 @@ _websocket_module: ModuleType | None = None
 def _websocket(reactor: Any) -> defer.Deferred[ModuleType]:
     """``sandrun.api.websocket``: imported by the first stream, not when the worker starts.
 
-    autobahn and the cryptography its package imports are about 10 MB of memory that
+    autobahn and the cryptography its package imports are about 12 MB of memory that
     a worker no one watches need not hold.  The first import takes 0.1-0.2 s of
     Python; in a thread of the reactor's pool it only shares the GIL, rather than
     stopping the reactor (and every job's output) for that long.

@@ -3,7 +3,7 @@ resource, around a ``stream.Subscriber``.
 
 The protocol itself is documented in ``stream.py``.  Apart because autobahn
 (whose package imports its WAMP modules and with them cryptography) costs a
-worker about 10 MB of memory: ``stream.stream_resource`` imports this module
+worker about 12 MB of memory: ``stream.stream_resource`` imports this module
 for the first stream, so a worker no one watches never loads it.
 """
 
