@@ -288,7 +288,7 @@ def throughput_at(worker: Worker, concurrency: int, args: argparse.Namespace
         client.close()
 
     threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
-    with profiler(worker, args, f"throughput-c{concurrency}") as prof:
+    with profiler(worker, args, f"throughput-{args.detect}-c{concurrency}") as prof:
         meter = CpuMeter(worker)
         start = time.perf_counter() + 0.2  # every thread connected before the clock starts
         deadline = start + args.seconds

@@ -18,7 +18,11 @@ imports it too.  What one client can hold, and for how long:
   later request on it (a 408, then the connection closes: no slowloris),
   and twisted's idle
   timeout (the site's ``timeOut``) closes a connection that sends nothing
-  for ``idle_timeout`` seconds, between requests or inside a body.
+  for ``idle_timeout`` seconds, between requests or inside a body.  A body
+  must keep coming at ``min_body_rate`` bytes a second on average, its first
+  ``body_grace`` seconds free (a 408 otherwise): a body trickled a byte at a
+  time, just inside the idle timeout, would hold its in-flight allowance and
+  its connection for days;
   Malformed HTTP is a JSON 400, not a bare hang-up;
 - ``UploadBudget``: request-body bytes in flight (being received or waiting
   to be handled) per client address and in all; a body that would pass either
@@ -36,6 +40,7 @@ configurations that hold one do not import twisted.web).
 
 from __future__ import annotations
 
+import time
 import urllib.parse
 from collections import Counter
 from typing import Any
@@ -68,7 +73,9 @@ def guard_site(site: Any, policy: ConnectionPolicy, reserve: int) -> ConnectionC
     """
     site.timeOut = policy.idle_timeout
     site.protocol = type(site.protocol.__name__, (site.protocol,),
-                         {"header_timeout": policy.header_timeout})
+                         {"header_timeout": policy.header_timeout,
+                          "min_body_rate": float(policy.min_upload_rate),
+                          "body_grace": policy.upload_grace})
     caps = ConnectionCaps(connection_cap(policy.max_connections, reserve),
                           policy.max_connections_per_ip, policy.exempt)
     build = site.buildProtocol
@@ -190,7 +197,13 @@ class GuardedChannel(http.HTTPChannel):
     """twisted's HTTP/1.1 channel with a header deadline and JSON answers to bad requests."""
 
     header_timeout: float | None = 10.0
+    # A body's least average rate, bytes a second, after its first body_grace seconds.
+    min_body_rate: float = 0.0
+    body_grace: float = 10.0
     _header_call: Any = None
+    _body_call: Any = None
+    _body_started = 0.0
+    _body_bytes = 0
     _in_request = False  # headers complete, answer not yet finished
     counted: _Open | None = None  # this connection in the site's ConnectionCaps
 
@@ -203,12 +216,19 @@ class GuardedChannel(http.HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if not self._in_request:
             self._arm_header_timer()
+        elif self._body_call is not None:
+            self._body_bytes += len(data)
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         self._in_request = True
         self._disarm_header_timer()
+        self._arm_body_clock()  # disarmed at once when there is no body
         super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._disarm_body_clock()
+        super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
         # Between requests the idle timeout holds (a kept-alive connection may rest, as a
@@ -220,6 +240,7 @@ class GuardedChannel(http.HTTPChannel):
         if self.counted is not None:
             self.counted.closed = True
         self._disarm_header_timer()
+        self._disarm_body_clock()
         super().connectionLost(reason)
 
     def _arm_header_timer(self) -> None:
@@ -239,6 +260,42 @@ class GuardedChannel(http.HTTPChannel):
         self.transport.write(json_response(408, {
             "error": "Request timeout",
             "details": f"a request's headers must arrive within {self.header_timeout:g} s"}))
+        self._close_soon()
+
+    def _arm_body_clock(self) -> None:
+        if self.min_body_rate > 0:
+            self._body_started = self._now()
+            self._body_bytes = 0
+            self._body_call = self.callLater(self.body_grace + 1.0, self._check_body_rate)
+
+    def _disarm_body_clock(self) -> None:
+        if self._body_call is not None:
+            if self._body_call.active():
+                self._body_call.cancel()
+            self._body_call = None
+
+    def _now(self) -> float:
+        clock = getattr(self.callLater, "__self__", None)  # the reactor, or a test's Clock
+        return float(clock.seconds()) if clock is not None else time.monotonic()
+
+    def _check_body_rate(self) -> None:
+        self._body_call = None
+        if self.transport is None:
+            return
+        elapsed = self._now() - self._body_started
+        if self._body_bytes >= self.min_body_rate * (elapsed - self.body_grace):
+            self._body_call = self.callLater(1.0, self._check_body_rate)
+            return
+        document = {
+            "error": "Request timeout",
+            "details": f"a request's body must arrive at {self.min_body_rate:g} bytes a second "
+                       f"or more after its first {self.body_grace:g} s; this one brought "
+                       f"{self._body_bytes} bytes in {elapsed:.0f} s"}
+        request = self.requests[-1] if self.requests else None
+        if request is not None and hasattr(request, "answer"):
+            request.answer(408, document)  # also releases its in-flight allowance
+        else:
+            self.transport.write(json_response(408, document))
         self._close_soon()
 
     def _close_soon(self) -> None:

@@ -14,6 +14,7 @@ import resource
 import signal
 import sys
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.internet import defer
@@ -22,8 +23,9 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     globalLogBeginner,
-    textFileLogObserver,
 )
 
 
@@ -103,9 +105,34 @@ def start_logging(stream: IO[str] | None = None) -> ILogObserver:
     if stream is sys.stderr and _stderr_is_journal():
         observer = FileLogObserver(stream, journal_line)
     else:
-        observer = textFileLogObserver(stream)
+        observer = text_observer(stream)
     globalLogBeginner.beginLoggingTo([observer])
     return observer
+
+
+def text_observer(stream: IO[str]) -> ILogObserver:
+    """``textFileLogObserver``'s lines, with the time stamp formatted once a second, not
+    once a line (a busy worker logs a few lines per job)."""
+    format_time = _time_once_a_second()
+    return FileLogObserver(stream, lambda event: formatEventAsClassicLogText(
+        event, formatTime=format_time))
+
+
+def _time_once_a_second() -> Callable[[float | None], str]:
+    """``twisted.logger.formatTime`` (whole seconds), remembered for the second it names."""
+    last: list[tuple[int, str]] = [(-1, "")]
+
+    def format_time(when: float | None) -> str:
+        if when is None:
+            return formatTime(when)
+        second = int(when)
+        cached = last[0]  # one tuple, replaced whole: safe from a thread's log line
+        if cached[0] != second:
+            cached = (second, formatTime(second))
+            last[0] = cached
+        return cached[1]
+
+    return format_time
 
 
 MB = 1000 * 1000
@@ -122,6 +149,10 @@ class ConnectionPolicy:
     header_timeout: float = 10.0
     # Seconds without a byte from the client, between requests or inside a body.
     idle_timeout: float = 30.0
+    # A request body's least average rate, bytes a second, after its first upload_grace
+    # seconds (0: none); else 408.  A slow client's 100 MB upload at 4 KiB/s still passes.
+    min_upload_rate: int = 4096
+    upload_grace: float = 10.0
     max_inflight_upload_bytes: int = 400 * MB  # request bodies in flight, all clients, bytes
     max_inflight_upload_bytes_per_ip: int = 100 * MB  # ... from one client address, bytes
     exempt: tuple[str, ...] = ()  # addresses or networks with no per-address cap
@@ -164,6 +195,12 @@ def add_connection_flags(flag: Any) -> None:
     flag("--idle-timeout", type=float, metavar="SECONDS", default=c.idle_timeout,
          help="a connection that sends nothing for this long is closed, between requests "
               "or inside a body (default %(default)g)")
+    flag("--min-upload-rate", type=int, metavar="BYTES_PER_S", default=c.min_upload_rate,
+         help="a request body must arrive at this many bytes a second on average, its first "
+              "--upload-grace seconds free, else 408; 0 for no minimum (default %(default)s)")
+    flag("--upload-grace", type=float, metavar="SECONDS", default=c.upload_grace,
+         help="seconds at the start of a request body that --min-upload-rate does not count "
+              "(default %(default)g)")
     flag("--max-inflight-upload-mb", type=int, metavar="MB", default=None,
          help="request bodies being received at once, all clients, MB; past it 503 "
               "(default: four times --max-upload-mb)")
@@ -178,6 +215,7 @@ def connection_policy(args: argparse.Namespace, exempt: tuple[str, ...]) -> Conn
     return ConnectionPolicy(max_connections=args.max_connections,
                             max_connections_per_ip=args.max_connections_per_ip,
                             header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+                            min_upload_rate=args.min_upload_rate, upload_grace=args.upload_grace,
                             max_inflight_upload_bytes=total * 10**6,
                             max_inflight_upload_bytes_per_ip=per_ip * 10**6, exempt=exempt)
 
@@ -188,6 +226,8 @@ def check_connections(c: ConnectionPolicy, max_upload_bytes: int) -> str | None:
         return "--max-connections and --max-connections-per-ip must be at least 1"
     if not (c.header_timeout > 0 and c.idle_timeout > 0):
         return "--header-timeout and --idle-timeout must be positive"
+    if c.min_upload_rate < 0 or c.upload_grace < 0:
+        return "--min-upload-rate and --upload-grace must not be negative"
     if c.max_inflight_upload_bytes_per_ip < max_upload_bytes:
         return "--max-inflight-upload-mb-per-ip must be at least --max-upload-mb"
     if c.max_inflight_upload_bytes < c.max_inflight_upload_bytes_per_ip:

@@ -36,6 +36,7 @@ def _parse_ip(text: str) -> _Address | None:
     return addr
 
 
+@lru_cache(maxsize=4096)  # asked several times per request: the same few addresses
 def client_key(address: str) -> str:
     """The key a client's quota is kept under.
 

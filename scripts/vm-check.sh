@@ -8,7 +8,9 @@
 #   bash ./scripts/vm-check.sh session -- tests/integration/test_tls.py
 #
 # Modes (run-in-vm.sh's SR_VM_CGROUP): session (an SSH login's scope), delegate (a
-# Delegate=yes scope), service (a plain systemd service), root (the root cgroup).  The VM
+# Delegate=yes scope), service (a plain systemd service), root (the root cgroup); and
+# unit: the tests in a transient service with the shipped sandrun.service's options
+# (Delegate=yes and its hardening), started from a login session.  The VM
 # runs under software emulation here, 10-20x slower than the host: test timeouts are scaled
 # by SANDRUN_TEST_TIME_SCALE (default 10).  Each mode's "== RESULT" lines and pytest's
 # summary go to docs/vm-check-<mode>.md; the full logs to $SR_VM_LOGS (default /tmp/sandrun-vm).
@@ -31,8 +33,11 @@ for mode in "${modes[@]}"; do
     echo "== $mode: log in $log"
     start=$SECONDS
     set +e
-    SR_VM_PYTHON=raw SR_VM_CGROUP=$mode "$RUNNER" . -- \
-        env SANDRUN_TEST_TIME_SCALE="$SCALE" bash ./scripts/vm-guest-check.sh "$@" \
+    cgroup=$mode in_unit=0
+    [ "$mode" = unit ] && cgroup=session in_unit=1
+    SR_VM_PYTHON=raw SR_VM_CGROUP=$cgroup "$RUNNER" . -- \
+        env SANDRUN_TEST_TIME_SCALE="$SCALE" SR_TESTS_IN_UNIT=$in_unit \
+        bash ./scripts/vm-guest-check.sh "$@" \
         > "$log" 2>&1
     rc=$?
     set -e
@@ -42,7 +47,7 @@ for mode in "${modes[@]}"; do
         echo
         echo "Made by \`scripts/vm-check.sh $mode -- $*\` on $(date -u +%Y-%m-%dT%H:%MZ)" \
              "from commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
-             "(SR_VM_CGROUP=$mode, SR_VM_PYTHON=raw: install.sh ran as on a fresh host, with" \
+             "(mode $mode, SR_VM_CGROUP=$cgroup, SR_VM_PYTHON=raw: install.sh ran as on a fresh host, with" \
              "Debian's python3, no pip and no network); exited $rc after" \
              "$(( (SECONDS - start) / 60 )) min."
         echo

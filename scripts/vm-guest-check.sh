@@ -88,6 +88,24 @@ wait "$container"
 echo "== RESULT own cgroup namespace: worker exited $? on SIGTERM"
 rmdir "$ct/supervisor" "$ct" 2>/dev/null
 
-# 4. The tests, in this script's own cgroup.
+# 4. The tests: in this script's own cgroup, or (SR_TESTS_IN_UNIT=1) in a transient service
+#    with the shipped unit's own sandboxing: Delegate=yes and every hardening option of
+#    sandrun.service, the checkout made writable (ProtectHome=read-only covers /root).
+if [ "${SR_TESTS_IN_UNIT:-0}" = 1 ]; then
+    props=()
+    while IFS= read -r line; do
+        case "$line" in
+            Delegate=*|KillMode=*|NoNewPrivileges=*|Protect*=*|PrivateTmp=*|Restrict*=*|\
+            LockPersonality=*|SystemCallArchitectures=*|Limit*=*)
+                props+=(-p "$line") ;;
+        esac
+    done < sandrun/systemd/sandrun.service
+    echo "== RESULT tests: in a transient service with sandrun.service's options: ${props[*]}"
+    echo "== RESULT tests: bash ./scripts/test.sh $*"
+    exec systemd-run --wait --pipe --quiet --collect --unit sandrun-tests "${props[@]}" \
+        -p ReadWritePaths="$PWD" -p WorkingDirectory="$PWD" \
+        -E PATH="$PATH" -E SANDRUN_TEST_TIME_SCALE="${SANDRUN_TEST_TIME_SCALE:-1}" \
+        bash ./scripts/test.sh "$@"
+fi
 echo "== RESULT tests: bash ./scripts/test.sh $*"
 exec bash ./scripts/test.sh "$@"

@@ -323,13 +323,15 @@ class WorkerAPI:
         self.manager.admit(client, exempt)
         job_id = new_job_id()
 
-        def parse() -> tuple[str, uploads.Submission]:
-            base = self.manager.create_workspace(job_id)  # a tmpfs mount: kernel work
-            return base, self.unpack(kind, body, store.work_dir(base), store.staging_dir(base))
+        def parse() -> tuple[str, uploads.Submission, str | None]:
+            # A tmpfs mount (kernel work), the upload written into it and measured, and the
+            # template looked up (files of the environment registry): one trip to a thread.
+            base, submission = self.manager.store_upload(job_id, lambda base: self.unpack(
+                kind, body, store.work_dir(base), store.staging_dir(base)))
+            return base, submission, self.check_environment(submission.manifest)
 
-        def queued(parsed: tuple[str, uploads.Submission]) -> tuple[Job, int]:
-            base, submission = parsed
-            environment = self.check_environment(submission.manifest)
+        def queued(parsed: tuple[str, uploads.Submission, str | None]) -> tuple[Job, int]:
+            base, submission, environment = parsed
             self.manager.check_gpu(submission.manifest)
             files = [(f.path, f.sha256) for f in submission.inputs.files]
             job = Job(id=job_id, manifest=submission.manifest, client=client, base_dir=base,

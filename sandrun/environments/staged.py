@@ -69,8 +69,32 @@ def run_in_environment(
     slot for the fetch's whole deadline); ``on_fetched`` hears the CPU time the
     fetch used, for the client's quota.
     """
+    # One slot (one uid) for the install and the job, held from here: a running job
+    # needs one anyway, and then the directory is given to it in the same trip to a
+    # thread as the fetch (one hop per job, not two).
+    slot = sandbox.take_slot()
     try:
-        plan: EnvironmentPlan = yield blocking(environments.prepare, manifest, job_dir, stop)
+        result = yield _in_slot(sandbox, slot, environments, blocking, job_id, manifest,
+                                argv, job_dir, policy, on_output, stdin, cancelled,
+                                on_installed, stop, on_fetched)
+        return result
+    finally:
+        sandbox.return_slot(slot)
+
+
+@defer.inlineCallbacks
+def _in_slot(sandbox: Sandbox, slot: Slot, environments: Environments, blocking: Blocking,
+             job_id: str, manifest: ManifestLike, argv: tuple[str, ...], job_dir: str,
+             policy: SandboxPolicy, on_output: OutputCallback, stdin: bytes,
+             cancelled: Callable[[], Reason | None],
+             on_installed: Callable[[SandboxResult], None], stop: threading.Event | None,
+             on_fetched: Callable[[float], None]) -> Any:
+    stopped = cancelled()
+    if stopped is not None:
+        return SandboxResult(stopped)
+    try:
+        plan: EnvironmentPlan = yield blocking(prepare_and_chown, environments, manifest,
+                                               job_dir, stop, slot)
     except (DependencyError, EnvironmentUnavailable) as e:
         stopped = cancelled()
         if stopped is not None:
@@ -81,41 +105,34 @@ def run_in_environment(
         message = e.message if isinstance(e, DependencyError) else e.details
         on_output(INSTALL, f"sandrun: install failed: {message}\n".encode())
         return SandboxResult(Reason.INSTALL_FAILED, message=message)
-    on_fetched(plan.fetch_cpu_seconds)
     try:
-        result = yield _prepared(sandbox, blocking, job_id, plan, manifest, argv, job_dir,
-                                 policy, on_output, stdin, cancelled, on_installed)
+        on_fetched(plan.fetch_cpu_seconds)
+        if plan.log:
+            on_output(INSTALL, plan.log.encode())
+        # Cancelled during the fetch or the chown (a thread): no run to kill yet, so it
+        # must not start.
+        stopped = cancelled()
+        if stopped is not None:
+            return SandboxResult(stopped)
+        result = yield _install_then_run(sandbox, slot, job_id, plan, argv,
+                                         plan.job_env(manifest.env), job_dir, policy,
+                                         on_output, stdin, cancelled, on_installed)
         return result
     finally:
         environments.release(plan)  # its dependency set may be evicted from now on
 
 
-@defer.inlineCallbacks
-def _prepared(sandbox: Sandbox, blocking: Blocking, job_id: str, plan: EnvironmentPlan,
-              manifest: ManifestLike, argv: tuple[str, ...], job_dir: str,
-              policy: SandboxPolicy, on_output: OutputCallback, stdin: bytes,
-              cancelled: Callable[[], Reason | None],
-              on_installed: Callable[[SandboxResult], None]) -> Any:
-    if plan.log:
-        on_output(INSTALL, plan.log.encode())
-    env = plan.job_env(manifest.env)
-    stopped = cancelled()
-    if stopped is not None:
-        return SandboxResult(stopped)
-    # One slot (one uid) for the install and the job: the directory is given to it
-    # once, off the reactor thread, before anything of the job's ran; never after.
-    slot = sandbox.take_slot()
+def prepare_and_chown(environments: Environments, manifest: ManifestLike, job_dir: str,
+                      stop: threading.Event | None, slot: Slot) -> EnvironmentPlan:
+    """The job's plan (a fetch, when it has requirements), then its directory given to its
+    slot's uid, before anything of the job ran.  Blocking: called in a thread."""
+    plan = environments.prepare(manifest, job_dir, stop)
     try:
-        yield blocking(chown_tree, job_dir, slot.uid, slot.gid)
-        # Cancelled during the chown (a thread): no run to kill yet, so it must not start.
-        stopped = cancelled()
-        if stopped is not None:
-            return SandboxResult(stopped)
-        result = yield _install_then_run(sandbox, slot, job_id, plan, argv, env, job_dir,
-                                         policy, on_output, stdin, cancelled, on_installed)
-        return result
-    finally:
-        sandbox.return_slot(slot)
+        chown_tree(job_dir, slot.uid, slot.gid)
+    except BaseException:
+        environments.release(plan)
+        raise
+    return plan
 
 
 @defer.inlineCallbacks

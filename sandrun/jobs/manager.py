@@ -10,7 +10,7 @@ import collections
 import secrets
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
@@ -26,12 +26,13 @@ from sandrun.jobs.manifest import Manifest, ManifestError
 from sandrun.jobs.metrics import WorkerMetrics
 from sandrun.jobs.model import Job, JobLog
 from sandrun.jobs.ratelimit import Decision, RateLimiter
-from sandrun.jobs.workspace import list_outputs
+from sandrun.jobs.workspace import OutputFile, list_outputs
 from sandrun.sandbox.policy import SandboxPolicy
 from sandrun.sandbox.supervisor import Sandbox, SandboxResult
 from sandrun.wire import JobStatus, Reason
 
 log = Logger()
+T = TypeVar("T")
 MiB = 1024 * 1024
 FAILED_RETENTION = 5 * 60.0  # seconds a failed job's data is kept
 FINISHED_RETENTION = 60 * 60.0  # seconds any finished job's data is kept
@@ -148,6 +149,15 @@ class JobManager:
         """Mount a job's tmpfs (blocks on the kernel: the API calls it in a thread)."""
         return self.storage.create(job_id)
 
+    def store_upload(self, job_id: str, store_files: Callable[[str], T]) -> tuple[str, T]:
+        """Mount a job's tmpfs, ``store_files(base)`` into it, and measure what it holds (the
+        upload counts towards the storage cap from now on).  Blocking: one trip to a thread
+        for the three."""
+        base = self.create_workspace(job_id)
+        stored = store_files(base)
+        self.storage.measure(job_id)
+        return base, stored
+
     def discard_workspace(self, job_id: str) -> None:
         """Unmount and remove a job's tmpfs, in a thread: unmounting is kernel work
         (and grows with the mount table) that the reactor need not wait for.
@@ -178,7 +188,8 @@ class JobManager:
         return waiter
 
     def submit(self, job: Job) -> int:
-        """Queue a job whose workspace is ready; returns its queue position (1-based)."""
+        """Queue a job whose workspace is ready (written and measured: ``store_upload``);
+        returns its queue position (1-based)."""
         try:
             self.admit(job.client, job.quota_exempt)
             if not job.quota_exempt:  # an exempt job is never charged, so never released
@@ -189,7 +200,6 @@ class JobManager:
             job.log.close()
             self.discard_workspace(job.id)
             raise
-        self.storage.measure(job.id)  # the upload, now written, counts towards the cap
         self.jobs[job.id] = job
         self.queue.append(job.id)
         log.info("job {job_id} queued", job_id=job.id)
@@ -330,11 +340,7 @@ class JobManager:
         job.truncated = result.truncated
         if not job.deleted:
             try:
-                # The job's installed dependencies are not its outputs; without
-                # patterns, neither are the uploaded files it left as they were.
-                job.outputs = yield self.blocking(
-                    list_outputs, store.work_dir(job.base_dir), job.manifest.outputs,
-                    exclude=(DEPS_OUTPUT,), unchanged=job.inputs)
+                job.outputs = yield self.blocking(self._list_and_measure, job)
             except Exception as e:  # noqa: BLE001 (the job ends regardless)
                 # The type only: a message could carry a file name (job content).
                 log.warn(  # noqa: G010 (twisted.logger has no "warning")
@@ -342,10 +348,19 @@ class JobManager:
                     error=type(e).__name__)
         if job.finished:
             return
-        if not job.deleted:
-            self.storage.measure(job.id)  # what the job left counts until it is deleted
         self._end(job, JobStatus.COMPLETED if reason == Reason.COMPLETED else JobStatus.FAILED)
         self._pump()
+
+    def _list_and_measure(self, job: Job) -> list[OutputFile]:
+        """The job's outputs, then what it left measured (it counts until it is deleted):
+        both blocking, in one trip off the reactor thread."""
+        try:
+            # The job's installed dependencies are not its outputs; without
+            # patterns, neither are the uploaded files it left as they were.
+            return list_outputs(store.work_dir(job.base_dir), job.manifest.outputs,
+                                exclude=(DEPS_OUTPUT,), unchanged=job.inputs)
+        finally:
+            self.storage.measure(job.id)
 
     def _end(self, job: Job, status: JobStatus) -> None:
         """The one place a job becomes finished: sign, release quota, schedule deletion."""

@@ -31,6 +31,7 @@ CPU charge, release) for ``idle_reset_seconds`` is dropped and starts fresh. Rea
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -97,6 +98,9 @@ class _ClientState:
     # active job id -> cumulative CPU-seconds charged for it so far
     jobs: dict[str, float] = field(default_factory=dict)
     submissions: deque[float] = field(default_factory=deque)
+    # Whether ``submissions`` is in time order (always, unless the clock went backwards):
+    # then a check finds the window by bisection instead of sorting every submission.
+    in_order: bool = True
 
 
 def _cpu_usage(samples: list[_Sample], now: float, limit: float) -> tuple[float, float | None]:
@@ -117,8 +121,18 @@ def _cpu_usage(samples: list[_Sample], now: float, limit: float) -> tuple[float,
     raise AssertionError("unreachable: the empty window is below a positive limit")
 
 
-def _hourly_usage(submissions: deque[float], now: float, limit: int) -> tuple[int, float | None]:
-    """Submissions in the window at *now*, and when their count first drops below *limit*."""
+def _hourly_usage(submissions: deque[float], now: float, limit: int,
+                  in_order: bool = False) -> tuple[int, float | None]:
+    """Submissions in the window at *now*, and when their count first drops below *limit*.
+
+    ``in_order``: the submissions are sorted, so the window is found by bisection (a busy
+    client's thousands of submissions are not sorted again for every check)."""
+    if in_order:
+        first = bisect.bisect_right(submissions, now, key=lambda t: t + HOURLY_WINDOW_SECONDS)
+        count = len(submissions) - first
+        if count < limit:
+            return count, None
+        return count, submissions[first + count - limit] + HOURLY_WINDOW_SECONDS
     leaves = sorted(t + HOURLY_WINDOW_SECONDS for t in submissions)
     leaves = [at for at in leaves if now < at]
     if len(leaves) < limit:
@@ -189,6 +203,8 @@ class RateLimiter:
         if job_id in state.jobs:
             return
         state.jobs[job_id] = 0.0
+        if state.submissions and now < state.submissions[-1]:
+            state.in_order = False  # the clock went backwards: sorted again at each check
         state.submissions.append(now)
         # Only the newest jobs_per_hour submissions can ever decide a check.
         while len(state.submissions) > self._config.jobs_per_hour:
@@ -280,8 +296,8 @@ class RateLimiter:
         cpu_limit = config.cpu_seconds_per_minute
         cpu_used, cpu_free_at = _cpu_usage(state.samples if state else [], now, cpu_limit)
         jobs_this_hour, hourly_free_at = _hourly_usage(
-            state.submissions if state else deque(), now, config.jobs_per_hour
-        )
+            state.submissions if state else deque(), now, config.jobs_per_hour,
+            in_order=state.in_order if state else True)
         active = len(state.jobs) if state else 0
         if state is not None and not state.jobs:
             # An idle key is dropped at this time, which clears every rule at once.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -29,6 +30,7 @@ from typing import Any, Self
 import pytest
 
 from tests import hostile_archives as ha
+from tests.bodies import tar_bytes
 from tests.integration.test_coordinator_pool import CoordinatorProcess, keygen, wait_for
 from tests.integration.worker import Response, Worker, multipart, request, run_worker
 
@@ -89,13 +91,16 @@ PER_IP_CONNECTIONS = 20
 MAX_CONNECTIONS = 60
 HEADER_TIMEOUT = 2.0
 IDLE_TIMEOUT = 4.0
+MIN_UPLOAD_RATE = 1000  # bytes a second, after UPLOAD_GRACE (longer than the idle timeout)
+UPLOAD_GRACE = 5.0
 UPLOAD_MB = 40
+RATE_FLAGS = ("--min-upload-rate", str(MIN_UPLOAD_RATE), "--upload-grace", str(UPLOAD_GRACE))
 WORKER_FLAGS = ("--max-concurrent", "2", "--max-active-per-ip", "2", "--jobs-per-hour", "1000",
                 "--cpu-quota", "1000", "--max-connections", str(MAX_CONNECTIONS),
                 "--max-connections-per-ip", str(PER_IP_CONNECTIONS),
                 "--header-timeout", str(HEADER_TIMEOUT), "--idle-timeout", str(IDLE_TIMEOUT),
                 "--max-upload-mb", str(UPLOAD_MB), "--max-inflight-upload-mb-per-ip",
-                str(UPLOAD_MB), "--max-inflight-upload-mb", str(3 * UPLOAD_MB))
+                str(UPLOAD_MB), "--max-inflight-upload-mb", str(3 * UPLOAD_MB), *RATE_FLAGS)
 
 
 @pytest.fixture(scope="module")
@@ -188,15 +193,66 @@ def test_six_64_kib_all_digit_pax_headers_do_not_stall_health(
     probe.check()
 
 
-def test_uploads_are_parsed_in_a_child_process_not_in_the_worker(
+def unpacker_servers(worker: Worker) -> list[int]:
+    return [pid for pid in worker.children() if "sandrun.api.unpacker" in _cmdline(pid)]
+
+
+def test_archives_are_parsed_in_a_child_process_not_in_the_worker(
         worker: Worker, contained: None) -> None:
-    """The fork server is the worker's child; each submission forks one short-lived child."""
-    servers = [pid for pid in worker.children() if "sandrun.api.unpacker" in _cmdline(pid)]
+    """The fork server is the worker's child; each archive upload forks one short-lived child."""
+    servers = unpacker_servers(worker)
     assert len(servers) == 1, [(pid, _cmdline(pid)) for pid in worker.children()]
-    job = worker.submit({"main.py": "print(1)"}, source=CLIENT)
+    reply = worker.post_multipart("/submit", {"manifest": '{"entrypoint": "main.py"}'},
+                                  [("job.tgz", tar_bytes({"main.py": "print(1)"}))],
+                                  source=CLIENT)
+    assert reply.status == 200, reply.body
+    assert worker.wait(reply.json()["job_id"], 60)["status"] == "completed"
+    assert unpacker_servers(worker) == servers  # no child left behind
+
+
+@pytest.fixture
+def fork_server_stopped(worker: Worker) -> Iterator[int]:
+    """The fork server stopped (SIGSTOP): a submission sent to it would get no answer."""
+    (server,) = unpacker_servers(worker)
+    os.kill(server, signal.SIGSTOP)
+    try:
+        yield server
+    finally:
+        os.kill(server, signal.SIGCONT)
+
+
+HOSTILE_JSON = [
+    (b"[" * 200_000, "nested too deeply"),
+    (b'{"manifest": {"timeout": ' + b"9" * 200_000 + b'}, "files": {"a.py": ""}}',
+     "Exceeds the limit"),
+    (b'{"files": {"a.py": "\xff\xfe"}}', "not valid UTF-8"),
+    (b'{"files": {"a.py": ""}, "files": {"b.py": ""}}', "duplicate key"),
+    (b'{"manifest": {"timeout": Infinity}, "files": {"a.py": ""}}', "Infinity is not allowed"),
+]
+
+
+def test_a_small_json_submission_is_parsed_without_the_fork_server(
+        worker: Worker, contained: None, fork_server_stopped: int) -> None:
+    job = worker.submit({"main.py": "print(1)"}, source=CLIENT, timeout=10)
     assert worker.wait(job, 60)["status"] == "completed"
-    assert [pid for pid in worker.children()
-            if "sandrun.api.unpacker" in _cmdline(pid)] == servers  # no child left behind
+    reply = worker.post_json("/run?keep=0", {"files": {"main.py": "print(2)"}}, source=CLIENT,
+                             timeout=30)
+    assert reply.status == 200 and reply.json()["stdout"] == "2\n", reply.body[:500]
+
+
+@pytest.mark.parametrize(("body", "words"), HOSTILE_JSON,
+                         ids=["deep-nesting", "huge-integer", "invalid-utf8", "duplicate-key",
+                              "infinity"])
+def test_hostile_small_json_is_a_400_naming_the_problem_and_health_holds(
+        worker: Worker, contained: None, fork_server_stopped: int, body: bytes,
+        words: str) -> None:
+    with HealthProbe(worker.url) as probe:
+        for path in ("/submit", "/run"):
+            reply = worker.request("POST", path, body, {"Content-Type": "application/json"},
+                                   source=ATTACKER, timeout=10)
+            answer = refused(reply, 400, "Invalid manifest")
+            assert answer["field"] == "body" and words in answer["details"], answer
+    probe.check()
 
 
 def _cmdline(pid: int) -> str:
@@ -418,6 +474,39 @@ def test_a_body_that_stalls_is_cut_off_at_the_idle_timeout_and_its_share_returne
     assert reply.status == 400, reply.body
 
 
+def trickle_until_answered(port: int, size: int) -> tuple[int, dict[str, Any], float]:
+    """Send a body a byte every half second (inside the idle timeout, far below the least
+    rate) until the server answers: (status, JSON body, seconds it took)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15,
+                                  source_address=(ATTACKER, 0)) as s:
+        started = time.monotonic()
+        s.sendall(post_head("/submit", size, "multipart/form-data; boundary=b"))
+        s.settimeout(0.5)
+        for _ in range(60):
+            try:
+                data = s.recv(65536, socket.MSG_PEEK)
+            except TimeoutError:
+                s.sendall(b"x")
+                continue
+            assert data, "closed without an answer"
+            break
+        s.settimeout(15)
+        code, _, body = read_answer(s)
+        return code, json.loads(body), time.monotonic() - started
+
+
+def test_a_body_trickled_below_the_least_rate_gets_408_and_its_share_returned(
+        worker: Worker, contained: None) -> None:
+    size = UPLOAD_MB * 10**6 * 3 // 4
+    code, body, took = trickle_until_answered(worker.port, size)
+    assert code == 408 and body["error"] == "Request timeout", body
+    assert f"{MIN_UPLOAD_RATE} bytes a second" in body["details"]
+    assert UPLOAD_GRACE < took < UPLOAD_GRACE + 5
+    reply = worker.request("POST", "/submit", b"x" * size,
+                           {"Content-Type": "multipart/form-data; boundary=b"}, source=ATTACKER)
+    assert reply.status == 400, reply.body  # the share is back: the body was read, then refused
+
+
 # -- the contract's JSON everywhere --------------------------------------------------------------
 
 
@@ -443,7 +532,7 @@ POOL_FLAGS = ("--health-interval", "1", "--health-timeout", "0.5", "--cpu-quota"
               "--max-connections-per-ip", str(PER_IP_CONNECTIONS),
               "--header-timeout", str(HEADER_TIMEOUT), "--max-upload-mb", str(UPLOAD_MB),
               "--max-inflight-upload-mb-per-ip", str(UPLOAD_MB),
-              "--max-inflight-upload-mb", str(3 * UPLOAD_MB))
+              "--max-inflight-upload-mb", str(3 * UPLOAD_MB), *RATE_FLAGS)
 
 
 @pytest.fixture(scope="module")
@@ -525,6 +614,15 @@ def test_the_coordinator_refuses_a_second_big_parallel_upload_from_one_address(
                                    source=ATTACKER)
         assert code == 429 and json.loads(body)["error"] == "Too many uploads"
         assert spooled_at(scratch) - spooled < 8 * 1024 * 1024
+
+
+def test_the_coordinator_cuts_off_a_body_trickled_below_the_least_rate(
+        coordinator: CoordinatorProcess, scratch: str) -> None:
+    spooled = spooled_at(scratch)
+    code, body, took = trickle_until_answered(coordinator.port, UPLOAD_MB * 10**6 // 2)
+    assert code == 408 and body["error"] == "Request timeout", body
+    assert UPLOAD_GRACE < took < UPLOAD_GRACE + 5
+    assert spooled_at(scratch) - spooled < 1024 * 1024
 
 
 def test_the_coordinator_caps_connections_per_address(coordinator: CoordinatorProcess) -> None:

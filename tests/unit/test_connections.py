@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 from klein import Klein
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
@@ -22,6 +24,7 @@ from sandrun.connections import (
     guard_site,
 )
 from sandrun.daemon import ConnectionPolicy, connection_cap, raise_open_files_limit
+from sandrun.httpjson import RawBodyRequest
 
 
 def address(host: str, port: int = 40000) -> IPv4Address:
@@ -33,6 +36,9 @@ class Hello(Resource):
 
     def render_GET(self, request: Any) -> bytes:
         return b"hello"
+
+    def render_POST(self, request: Any) -> bytes:
+        return b"got %d" % len(request.content.read())
 
 
 def site() -> server.Site:
@@ -161,6 +167,79 @@ def test_headers_that_complete_just_in_time_are_served() -> None:
     assert not transport.disconnecting
 
 
+def rated(rate: float = 100.0, grace: float = 5.0) -> server.Site:
+    s = site()
+    s.protocol = type("C", (GuardedChannel,),  # type: ignore[assignment]
+                      {"min_body_rate": rate, "body_grace": grace})
+    return s
+
+
+def post_head(length: int) -> bytes:
+    return b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % length
+
+
+def test_a_body_trickled_below_the_least_rate_gets_408_after_its_grace() -> None:
+    clock = Clock()
+    channel, transport = connect(rated(rate=100.0, grace=5.0), "10.0.0.1", clock)
+    channel.dataReceived(post_head(10_000))
+    for _ in range(5):  # the grace: nothing is counted yet
+        channel.dataReceived(b"x")
+        clock.advance(1)
+    assert transport.value() == b""
+    for _ in range(3):  # 1 byte a second where 100 are due
+        channel.dataReceived(b"x")
+        clock.advance(1)
+    status, body = answer(transport)
+    assert status == 408 and body["error"] == "Request timeout"
+    assert "100 bytes a second" in body["details"] and "after its first 5 s" in body["details"]
+    assert transport.disconnecting
+
+
+def test_a_body_at_the_least_rate_is_served_however_long_it_takes() -> None:
+    clock = Clock()
+    channel, transport = connect(rated(rate=100.0, grace=5.0), "10.0.0.1", clock)
+    channel.dataReceived(post_head(3_000))
+    for _ in range(29):
+        channel.dataReceived(b"x" * 100)
+        clock.advance(1)
+    assert transport.value() == b""  # 29 s in, still coming at the rate
+    channel.dataReceived(b"x" * 100)
+    assert b"got 3000" in transport.value() and not transport.disconnecting
+    clock.advance(60)  # the answer given, no clock is left to fire
+    assert b"408" not in transport.value()
+
+
+def test_a_request_without_a_body_and_a_resting_connection_are_not_timed_as_bodies() -> None:
+    clock = Clock()
+    channel, transport = connect(rated(rate=10**6, grace=0.0), "10.0.0.1", clock)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    channel.dataReceived(post_head(0))
+    clock.advance(5)
+    assert transport.value().count(b"200 OK") == 2 and b"408" not in transport.value()
+
+
+def test_a_slow_body_cut_off_gives_back_its_in_flight_allowance() -> None:
+    clock = Clock()
+    budget = UploadBudget(total=10_000, per_ip=10_000)
+    s = rated(rate=100.0, grace=1.0)
+
+    class Budgeted(RawBodyRequest):
+        upload_budget = budget
+
+        def gotLength(self, length: int | None) -> None:
+            super().gotLength(length)
+            self.refuse_early(length)
+
+    s.requestFactory = Budgeted
+    channel, transport = connect(s, "10.0.0.1", clock)
+    channel.dataReceived(post_head(5_000))
+    assert budget.total == 5_000
+    clock.advance(3)
+    assert answer(transport)[0] == 408
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert budget.total == 0 and budget.per_ip == {}
+
+
 def test_malformed_http_is_a_json_400() -> None:
     channel, transport = connect(site(), "10.0.0.1")
     channel.dataReceived(b"GET / HTTP/1.1\r\nContent-Length: nope\r\n\r\n")
@@ -171,11 +250,14 @@ def test_malformed_http_is_a_json_400() -> None:
 def test_guard_site_sets_the_idle_timeout_and_caps_below_the_descriptor_limit() -> None:
     s = site()
     policy = ConnectionPolicy(max_connections=10**9, max_connections_per_ip=7,
-                              header_timeout=3.0, idle_timeout=9.0)
+                              header_timeout=3.0, idle_timeout=9.0, min_upload_rate=512,
+                              upload_grace=4.0)
     caps = guard_site(s, policy, reserve=100)
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert s.timeOut == 9.0
     assert s.protocol.header_timeout == 3.0  # type: ignore[attr-defined]
+    assert s.protocol.min_body_rate == 512  # type: ignore[attr-defined]
+    assert s.protocol.body_grace == 4.0  # type: ignore[attr-defined]
     assert caps.max_total == soft - 100 and caps.max_per_ip == 7
 
 

@@ -440,23 +440,26 @@ def test_past_the_cap_on_finished_jobs_the_oldest_finished_is_deleted(tmp_path: 
 
 
 def test_a_job_deleted_while_its_directory_is_chowned_never_starts(tmp_path: Any) -> None:
-    # The chown runs in a thread; a DELETE meanwhile has no sandbox run to kill yet.
+    # The chown runs in a thread (with the fetch); a DELETE meanwhile has no sandbox run to
+    # kill yet.
     h = Harness(str(tmp_path))
     chowns: list[defer.Deferred[Any]] = []
     plain = h.manager.blocking
 
     def blocking(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-        if getattr(f, "__name__", "") == "chown_tree":
+        if getattr(f, "__name__", "") == "prepare_and_chown":
+            plans.append(f(*args, **kwargs))  # the thread's work is done; its answer waits
             d: defer.Deferred[Any] = defer.Deferred()
             chowns.append(d)
             return d
         return plain(f, *args, **kwargs)
 
+    plans: list[Any] = []
     h.manager.blocking = blocking
     job_id = h.submit()
     assert len(chowns) == 1 and h.sandbox.runs == {}
     assert h.delete(f"/jobs/{job_id}").status == 200
-    chowns[0].callback(None)
+    chowns[0].callback(plans[0])
     assert h.sandbox.runs == {}  # never launched
     assert h.get("/stats").json()["system"]["active_jobs"] == 0
     assert h.manager.jobs == {}

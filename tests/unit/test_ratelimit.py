@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections import deque
 
 import pytest
 
@@ -12,6 +13,7 @@ from sandrun.jobs.ratelimit import (
     CONCURRENCY_RETRY_AFTER,
     Decision,
     RateLimiter,
+    _hourly_usage,
 )
 from sandrun.netaddr import client_key
 
@@ -208,6 +210,31 @@ def test_hourly_retry_after_is_exact_at_a_whole_second_boundary() -> None:
     refused = assert_retry_after_exact(limiter, 200.0)
 
     assert refused.retry_after == 3500
+
+
+def test_the_hourly_window_found_by_bisection_is_the_one_found_by_sorting() -> None:
+    rng = random.Random(14)
+    for _ in range(300):
+        times, t = [], rng.uniform(0, 10)
+        for _ in range(rng.randrange(0, 60)):
+            t += rng.choice((0.0, 0.5, rng.uniform(0, 200)))  # ties and whole-second steps
+            times.append(t)
+        submissions = deque(times)
+        limit = rng.randrange(1, 30)
+        probes = [rng.uniform(0, t + 4000)] + [x + 3600.0 for x in times[:3]]
+        for now in probes:  # including the exact instant a submission leaves the window
+            assert _hourly_usage(submissions, now, limit, in_order=True) == \
+                _hourly_usage(submissions, now, limit), (times, now, limit)
+
+
+def test_after_the_clock_went_backwards_the_hourly_count_is_still_exact() -> None:
+    limiter = RateLimiter(dataclasses.replace(QuotaConfig(), jobs_per_hour=3))
+    for job_id, now in (("a", 1000.0), ("b", 500.0), ("c", 2000.0)):
+        run_job(limiter, job_id, now, cpu=0.0)
+    refused = limiter.check(KEY, 2001.0)
+    assert not refused.allowed and refused.jobs_this_hour == 3
+    assert refused.retry_after == 4100 - 2001  # the one at 500 leaves first, at 4100
+    assert limiter.check(KEY, 4100.0).jobs_this_hour == 2
 
 
 # -- CPU --------------------------------------------------------------------------------------

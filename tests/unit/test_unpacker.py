@@ -1,8 +1,10 @@
-"""Submissions parsed in a child process with its own limits: same results, contained failures."""
+"""Submissions parsed in a child process with its own limits: same results, contained failures;
+small JSON bodies parsed in the calling thread, hostile ones refused there."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sandrun.api import uploads
-from sandrun.api.unpacker import Unpacker, UnpackLimits
+from sandrun.api.unpacker import IN_PROCESS_JSON_BYTES, Unpacker, UnpackLimits
 from sandrun.config import Limits
 from sandrun.jobs.manifest import ManifestError
 from sandrun.jobs.workspace import UploadError
@@ -158,3 +160,85 @@ def test_stopping_ends_the_fork_server(tmp_path: Path) -> None:
     u.stop()
     assert server.poll() is not None
     assert not os.path.exists(f"/proc/{server.pid}/status") or server.returncode is not None
+
+
+# -- small JSON bodies: parsed in the calling thread, never in a child ---------------------------
+
+
+def parse_json(u: Unpacker, tmp_path: Path, body: bytes,
+               kind: bytes = b"application/json") -> uploads.Submission:
+    spooled = tempfile.SpooledTemporaryFile(64 * 1024)  # noqa: SIM115 (as the worker's body)
+    spooled.write(body)
+    (tmp_path / "work").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "staging").mkdir(exist_ok=True)
+    return u.parse(kind, spooled, str(tmp_path / "work"), str(tmp_path / "staging"))
+
+
+def test_a_small_json_submission_never_reaches_the_fork_server(tmp_path: Path) -> None:
+    u = Unpacker(Limits())  # not started: a request to it would start the fork server
+    try:
+        sub = parse_json(u, tmp_path, b'{"files": {"main.py": "print(1)"}}',
+                         b"application/json; charset=utf-8")
+        assert [f.path for f in sub.inputs.files] == ["main.py"]
+        assert sub.manifest.entrypoint == "main.py"
+        assert (tmp_path / "work/main.py").read_text() == "print(1)"
+        assert u._server is None
+    finally:
+        u.stop()
+
+
+def test_json_past_the_in_process_size_and_multipart_go_to_the_child(tmp_path: Path) -> None:
+    u = Unpacker(Limits())
+    try:
+        filler = "x" * IN_PROCESS_JSON_BYTES
+        sub = parse_json(u, tmp_path / "big", json.dumps(
+            {"manifest": {"entrypoint": "main.py"},
+             "files": {"main.py": "print(1)", "pad.txt": filler}}).encode())
+        assert [f.path for f in sub.inputs.files] == ["main.py", "pad.txt"]
+        assert u._server is not None
+        server = u._server
+        submit(u, tmp_path / "form", [("main.py", b"print(1)")])
+        assert u._server is server and server.poll() is None
+    finally:
+        u.stop()
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    (b"[" * 200_000, "nested too deeply"),
+    (b'{"files": {"main.py": "' + b"[{" * 1000 + b'"}}', None),  # text, not nesting
+    (b'{"manifest": {"timeout": ' + b"9" * 200_000 + b'}}', "Exceeds the limit"),
+    (b'{"manifest": {"cpu_seconds": 1e999999}, "files": {"a.py": ""}}', "positive number"),
+    (b'{"files": {"a.py": "\xff\xfe"}}', "not valid UTF-8"),
+    (b'{"files": {"a.py": ""}, "files": {"b.py": ""}}', "duplicate key 'files'"),
+    (b'{"manifest": {"timeout": NaN}, "files": {"a.py": ""}}', "NaN is not allowed"),
+], ids=["deep-nesting", "brackets-in-a-string", "huge-integer", "huge-float", "invalid-utf8",
+        "duplicate-key", "nan"])
+def test_hostile_small_json_is_a_manifest_error_naming_it_and_no_child(
+        tmp_path: Path, body: bytes, words: str | None) -> None:
+    assert len(body) <= IN_PROCESS_JSON_BYTES
+    u = Unpacker(Limits())
+    try:
+        if words is None:  # accepted: stored as the file's text
+            sub = parse_json(u, tmp_path, body)
+            assert [f.size for f in sub.inputs.files] == [2000]
+        else:
+            with pytest.raises(ManifestError) as info:
+                parse_json(u, tmp_path, body)
+            assert words in info.value.message
+        assert u._server is None
+    finally:
+        u.stop()
+
+
+def test_a_string_as_large_as_the_in_process_size_is_stored_whole(tmp_path: Path) -> None:
+    u = Unpacker(Limits())
+    try:
+        text = "é" * ((IN_PROCESS_JSON_BYTES - 100) // 2)  # two bytes each in UTF-8
+        body = json.dumps({"files": {"main.py": text}}, ensure_ascii=False).encode()
+        assert len(body) <= IN_PROCESS_JSON_BYTES
+        sub = parse_json(u, tmp_path, body)
+        assert (tmp_path / "work/main.py").read_text() == text
+        assert sub.inputs.files[0].size == len(text.encode())
+        assert u._server is None
+    finally:
+        u.stop()
