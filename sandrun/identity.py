@@ -19,9 +19,10 @@ Two things are signed, always as the UTF-8 bytes of canonical JSON (see
 
 A leaf module: it imports only the standard library, PyNaCl, cryptography and
 ``sandrun.wire``; PyNaCl and cryptography only where used: PyNaCl where a key
-signs or a signature is checked, cryptography where a PEM file is read or
-written (8 MB of a worker's memory, PyNaCl 1 MB; a worker without a key loads
-neither).
+signs or a signature is checked, cryptography where a key is written or a key
+file is not in the usual form (8 MB of a worker's memory, PyNaCl 1 MB: a worker
+without a key loads neither, one with a key from ``sandrun keygen`` or ``openssl
+genpkey`` only PyNaCl).
 """
 
 from __future__ import annotations
@@ -195,7 +196,36 @@ def _read_at_most(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# RFC 8410: an Ed25519 PKCS#8 v1 PrivateKeyInfo (no attributes, no public key) is these
+# 16 bytes of DER and then the 32-byte seed; the form openssl genpkey and to_pem write.
+_ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+_PEM_BEGIN, _PEM_END = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
+
+
+def _plain_ed25519_seed(data: bytes) -> bytes | None:
+    """The seed of a key file in exactly that form, read without cryptography; else None.
+
+    cryptography costs a worker 8 MB of memory for as long as it runs; this is the
+    file every worker in a pool loads at start.  Anything else (text around the
+    PEM, a key with its public half or attributes, another algorithm, encryption,
+    damage) is None, and cryptography reads it and says what is wrong.
+    """
+    lines = data.strip().splitlines()
+    if len(lines) < 3 or lines[0].strip() != _PEM_BEGIN or lines[-1].strip() != _PEM_END:
+        return None
+    try:
+        der = base64.b64decode(b"".join(line.strip() for line in lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != len(_ED25519_PKCS8_PREFIX) + 32 or not der.startswith(_ED25519_PKCS8_PREFIX):
+        return None
+    return der[len(_ED25519_PKCS8_PREFIX):]
+
+
 def _ed25519_seed_from_pem(data: bytes, where: str) -> bytes:
+    seed = _plain_ed25519_seed(data)
+    if seed is not None:
+        return seed
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

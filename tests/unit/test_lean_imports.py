@@ -78,6 +78,16 @@ def test_a_plain_http_worker_with_defaults_loads_no_tls_client_websocket_or_netl
     assert result["reactor_ssl"] is False
 
 
+def test_a_worker_with_a_key_from_keygen_loads_pynacl_but_not_cryptography(
+        tmp_path: Any) -> None:
+    from sandrun.identity import WorkerIdentity, write_private_key
+
+    identity = WorkerIdentity.generate()
+    write_private_key(identity, tmp_path / "worker.pem")
+    result = build_worker(tmp_path, "--worker-key", str(tmp_path / "worker.pem"))
+    assert loaded(result["modules"], ("nacl", "cryptography", "OpenSSL")) == ["nacl"]
+
+
 def test_a_worker_listening_on_ssl_keeps_twisted_tls(tmp_path: Any) -> None:
     result = build_worker(tmp_path, "--listen", "ssl:8443:privateKey=k.pem:certKey=c.pem")
     assert loaded(result["modules"], ("OpenSSL", "twisted.internet.ssl")) == [
