@@ -674,8 +674,8 @@ def main(argv: list[str] | None = None) -> None:
     ``instance`` (the cgroup directory name), ``seccomp`` (the BPF programs
     from seccomp.py), ``loopback`` (the netlink request from network.py) and
     ``allow_unlimited_swap`` (start even where a job's swap cannot be capped).
-    JSON, not argparse: this process is internal, and argparse would be the
-    largest module it holds.
+    JSON, not argparse: this process is internal, it parses JSON anyway, and
+    argparse was 0.4 MB of its memory.
     """
     settings = json.loads((sys.argv[1:] if argv is None else argv)[0])
     ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the worker
