@@ -161,8 +161,8 @@ def stream_resource(manager: JobManager, job_id: str, request: IRequest,
     if fmt not in (b"text", b"json"):
         return cast(IResource, _ErrorResource(APIError(400, "Invalid format",
                                                        "format is text or json")))
-    upgrade = (request.getHeader(b"upgrade") or b"").lower()
-    if b"websocket" not in (token.strip() for token in upgrade.split(b",")):
+    asked = (request.getHeader(b"upgrade") or b"").lower()
+    if b"websocket" not in (token.strip() for token in asked.split(b",")):
         return cast(IResource, _ErrorResource(
             APIError(426, "Upgrade required", "this endpoint speaks WebSocket (RFC 6455)"),
             {b"Upgrade": b"websocket"}, b"Upgrade Required"))
