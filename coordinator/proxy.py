@@ -15,8 +15,10 @@ What differs, and why:
 - ``POST /run`` places the job as ``/submit`` does (the client's lock is held
   only for that), then waits with the worker's long poll (``/status?wait=``)
   and answers with the status, the worker's ``/logs`` and its ``/outputs``
-  (our URLs); ``?keep=0`` deletes the job on its worker once answered, and a
-  client that goes away has its job deleted.  ``/status?wait=S`` is forwarded
+  (our URLs), relayed into the answer as they are read with the worker paused
+  while the client lags (``runanswer.py``): an answer costs a bounded amount
+  however much the job printed.  ``?keep=0`` deletes the job on its worker once
+  answered, and a client that goes away has its job deleted.  ``/status?wait=S`` is forwarded
   with a timeout of ``S`` plus the usual one.
 - Job endpoints find the worker from the job id and forward to it, with the
   client's address in X-Forwarded-For.  Every ``job_id`` and
@@ -51,12 +53,8 @@ from urllib.parse import quote
 
 from klein import Klein
 from twisted.internet import defer
-from twisted.internet.interfaces import IProducer
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -68,8 +66,10 @@ from coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.quota import LIFT_QUOTA, ClientLocks, PoolDecision, Usage, decide
 from coordinator.registry import WorkerRegistry, WorkerState
+from coordinator.relay import relay
 from coordinator.replication import Replication
 from coordinator.rewrite import LineRewriter
+from coordinator.runanswer import RunAnswer
 from coordinator.scheduling import (
     drain_retry_after,
     free_slots,
@@ -82,6 +82,7 @@ from coordinator.statusdocs import iso as _iso
 from coordinator.statusdocs import lost_status
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
+    MAX_SMALL_JSON_BYTES,
     BadWorkerResponse,
     WorkerClient,
     WorkerTimeout,
@@ -256,7 +257,7 @@ class CoordinatorAPI:
             self.registry.mark_down(state, f"request failed: {e}")
             raise WorkerLost(f"the worker that ran this job is unreachable ({e})") from None
         if response.code == 404 and self.registry.restarted_after(state, ref.dispatched_at):
-            await read_body(response)
+            await read_body(response, MAX_SMALL_JSON_BYTES)
             raise WorkerLost("the worker restarted after this job was sent to it")
         return response
 
@@ -269,6 +270,11 @@ class CoordinatorAPI:
         if retry:
             request.setHeader(b"Retry-After", retry[0])
         return write_json(request, doc, response.code)
+
+    async def relay_small(self, request: Request, response: Any, cid: str) -> bytes:
+        """A worker's short answer (an error, DELETE's) as ``relay_json`` gives it."""
+        return self.relay_json(request, response,
+                               await read_json(response, MAX_SMALL_JSON_BYTES), cid)
 
     def pick_healthy(self) -> WorkerState:
         """A worker for a request that any worker can answer: the least loaded."""
@@ -502,7 +508,7 @@ class CoordinatorAPI:
                 response = await self.client.request(
                     "POST", state.entry.endpoint + "/submit", self.config.submit_timeout,
                     headers=headers, data=self.client.body(body))
-                doc = await read_json(response)
+                doc = await read_json(response, MAX_SMALL_JSON_BYTES)
             except WorkerUnreachable as e:
                 # Never reached, or gone before it answered: the next worker gets it.
                 self.registry.undo_dispatch(state)
@@ -541,12 +547,13 @@ class CoordinatorAPI:
 
     @app.route("/run", methods=["POST"])
     @_api
-    async def run(self, request: Request) -> bytes:
+    async def run(self, request: Request) -> bytes | None:
         """Submit as ``/submit`` does, then answer with the whole result at the job's end.
 
         The wait is the worker's long poll (``/status?wait=``), then its ``/logs`` and
-        ``/outputs``: the per-client lock is held only while the job is placed.  A
-        client that goes away first (Klein cancels this) has its job deleted.
+        ``/outputs`` are relayed into the answer as they are read (``answer_run``):
+        the per-client lock is held only while the job is placed.  A client that
+        goes away first (Klein cancels this) has its job deleted.
         """
         keep = _keep_arg(request)
         address = self.client_address(request)
@@ -559,7 +566,8 @@ class CoordinatorAPI:
         headers = self.forwarded(request)
         refs = self.replicas_of(job_id)
         if len(refs) > 1:
-            return write_json(request, await self.run_replicated(job_id, refs, headers, keep))
+            await self.run_replicated(request, job_id, refs, headers, keep)
+            return None
         try:
             status = await self.final_status(ref, state, headers)
         except defer.CancelledError:
@@ -572,22 +580,12 @@ class CoordinatorAPI:
             return write_json(request, doc)
         if status is None:  # deleted meanwhile (by a DELETE with its id)
             raise not_found()
-        logs = await self.forward_json(ref, state, "logs", headers)
-        listing = await self.forward_json(ref, state, "outputs", headers)
-        if not keep:
-            await self.forward_json(ref, state, "jobs", headers, method="DELETE")
         doc = self.status_answer(job_id, state, status)
-        doc["stdout"] = logs.get("stdout", "")
-        doc["stderr"] = logs.get("stderr", "")
-        doc["truncated"] = logs.get("truncated", {"stdout": False, "stderr": False})
-        files = listing.get("files")
-        doc["outputs"] = self.rewrite_outputs(job_id, files if isinstance(files, list) else [],
-                                              keep)
-        doc["kept"] = keep
-        return write_json(request, doc)
+        await self.answer_run(request, job_id, doc, [ref], headers, keep)
+        return None
 
-    async def run_replicated(self, job_id: str, refs: list[JobRef],
-                             headers: dict[bytes, list[bytes]], keep: bool) -> dict[str, Any]:
+    async def run_replicated(self, request: Request, job_id: str, refs: list[JobRef],
+                             headers: dict[bytes, list[bytes]], keep: bool) -> None:
         """``/run`` of a replicated job: every replica's end, then the consensus answer.
 
         Logs come from the first replica; outputs only when the replicas agree.
@@ -607,24 +605,46 @@ class CoordinatorAPI:
                     self.forget_quietly(replica, worker, headers)
             raise
         doc = await self.replication.status(job_id, refs, headers)
+        await self.answer_run(request, job_id, doc, refs, headers, keep,
+                              outputs=doc["consensus"]["agreed"] is True)
+
+    async def answer_run(self, request: Request, job_id: str, doc: dict[str, Any],
+                         refs: list[JobRef], headers: dict[bytes, list[bytes]], keep: bool,
+                         outputs: bool = True) -> None:
+        """``/run``'s answer: ``doc``, then the first replica's logs and outputs relayed
+        as they are read (``members.py``), then ``kept``; with ``keep`` false, every
+        replica is deleted, whatever happens to the answer.
+
+        What it holds is bounded whatever the job printed: the worker is paused while
+        the client lags.  A worker that fails once the answer has begun (its status
+        line is gone) cuts the client's connection: an answer is whole or visibly not.
+        """
         ref, state = refs[0], self.registry.by_tag(refs[0].tag)
-        logs: dict[str, Any] = {}
-        listing: dict[str, Any] = {}
-        if state is not None and not state.down:
-            logs = await self.forward_json(ref, state, "logs", headers)
-            if doc["consensus"]["agreed"] is True:
-                listing = await self.forward_json(ref, state, "outputs", headers)
-            if not keep:
+        worker = state if state is not None and not state.down else None
+        answer = RunAnswer(request, doc, keep, lambda entry: self.rewrite_outputs(
+            job_id, [entry], keep)[0])
+        try:
+            logs = await self.job_body(ref, worker, "logs", headers) if worker else None
+            answer.start()
+            await answer.relay_logs(logs)
+            listing = await self.job_body(ref, worker, "outputs", headers) \
+                if worker and outputs else None
+            await answer.relay_outputs(listing)
+            if not keep and worker:
                 await self.replication.delete(refs, headers)
-                await self.forward_json(ref, state, "jobs", headers, method="DELETE")
-        doc["stdout"] = logs.get("stdout", "")
-        doc["stderr"] = logs.get("stderr", "")
-        doc["truncated"] = logs.get("truncated", {"stdout": False, "stderr": False})
-        files = listing.get("files")
-        doc["outputs"] = self.rewrite_outputs(job_id, files if isinstance(files, list) else [],
-                                              keep)
-        doc["kept"] = keep
-        return doc
+                await self.forward_json(ref, worker, "jobs", headers, method="DELETE")
+        except Exception as e:
+            if not keep:
+                for replica in refs:
+                    holder = self.registry.by_tag(replica.tag)
+                    if holder is not None:
+                        self.forget_quietly(replica, holder, headers)
+            if not answer.started or isinstance(e, defer.CancelledError):
+                raise
+            log.warn("a /run answer was cut: {error}", error=str(e))  # noqa: G010
+            answer.cut()
+            return
+        answer.end()
 
     async def final_status(self, ref: JobRef, state: WorkerState,
                            headers: dict[bytes, list[bytes]]) -> dict[str, Any] | None:
@@ -645,8 +665,18 @@ class CoordinatorAPI:
                            headers: dict[bytes, list[bytes]], method: str = "GET"
                            ) -> dict[str, Any]:
         response = await self.forward(ref, state, method, _job_path(endpoint, ref), headers)
-        doc = await read_json(response)
+        doc = await read_json(response, MAX_SMALL_JSON_BYTES)
         return doc if response.code == 200 and isinstance(doc, dict) else {}
+
+    async def job_body(self, ref: JobRef, state: WorkerState, endpoint: str,
+                       headers: dict[bytes, list[bytes]]) -> Any:
+        """The worker's answer for one of the job's documents, its body unread; None when
+        it is not a 200 (its small body read and dropped)."""
+        response = await self.forward(ref, state, "GET", _job_path(endpoint, ref), headers)
+        if response.code == 200:
+            return response
+        await read_body(response, MAX_SMALL_JSON_BYTES)
+        return None
 
     def forget_quietly(self, ref: JobRef, state: WorkerState,
                        headers: dict[bytes, list[bytes]]) -> None:
@@ -711,7 +741,7 @@ class CoordinatorAPI:
         kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if kind.startswith(b"application/json"):
             if response.code != 200:
-                return self.relay_json(request, response, await read_json(response), job_id)
+                return await self.relay_small(request, response, job_id)
             # Up to 3 x 10 MiB of output, as JSON: streamed, with our job id.
             return await self.relay_body(request, response, rewriter=LineRewriter(job_id))
         return await self.relay_body(request, response)
@@ -726,7 +756,7 @@ class CoordinatorAPI:
         response = await self.forward(ref, state, "GET", _job_path("outputs", ref),
                                       self.forwarded(request))
         if response.code != 200:
-            return self.relay_json(request, response, await read_json(response), job_id)
+            return await self.relay_small(request, response, job_id)
         # Up to 10,000 entries: streamed, each entry with our download URL.
         await self.relay_body(request, response, rewriter=LineRewriter(
             job_id, lambda entry: self.rewrite_outputs(job_id, [entry])[0]))
@@ -762,7 +792,7 @@ class CoordinatorAPI:
         response = await self.forward(ref, state, "GET", target, self.forwarded(request),
                                       timeout=self.config.submit_timeout)
         if response.code != 200:
-            return self.relay_json(request, response, await read_json(response), job_id)
+            return await self.relay_small(request, response, job_id)
         return await self.relay_body(request, response, rename=(ref.worker_job_id, job_id))
 
     async def relay_body(self, request: Request, response: Any,
@@ -789,7 +819,7 @@ class CoordinatorAPI:
         await self.replication.delete(self.replicas_of(job_id), self.forwarded(request))
         response = await self.forward(ref, state, "DELETE", _job_path("jobs", ref),
                                       self.forwarded(request))
-        return self.relay_json(request, response, await read_json(response), job_id)
+        return await self.relay_small(request, response, job_id)
 
     # -- live output ---------------------------------------------------------------------
 
@@ -894,72 +924,3 @@ def _arg(request: Request, name: bytes) -> bytes:
 
 def _job_path(endpoint: str, ref: JobRef) -> str:
     return f"/{endpoint}/{quote(ref.worker_job_id, safe='')}"
-
-
-_DONE = Failure(ResponseDone())
-
-
-class _Relay(Protocol):
-    """Copies a response body into a request; the worker's transport is the producer."""
-
-    def __init__(self, request: Request, done: defer.Deferred[None],
-                 rewriter: LineRewriter | None = None) -> None:
-        self.request = request
-        self.done = done
-        self.rewriter = rewriter
-        self.failed = False
-
-    def connectionMade(self) -> None:
-        # The transport (the worker connection) is paused whenever the client's
-        # buffers are full and resumed when they drain: nothing piles up here.
-        assert IProducer.providedBy(self.transport)
-        self.request.registerProducer(self.transport, True)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.failed:
-            return
-        if self.rewriter is not None:
-            try:
-                data = self.rewriter.feed(data)
-            except BadWorkerResponse:
-                self.failed = True
-                self.done.errback()
-                self.abort()
-                return
-        if data:
-            self.request.write(data)
-
-    def connectionLost(self, reason: Failure = _DONE) -> None:  # type: ignore[override]
-        self.request.unregisterProducer()
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            if self.rewriter is not None:
-                try:
-                    rest = self.rewriter.end()
-                except BadWorkerResponse:
-                    self.done.errback()
-                    return
-                if rest:
-                    self.request.write(rest)
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
-
-    def abort(self) -> None:
-        worker: Any = self.transport
-        if worker is not None:
-            worker.stopProducing()
-
-
-def relay(response: Any, request: Request,
-          rewriter: LineRewriter | None = None) -> defer.Deferred[None]:
-    """Stream ``response``'s body into ``request``; fires when all of it was written.
-
-    Cancelling (Klein does when the client disconnects) aborts the worker side.
-    """
-    protocol: list[_Relay] = []
-    done: defer.Deferred[None] = defer.Deferred(lambda d: protocol[0].abort())
-    protocol.append(_Relay(request, done, rewriter))
-    response.deliverBody(protocol[0])
-    return done

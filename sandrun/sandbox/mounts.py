@@ -37,29 +37,31 @@ DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
            ("urandom", 1, 9))
 DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"))
-# Host files and directories interpreters need from /etc; copied once at start.
+# Host files and directories interpreters need from /etc; copied once at start.  Patterns
+# (glob) for what is named by version: python3.11 on Debian 12, python3.12 on Ubuntu 24.04.
 ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "nsswitch.conf", "localtime",
                "mime.types", "alternatives", "R", "php", "ssl/certs", "ssl/openssl.cnf",
                "ca-certificates.conf", "host.conf", "gai.conf", "protocols", "services",
-               "timezone", "npmrc", "gemrc", "perl", "python3", "python3.11")
+               "timezone", "npmrc", "gemrc", "perl", "python3", "python3.[0-9]*")
 
 
-def prepare_etc(dest: str, slot_uids: range, gid_of: dict[int, int]) -> None:
+def prepare_etc(dest: str, slot_uids: range, gid_of: dict[int, int],
+                host_etc: str = "/etc") -> None:
     """Build the sandbox's /etc at ``dest``: a few host files and our own passwd.
 
-    Runs in the worker, at start; ``shutil`` is imported here so that the
-    launcher, which imports this module too, does not load it.
+    Runs in the worker, at start; ``glob`` and ``shutil`` are imported here so
+    that the launcher, which imports this module too, does not load them.
     """
+    import glob
     import shutil
 
     if os.path.isdir(dest):
         shutil.rmtree(dest)
     os.makedirs(dest, mode=0o755)
-    for entry in ETC_ENTRIES:
-        src = os.path.join("/etc", entry)
-        dst = os.path.join(dest, entry)
-        if not os.path.lexists(src):
-            continue
+    found = (src for entry in ETC_ENTRIES
+             for src in sorted(glob.glob(os.path.join(glob.escape(host_etc), entry))))
+    for src in found:
+        dst = os.path.join(dest, os.path.relpath(src, host_etc))
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if os.path.isdir(src) and not os.path.islink(src):
             shutil.copytree(src, dst, symlinks=True)

@@ -3,7 +3,9 @@ sandbox, wired to a real coordinator app through in-memory HTTP, all on one ``Cl
 
 - ``FakeSandbox`` runs nothing. A job whose entrypoint contains ``HOLD`` stays running
   until the test calls ``finish``; any other job prints ``hello``, writes
-  ``out.txt`` (and ``big.bin`` when the code says ``BIG``) and completes at once.
+  ``out.txt`` (and ``big.bin`` when the code says ``BIG``) and completes at once; one
+  whose code says ``LOUD`` prints ``LOUD_STDOUT`` and ``LOUD_STDERR`` instead (megabytes
+  of every byte value, invalid UTF-8 included).
   A sandbox with ``tamper`` set does one thing differently ("stdout": prints
   ``HELLO``; "output": writes another ``out.txt``; "exit_code": exits 1), and its
   worker signs that result with its own key, as a faulty or dishonest worker would.
@@ -51,6 +53,9 @@ from tests.unit.worker_fakes import FakeStorage
 
 START = 1_700_000_000.0
 BIG_BYTES = 3 * 1024 * 1024
+# Every byte value (control characters escape to 6 bytes of JSON) and some multi-byte text.
+LOUD_STDOUT = (bytes(range(256)) + "é€😀 \"quoted\" \\ \n".encode()) * 12_000  # ~3.3 MiB
+LOUD_STDERR = b"\x01\n" * 300_000
 
 
 def synchronous(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
@@ -92,7 +97,11 @@ class FakeSandbox:
         self.runs[job_id] = run
         code = _read(os.path.join(job_dir, argv[-1])) if argv else ""
         if "HOLD" not in code:
-            on_output("stdout", b"HELLO\n" if self.tamper == "stdout" else b"hello\n")
+            if "LOUD" in code:
+                on_output("stdout", LOUD_STDOUT)
+                on_output("stderr", LOUD_STDERR)
+            else:
+                on_output("stdout", b"HELLO\n" if self.tamper == "stdout" else b"hello\n")
             with open(os.path.join(job_dir, "out.txt"), "w") as f:
                 f.write("forged" if self.tamper == "output" else "result")
             if "BIG" in code:

@@ -11,7 +11,8 @@ from typing import Any
 
 from coordinator.config import PoolQuota
 from coordinator.jobids import decode_job_id
-from tests.coordinator.fakes import Pool
+from tests.contract import check_response
+from tests.coordinator.fakes import LOUD_STDERR, LOUD_STDOUT, Pool
 
 HOLD = "HOLD  # runs until the test finishes it"
 
@@ -50,6 +51,32 @@ def test_run_through_the_pool_answers_with_the_whole_result(tmp_path: Any) -> No
     (output,) = doc["outputs"]
     assert output["download_url"] == f"/download/{job_id}/out.txt"
     assert pool.get(output["download_url"]).body == b"result"
+
+
+def test_run_through_the_pool_relays_megabytes_of_output_exactly_in_the_same_shape(
+        tmp_path: Any) -> None:
+    pool = ready(tmp_path)
+    reply = pool.reply(run(pool, "LOUD"))
+    assert reply.status == 200, reply.body[:200]
+    check_response("coordinator", "POST", "/run", reply.status, reply.header("content-type"),
+                   reply.body)
+    doc = reply.json()
+    job_id = doc["job_id"]
+    status = pool.get(f"/status/{job_id}").json()
+    # The status document as /status gives it, then the result's members, in this order.
+    assert list(doc) == [*status, "stdout", "stderr", "truncated", "outputs", "kept"]
+    assert {k: v for k, v in doc.items() if k in status} == status
+    assert doc["stdout"] == LOUD_STDOUT.decode("utf-8", "replace")
+    assert doc["stderr"] == LOUD_STDERR.decode()
+    logs = pool.get(f"/logs/{job_id}").json()
+    assert (doc["stdout"], doc["stderr"]) == (logs["stdout"], logs["stderr"])
+    assert doc["truncated"] == logs["truncated"] == {"stdout": False, "stderr": False}
+    assert doc["signature_verified"] is True and doc["kept"] is True
+    (output,) = doc["outputs"]
+    assert output["download_url"] == f"/download/{job_id}/out.txt"
+    assert output == {**pool.get(f"/outputs/{job_id}").json()["files"][0]}
+    # Byte for byte as the worker escaped it (json.dumps): passed through, not re-encoded.
+    assert json.dumps(doc["stdout"]).encode() in reply.body
 
 
 def test_run_through_the_pool_waits_by_long_polls_until_the_job_ends(tmp_path: Any) -> None:
@@ -164,3 +191,26 @@ def test_a_long_poll_client_that_goes_away_leaves_the_worker_healthy(tmp_path: A
     pool.pump()
     assert all(w["healthy"] for w in pool.pool()["workers"])
     assert pool.get(f"/status/{job_id}").json()["status"] == "running"
+
+
+def test_run_with_keep_0_of_a_loud_job_answers_it_all_then_deletes_it(tmp_path: Any) -> None:
+    pool = ready(tmp_path)
+    doc = pool.reply(run(pool, "LOUD", "?keep=0")).json()
+    assert doc["stdout"] == LOUD_STDOUT.decode("utf-8", "replace") and doc["kept"] is False
+    assert [o["download_url"] for o in doc["outputs"]] == [None]
+    assert worker_jobs(pool) == []
+
+
+def test_run_of_a_replicated_loud_job_relays_the_first_replicas_output(tmp_path: Any) -> None:
+    pool = ready(tmp_path)
+    document = {"manifest": {"entrypoint": "main.py", "outputs": ["*.txt"], "replicas": 2},
+                "files": {"main.py": "LOUD"}}
+    reply = pool.reply(pool.begin("POST", "/run?keep=0", json.dumps(document).encode(),
+                                  {"Content-Type": "application/json",
+                                   "X-Forwarded-For": "192.0.2.10"}))
+    doc = reply.json()
+    assert doc["consensus"]["agreed"] is True and doc["status"] == "completed"
+    assert doc["stdout"] == LOUD_STDOUT.decode("utf-8", "replace")
+    assert doc["stderr"] == LOUD_STDERR.decode() and doc["kept"] is False
+    assert [o["path"] for o in doc["outputs"]] == ["out.txt"]
+    assert worker_jobs(pool) == []  # every replica deleted

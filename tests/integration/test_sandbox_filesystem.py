@@ -264,6 +264,24 @@ async def test_a_setuid_root_binary_gains_nothing(runner: JobRunner, cc: Any,
 NO_NEW_PRIVS = "print([l for l in open('/proc/self/status') if l.startswith('NoNewPrivs')])"
 
 
+def mountinfo_root(path: str) -> str:
+    """``path`` as the root field of /proc/self/mountinfo names it: relative to its filesystem.
+
+    The same as ``path`` only where that is on the host's root filesystem; where /tmp is a
+    tmpfs of its own (Debian 13, Fedora) or / is a bind mount, it is not.
+    """
+    best = ("/", "/")
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            root, point = line.split()[3:5]
+            inside = path == point or path.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best[1]):
+                best = (root, point)
+    root, point = best
+    rest = path[len(point):].lstrip("/")
+    return os.path.join(root, rest) if rest else root
+
+
 @pytest_twisted.ensureDeferred
 async def test_every_mount_is_nosuid_and_only_the_scratch_ones_are_writable(
         runner: JobRunner, job_dir: str) -> None:
@@ -274,15 +292,16 @@ async def test_every_mount_is_nosuid_and_only_the_scratch_ones_are_writable(
         fields = line.split()
         mounts[fields[4]] = (fields[3], set(fields[5].split(",")))
     assert set(mounts) == {"/", "/usr", "/etc", "/job", "/tmp", "/dev", "/dev/shm", "/proc"}
-    state_dir = runner.sandbox.state_dir
+    state_dir = mountinfo_root(runner.sandbox.state_dir)
+    usr, job = mountinfo_root("/usr"), mountinfo_root(job_dir)
     for point, (root, options) in mounts.items():
         assert "nosuid" in options, point
         writable = point in {"/job", "/tmp", "/dev/shm", "/proc"}
         assert ("rw" if writable else "ro") in options, point
         # Nothing of the host beyond the runtime, the sandbox's templates and the job.
-        assert root in {"/", "/usr", job_dir} or root.startswith(state_dir + "/"), (point, root)
-    assert mounts["/usr"][0] == "/usr"
-    assert mounts["/job"][0] == job_dir
+        assert root in {"/", usr, job} or root.startswith(state_dir + "/"), (point, root)
+    assert mounts["/usr"][0] == usr
+    assert mounts["/job"][0] == job
     assert "nodev" in mounts["/job"][1] and "nodev" in mounts["/tmp"][1]
 
 

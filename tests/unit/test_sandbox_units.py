@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 import pytest
 from twisted.internet.task import Clock
 
-from sandrun.sandbox import seccomp
+from sandrun.sandbox import mounts, seccomp
 from sandrun.sandbox.policy import JOB_DIR, SANDBOX_PATH, LaunchRequest, MiB, SandboxPolicy
 from sandrun.sandbox.supervisor import Sandbox, _RunningJob, classify
 from sandrun.wire import Reason
@@ -239,3 +240,33 @@ def test_the_loopback_request_is_byte_for_byte_what_pyroute2_encodes() -> None:
     msg["header"]["sequence_number"] = 1
     msg.encode()
     assert loopback_up_request() == bytes(msg.data)
+
+
+# -- the sandbox's /etc ------------------------------------------------------------------------
+
+
+def test_the_sandbox_etc_has_each_pythons_own_directory_and_nothing_unlisted(tmp_path) -> None:
+    # A host /etc as Ubuntu 24.04 (python3.12) or Debian 12 (python3.11) lays it out.
+    host = tmp_path / "etc"
+    for name in ("python3", "python3.11", "python3.12", "ssl/certs", "ssl/private"):
+        (host / name).mkdir(parents=True)
+    (host / "python3.12" / "sitecustomize.py").write_text("# apport hook\n")
+    (host / "python3.11" / "sitecustomize.py").write_text("# 3.11\n")
+    (host / "python3" / "debian_config").write_text("[DEFAULT]\n")
+    (host / "ssl" / "certs" / "ca.pem").write_text("cert\n")
+    (host / "ssl" / "private" / "key.pem").write_text("secret\n")
+    (host / "shadow").write_text("root:secret\n")
+    (host / "localtime").symlink_to("/usr/share/zoneinfo/Nowhere")   # dangling here
+    dest = tmp_path / "sandbox-etc"
+
+    mounts.prepare_etc(str(dest), range(1000, 1002), {1000: 1000, 1001: 1001},
+                       host_etc=str(host))
+
+    assert (dest / "python3.12" / "sitecustomize.py").read_text() == "# apport hook\n"
+    assert (dest / "python3.11" / "sitecustomize.py").read_text() == "# 3.11\n"
+    assert (dest / "python3" / "debian_config").exists()
+    assert (dest / "ssl" / "certs" / "ca.pem").exists()
+    assert os.readlink(dest / "localtime") == "/usr/share/zoneinfo/Nowhere"
+    assert not (dest / "shadow").exists()
+    assert not (dest / "ssl" / "private").exists()
+    assert "job1001:x:1001:1001:" in (dest / "passwd").read_text()
