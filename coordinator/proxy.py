@@ -18,8 +18,8 @@ What differs, and why:
   (our URLs), relayed into the answer as they are read with the worker paused
   while the client lags (``runanswer.py``): an answer costs a bounded amount
   however much the job printed.  ``?keep=0`` deletes the job on its worker once
-  answered, and a client that goes away has its job deleted.  ``/status?wait=S`` is forwarded
-  with a timeout of ``S`` plus the usual one.
+  answered, and a client that goes away has its job deleted.  ``/status?wait=S``
+  is forwarded with a timeout of ``S`` plus the usual one.
 - Job endpoints find the worker from the job id and forward to it, with the
   client's address in X-Forwarded-For.  Every ``job_id`` and
   ``download_url`` in an answer is rewritten to the coordinator's id.
