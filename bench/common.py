@@ -738,6 +738,7 @@ PROFILE_BUCKETS = (
     ("job end: sign, log, release", "JobManager._end"),
     ("status/logs documents", "WorkerAPI.status"),
     ("WebSocket handshake and stream", "sandrun/api/stream.py"),
+    ("WebSocket handshake and stream", "sandrun/api/websocket.py"),
     ("HTTP routing and handlers", "KleinResource.render"),
     ("logging", "twisted/logger/"),
     ("HTTP parse and write (twisted.web/tcp)", "twisted/"),

@@ -94,9 +94,11 @@ class Coordinator:
     """``python -m coordinator`` in front of one worker."""
 
     def __init__(self, scratch: str, workers: list[tuple[Worker, str]],
-                 flags: tuple[str, ...] = (), name: str = "coordinator") -> None:
+                 flags: tuple[str, ...] = (), name: str = "coordinator",
+                 tree: str | None = None) -> None:
         self.port = free_port()
         self.flags = flags
+        self.tree = tree or _ROOT  # the sources it runs from (bench.common.export_tree)
         self.workers_path = os.path.join(scratch, f"{name}-workers.json")
         with open(self.workers_path, "w") as f:
             json.dump([{"name": f"bench-{i}", "worker_id": worker_id, "endpoint": worker.url,
@@ -106,12 +108,13 @@ class Coordinator:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Coordinator:
-        env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ,
+                   PYTHONPATH=self.tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "coordinator", "--workers", self.workers_path,
                  "--listen", f"127.0.0.1:{self.port}", *POOL_QUOTAS, *self.flags],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=_ROOT,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.tree,
                 env=env)
         client = self.client()
         deadline = time.monotonic() + 30

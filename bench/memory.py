@@ -15,6 +15,14 @@ Per job = (loaded - warm idle) / 50.  Target: under 1 MB per job.  Job data itse
 is on tmpfs (one mount per job) and not in any process's RSS: the table also gives
 what the state directory and the job tmpfs mounts hold.
 
+The figures are VmRSS, which counts a page once in every process that maps it:
+the launcher's pages are mostly libpython (mapped by the worker too) and memory
+its pre-forked spares share with it copy-on-write.  A second table, at idle,
+gives each of the worker's processes (the worker, the launcher, its spares and
+the upload parser's fork server, ``sandrun.api.unpacker``, which the total above
+leaves out) with its RSS, its PSS (each shared page divided among the processes
+that map it) and its private pages, from ``/proc/PID/smaps_rollup``.
+
 Usage (as root): ``python3 bench/memory.py [--jobs 50]``
 """
 
@@ -33,12 +41,41 @@ import statistics
 import time
 from typing import Any
 
-from bench.common import Worker, export_tree, print_table, write_json
+from bench.common import Worker, children, cmdline, export_tree, print_table, write_json
 
 TARGET_KB_PER_JOB = 1000  # 1 MB
 SLEEPER = {"manifest": {"entrypoint": "sleep.sh", "interpreter": "sh", "timeout": 900},
            "files": {"sleep.sh": "exec sleep 600\n"}}
 HELLO = {"manifest": {"entrypoint": "main.py"}, "files": {"main.py": 'print("hello")\n'}}
+
+
+def smaps_kb(pid: int) -> dict[str, int]:
+    """RSS, PSS and private KiB of one process (``/proc/PID/smaps_rollup``)."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                fields[parts[0].rstrip(":")] = int(parts[1])
+    return {"rss": fields.get("Rss", 0), "pss": fields.get("Pss", 0),
+            "private": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)}
+
+
+def by_process(worker: Worker) -> dict[str, list[dict[str, int]]]:
+    """``smaps_kb`` of the worker, its launcher, the launcher's spares and the unpacker."""
+    launcher = worker.launcher_pid()
+    spares = children(launcher) if launcher else []
+    unpackers = [c for c in children(worker.pid) if "sandrun.api.unpacker" in cmdline(c)]
+    found: dict[str, list[dict[str, int]]] = {}
+    for name, pids in (("worker", [worker.pid]), ("launcher", [launcher] if launcher else []),
+                       ("spares", spares), ("unpacker", unpackers)):
+        found[name] = []
+        for pid in pids:
+            try:
+                found[name].append(smaps_kb(pid))
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # a spare taken by a job meanwhile
+    return found
 
 
 def tmpfs_used_kb(worker: Worker) -> int:
@@ -86,6 +123,7 @@ def main() -> None:
     try:
         time.sleep(0.5)
         idle = sample(worker)
+        processes = by_process(worker)
         run_one(worker)
         time.sleep(0.5)
         warm = sample(worker)
@@ -134,12 +172,22 @@ def main() -> None:
         (f"tmpfs in use (state dir and job mounts): {tmpfs_idle} KiB idle, {tmpfs_loaded} KiB "
          f"with the jobs, in {mounts_loaded} mounts (RAM, but in no process's RSS)"),
         "worker flags: " + " ".join(flags)])
+    process_rows = [(f"{name} ({len(found)})" if len(found) != 1 else name,
+                     sum(p["rss"] for p in found), sum(p["pss"] for p in found),
+                     sum(p["private"] for p in found))
+                    for name, found in processes.items()]
+    counted = [r for r in process_rows if r[0] in ("worker", "launcher")]
+    print_table("Idle (fresh), by process (KiB)", ("", "RSS", "PSS", "private"), process_rows,
+                notes=[f"worker + launcher: RSS {sum(r[1] for r in counted)}, "
+                       f"PSS {sum(r[2] for r in counted)}; all of these processes: "
+                       f"PSS {sum(r[2] for r in process_rows)}"])
     result: dict[str, Any] = {
         "sources": source,
         "jobs": args.jobs, "states": counts, "rss_kb": {"idle": idle, "warm_idle": warm,
                                                         "loaded": loaded, "after": after},
         "per_job_kb": per_job, "target_kb_per_job": TARGET_KB_PER_JOB, "met": met,
         "tmpfs_kb": {"idle": tmpfs_idle, "loaded": tmpfs_loaded}, "mounts_loaded": mounts_loaded,
+        "idle_by_process_kb": processes,
         "worker_flags": list(flags)}
     write_json(args.name, result)
 

@@ -39,8 +39,10 @@ from coordinator.worker_client import BadWorkerResponse
 MAX_VALUE_BYTES = 256 * 1024  # one kept or skipped value, one array entry (an /outputs file)
 MAX_NAME_BYTES = 1024  # one member's name
 
-# A run of a JSON string's content: printable ASCII but '"' and '\', or a whole escape.
-_CHARS = re.compile(rb'(?:[\x20\x21\x23-\x5b\x5d-\x7e]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+')
+# A run of a JSON string's content: printable ASCII but '"' and '\', and whole escapes
+# (written as runs between escapes: on mostly plain text, one step per run).
+_PRINTABLE = rb"[\x20\x21\x23-\x5b\x5d-\x7e]*+"
+_CHARS = re.compile(_PRINTABLE + rb'(?:(?:\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})' + _PRINTABLE + rb")*+")
 _SPACE = re.compile(rb"[ \t\r\n]*+")
 _PLAIN = re.compile(rb'[^\[\]{}",]*+')  # inside a value: what is neither string nor structure
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")

@@ -15,9 +15,11 @@ What differs, and why:
 - ``POST /run`` places the job as ``/submit`` does (the client's lock is held
   only for that), then waits with the worker's long poll (``/status?wait=``)
   and answers with the status, the worker's ``/logs`` and its ``/outputs``
-  (our URLs); ``?keep=0`` deletes the job on its worker once answered, and a
-  client that goes away has its job deleted.  ``/status?wait=S`` is forwarded
-  with a timeout of ``S`` plus the usual one.
+  (our URLs), relayed into the answer as they are read with the worker paused
+  while the client lags (``runanswer.py``): an answer costs a bounded amount
+  however much the job printed.  ``?keep=0`` deletes the job on its worker once
+  answered, and a client that goes away has its job deleted.  ``/status?wait=S``
+  is forwarded with a timeout of ``S`` plus the usual one.
 - Job endpoints find the worker from the job id and forward to it, with the
   client's address in X-Forwarded-For.  Every ``job_id`` and
   ``download_url`` in an answer is rewritten to the coordinator's id.
@@ -80,6 +82,7 @@ from coordinator.statusdocs import iso as _iso
 from coordinator.statusdocs import lost_status
 from coordinator.stream import StreamRelay
 from coordinator.worker_client import (
+    MAX_SMALL_JSON_BYTES,
     BadWorkerResponse,
     WorkerClient,
     WorkerTimeout,
@@ -107,7 +110,6 @@ MAX_JOIN_BYTES = 4096  # a /pool/join body: a key and an endpoint
 # How long one long poll of a worker is held while a /run waits (the worker caps at 60).
 RUN_POLL_SECONDS = 30.0
 MAX_WAIT_SECONDS = 60.0  # the longest /status?wait= is held, as on a worker
-MAX_ERROR_BYTES = 64 * 1024  # a worker's error answer (its JSON relayed whole)
 _PASSED_HEADERS = (b"content-type", b"content-disposition", b"retry-after")
 
 
@@ -255,7 +257,7 @@ class CoordinatorAPI:
             self.registry.mark_down(state, f"request failed: {e}")
             raise WorkerLost(f"the worker that ran this job is unreachable ({e})") from None
         if response.code == 404 and self.registry.restarted_after(state, ref.dispatched_at):
-            await read_body(response)
+            await read_body(response, MAX_SMALL_JSON_BYTES)
             raise WorkerLost("the worker restarted after this job was sent to it")
         return response
 
@@ -268,6 +270,11 @@ class CoordinatorAPI:
         if retry:
             request.setHeader(b"Retry-After", retry[0])
         return write_json(request, doc, response.code)
+
+    async def relay_small(self, request: Request, response: Any, cid: str) -> bytes:
+        """A worker's short answer (an error, DELETE's) as ``relay_json`` gives it."""
+        return self.relay_json(request, response,
+                               await read_json(response, MAX_SMALL_JSON_BYTES), cid)
 
     def pick_healthy(self) -> WorkerState:
         """A worker for a request that any worker can answer: the least loaded."""
@@ -501,7 +508,7 @@ class CoordinatorAPI:
                 response = await self.client.request(
                     "POST", state.entry.endpoint + "/submit", self.config.submit_timeout,
                     headers=headers, data=self.client.body(body))
-                doc = await read_json(response)
+                doc = await read_json(response, MAX_SMALL_JSON_BYTES)
             except WorkerUnreachable as e:
                 # Never reached, or gone before it answered: the next worker gets it.
                 self.registry.undo_dispatch(state)
@@ -658,7 +665,7 @@ class CoordinatorAPI:
                            headers: dict[bytes, list[bytes]], method: str = "GET"
                            ) -> dict[str, Any]:
         response = await self.forward(ref, state, method, _job_path(endpoint, ref), headers)
-        doc = await read_json(response)
+        doc = await read_json(response, MAX_SMALL_JSON_BYTES)
         return doc if response.code == 200 and isinstance(doc, dict) else {}
 
     async def job_body(self, ref: JobRef, state: WorkerState, endpoint: str,
@@ -668,7 +675,7 @@ class CoordinatorAPI:
         response = await self.forward(ref, state, "GET", _job_path(endpoint, ref), headers)
         if response.code == 200:
             return response
-        await read_body(response, MAX_ERROR_BYTES)
+        await read_body(response, MAX_SMALL_JSON_BYTES)
         return None
 
     def forget_quietly(self, ref: JobRef, state: WorkerState,
@@ -734,7 +741,7 @@ class CoordinatorAPI:
         kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if kind.startswith(b"application/json"):
             if response.code != 200:
-                return self.relay_json(request, response, await read_json(response), job_id)
+                return await self.relay_small(request, response, job_id)
             # Up to 3 x 10 MiB of output, as JSON: streamed, with our job id.
             return await self.relay_body(request, response, rewriter=LineRewriter(job_id))
         return await self.relay_body(request, response)
@@ -749,7 +756,7 @@ class CoordinatorAPI:
         response = await self.forward(ref, state, "GET", _job_path("outputs", ref),
                                       self.forwarded(request))
         if response.code != 200:
-            return self.relay_json(request, response, await read_json(response), job_id)
+            return await self.relay_small(request, response, job_id)
         # Up to 10,000 entries: streamed, each entry with our download URL.
         await self.relay_body(request, response, rewriter=LineRewriter(
             job_id, lambda entry: self.rewrite_outputs(job_id, [entry])[0]))
@@ -785,7 +792,7 @@ class CoordinatorAPI:
         response = await self.forward(ref, state, "GET", target, self.forwarded(request),
                                       timeout=self.config.submit_timeout)
         if response.code != 200:
-            return self.relay_json(request, response, await read_json(response), job_id)
+            return await self.relay_small(request, response, job_id)
         return await self.relay_body(request, response, rename=(ref.worker_job_id, job_id))
 
     async def relay_body(self, request: Request, response: Any,
@@ -812,7 +819,7 @@ class CoordinatorAPI:
         await self.replication.delete(self.replicas_of(job_id), self.forwarded(request))
         response = await self.forward(ref, state, "DELETE", _job_path("jobs", ref),
                                       self.forwarded(request))
-        return self.relay_json(request, response, await read_json(response), job_id)
+        return await self.relay_small(request, response, job_id)
 
     # -- live output ---------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from coordinator.scheduling import drain_retry_after
 from coordinator.statusdocs import lost_status
 from coordinator.uploads import independent_reader
 from coordinator.worker_client import (
+    MAX_SMALL_JSON_BYTES,
     BadWorkerResponse,
     WorkerClient,
     WorkerTimeout,
@@ -128,7 +129,7 @@ class Replication:
                 response = await self.client.request(
                     "DELETE", p.state.entry.endpoint + f"/jobs/{quote(ref.worker_job_id, safe='')}",
                     self.config.request_timeout, headers=headers)
-                await read_body(response)
+                await read_body(response, MAX_SMALL_JSON_BYTES)
             except (WorkerUnreachable, WorkerTimeout, BadWorkerResponse):
                 pass
 
@@ -239,7 +240,7 @@ class Replication:
                     ref, state, "GET",
                     f"/status/{quote(ref.worker_job_id, safe='')}?wait={remaining:g}",
                     headers, timeout=remaining + self.config.request_timeout)
-                await read_body(response)
+                await read_body(response, MAX_SMALL_JSON_BYTES)
             except (WorkerLost, WorkerTimeout, BadWorkerResponse):
                 pass  # the status that follows reports it
 
@@ -269,7 +270,7 @@ class Replication:
                 response = await self.forward(ref, state, "DELETE",
                                               f"/jobs/{quote(ref.worker_job_id, safe='')}",
                                               headers)
-                await read_body(response)
+                await read_body(response, MAX_SMALL_JSON_BYTES)
             except (WorkerLost, WorkerTimeout, BadWorkerResponse):
                 pass
 

@@ -30,7 +30,11 @@ from twisted.web._newclient import RequestNotSent
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-MAX_JSON_BYTES = 64 * 1024 * 1024  # /logs can hold 2 x 10 MiB of output, JSON-escaped
+# A /status document: its output_files (up to 10,000 paths) and the signed text that
+# repeats them.  /logs and /outputs are never read whole (coordinator/members.py).
+MAX_JSON_BYTES = 64 * 1024 * 1024
+# Any other answer a worker gives: an error, /submit's, DELETE's (a few hundred bytes).
+MAX_SMALL_JSON_BYTES = 1024 * 1024
 
 _UNREACHABLE = (
     ierror.ConnectError,  # includes ConnectionRefusedError and connect timeouts

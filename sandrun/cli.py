@@ -294,7 +294,17 @@ def _allow_open_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+def lean_imports(config: WorkerConfig) -> None:
+    """Before the reactor is imported: keep pyOpenSSL out of a worker that speaks plain
+    HTTP (Twisted would load it eagerly; see ``sandrun.notls``)."""
+    from sandrun import notls
+
+    if not notls.uses_tls((config.listen, config.metrics_listen), (config.join,)):
+        notls.refuse_tls()
+
+
 def serve(config: WorkerConfig) -> None:
+    lean_imports(config)
     from twisted.internet import defer, task
     from twisted.internet.error import CannotListenError
 

@@ -13,8 +13,8 @@ import os
 import resource
 import signal
 import sys
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.internet import defer

@@ -18,7 +18,11 @@ Two things are signed, always as the UTF-8 bytes of canonical JSON (see
   can tell the real worker from an impostor at the same address.
 
 A leaf module: it imports only the standard library, PyNaCl, cryptography and
-``sandrun.wire``.
+``sandrun.wire``; PyNaCl and cryptography only where used: PyNaCl where a key
+signs or a signature is checked, cryptography where a key is written or a key
+file is not in the usual form (8 MB of a worker's memory, PyNaCl 1 MB: a worker
+without a key loads neither, one with a key from ``sandrun keygen`` or ``openssl
+genpkey`` only PyNaCl).
 """
 
 from __future__ import annotations
@@ -34,15 +38,12 @@ import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
+from typing import TYPE_CHECKING, Any
 
 from sandrun.wire import canonical_json
+
+if TYPE_CHECKING:
+    from nacl.signing import SigningKey
 
 __all__ = [
     "CONSENSUS_FIELDS",
@@ -115,6 +116,8 @@ class WorkerIdentity:
     @classmethod
     def generate(cls) -> WorkerIdentity:
         """A fresh key from the operating system's random source."""
+        from nacl.signing import SigningKey
+
         return cls(SigningKey.generate())
 
     @classmethod
@@ -122,6 +125,8 @@ class WorkerIdentity:
         """The key whose 32-byte Ed25519 seed (RFC 8032 private key) is ``seed``."""
         if not isinstance(seed, bytes) or len(seed) != 32:
             raise IdentityError("an Ed25519 seed is exactly 32 bytes")
+        from nacl.signing import SigningKey
+
         return cls(SigningKey(seed))
 
     @classmethod
@@ -156,7 +161,7 @@ class WorkerIdentity:
             os.close(fd)
         if len(data) > _MAX_KEY_FILE_BYTES:
             raise IdentityError(f"key file {where!r} is too large to be a key")
-        return cls(SigningKey(_ed25519_seed_from_pem(data, where)))
+        return cls.from_seed(_ed25519_seed_from_pem(data, where))
 
     def sign(self, data: bytes) -> str:
         """The Ed25519 signature of ``data``, standard base64 (88 characters)."""
@@ -164,6 +169,9 @@ class WorkerIdentity:
 
     def to_pem(self) -> bytes:
         """The private key as unencrypted PKCS#8 PEM, as openssl writes it."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         private = Ed25519PrivateKey.from_private_bytes(bytes(self._key))
         return private.private_bytes(
             serialization.Encoding.PEM,
@@ -188,7 +196,40 @@ def _read_at_most(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# RFC 8410: an Ed25519 PKCS#8 v1 PrivateKeyInfo (no attributes, no public key) is these
+# 16 bytes of DER and then the 32-byte seed; the form openssl genpkey and to_pem write.
+_ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+_PEM_BEGIN, _PEM_END = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
+
+
+def _plain_ed25519_seed(data: bytes) -> bytes | None:
+    """The seed of a key file in exactly that form, read without cryptography; else None.
+
+    cryptography costs a worker 8 MB of memory for as long as it runs; this is the
+    file every worker in a pool loads at start.  Anything else (text around the
+    PEM, a key with its public half or attributes, another algorithm, encryption,
+    damage) is None, and cryptography reads it and says what is wrong.
+    """
+    lines = data.strip().splitlines()
+    if len(lines) < 3 or lines[0].strip() != _PEM_BEGIN or lines[-1].strip() != _PEM_END:
+        return None
+    try:
+        der = base64.b64decode(b"".join(line.strip() for line in lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != len(_ED25519_PKCS8_PREFIX) + 32 or not der.startswith(_ED25519_PKCS8_PREFIX):
+        return None
+    return der[len(_ED25519_PKCS8_PREFIX):]
+
+
 def _ed25519_seed_from_pem(data: bytes, where: str) -> bytes:
+    seed = _plain_ed25519_seed(data)
+    if seed is not None:
+        return seed
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -274,6 +315,9 @@ def verify_signature(worker_id: str, data: bytes, signature_b64: str) -> bool:
     signature = _unb64(signature_b64, 64)
     if public is None or signature is None or not isinstance(data, bytes):
         return False
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+
     try:
         VerifyKey(public).verify(data, signature)
     except (BadSignatureError, ValueError, TypeError):

@@ -15,10 +15,9 @@ from __future__ import annotations
 import functools
 import json
 import mimetypes
-from importlib import metadata, resources
+from importlib import resources
 from typing import Any
 
-import yaml
 from twisted.web.iweb import IRequest
 
 from sandrun.httpjson import APIError, cors, write_error
@@ -35,6 +34,8 @@ _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=ut
 
 def _version() -> str:
     """The installed package's version: the document describes this release's API."""
+    from importlib import metadata  # here, with csv and the rest: for one document
+
     try:
         return metadata.version("sandrun")
     except metadata.PackageNotFoundError:
@@ -47,6 +48,8 @@ def _static() -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _source() -> dict[str, Any]:
+    import yaml  # here: a worker that never serves the document need not hold PyYAML
+
     loaded: dict[str, Any] = yaml.safe_load((_static() / "openapi.yaml").read_text("utf-8"))
     return loaded
 

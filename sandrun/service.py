@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from prometheus_client.twisted import MetricsResource
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -26,7 +25,6 @@ from sandrun.jobs.manager import JobManager
 from sandrun.jobs.ratelimit import RateLimiter
 from sandrun.jobs.storage import Storage
 from sandrun.netaddr import parse_trusted_proxies
-from sandrun.sandbox.devices import V2_REFUSAL
 from sandrun.sandbox.supervisor import Sandbox
 
 log = Logger()
@@ -39,6 +37,9 @@ def instance_name(state_dir: str) -> str:
 
 def metrics_site(registry: Any) -> server.Site:
     """The ``--metrics-listen`` site: ``/metrics`` only, in the text exposition format."""
+    # Imported here: it brings twisted.web.wsgi, which a worker without the flag never uses.
+    from prometheus_client.twisted import MetricsResource
+
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=registry))
     site = server.Site(root)
@@ -85,7 +86,8 @@ class WorkerService(service.MultiService):
                              environments=self.environments.describe,
                              unpack=self.unpacker.parse)
         self.manager.metrics.watch(stored=self.storage.used_bytes)
-        self.metrics_site = metrics_site(self.manager.metrics.registry)
+        self.metrics_site = metrics_site(self.manager.metrics.registry) \
+            if config.metrics_listen is not None else None
         self.metrics_port: Any = None
         self.site = WorkerSite(self.api.resource())
         self.site.displayTracebacks = False
@@ -118,7 +120,7 @@ class WorkerService(service.MultiService):
             self._started.append("manager")
             self.port = yield serverFromString(self.reactor, self.config.listen).listen(
                 self.site)
-            if self.config.metrics_listen is not None:
+            if self.config.metrics_listen is not None and self.metrics_site is not None:
                 self.metrics_port = yield serverFromString(
                     self.reactor, self.config.metrics_listen).listen(self.metrics_site)
         except BaseException:
@@ -145,11 +147,9 @@ class WorkerService(service.MultiService):
 
     @defer.inlineCallbacks
     def _find_gpus(self) -> Any:
-        """Discover the GPUs (NVML, in a thread); refuse GPU jobs where they cannot be isolated."""
+        """Discover the GPUs (NVML, in a thread)."""
         self.gpus.inventory = yield self.manager.blocking(discover, None,
                                                           self.config.gpu_dev_dir)
-        if self.sandbox.cgroup_version != 1:
-            self.gpus.unusable = V2_REFUSAL
         for problem in self.gpus.inventory.problems:
             log.info("GPUs: {problem}", problem=problem)
         log.info("GPUs: {count} found{refused}", count=len(self.gpus.inventory.gpus),

@@ -155,14 +155,24 @@ class Text:
 
 
 def object_json(members: Iterable[tuple[str, Any]]) -> Iterator[bytes]:
-    """A JSON object of ``members`` in order; a ``Text`` value is streamed."""
+    """A JSON object of ``members`` in order; a ``Text`` value is streamed.
+
+    Each run of other members is encoded in one ``json.dumps`` (the same bytes as one
+    call per name and per value: a ``/run`` answer has a dozen of them)."""
     separator = b"{"
+    plain: dict[str, Any] = {}
     for name, value in members:
-        yield separator + json.dumps(name).encode() + b": "
+        if plain and (isinstance(value, Text) or name in plain):
+            yield separator + json.dumps(plain).encode()[1:-1]
+            separator, plain = b", ", {}
         if isinstance(value, Text):
+            yield separator + json.dumps(name).encode() + b": "
             yield from json_string(value.chunks)
+            separator = b", "
         else:
-            yield json.dumps(value).encode()
+            plain[name] = value
+    if plain:
+        yield separator + json.dumps(plain).encode()[1:-1]
         separator = b", "
     yield b"}" if separator == b", " else b"{}"
 

@@ -45,18 +45,21 @@ reader therefore costs nothing and still gets everything; one whose send
 buffer does not drain for ``stall_seconds`` (it reads less than 64 KiB in
 that time, about 6 KB/s with the defaults) is dropped with 1008, so it
 cannot pin the log of a finished or deleted job.
+
+The autobahn side (its factory, protocol and resource) is ``websocket.py``,
+imported by the first stream request rather than when the worker starts.
 """
 
 from __future__ import annotations
 
 import codecs
+import importlib
 import json
 from dataclasses import dataclass
-from typing import Any, cast
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
-from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -67,6 +70,9 @@ from sandrun.httpjson import APIError, write_error
 from sandrun.jobs.manager import JobManager
 from sandrun.jobs.model import Job
 from sandrun.wire import JobStatus
+
+if TYPE_CHECKING:
+    from sandrun.api.websocket import StreamProtocol
 
 log = Logger()
 
@@ -100,16 +106,16 @@ class Subscribers:
 
     def __init__(self, clock: Any) -> None:  # IReactorTime
         self.clock = clock
-        self.live: set[_StreamProtocol] = set()
+        self.live: set[StreamProtocol] = set()
         self._emptied: list[defer.Deferred[None]] = []
 
     def __len__(self) -> int:
         return len(self.live)
 
-    def add(self, protocol: _StreamProtocol) -> None:
+    def add(self, protocol: StreamProtocol) -> None:
         self.live.add(protocol)
 
-    def discard(self, protocol: _StreamProtocol) -> None:
+    def discard(self, protocol: StreamProtocol) -> None:
         self.live.discard(protocol)
         if not self.live:
             waiters, self._emptied = self._emptied, []
@@ -144,92 +150,56 @@ class Subscribers:
 
 def stream_resource(manager: JobManager, job_id: str, request: IRequest,
                     settings: StreamSettings = DEFAULT_SETTINGS,
-                    subscribers: Subscribers | None = None) -> IResource:
+                    subscribers: Subscribers | None = None
+                    ) -> IResource | defer.Deferred[IResource]:
     """The resource that answers one stream request: the WebSocket, or a JSON error.
 
     ``subscribers`` tracks the connection while it is open (for ``close_all``).
+    The WebSocket comes once ``websocket.py`` is imported (see ``_websocket``).
     """
     fmt = request.args.get(b"format", [b"text"])[0]
     if fmt not in (b"text", b"json"):
         return cast(IResource, _ErrorResource(APIError(400, "Invalid format",
                                                        "format is text or json")))
-    upgrade = (request.getHeader(b"upgrade") or b"").lower()
-    if b"websocket" not in (token.strip() for token in upgrade.split(b",")):
+    asked = (request.getHeader(b"upgrade") or b"").lower()
+    if b"websocket" not in (token.strip() for token in asked.split(b",")):
         return cast(IResource, _ErrorResource(
             APIError(426, "Upgrade required", "this endpoint speaks WebSocket (RFC 6455)"),
             {b"Upgrade": b"websocket"}, b"Upgrade Required"))
-    return cast(IResource, _StreamResource(
-        _StreamFactory(manager, job_id, fmt == b"json", settings, subscribers)))
+
+    def upgrade(websocket: ModuleType) -> IResource:
+        return cast(IResource, websocket.StreamResource(
+            websocket.StreamFactory(manager, job_id, fmt == b"json", settings, subscribers)))
+
+    return _websocket(manager.reactor).addCallback(upgrade)
 
 
-class _StreamFactory(WebSocketServerFactory):
-    """One per request: it carries the job id and format to the protocol."""
-
-    def __init__(self, manager: JobManager, job_id: str, json_frames: bool,
-                 settings: StreamSettings, subscribers: Subscribers | None = None) -> None:
-        super().__init__(reactor=manager.reactor)
-        self.manager, self.job_id, self.json_frames = manager, job_id, json_frames
-        self.settings, self.subscribers = settings, subscribers
-        self.setProtocolOptions(
-            webStatus=False,
-            allowedOrigins=["*"],  # anonymous public service; see the module docstring
-            autoPingInterval=settings.ping_interval, autoPingTimeout=settings.ping_timeout,
-            closeHandshakeTimeout=settings.close_timeout)
+_WEBSOCKET = "sandrun.api.websocket"
+_websocket_module: ModuleType | None = None
 
 
-class _StreamProtocol(WebSocketServerProtocol):  # type: ignore[misc]
-    factory: _StreamFactory
-    subscriber: _Subscriber | None = None
+def _websocket(reactor: Any) -> defer.Deferred[ModuleType]:
+    """``sandrun.api.websocket``: imported by the first stream, not when the worker starts.
 
-    def onOpen(self) -> None:
-        factory = self.factory
-        job = factory.manager.get(factory.job_id)
-        if job is None or job.deleted:
-            self.close(CLOSE_NO_JOB, "job not found")
-            return
-        self.subscriber = _Subscriber(self, job, factory.json_frames, factory.settings,
-                                      factory.manager.reactor)
-        if factory.subscribers is not None:
-            factory.subscribers.add(self)
-        self.subscriber.start()
+    autobahn and the cryptography its package imports are about 12 MB of memory that
+    a worker no one watches need not hold.  The first import takes 0.1-0.2 s of
+    Python; in a thread of the reactor's pool it only shares the GIL, rather than
+    stopping the reactor (and every job's output) for that long.
+    """
+    if _websocket_module is not None:
+        return defer.succeed(_websocket_module)
 
-    def onMessageFrameData(self, payload: bytes) -> None:
-        # Nothing a client says changes what it is sent: drop its data as it
-        # arrives rather than collect a message of any size. (autobahn's
-        # maxMessagePayloadSize would also cap what we send.)
-        pass
+    def loaded(module: ModuleType) -> ModuleType:
+        global _websocket_module
+        _websocket_module = module
+        return module
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        pass
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if self.subscriber is not None:
-            self.subscriber.stop()
-        if self.factory.subscribers is not None:
-            self.factory.subscribers.discard(self)
-
-    def going_away(self, code: int, reason: str) -> None:
-        """Shutdown: stop sending the job's output and close."""
-        if self.subscriber is not None:
-            self.subscriber.close(code, reason)
-        else:
-            self.close(code, reason)
-
-    def close(self, code: int, reason: str) -> None:
-        if code in (CLOSE_GOING_AWAY, CLOSE_TOO_SLOW):
-            # autobahn's sendClose only lets applications use 1000 and 3000-4999;
-            # 1001 and 1008 are the codes the protocol defines for these, so send the
-            # frame as is.
-            self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123])
-        else:
-            self.sendClose(code, reason)
-
-
-_StreamFactory.protocol = _StreamProtocol  # type: ignore[assignment]
+    return threads.deferToThreadPool(reactor, reactor.getThreadPool(),
+                                     importlib.import_module, _WEBSOCKET).addCallback(loaded)
 
 
 @implementer(IPushProducer)
-class _Subscriber:
+class Subscriber:
     """One client watching one job: a cursor into the job's log, sent as the transport drains.
 
     Everything runs on the reactor thread, and the log is append-only, so the
@@ -237,7 +207,7 @@ class _Subscriber:
     listeners only say "there is more".
     """
 
-    def __init__(self, protocol: _StreamProtocol, job: Job, json_frames: bool,
+    def __init__(self, protocol: StreamProtocol, job: Job, json_frames: bool,
                  settings: StreamSettings, clock: Any) -> None:  # clock: IReactorTime
         self.protocol, self.job, self.json_frames = protocol, job, json_frames
         self.settings, self.clock = settings, clock
@@ -378,16 +348,6 @@ def _discard(listeners: list[Any], listener: Any) -> None:
         listeners.remove(listener)
     except ValueError:
         pass
-
-
-class _StreamResource(WebSocketResource):  # type: ignore[misc]
-    def render(self, request: IRequest) -> Any:
-        result = super().render(request)
-        # The (empty) body of the upgrade request was spooled to the worker's
-        # tmpfs; the request object lives on until garbage collection, the file
-        # need not.
-        request.content.close()
-        return result
 
 
 class _ErrorResource(Resource):

@@ -8,7 +8,6 @@ import os
 import sys
 from typing import Any
 
-from sandrun.environments.builder import BuildError, build, check
 from sandrun.environments.fetch import SANDBOX_PYTHON
 from sandrun.environments.registry import DEFAULT_ROOT, EnvironmentUnavailable, Registry
 
@@ -36,6 +35,9 @@ def add_env_commands(subparsers: Any) -> None:
 
 
 def run_env_command(args: argparse.Namespace) -> int:
+    # Here, not at the top: every ``sandrun`` command, the worker too, builds this parser.
+    from sandrun.environments.builder import BuildError, build, check
+
     registry = Registry(args.root)
 
     def progress(line: str) -> None:

@@ -291,7 +291,7 @@ class JobManager:
         # its limits; a failed fetch or install is reason install_failed.  maybeDeferred:
         # a sandbox that cannot take the job raises at once.
         d = defer.maybeDeferred(
-            run_in_environment, self.sandbox, self.environments, self.blocking,
+            run_in_environment, self.sandbox, self.environments, self._blocking_for(job),
             job_id=job.id, manifest=manifest, argv=tuple(manifest.argv()),
             job_dir=store.work_dir(job.base_dir), policy=self._policy(job, gpu),
             on_output=job.log.append, stdin=manifest.stdin.encode(),
@@ -340,7 +340,7 @@ class JobManager:
         job.truncated = result.truncated
         if not job.deleted:
             try:
-                job.outputs = yield self.blocking(self._list_and_measure, job)
+                job.outputs = yield self._blocking_for(job)(self._list_and_measure, job)
             except Exception as e:  # noqa: BLE001 (the job ends regardless)
                 # The type only: a message could carry a file name (job content).
                 log.warn(  # noqa: G010 (twisted.logger has no "warning")
@@ -350,6 +350,16 @@ class JobManager:
             return
         self._end(job, JobStatus.COMPLETED if reason == Reason.COMPLETED else JobStatus.FAILED)
         self._pump()
+
+    def _blocking_for(self, job: Job) -> BlockingRunner:
+        """``blocking`` for this job's chown (with its fetch) and listing; made right here
+        for a small job with nothing to fetch (``storage.is_small``: a snippet's few files),
+        which costs less than the trip to a thread and back (a fetch never runs here)."""
+        def run(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            if job.manifest.requirements is None and store.is_small(job.base_dir):
+                return defer.maybeDeferred(f, *args, **kwargs)
+            return self.blocking(f, *args, **kwargs)
+        return run
 
     def _list_and_measure(self, job: Job) -> list[OutputFile]:
         """The job's outputs, then what it left measured (it counts until it is deleted):

@@ -206,6 +206,23 @@ def staging_dir(base: str) -> str:
     return os.path.join(base, "staging")
 
 
+# A job whose tmpfs holds at most this much is "small": its chown and its listing cost less
+# than a trip to a thread, and the worker makes them on the reactor thread (a snippet).
+SMALL_JOB_INODES = 16  # files and directories, the tmpfs's own root included
+SMALL_JOB_BYTES = 64 * 1024
+
+
+def is_small(base: str) -> bool:
+    """Whether the job's tmpfs at ``base`` holds at most ``SMALL_JOB_INODES`` inodes and
+    ``SMALL_JOB_BYTES`` (one ``statvfs``); False where it is not a tmpfs with an inode cap."""
+    try:
+        st = os.statvfs(base)
+    except OSError:
+        return False
+    return 0 < st.f_files and st.f_files - st.f_ffree <= SMALL_JOB_INODES \
+        and (st.f_blocks - st.f_bfree) * st.f_frsize <= SMALL_JOB_BYTES
+
+
 def disk_full(base: str) -> bool:
     """True when the job's tmpfs has (almost) no room left: a disk_limit end."""
     st = os.statvfs(base)

@@ -1,8 +1,8 @@
-"""A GPU job's device cgroup: the job may open its own GPU's nodes and the usual few, no more.
+"""What device nodes a job may open: the usual few, and a GPU job's own GPU.
 
-Only GPU jobs get one; every other job has no device node beyond ``null``,
-``zero``, ``full``, ``random`` and ``urandom`` in its ``/dev`` and cannot make
-one (no ``CAP_MKNOD``).  A GPU job's ``/dev`` also holds its ``nvidiaN``,
+Every job's ``/dev`` holds only ``null``, ``zero``, ``full``, ``random`` and
+``urandom`` (bound from a template) and it cannot make another node (no
+``CAP_MKNOD``).  A GPU job's ``/dev`` also holds its ``nvidiaN``,
 ``nvidiactl``, ``nvidia-uvm`` (and ``nvidia-uvm-tools``), recreated by number
 (see ``mounts.finish_root``); the driver itself would let any process that can
 open ``nvidiactl`` reach every GPU through it, so the kernel must also refuse
@@ -13,12 +13,18 @@ the others (``<instance>/job-<id>``), that denies everything (``a``) and then
 allows the five standard devices and the job's GPU nodes (read, write and
 mknod, which the job cannot use without ``CAP_MKNOD``).  The spare that will
 run the job is moved into it before it is handed the job, so the job's init
-and command are both held by it.
+and command are both held by it.  Other jobs get no devices cgroup on v1:
+their ``/dev`` is all they can reach.
 
-cgroup v2 controls devices only through a BPF program attached to the
-cgroup (``BPF_CGROUP_DEVICE``), which Sandrun does not load: on a v2 host GPU
-jobs are refused (fail closed, see ``V2_REFUSAL``) while other jobs run as
-usual.
+cgroup v2 has no ``devices`` controller: a BPF program attached to the job's
+cgroup decides instead (``devfilter``), and there every job gets one.  Each
+spare's cgroup gets the standard filter (read and write of the five standard
+devices; nothing else, and ``mknod`` of nothing) as soon as it is made, before
+any process is in it, so it costs a launch nothing; a GPU job's is replaced,
+before the spare is handed the job, by one that allows the same list as v1's
+``devices.allow``.  The kernel drops a cgroup's program when the cgroup is
+removed.  If the program cannot be loaded the launcher does not start; if it
+cannot be attached the job does not run.
 
 No Twisted: this module runs in the launcher.
 """
@@ -28,10 +34,8 @@ from __future__ import annotations
 import os
 import re
 
-from sandrun.sandbox import cgroups
+from sandrun.sandbox import cgroups, devfilter
 
-V2_REFUSAL = ("GPU jobs are refused on cgroup v2: this worker cannot limit a job to its own "
-              "GPU there (no BPF device filter)")
 # The only node names a GPU job may be given, so a request can never name another device.
 NODE_NAME = re.compile(r"nvidia(?:[0-9]{1,3}|ctl|-uvm|-uvm-tools)")
 STANDARD = ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9))  # null zero full random urandom
@@ -39,6 +43,19 @@ STANDARD = ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9))  # null zero full random ura
 
 class DeviceError(Exception):
     pass
+
+
+def filter_rules(nodes: tuple[tuple[str, int, int], ...] | None) -> list[devfilter.Rule]:
+    """The v2 filter's rules: a GPU job's as ``rules`` says, any other job's read and write only.
+
+    ``mknod`` only where the spare makes nodes itself (``mounts.gpu_dev``); an
+    ordinary job's /dev comes from a template the worker made outside the cgroup.
+    """
+    if nodes is None:
+        return [(major, minor, devfilter.ACC_READ | devfilter.ACC_WRITE)
+                for major, minor in STANDARD]
+    return [(major, minor, devfilter.ACC_ALL) for major, minor in
+            (*STANDARD, *((major, minor) for _, major, minor in nodes))]
 
 
 def check_nodes(nodes: tuple[tuple[str, int, int], ...]) -> None:
@@ -118,3 +135,36 @@ class DeviceCgroups:
                 os.rmdir(self._base)
             except OSError:
                 pass  # not empty (left for the next start) or already gone
+
+
+class DeviceFilters:
+    """cgroup v2: the device programs of one launcher (see ``devfilter``).
+
+    The standard program is loaded once, at start, and attached to every
+    spare's cgroup; a GPU job's is loaded for it, attached over the standard
+    one, and its descriptor closed at once: the cgroup holds the program until
+    it is removed, and the kernel frees it then.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self.standard = devfilter.load(devfilter.program(filter_rules(None)))
+        except devfilter.BpfError as e:
+            raise DeviceError(f"cgroup v2 device filter: {e.strerror}; the worker needs "
+                              "CAP_SYS_ADMIN (or CAP_BPF) and a kernel with "
+                              "CONFIG_CGROUP_BPF") from None
+
+    def attach_standard(self, cgroup_dir: str) -> None:
+        devfilter.attach(self.standard, cgroup_dir)
+
+    def attach_gpu(self, cgroup_dir: str, nodes: tuple[tuple[str, int, int], ...]) -> None:
+        """Give the cgroup the filter of a GPU job with ``nodes``; raises if it cannot."""
+        check_nodes(nodes)
+        prog = devfilter.load(devfilter.program(filter_rules(nodes)))
+        try:
+            devfilter.attach(prog, cgroup_dir)
+        finally:
+            os.close(prog)
+
+    def close(self) -> None:
+        os.close(self.standard)

@@ -59,7 +59,6 @@ job's exit to its result.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import select
@@ -68,12 +67,17 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
 
-from sandrun.sandbox import cgroups, devices, mounts, network, pid1, seccomp
+from sandrun.sandbox import cgroups, devfilter, devices, mounts, network, pid1, seccomp
 from sandrun.sandbox import namespaces as ns
 from sandrun.sandbox.limits import apply_rlimits
 from sandrun.sandbox.policy import LaunchRequest
+
+# typing.TYPE_CHECKING without importing typing, which the launcher (a small
+# process that forks every job) does not load.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 16  # stdin, stdout, stderr; then the job directory and extras, as mounts
@@ -158,8 +162,12 @@ class Launcher:
                 "accounting, or start with --allow-unlimited-swap")
         self.stale = self.cgroups.cleanup_stale()
         self.devices = devices.DeviceCgroups(self.instance)
+        # cgroup v2: every job's device filter (see devices); None on v1.
+        self.device_filters: devices.DeviceFilters | None = None
         if self.cgroups.version == 1:
             self.stale += self.devices.cleanup_stale()
+        else:
+            self.device_filters = devices.DeviceFilters()
         with open(self.seccomp_file, "rb") as f:
             self.filters = seccomp.PreparedFilters(seccomp.split_programs(f.read()))
         with open(self.loopback_file, "rb") as f:
@@ -244,6 +252,9 @@ class Launcher:
         self.spares_made += 1
         group = self.cgroups.create_spare(self.spares_made)
         try:
+            if self.device_filters is not None:
+                # Before the spare joins: nothing ever runs there unfiltered.
+                self.device_filters.attach_standard(group.dirs["pids"])
             return self._fork_into(group)
         except BaseException:
             self._remove_now(group)
@@ -341,14 +352,14 @@ class Launcher:
                 raise SetupError("filesystem", e) from None
             gpu = request.policy.gpu
             if gpu is not None:
-                if self.cgroups.version != 1:
-                    raise SetupError("devices", devices.V2_REFUSAL)
                 try:
                     devices.check_nodes(gpu.nodes)
                 except devices.DeviceError as e:
                     raise SetupError("devices", e) from None
             try:
                 zygote = self._take_spare()
+            except devfilter.BpfError as e:  # a spare made now, whose filter would not attach
+                raise SetupError("devices", e) from None
             except (OSError, cgroups.CgroupError) as e:
                 raise SetupError("fork", e) from None
             mntns = _open_mount_namespace(zygote.pid)
@@ -358,12 +369,15 @@ class Launcher:
             except (OSError, cgroups.CgroupError) as e:
                 raise SetupError("cgroup", e) from None
             if gpu is not None:
+                # Before the spare has the job: its init and command are both held.
                 try:
-                    # Before the spare has the job: its init and command are both held.
-                    held = self.devices.create(job_id, gpu.nodes, zygote.pid)
+                    if self.device_filters is not None:
+                        self.device_filters.attach_gpu(group.dirs["pids"], gpu.nodes)
+                    else:
+                        held = self.devices.create(job_id, gpu.nodes, zygote.pid)
+                        group.dirs["devices"] = zygote.cgroup.dirs["devices"] = held
                 except (OSError, devices.DeviceError, cgroups.CgroupError) as e:
                     raise SetupError("devices", e) from None
-                group.dirs["devices"] = zygote.cgroup.dirs["devices"] = held
             try:
                 for host, _ in request.ro_binds:
                     trees.append(ns.open_tree_clone(host))
@@ -534,6 +548,8 @@ class Launcher:
         self._release_namespaces()
         self.cgroups.remove_bases()
         self.devices.remove_base()
+        if self.device_filters is not None:
+            self.device_filters.close()
 
     # -- in the child -------------------------------------------------------------------------
 
@@ -664,15 +680,16 @@ def _warm_up() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Sandrun's sandbox launcher (internal)")
-    parser.add_argument("--fd", type=int, required=True, help="SOCK_SEQPACKET to the worker")
-    parser.add_argument("--state-dir", required=True)
-    parser.add_argument("--instance", required=True, help="cgroup directory name")
-    parser.add_argument("--seccomp", required=True, help="BPF programs from seccomp.py")
-    parser.add_argument("--loopback", required=True, help="netlink request from network.py")
-    parser.add_argument("--allow-unlimited-swap", action="store_true",
-                        help="start even where a job's swap use cannot be capped")
-    args = parser.parse_args(argv)
+    """Run the launcher; ``argv`` is one JSON object, from ``Sandbox.start``.
+
+    Its keys: ``fd`` (the SOCK_SEQPACKET to the worker), ``state_dir``,
+    ``instance`` (the cgroup directory name), ``seccomp`` (the BPF programs
+    from seccomp.py), ``loopback`` (the netlink request from network.py) and
+    ``allow_unlimited_swap`` (start even where a job's swap cannot be capped).
+    JSON, not argparse: this process is internal, it parses JSON anyway, and
+    argparse was 0.4 MB of its memory.
+    """
+    settings = json.loads((sys.argv[1:] if argv is None else argv)[0])
     ns.prctl(ns.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the worker
     # Python ignores these; an ignored signal stays ignored across exec, and the
     # jobs must get the defaults.  The launcher sends with MSG_NOSIGNAL.
@@ -682,15 +699,16 @@ def main(argv: list[str] | None = None) -> None:
     # launcher itself (or it dies with the worker), never with a traceback.  Spares put
     # the default back first thing.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = socket.socket(fileno=args.fd)
+    sock = socket.socket(fileno=settings["fd"])
     try:
         # A mount namespace of its own, copied now: the worker's state tmpfs is private
         # (storage.py), so the job mounts the worker makes from now on never appear here,
         # nor in the spares' namespaces copied from this one, however many are held.
         ns.unshare(ns.CLONE_NEWNS)
         ns.drop_bounding_set(ns.last_capability())
-        launcher = Launcher(sock, args.state_dir, args.instance, args.seccomp, args.loopback,
-                            allow_unlimited_swap=args.allow_unlimited_swap)
+        launcher = Launcher(sock, settings["state_dir"], settings["instance"],
+                            settings["seccomp"], settings["loopback"],
+                            allow_unlimited_swap=settings["allow_unlimited_swap"])
     except Exception as e:
         # A DelegationError is already the one line that says what to do.
         message = str(e) if isinstance(e, cgroups.DelegationError) else f"{type(e).__name__}: {e}"

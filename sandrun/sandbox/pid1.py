@@ -42,9 +42,14 @@ import ctypes
 import os
 import signal
 import socket
-from typing import NoReturn
 
 from sandrun.sandbox import namespaces as ns
+
+# typing.TYPE_CHECKING without importing typing, which the launcher (a small
+# process that forks every job) does not load.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 FAILED = b"E"
 STARTED = b"S"

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+# typing.TYPE_CHECKING without importing typing, which the launcher (a small
+# process that forks every job) does not load.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 MiB = 1024 * 1024
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

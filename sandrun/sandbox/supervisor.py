@@ -195,11 +195,11 @@ class Sandbox:
         bootstrap = (f"import sys; sys.path.insert(0, {os.path.dirname(package_root)!r}); "
                      "from sandrun.sandbox.launcher import main; main()")
         # -I -S: no site-packages, no environment: a small process forks faster.
+        settings = {"fd": theirs.fileno(), "state_dir": self.state_dir,
+                    "instance": self.instance, "seccomp": bpf, "loopback": loopback,
+                    "allow_unlimited_swap": self.allow_unlimited_swap}
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", bootstrap, "--fd", str(theirs.fileno()),
-             "--state-dir", self.state_dir, "--instance", self.instance,
-             "--seccomp", bpf, "--loopback", loopback,
-             *(["--allow-unlimited-swap"] if self.allow_unlimited_swap else [])],
+            [sys.executable, "-I", "-S", "-c", bootstrap, json.dumps(settings)],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         self._sock = ours

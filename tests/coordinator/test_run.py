@@ -199,3 +199,18 @@ def test_run_with_keep_0_of_a_loud_job_answers_it_all_then_deletes_it(tmp_path: 
     assert doc["stdout"] == LOUD_STDOUT.decode("utf-8", "replace") and doc["kept"] is False
     assert [o["download_url"] for o in doc["outputs"]] == [None]
     assert worker_jobs(pool) == []
+
+
+def test_run_of_a_replicated_loud_job_relays_the_first_replicas_output(tmp_path: Any) -> None:
+    pool = ready(tmp_path)
+    document = {"manifest": {"entrypoint": "main.py", "outputs": ["*.txt"], "replicas": 2},
+                "files": {"main.py": "LOUD"}}
+    reply = pool.reply(pool.begin("POST", "/run?keep=0", json.dumps(document).encode(),
+                                  {"Content-Type": "application/json",
+                                   "X-Forwarded-For": "192.0.2.10"}))
+    doc = reply.json()
+    assert doc["consensus"]["agreed"] is True and doc["status"] == "completed"
+    assert doc["stdout"] == LOUD_STDOUT.decode("utf-8", "replace")
+    assert doc["stderr"] == LOUD_STDERR.decode() and doc["kept"] is False
+    assert [o["path"] for o in doc["outputs"]] == ["out.txt"]
+    assert worker_jobs(pool) == []  # every replica deleted

@@ -18,6 +18,7 @@ Runs as root (workers mount tmpfs and make cgroups).  About 30 s.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import re
@@ -37,6 +38,7 @@ from typing import Any
 import pytest
 
 from bench.common import in_cgroup, remove_worker_cgroup, worker_cgroup
+from coordinator.jobids import decode_job_id
 from tests.contract import check_response
 from tests.integration.worker import REPO, Response, mounts_under, request, why_no_worker
 from tests.timing import scaled
@@ -562,6 +564,72 @@ def test_twenty_unread_logs_through_the_coordinator_keep_its_rss_bounded(pool: P
     listing = pool.coordinator.get(f"/outputs/{job}").json()
     assert listing["job_id"] == job
     assert all(f["download_url"].startswith(f"/download/{job}/") for f in listing["files"])
+
+
+LOUD_STDOUT = bytes(range(256)) * 40_000  # 10,240,000 bytes, under the 10 MiB cap
+LOUD_STDERR_BYTES = 10_000_000  # of "\x01": 60 MB of JSON
+LOUD = ("import os\n"
+        "out = bytes(range(256)) * 40_000\n"
+        "for i in range(0, len(out), 1 << 20):\n    os.write(1, out[i:i + (1 << 20)])\n"
+        f"os.write(2, b'\\x01' * {LOUD_STDERR_BYTES})\n"
+        "open('r.txt', 'w').write('done')\n")
+
+
+def test_run_through_the_coordinator_relays_20_mb_of_output_exactly_with_bounded_memory(
+        pool: Pool) -> None:
+    """A /run answer of ~100 MB of JSON (over the 64 MiB the coordinator once read whole,
+    then a 502), byte for byte; four such answers unread cost the coordinator little."""
+    assert pool.coordinator.proc is not None
+    pid = pool.coordinator.proc.pid
+    body = json.dumps({"manifest": {"entrypoint": "main.py", "outputs": ["*.txt"]},
+                       "files": {"main.py": LOUD}}).encode()
+    before = rss_kib(pid)
+    clients = []
+    try:
+        for _ in range(4):
+            conn = http.client.HTTPConnection("127.0.0.1", pool.coordinator.port, timeout=120)
+            conn.connect()
+            assert conn.sock is not None
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            conn.request("POST", "/run", body, {"Content-Type": "application/json"})
+            clients.append(conn)
+        # Every job ends and its answer begins; nobody reads.
+        time.sleep(scaled(6.0))
+        held = rss_kib(pid) - before
+        answers = []
+        for conn in clients:
+            reply = conn.getresponse()
+            assert reply.status == 200
+            answers.append(reply.read())
+    finally:
+        for conn in clients:
+            conn.close()
+    print(f"coordinator RSS grew by {held} KiB with 4 unread /run answers of "
+          f"{len(answers[0]) // 1024} KiB each")
+    assert held < 100 * 1024, held
+    expected_stdout = LOUD_STDOUT.decode("utf-8", "replace")
+    for raw in answers:
+        check_response("coordinator", "POST", "/run", 200, "application/json", raw)
+        doc = json.loads(raw)
+        assert doc["status"] == "completed", doc["execution_metadata"]
+        assert doc["stdout"] == expected_stdout
+        assert doc["stderr"] == "\x01" * LOUD_STDERR_BYTES
+        assert doc["truncated"] == {"stdout": False, "stderr": False}
+        assert doc["signature_verified"] is True and doc["kept"] is True
+        (output,) = doc["outputs"]
+        assert output["download_url"] == f"/download/{doc['job_id']}/r.txt"
+    # Byte for byte the strings the worker wrote in its own /logs.
+    job = json.loads(answers[0])["job_id"]
+    ref = decode_job_id(job)
+    assert ref is not None
+    worker_logs = request(pool.worker_of(job).url, path=f"/logs/{ref.worker_job_id}",
+                          timeout=60).body
+    for name, after in (("stdout", "stderr"), ("stderr", "install")):
+        start = worker_logs.index(f'"{name}": "'.encode())
+        end = worker_logs.index(f'",\n"{after}": '.encode(), start)
+        assert len(worker_logs[start:end + 1]) > 10_000_000
+        assert worker_logs[start:end + 1] in answers[0]
+    assert pool.coordinator.get(output["download_url"]).body == b"done"
 
 
 def test_a_second_coordinator_answers_for_the_first_and_per_ip_limits_hold_pool_wide(

@@ -95,9 +95,11 @@ def finish(into: Received, thread: threading.Thread, timeout: float = 30) -> Rec
 
 # -- live, late, many -----------------------------------------------------------------------
 
+# The first line waits for the client's handshake: a worker's first stream imports
+# autobahn (sandrun/api/stream.py), 0.1-0.3 s on this host, or more under load.
 TICKER = """
 import time
-time.sleep(0.3)
+time.sleep(1.0)
 for i in range(12):
     print(i, repr(time.time()), flush=True)
     time.sleep(0.2)

@@ -28,11 +28,18 @@ NVML = {"driver": "550.54.15", "cuda": 12040, "gpus": [
     {"name": "Tesla T4", "uuid": "GPU-tttt", "memory_bytes": 15 * GiB,
      "compute_capability": [7, 5], "minor": 1}]}
 PROBE = """
-import json, os
+import errno, json, os
 nodes = {n: [os.major(os.stat('/dev/' + n).st_rdev), os.minor(os.stat('/dev/' + n).st_rdev)]
          for n in sorted(os.listdir('/dev')) if n.startswith('nvidia')}
-print(json.dumps({"nodes": nodes, "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                  "nvidia": os.environ.get("NVIDIA_VISIBLE_DEVICES")}))
+opened = {}
+for n in nodes:
+    try:
+        os.close(os.open('/dev/' + n, os.O_RDWR))
+        opened[n] = "opened"
+    except OSError as e:
+        opened[n] = errno.errorcode[e.errno]
+print(json.dumps({"nodes": nodes, "opened": opened, "visible": os.environ.get(
+    "CUDA_VISIBLE_DEVICES"), "nvidia": os.environ.get("NVIDIA_VISIBLE_DEVICES")}))
 """
 
 
@@ -75,6 +82,7 @@ def test_the_worker_reports_the_gpus_nvml_found_in_health_and_root(worker: Worke
         (0, "NVIDIA A100-SXM4-80GB", 80 * GiB, "8.0", "550.54.15", "12.4", False),
         (1, "Tesla T4", 15 * GiB, "7.5", "550.54.15", "12.4", False)]
     assert worker.get("/").json()["gpus"] == health["gpus"]
+    assert "gpu_problems" not in health  # lent on cgroup v1 and v2 alike
 
 
 def test_a_gpu_job_sees_only_its_gpus_node_and_is_told_which(worker: Worker) -> None:
@@ -85,8 +93,11 @@ def test_a_gpu_job_sees_only_its_gpus_node_and_is_told_which(worker: Worker) -> 
     assert status["status"] == "completed", (status, logs)
     seen = json.loads(logs["stdout"])
     # No nvidia-uvm-tools on this host: not given.  GPU 0's node is not there at all.
+    # Each node passes the device cgroup (v1) or filter (v2) and reaches the kernel's
+    # lookup of a driver, absent here: ENXIO, where a refusal would be EPERM.
     assert seen == {"nodes": {"nvidia1": [195, 1], "nvidiactl": [195, 255],
                               "nvidia-uvm": [508, 0]},
+                    "opened": {"nvidia1": "ENXIO", "nvidiactl": "ENXIO", "nvidia-uvm": "ENXIO"},
                     "visible": "GPU-tttt", "nvidia": "GPU-tttt"}
 
 

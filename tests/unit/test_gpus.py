@@ -206,18 +206,17 @@ def test_gpu_jobs_wait_for_a_free_gpu_while_others_go_ahead(tmp_path: Any) -> No
     assert h.status(second)["status"] == JobStatus.RUNNING.value
 
 
-def test_on_cgroup_v2_gpus_are_reported_but_every_required_gpu_job_is_refused(
+def test_gpus_a_worker_cannot_lend_are_reported_but_every_required_gpu_job_is_refused(
         tmp_path: Any) -> None:
-    from sandrun.sandbox.devices import V2_REFUSAL
-
-    pool = GpuPool(inventory(tmp_path, A100), unusable=V2_REFUSAL)
+    why = "GPU jobs are refused here: the sandbox cannot limit a job to its own GPU"
+    pool = GpuPool(inventory(tmp_path, A100), unusable=why)
     h = Harness(str(tmp_path / "w"), gpus=pool)
     health = h.get("/health").json()
     assert [g["uuid"] for g in health["gpus"]] == ["GPU-aaaa"]
-    assert health["gpu_problems"] == [V2_REFUSAL]
+    assert health["gpu_problems"] == [why]
     assert "gpus" not in health["load"]  # a coordinator sends it no GPU job
     reply = h.post_json({"manifest": {"gpu": {"required": True}}, "files": {"main.py": "1"}})
     assert (reply.status, reply.json()["field"]) == (400, "gpu.required")
-    assert "cgroup v2" in reply.json()["details"]
+    assert reply.json()["details"] == f"gpu.required: {why}"
     job_id = h.submit(manifest={"gpu": {"required": False}})
     assert h.run_of(job_id).policy.gpu is None  # runs, without a GPU

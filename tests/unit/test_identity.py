@@ -161,6 +161,49 @@ def test_a_key_from_openssl_genpkey_loads_with_openssls_public_key(tmp_path: Pat
     assert base64.b64decode(identity.worker_id) == openssl_public_key(path)
 
 
+def _seed_by_cryptography(pem: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(pem, password=None)
+    return key.private_bytes(serialization.Encoding.Raw,  # type: ignore[union-attr]
+                             serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+
+@needs_openssl
+def test_the_usual_key_file_is_read_without_cryptography_to_the_seed_cryptography_reads(
+        tmp_path: Path) -> None:
+    from sandrun.identity import _plain_ed25519_seed
+
+    pems = [WorkerIdentity.generate().to_pem() for _ in range(20)]
+    for i in range(5):
+        path = tmp_path / f"openssl-{i}.pem"
+        openssl("genpkey", "-algorithm", "ed25519", "-out", str(path))
+        pems.append(path.read_bytes())
+    for pem in pems:
+        assert _plain_ed25519_seed(pem) == _seed_by_cryptography(pem)
+        assert _plain_ed25519_seed(pem.replace(b"\n", b"\r\n")) == _seed_by_cryptography(pem)
+
+
+def test_any_other_key_file_is_left_to_cryptography() -> None:
+    from sandrun.identity import _plain_ed25519_seed
+
+    pem = WorkerIdentity.generate().to_pem()
+    body = b"".join(pem.splitlines()[1:-1])
+    der = base64.b64decode(body)
+    wrapped = b"-----BEGIN PRIVATE KEY-----\n%s\n-----END PRIVATE KEY-----\n"
+    for other in (
+        b"a comment first\n" + pem,  # text around the PEM
+        pem.replace(b"PRIVATE KEY", b"ENCRYPTED PRIVATE KEY"),
+        wrapped % base64.b64encode(der[:-1]),  # a byte short
+        wrapped % base64.b64encode(der + b"\0"),  # a byte more
+        wrapped % base64.b64encode(b"\x31" + der[1:]),  # not the Ed25519 structure
+        wrapped % base64.b64encode(der)[:-4] + b"!!!!",  # not base64
+        b"-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n",
+        b"",
+    ):
+        assert _plain_ed25519_seed(other) is None, other
+
+
 def test_a_written_key_loads_back_as_the_same_identity(tmp_path: Path) -> None:
     identity = WorkerIdentity.generate()
     write_private_key(identity, tmp_path / "k.pem")

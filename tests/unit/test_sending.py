@@ -108,6 +108,27 @@ def test_an_object_with_streamed_text_members_is_the_json_built_whole() -> None:
     assert b"".join(sending.object_json([])) == b"{}"
 
 
+@pytest.mark.parametrize("members", [
+    [("job_id", "job-x"), ("status", "completed"), ("execution_metadata", {"exit_code": 0}),
+     ("stdout", sending.Text([b"out"])), ("stderr", sending.Text([])), ("truncated", {}),
+     ("outputs", []), ("kept", True)],
+    [("stdout", sending.Text([b"x"])), ("a", 1)],
+    [("a", 1), ("a", 2), ("b", "\u00e9")],  # a name twice stays twice, in order
+    [("only", None)],
+])
+def test_runs_of_plain_members_encode_as_one_member_at_a_time_would(
+        members: list[tuple[str, Any]]) -> None:
+    def one_at_a_time() -> bytes:
+        parts = []
+        for name, value in members:
+            text = (json.dumps(b"".join(value.chunks).decode()) if isinstance(value, sending.Text)
+                    else json.dumps(value))
+            parts.append(json.dumps(name) + ": " + text)
+        return ("{" + ", ".join(parts) + "}").encode()
+
+    assert b"".join(sending.object_json(members)) == one_at_a_time()
+
+
 def test_small_pieces_go_out_in_one_write_with_a_content_length() -> None:
     class Request(Transport):
         startedWriting = 0
