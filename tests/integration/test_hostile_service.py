@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -544,19 +545,24 @@ def coordinator(worker: Worker, worker_key: tuple[str, str],
                     "max_concurrent_jobs": 2}], f)
     spool = os.path.join(scratch, "spool")
     os.mkdir(spool)
+    # A tmpfs of its own, so that what the spool holds is measured exactly, apart from
+    # whatever else writes to the host's disk meanwhile.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "tmpfs", spool],
+                   check=True)
     process = CoordinatorProcess(scratch, workers_path, (*POOL_FLAGS, "--spool-dir", spool))
-    process.start_and_wait()
-    wait_for(lambda: process.pool()["w1"]["healthy"], 10, "the worker healthy to the pool")
     try:
+        process.start_and_wait()
+        wait_for(lambda: process.pool()["w1"]["healthy"], 10, "the worker healthy to the pool")
         yield process
         assert process.stop() == 0, process.log()
     finally:
         if process.running():
             process.kill()
+        subprocess.run(["umount", spool], check=True)
 
 
 def spooled_at(scratch: str) -> int:
-    """Bytes in the coordinator's spool directory (its uploads are unlinked: count blocks)."""
+    """Bytes in the coordinator's spool tmpfs (its uploads are unlinked: count blocks)."""
     st = os.statvfs(os.path.join(scratch, "spool"))
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
