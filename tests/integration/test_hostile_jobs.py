@@ -143,20 +143,41 @@ if __name__ == "__main__":
 """
 
 
+def v2_running_job_dir(worker: Worker) -> str | None:
+    """On cgroup v2, the cgroup of the worker's running job (a job keeps its spare's name):
+    the spare whose cgroup.procs is not empty.  The worker's own cgroup is ``supervisor``
+    beside its instance directory, or (started elsewhere) the instance's parent."""
+    instance = "sandrun-" + hashlib.sha256(worker.state_dir.encode()).hexdigest()[:12]
+    with open(f"/proc/{worker.pid}/cgroup") as f:
+        path = next((line.rstrip("\n").split(":", 2)[2] for line in f
+                     if line.startswith("0::")), None)
+    if path is None or not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return None
+    own = "/sys/fs/cgroup" + path
+    for base in (os.path.join(own, instance), os.path.join(os.path.dirname(own), instance)):
+        for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            try:
+                with open(os.path.join(base, name, "cgroup.procs")) as f:
+                    if f.read().strip():
+                        return os.path.join(base, name)
+            except OSError:
+                continue
+    return None
+
+
 def job_cpu_limit(worker: Worker, job_id: str) -> str | None:
     """The running job's CPU bandwidth file, read from the host (v1 cfs quota or v2 cpu.max)."""
+    job_dir = v2_running_job_dir(worker)
+    if job_dir is not None:
+        try:
+            with open(os.path.join(job_dir, "cpu.max")) as f:
+                return f.read().strip()
+        except OSError:
+            return None
     with open(f"/proc/{worker.pid}/cgroup") as f:
         lines = [line.rstrip("\n").split(":", 2) for line in f]
     instance = "sandrun-" + hashlib.sha256(worker.state_dir.encode()).hexdigest()[:12]
     for _, controllers, path in lines:
-        if controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-            base = os.path.join("/sys/fs/cgroup" + path, instance)
-            for name in os.listdir(base) if os.path.isdir(base) else []:
-                try:
-                    with open(os.path.join(base, name, "cpu.max")) as f:
-                        return f.read().strip()
-                except OSError:
-                    continue
         if "cpu" in controllers.split(","):
             name = os.path.join(f"/sys/fs/cgroup/{controllers}{path}", instance,
                                 f"job-{job_id}", "cpu.cfs_quota_us")
@@ -225,6 +246,13 @@ def test_sync_and_syncfs_are_denied_and_fsync_works(worker: Worker) -> None:
 
 def job_swap_limit(worker: Worker, job_id: str) -> tuple[str, str] | None:
     """(memory limit, memory+swap or swap limit) of a running job, read from the host."""
+    job_dir = v2_running_job_dir(worker)
+    if job_dir is not None:
+        try:
+            return tuple(open(os.path.join(job_dir, n)).read().strip()  # type: ignore
+                         for n in ("memory.max", "memory.swap.max"))
+        except OSError:
+            return None
     instance = "sandrun-" + hashlib.sha256(worker.state_dir.encode()).hexdigest()[:12]
     with open(f"/proc/{worker.pid}/cgroup") as f:
         lines = [line.rstrip("\n").split(":", 2) for line in f]
@@ -233,24 +261,11 @@ def job_swap_limit(worker: Worker, job_id: str) -> tuple[str, str] | None:
             base = os.path.join(f"/sys/fs/cgroup/{controllers}{path}", instance,
                                 f"job-{job_id}")
             names = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
-        elif controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-            base = os.path.join("/sys/fs/cgroup" + path, instance)
-            found = [d for d in os.listdir(base) if d.startswith("spare-")] \
-                if os.path.isdir(base) else []
-            names = ("memory.max", "memory.swap.max")
-            for d in found:
-                try:
-                    return tuple(open(os.path.join(base, d, n)).read().strip()  # type: ignore
-                                 for n in names)
-                except OSError:
-                    continue
-            continue
-        else:
-            continue
-        try:
-            return tuple(open(os.path.join(base, n)).read().strip() for n in names)  # type: ignore
-        except OSError:
-            return None
+            try:
+                return tuple(open(os.path.join(base, n)).read().strip()  # type: ignore
+                             for n in names)
+            except OSError:
+                return None
     return None
 
 

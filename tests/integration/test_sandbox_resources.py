@@ -444,7 +444,12 @@ async def test_a_launcher_with_a_real_time_policy_hands_none_to_its_jobs(
         runner: JobRunner) -> None:
     launcher = runner.sandbox._proc
     assert launcher is not None
-    os.sched_setscheduler(launcher.pid, os.SCHED_FIFO, os.sched_param(1))
+    try:
+        os.sched_setscheduler(launcher.pid, os.SCHED_FIFO, os.sched_param(1))
+    except PermissionError:
+        # systemd's RestrictRealtime=yes (sandrun.service has it) forbids real-time
+        # policies to everything in the unit: the case cannot arise there.
+        pytest.skip("this process may not set a real-time policy (RestrictRealtime=yes?)")
     try:
         # More jobs than spares: the later ones run in spares forked while it was real-time.
         policies = []
