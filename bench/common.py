@@ -588,10 +588,17 @@ def worker_cgroup(name: str) -> str | None:
 
 
 def in_cgroup(argv: list[str], cgroup: str | None) -> list[str]:
-    """``argv`` started inside ``cgroup`` (it joins before it execs; its pid is the same)."""
+    """``argv`` started inside ``cgroup`` (it joins before it execs; its pid is the same).
+
+    On v2 a predecessor (a worker that ran there and was killed) left ``cgroup`` with
+    controllers given to its children, so no process may join it again: a restart
+    joins the predecessor's ``supervisor`` leaf, which the worker takes as the same
+    subtree (``sandrun.sandbox.cgroups.locate_v2``), and finds the job cgroups it left.
+    """
     if cgroup is None:
         return argv
-    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup, *argv]
+    return ["sh", "-c", 'c="$0"; [ -d "$c/supervisor" ] && c="$c/supervisor"; '
+            'echo $$ > "$c/cgroup.procs" && exec "$@"', cgroup, *argv]
 
 
 def remove_worker_cgroup(cgroup: str | None) -> None:
