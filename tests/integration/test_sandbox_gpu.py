@@ -106,6 +106,19 @@ async def test_a_gpu_job_sees_only_its_own_nodes_and_is_told_its_gpu(runner: Job
     assert not os.path.exists(held), "the job's device cgroup was left behind"
 
 
+
+def open_each(node_dir: str) -> dict[str, str]:
+    """Open each test node read-write: "opened", or the errno's name (EPERM: the device
+    cgroup or program refused it; ENXIO: it passed them and found no driver)."""
+    found = {}
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "kmsg", "null"):
+        try:
+            os.close(os.open(os.path.join(node_dir, name), os.O_RDWR))
+            found[name] = "opened"
+        except OSError as e:
+            found[name] = errno.errorcode[e.errno]
+    return found
+
 def _standard_filter(runner: JobRunner, job_id: str) -> int:
     """cgroup v2: the id of the program on the launcher's idle spares (every job's at first).
 
@@ -197,14 +210,7 @@ def test_the_device_cgroup_refuses_every_other_gpu_even_to_root(node_dir: str) -
     if child == 0:  # root, every capability: only the device cgroup stands in the way
         os.close(go_w)
         os.read(go_r, 1)
-        found = {}
-        for name in ("nvidia0", "nvidia1", "nvidiactl", "kmsg", "null"):
-            try:
-                os.close(os.open(os.path.join(node_dir, name), os.O_RDWR))
-                found[name] = "opened"
-            except OSError as e:
-                found[name] = errno.errorcode[e.errno]
-        os.write(out_w, json.dumps(found).encode())
+        os.write(out_w, json.dumps(open_each(node_dir)).encode())
         os._exit(0)
     os.close(go_r)
     os.close(out_w)
@@ -259,13 +265,7 @@ def _probe_as_root_in(group: str, node_dir: str) -> dict[str, str]:
     if child == 0:
         try:
             cgroups._write(os.path.join(group, "cgroup.procs"), str(os.getpid()))
-            found = {}
-            for name in ("nvidia0", "nvidia1", "nvidiactl", "kmsg", "null"):
-                try:
-                    os.close(os.open(os.path.join(node_dir, name), os.O_RDWR))
-                    found[name] = "opened"
-                except OSError as e:
-                    found[name] = errno.errorcode[e.errno]
+            found = open_each(node_dir)
             for name, kind, major, minor in (("m-nvidia0", stat.S_IFCHR, 195, 0),
                                              ("m-nvidia1", stat.S_IFCHR, 195, 1),
                                              ("m-null", stat.S_IFCHR, 1, 3),
