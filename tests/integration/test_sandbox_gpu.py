@@ -106,7 +106,6 @@ async def test_a_gpu_job_sees_only_its_own_nodes_and_is_told_its_gpu(runner: Job
     assert not os.path.exists(held), "the job's device cgroup was left behind"
 
 
-
 def open_each(node_dir: str) -> dict[str, str]:
     """Open each test node read-write: "opened", or the errno's name (EPERM: the device
     cgroup or program refused it; ENXIO: it passed them and found no driver)."""
@@ -118,6 +117,7 @@ def open_each(node_dir: str) -> dict[str, str]:
         except OSError as e:
             found[name] = errno.errorcode[e.errno]
     return found
+
 
 def _standard_filter(runner: JobRunner, job_id: str) -> int:
     """cgroup v2: the id of the program on the launcher's idle spares (every job's at first).
