@@ -193,6 +193,12 @@ class ConnectionCaps:
             self._prune(key)
 
 
+def _cancel(call: Any) -> None:
+    """Cancel a delayed call if it is still pending; None, to clear the attribute held it."""
+    if call is not None and call.active():
+        call.cancel()
+
+
 class GuardedChannel(http.HTTPChannel):
     """twisted's HTTP/1.1 channel with a header deadline and JSON answers to bad requests."""
 
@@ -248,10 +254,7 @@ class GuardedChannel(http.HTTPChannel):
             self._header_call = self.callLater(self.header_timeout, self._headers_too_slow)
 
     def _disarm_header_timer(self) -> None:
-        if self._header_call is not None:
-            if self._header_call.active():
-                self._header_call.cancel()
-            self._header_call = None
+        self._header_call = _cancel(self._header_call)
 
     def _headers_too_slow(self) -> None:
         self._header_call = None
@@ -269,10 +272,7 @@ class GuardedChannel(http.HTTPChannel):
             self._body_call = self.callLater(self.body_grace + 1.0, self._check_body_rate)
 
     def _disarm_body_clock(self) -> None:
-        if self._body_call is not None:
-            if self._body_call.active():
-                self._body_call.cancel()
-            self._body_call = None
+        self._body_call = _cancel(self._body_call)
 
     def _now(self) -> float:
         clock = getattr(self.callLater, "__self__", None)  # the reactor, or a test's Clock

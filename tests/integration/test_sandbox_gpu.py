@@ -36,6 +36,13 @@ from sandrun.wire import Reason
 from .conftest import DEFAULT_POLICY, JobRunner
 
 UVM_MAJOR = 508  # dynamic on a real host; any number the kernel has no driver for
+# What a job given GPU 1 finds in its /dev: (character device, major, minor, mode, open's
+# error); allowed by the device cgroup or program, so the kernel asks the (absent) driver.
+GIVEN_NODES = {
+    "nvidia1": [True, 195, 1, "0o666", "ENXIO"],
+    "nvidiactl": [True, 195, 255, "0o666", "ENXIO"],
+    "nvidia-uvm": [True, UVM_MAJOR, 0, "0o666", "ENXIO"],
+    "nvidia-uvm-tools": [True, UVM_MAJOR, 1, "0o666", "ENXIO"]}
 GRANT = GpuGrant("GPU-fake-1", (("nvidia1", 195, 1), ("nvidiactl", 195, 255),
                                 ("nvidia-uvm", UVM_MAJOR, 0), ("nvidia-uvm-tools", UVM_MAJOR, 1)))
 
@@ -86,11 +93,7 @@ async def test_a_gpu_job_sees_only_its_own_nodes_and_is_told_its_gpu(runner: Job
     assert seen["dev"] == sorted(STANDARD_DEV + ["nvidia1", "nvidiactl", "nvidia-uvm",
                                                  "nvidia-uvm-tools"])
     # Character devices by the host's numbers; allowed, so the kernel asks the (absent) driver.
-    assert seen["nodes"] == {
-        "nvidia1": [True, 195, 1, "0o666", "ENXIO"],
-        "nvidiactl": [True, 195, 255, "0o666", "ENXIO"],
-        "nvidia-uvm": [True, UVM_MAJOR, 0, "0o666", "ENXIO"],
-        "nvidia-uvm-tools": [True, UVM_MAJOR, 1, "0o666", "ENXIO"]}
+    assert seen["nodes"] == GIVEN_NODES
     assert seen["mkdir"] == "EROFS"
     assert seen["env"] == {"NVIDIA_VISIBLE_DEVICES": "GPU-fake-1",
                            "CUDA_VISIBLE_DEVICES": "GPU-fake-1"}
@@ -144,11 +147,7 @@ async def _check_gpu_filter(runner: JobRunner, job_id: str, d: Any) -> None:
     assert ran.reason == Reason.COMPLETED, ran.describe()
     seen = json.loads(ran.out)
     # The same view as on v1: the filter let every one of its nodes through to the driver.
-    assert seen["nodes"] == {
-        "nvidia1": [True, 195, 1, "0o666", "ENXIO"],
-        "nvidiactl": [True, 195, 255, "0o666", "ENXIO"],
-        "nvidia-uvm": [True, UVM_MAJOR, 0, "0o666", "ENXIO"],
-        "nvidia-uvm-tools": [True, UVM_MAJOR, 1, "0o666", "ENXIO"]}
+    assert seen["nodes"] == GIVEN_NODES
     assert seen["mkdir"] == "EROFS"
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "GPU-fake-1"
     assert len(held_pids) == 2  # the init and the command
