@@ -194,7 +194,7 @@ class ConnectionCaps:
 
 
 def _cancel(call: Any) -> None:
-    """Cancel a delayed call if it is still pending; None, to clear the attribute held it."""
+    """Cancel a delayed call (or None) if it is still pending."""
     if call is not None and call.active():
         call.cancel()
 
@@ -254,7 +254,8 @@ class GuardedChannel(http.HTTPChannel):
             self._header_call = self.callLater(self.header_timeout, self._headers_too_slow)
 
     def _disarm_header_timer(self) -> None:
-        self._header_call = _cancel(self._header_call)
+        _cancel(self._header_call)
+        self._header_call = None
 
     def _headers_too_slow(self) -> None:
         self._header_call = None
@@ -272,7 +273,8 @@ class GuardedChannel(http.HTTPChannel):
             self._body_call = self.callLater(self.body_grace + 1.0, self._check_body_rate)
 
     def _disarm_body_clock(self) -> None:
-        self._body_call = _cancel(self._body_call)
+        _cancel(self._body_call)
+        self._body_call = None
 
     def _now(self) -> float:
         clock = getattr(self.callLater, "__self__", None)  # the reactor, or a test's Clock

@@ -48,19 +48,17 @@ def satisfies(gpu: Mapping[str, Any], request: Mapping[str, Any]) -> bool:
     return _failing(gpu, request) is None
 
 
-def unmet(gpus: Sequence[Mapping[str, Any]], request: Mapping[str, Any] | None,
-          unusable: str | None = None) -> tuple[str, str] | None:
+def unmet(gpus: Sequence[Mapping[str, Any]],
+          request: Mapping[str, Any] | None) -> tuple[str, str] | None:
     """``(field, why)`` when a required GPU can never be had from ``gpus``, else None.
 
     ``field`` names the manifest field to blame (``"gpu.min_vram_gb"``): the
     first, in the order of ``FIELDS``, that every GPU still in the running
-    fails.  ``unusable`` says why this worker runs no GPU job at all, if so.
+    fails.
     A request that is not ``required`` is never refused: it runs without a GPU.
     """
     if not request or not request.get("required"):
         return None
-    if unusable is not None:
-        return "gpu.required", unusable
     if not gpus:
         return "gpu.required", "this worker has no GPU"
     left = list(gpus)

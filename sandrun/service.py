@@ -120,7 +120,7 @@ class WorkerService(service.MultiService):
             self._started.append("manager")
             self.port = yield serverFromString(self.reactor, self.config.listen).listen(
                 self.site)
-            if self.config.metrics_listen is not None and self.metrics_site is not None:
+            if self.metrics_site is not None:  # made exactly when --metrics-listen is given
                 self.metrics_port = yield serverFromString(
                     self.reactor, self.config.metrics_listen).listen(self.metrics_site)
         except BaseException:
@@ -152,9 +152,7 @@ class WorkerService(service.MultiService):
                                                           self.config.gpu_dev_dir)
         for problem in self.gpus.inventory.problems:
             log.info("GPUs: {problem}", problem=problem)
-        log.info("GPUs: {count} found{refused}", count=len(self.gpus.inventory.gpus),
-                 refused=f"; {self.gpus.unusable}" if self.gpus.unusable and
-                 self.gpus.inventory.gpus else "")
+        log.info("GPUs: {count} found", count=len(self.gpus.inventory.gpus))
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

@@ -149,14 +149,9 @@ def _read_gpus(nvml: Any, dev_dir: str) -> Inventory:
 
 @dataclass
 class GpuPool:
-    """This worker's GPUs as resources: each lent to one job at a time.
-
-    ``unusable`` says why no GPU job may run at all (the sandbox cannot
-    isolate a GPU on this host); then every GPU is still reported.
-    """
+    """This worker's GPUs as resources: each lent to one job at a time."""
 
     inventory: Inventory = field(default_factory=Inventory)
-    unusable: str | None = None
     busy: dict[int, str] = field(default_factory=dict)  # GPU index -> job id
 
     def report(self) -> dict[str, Any]:
@@ -167,24 +162,20 @@ class GpuPool:
             entry["busy"] = gpu.index in self.busy
             gpus.append(entry)
         body: dict[str, Any] = {"gpus": gpus}
-        problems = ([self.unusable] if self.unusable else []) + list(self.inventory.problems)
-        if problems:
-            body["gpu_problems"] = problems
+        if self.inventory.problems:
+            body["gpu_problems"] = list(self.inventory.problems)
         return body
 
     def usable(self) -> bool:
         """Whether any GPU job can run here."""
-        return self.unusable is None and bool(self.inventory.gpus)
+        return bool(self.inventory.gpus)
 
     def unmet(self, request: dict[str, Any] | None) -> tuple[str, str] | None:
         """``(field, why)`` if a required GPU could never be had here (a 400)."""
-        return gpuwire.unmet([g.as_json() for g in self.inventory.gpus], request,
-                             self.unusable)
+        return gpuwire.unmet([g.as_json() for g in self.inventory.gpus], request)
 
     def acquire(self, job_id: str, request: dict[str, Any]) -> Gpu | None:
         """A free GPU that satisfies ``request``, now lent to ``job_id``; None if none is free."""
-        if self.unusable is not None:
-            return None
         for gpu in self.inventory.gpus:
             if gpu.index not in self.busy and gpuwire.satisfies(gpu.as_json(), request):
                 self.busy[gpu.index] = job_id

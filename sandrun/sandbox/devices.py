@@ -34,11 +34,12 @@ from __future__ import annotations
 import os
 import re
 
-from sandrun.sandbox import cgroups, devfilter
+from sandrun.sandbox import cgroups, devfilter, mounts
 
 # The only node names a GPU job may be given, so a request can never name another device.
 NODE_NAME = re.compile(r"nvidia(?:[0-9]{1,3}|ctl|-uvm|-uvm-tools)")
-STANDARD = ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9))  # null zero full random urandom
+# Every job's /dev (null zero full random urandom), by number.
+STANDARD = tuple((major, minor) for _, major, minor in mounts.DEVICES)
 
 
 class DeviceError(Exception):
@@ -54,8 +55,7 @@ def filter_rules(nodes: tuple[tuple[str, int, int], ...] | None) -> list[devfilt
     if nodes is None:
         return [(major, minor, devfilter.ACC_READ | devfilter.ACC_WRITE)
                 for major, minor in STANDARD]
-    return [(major, minor, devfilter.ACC_ALL) for major, minor in
-            (*STANDARD, *((major, minor) for _, major, minor in nodes))]
+    return [(major, minor, devfilter.ACC_ALL) for major, minor in _allowed(nodes)]
 
 
 def check_nodes(nodes: tuple[tuple[str, int, int], ...]) -> None:
@@ -71,8 +71,12 @@ def rules(nodes: tuple[tuple[str, int, int], ...]) -> list[str]:
     ``m`` (mknod) too: the spare, still privileged, makes these nodes in the
     job's /dev after it joined the group; the job itself has no ``CAP_MKNOD``.
     """
-    return [f"c {major}:{minor} rwm" for major, minor in
-            (*STANDARD, *((major, minor) for _, major, minor in nodes))]
+    return [f"c {major}:{minor} rwm" for major, minor in _allowed(nodes)]
+
+
+def _allowed(nodes: tuple[tuple[str, int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """A GPU job's devices, by number: every job's and its GPU's nodes."""
+    return (*STANDARD, *((major, minor) for _, major, minor in nodes))
 
 
 class DeviceCgroups:
